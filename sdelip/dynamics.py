@@ -1,0 +1,323 @@
+"""The terms of the Lipschitz dynamics (Thm 14, 15, 16, 17).
+
+Per layer (Thm 14, THEORY.md §4), with ∇L the expected gradient and Σ̂ the Prop 5
+estimate of the mini-batch gradient covariance:
+
+- drift            μ  = −u1ᵀ ∇L v1 / σ1
+- diffusion_sq   ‖λ‖² = (η/σ1²) Jᵀ Σ̂ J
+- noise_curvature  κ  = (η/2σ1) tr(H Σ̂) ≥ 0, split (Prop 6) into
+  ``noise_curvature_var`` (diagonal of Σ̂) and ``noise_curvature_cov`` (the rest).
+
+Per network (Thm 15): μ_Z = Σμ, κ_Z = Σκ, λ_Z² = Σ‖λ‖², Z = Σ log σ1, K = e^Z, and
+dZ = (μ_Z + κ_Z − ½λ_Z²) dt + λ_Z dW. Thm 17 gives E[Z], Var[Z], E[K], Var[K].
+
+All per-layer terms are computed from the two projections g_i v1 and g_iᵀ u1 of each
+per-sample gradient (THEORY.md §6): no mn × mn matrix is ever formed, and the
+per-sample gradients themselves are optional (:func:`terms_from_projections`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import attrs
+import numpy as np
+import torch
+
+from ._checks import check_batch_size, check_finite, check_per_sample, check_positive
+from .spectral import (
+    DEFAULT_GAP_TOL,
+    SpectralDecomposition,
+    decompose,
+    hessian_quadform_from_projections,
+    opnorm_hessian_diag,
+)
+
+__all__ = [
+    "LayerTerms",
+    "NetworkTerms",
+    "LipschitzMoments",
+    "terms_from_projections",
+    "layer_terms",
+    "network_terms",
+    "lipschitz_moments",
+]
+
+
+def _tensor_field():
+    return attrs.field(converter=lambda x: x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(x))
+
+
+@attrs.frozen
+class LayerTerms:
+    """The Thm 14 terms of one layer at one step (0-d tensors).
+
+    Attributes:
+        sigma1: K^(ℓ) = σ1(θ), the layer's operator norm (Prop 9).
+        drift: μ, the optimization-induced drift (Thm 14).
+        diffusion_sq: ‖λ‖², the squared diffusion-modulation intensity (Thm 14).
+        noise_curvature: κ, the noise-curvature entropy production (Thm 14), ≥ 0.
+        noise_curvature_var: the part of κ due to the variances (diagonal) of Σ (Prop 6).
+        noise_curvature_cov: κ − κ_var, the part due to the covariances (Prop 6).
+        gap: relative spectral gap (σ1 − σ2)/σ1 (Assumption 11).
+        degenerate: True when the gap was below tolerance and the Hessian was clamped.
+    """
+
+    sigma1: torch.Tensor = _tensor_field()
+    drift: torch.Tensor = _tensor_field()
+    diffusion_sq: torch.Tensor = _tensor_field()
+    noise_curvature: torch.Tensor = _tensor_field()
+    noise_curvature_var: Optional[torch.Tensor] = _tensor_field()
+    noise_curvature_cov: Optional[torch.Tensor] = _tensor_field()
+    gap: torch.Tensor = _tensor_field()
+    degenerate: bool = False
+
+    def as_dict(self) -> dict:
+        """The terms as Python floats (None where the split was not computed)."""
+        out = {}
+        for f in attrs.fields(type(self)):
+            v = getattr(self, f.name)
+            out[f.name] = v if isinstance(v, bool) or v is None else float(v)
+        return out
+
+
+@attrs.frozen
+class NetworkTerms:
+    """The Thm 15 network terms: sums over layers (Assumption 3: layers independent).
+
+    Attributes:
+        Z: log K = Σ log σ1 (Def 10).
+        K: the product bound Π σ1 (Prop 8, activations 1-Lipschitz).
+        drift_Z: μ_Z = Σ μ.
+        noise_curvature_Z: κ_Z = Σ κ.
+        diffusion_sq_Z: λ_Z² = Σ ‖λ‖².
+        noise_curvature_var_Z: Σ κ_var (None if any layer lacks the split).
+        noise_curvature_cov_Z: Σ κ_cov.
+    """
+
+    Z: float
+    K: float
+    drift_Z: float
+    noise_curvature_Z: float
+    diffusion_sq_Z: float
+    noise_curvature_var_Z: Optional[float] = None
+    noise_curvature_cov_Z: Optional[float] = None
+
+    @property
+    def log_drift(self) -> float:
+        """The drift of dZ: μ_Z + κ_Z − ½ λ_Z² (Thm 15, Eq. 13)."""
+        return self.drift_Z + self.noise_curvature_Z - 0.5 * self.diffusion_sq_Z
+
+
+def terms_from_projections(
+    d: SpectralDecomposition,
+    Gv: torch.Tensor,
+    Gtu: torch.Tensor,
+    lr: float,
+    grad_proj: Optional[torch.Tensor] = None,
+    noise_var: Optional[torch.Tensor] = None,
+    weight_decay: float = 0.0,
+    extra_noise_var: float = 0.0,
+) -> LayerTerms:
+    """Thm 14 terms of one layer from the projections of its per-sample gradients.
+
+    This is the factored core (THEORY.md §6): with E_i = g_i − ḡ,
+
+        ‖λ‖² = (η/σ1²) (1/(M(M−1))) Σ_i (u1ᵀ E_i v1)²
+        κ    = (η/2σ1) (1/(M(M−1))) Σ_i vec(E_i)ᵀ H vec(E_i)
+        κ_var = (η/2σ1) Σ_j D_j (diag Σ̂)_j,   κ_cov = κ − κ_var
+        μ    = −u1ᵀ ∇L v1 / σ1 − λ_wd
+
+    Weight decay (loss + (λ_wd/2)‖θ‖²) adds λ_wd θ to every per-sample gradient: the
+    noise is unchanged and μ decreases by exactly λ_wd (u1ᵀθv1 = σ1). An isotropic
+    gradient perturbation with covariance s²I added to the mini-batch gradient (Sec 8.4)
+    adds η s²/σ1² to ‖λ‖² and (η/2σ1) s² tr H to κ (all of it to κ_var).
+
+    Args:
+        d: thin decomposition of θ.
+        Gv: (M, m) per-sample g_i v1.
+        Gtu: (M, n) per-sample g_iᵀ u1.
+        lr: learning rate η (SDE time step).
+        grad_proj: u1ᵀ ∇L v1 for the expected gradient ∇L; defaults to the mini-batch
+            mean, mean_i (u1 · g_i v1).
+        noise_var: diag Σ̂ as an (m, n) matrix, for the Prop 6 split; None skips it.
+        weight_decay: λ_wd of an L2 penalty applied by the optimizer.
+        extra_noise_var: s² of an isotropic perturbation added to the batch gradient.
+
+    Returns:
+        :class:`LayerTerms`.
+    """
+    M = Gv.shape[0]
+    check_batch_size(M)
+    s1, u1 = d.S[0], d.U[:, 0]
+    Ev = Gv - Gv.mean(0)
+    Eu = Gtu - Gtu.mean(0)
+    c = 1.0 / (M * (M - 1))
+    proj = Ev @ u1  # u1ᵀ E_i v1
+    diffusion_sq = lr / s1**2 * c * (proj * proj).sum()
+    noise_curvature = lr / (2 * s1) * c * hessian_quadform_from_projections(d, Ev, Eu).sum()
+    if grad_proj is None:
+        grad_proj = (Gv @ u1).mean()
+    drift = -grad_proj / s1 - weight_decay
+    nc_var = nc_cov = None
+    diag_h = None
+    if noise_var is not None:
+        diag_h = opnorm_hessian_diag(d)
+        nc_var = lr / (2 * s1) * (diag_h * noise_var).sum()
+    if extra_noise_var:
+        diffusion_sq = diffusion_sq + lr * extra_noise_var / s1**2
+        if diag_h is None:
+            diag_h = opnorm_hessian_diag(d)
+        extra = lr / (2 * s1) * extra_noise_var * diag_h.sum()
+        noise_curvature = noise_curvature + extra
+        if nc_var is not None:
+            nc_var = nc_var + extra
+    if nc_var is not None:
+        nc_cov = noise_curvature - nc_var
+    return LayerTerms(
+        sigma1=s1,
+        drift=drift,
+        diffusion_sq=diffusion_sq,
+        noise_curvature=noise_curvature,
+        noise_curvature_var=nc_var,
+        noise_curvature_cov=nc_cov,
+        gap=d.gap,
+        degenerate=d.degenerate,
+    )
+
+
+def layer_terms(
+    W: torch.Tensor,
+    G: torch.Tensor,
+    lr: float,
+    grad: Optional[torch.Tensor] = None,
+    weight_decay: float = 0.0,
+    extra_noise_var: float = 0.0,
+    split: bool = True,
+    gap_tol: float = DEFAULT_GAP_TOL,
+    on_degenerate: str = "warn",
+    name: Optional[str] = None,
+) -> LayerTerms:
+    """Thm 14 terms of one layer from its weight matrix and per-sample gradients.
+
+    Never forms an mn × mn matrix: the per-sample gradients are reduced to their
+    projections g_i v1, g_iᵀ u1 and their elementwise second moment.
+
+    Args:
+        W: (m, n) weight matrix θ.
+        G: (M, m, n) per-sample gradients g_i = ∇_θ ℓ(θ; x_i, y_i), M ≥ 2.
+        lr: learning rate η.
+        grad: (m, n) expected gradient ∇L for μ; defaults to the mean of G.
+        weight_decay: L2 coefficient applied by the optimizer (μ −= λ_wd exactly).
+        extra_noise_var: isotropic variance added to the batch gradient (Sec 8.4).
+        split: compute the Prop 6 variance/covariance split of κ.
+        gap_tol: relative-gap tolerance (Assumption 11).
+        on_degenerate: "warn", "raise" or "ignore" for a degenerate σ1.
+        name: layer name for messages.
+    """
+    lr = check_positive(lr, "lr")
+    check_per_sample(G, name)
+    if tuple(G.shape[1:]) != tuple(W.shape):
+        raise ValueError(
+            f"per-sample gradients{' of ' + repr(name) if name else ''} have shape {tuple(G.shape[1:])}, "
+            f"the weight matrix {tuple(W.shape)}"
+        )
+    d = decompose(W, gap_tol=gap_tol, on_degenerate=on_degenerate, name=name)
+    Gv = G @ d.v1
+    Gtu = G.mT @ d.u1
+    grad_proj = None
+    if grad is not None:
+        check_finite(grad, "expected gradient", name)
+        grad_proj = d.u1 @ grad @ d.v1
+    noise_var = None
+    if split:
+        M = G.shape[0]
+        mean = G.mean(0)
+        noise_var = ((G * G).sum(0) - M * mean * mean).clamp_min(0) / (M * (M - 1))
+    return terms_from_projections(
+        d, Gv, Gtu, lr, grad_proj=grad_proj, noise_var=noise_var,
+        weight_decay=weight_decay, extra_noise_var=extra_noise_var,
+    )
+
+
+def network_terms(layers: Sequence[LayerTerms]) -> NetworkTerms:
+    """Aggregate per-layer terms into the network terms of Thm 15 (Assumption 3)."""
+    if len(layers) == 0:
+        raise ValueError("network_terms needs at least one layer")
+    Z = sum(math.log(float(t.sigma1)) for t in layers)
+    has_split = all(t.noise_curvature_var is not None for t in layers)
+    return NetworkTerms(
+        Z=Z,
+        K=math.exp(Z),
+        drift_Z=sum(float(t.drift) for t in layers),
+        noise_curvature_Z=sum(float(t.noise_curvature) for t in layers),
+        diffusion_sq_Z=sum(float(t.diffusion_sq) for t in layers),
+        noise_curvature_var_Z=sum(float(t.noise_curvature_var) for t in layers) if has_split else None,
+        noise_curvature_cov_Z=sum(float(t.noise_curvature_cov) for t in layers) if has_split else None,
+    )
+
+
+@attrs.frozen
+class LipschitzMoments:
+    """Thm 17 moments on the step grid t_k = k·dt, k = 0..T (arrays of length T + 1).
+
+    Attributes:
+        t: times.
+        mean_Z, var_Z: E[Z(t)] (Eq. 17) and Var[Z(t)] (Eq. 18).
+        mean_K, var_K: E[K(t)] (Eq. 15) and Var[K(t)] (Eq. 16).
+        path_Z: the deterministic part of Thm 16, Z0 + ∫(μ_Z + κ_Z − ½λ_Z²) (= mean_Z).
+    """
+
+    t: np.ndarray
+    mean_Z: np.ndarray
+    var_Z: np.ndarray
+    mean_K: np.ndarray
+    var_K: np.ndarray
+
+    @property
+    def std_K(self) -> np.ndarray:
+        return np.sqrt(self.var_K)
+
+
+def lipschitz_moments(K0, drift_Z, noise_curvature_Z, diffusion_sq_Z, dt) -> LipschitzMoments:
+    """Thm 17: E[Z], Var[Z], E[K], Var[K] from per-step network coefficients.
+
+    Coefficient k holds on [k·dt, (k+1)·dt) (one value per SGD step, dt = η), so every
+    integral ∫_0^{t_k} f ds is the left sum Σ_{j<k} f_j·dt (THEORY.md §1). Exact when the
+    coefficients are deterministic functions of time.
+
+        E[Z(t)] = Z0 + ∫(μ_Z + κ_Z − ½λ_Z²),   Var[Z(t)] = ∫λ_Z²,
+        E[K(t)] = K0 exp ∫(μ_Z + κ_Z),          Var[K(t)] = E[K]² (e^{Var Z} − 1).
+
+    Args:
+        K0: K(0) > 0 (Z0 = log K0).
+        drift_Z, noise_curvature_Z, diffusion_sq_Z: arrays of length T.
+        dt: step length (the learning rate η).
+
+    Returns:
+        :class:`LipschitzMoments` with arrays of length T + 1.
+    """
+    dt = check_positive(dt, "dt")
+    K0 = check_positive(K0, "K0")
+    mu, kappa, lam2 = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (drift_Z, noise_curvature_Z, diffusion_sq_Z))
+    if not (mu.shape == kappa.shape == lam2.shape):
+        raise ValueError(
+            f"coefficient sequences must have equal lengths, got {mu.shape[0]}, {kappa.shape[0]}, {lam2.shape[0]}"
+        )
+    for arr, nm in ((mu, "drift_Z"), (kappa, "noise_curvature_Z"), (lam2, "diffusion_sq_Z")):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{nm} has non-finite values at steps {np.flatnonzero(~np.isfinite(arr))[:5].tolist()}")
+    if np.any(lam2 < 0):
+        raise ValueError("diffusion_sq_Z must be non-negative")
+
+    def cumint(f):
+        return np.concatenate([[0.0], np.cumsum(f) * dt])
+
+    Z0 = math.log(K0)
+    var_Z = cumint(lam2)
+    mean_Z = Z0 + cumint(mu + kappa - 0.5 * lam2)
+    mean_K = K0 * np.exp(cumint(mu + kappa))
+    var_K = mean_K**2 * np.expm1(var_Z)
+    t = np.arange(mu.shape[0] + 1) * dt
+    return LipschitzMoments(t=t, mean_Z=mean_Z, var_Z=var_Z, mean_K=mean_K, var_K=var_K)
