@@ -1,0 +1,33 @@
+"""torchsde systems for the Lipschitz dynamics of SGD (Def 4, Def 10, Thm 14–17).
+
+- :class:`ParameterSDE` — Def 4: the parameters of a model under SGD as an Itô SDE,
+  drift and diffusion estimated live from the model and its data (torch.func).
+- :class:`LipschitzSDE` — Def 10: the parameters together with the per-layer
+  log K^(ℓ) (Thm 14), driven by the same Brownian increments.
+- :class:`ReducedLipschitzSDE` — the Z-system of a tracking record, piecewise-constant
+  coefficients per step, for 10⁴+ cheap trajectories (Thm 15–17).
+- :class:`GridBrownian` — a grid-aligned, seeded Brownian motion for long runs.
+- :func:`simulate`, :func:`simulate_record` — the Monte Carlo front end.
+"""
+
+from .brownian import GridBrownian, time_grid
+from ._functional import DataSource, GradientEstimate, ParamLayout
+from .lipschitz_sde import LipschitzSDE
+from .parameter_sde import ParameterSDE
+from .reduced import ReducedLipschitzSDE, record_lr
+from .simulate import SimulationResult, simulate, simulate_record
+
+__all__ = [
+    "GridBrownian",
+    "time_grid",
+    "DataSource",
+    "GradientEstimate",
+    "ParamLayout",
+    "ParameterSDE",
+    "LipschitzSDE",
+    "ReducedLipschitzSDE",
+    "record_lr",
+    "SimulationResult",
+    "simulate",
+    "simulate_record",
+]

@@ -1,0 +1,337 @@
+"""The reduced Z-system: per-layer log-Lipschitz SDEs with coefficients from a record.
+
+Along a tracked SGD run the coefficients of Thm 14 are known at every step k:
+μ^(ℓ)_k, κ^(ℓ)_k and ‖λ^(ℓ)‖²_k. Taking them as deterministic, piecewise-constant
+functions of time (value k on [t_k, t_{k+1}), t_k = t0 + k·η, THEORY.md §1), each layer's
+Z^(ℓ) = log K^(ℓ) follows (Thm 14 and Itô's lemma for log, as in Thm 15)
+
+    dZ^(ℓ) = (μ^(ℓ) + κ^(ℓ) − ½‖λ^(ℓ)‖²) dt + ‖λ^(ℓ)‖ dW^(ℓ),
+
+with independent scalar W^(ℓ) per layer (Assumption 3: λ^(ℓ)ᵀ dB^(ℓ) has the law of
+‖λ^(ℓ)‖ dW^(ℓ)), Z = Σ_ℓ Z^(ℓ) and K = e^Z (Thm 15, 16). This is a diagonal-noise SDE
+with L state coordinates, cheap enough for 10⁴ trajectories over 39,000 steps. With
+piecewise-constant coefficients on the step grid, Euler is exact in law, and the
+moments are Thm 17's closed forms (:meth:`ReducedLipschitzSDE.moments`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._checks import check_positive
+from ..dynamics import LipschitzMoments, lipschitz_moments
+
+__all__ = ["ReducedLipschitzSDE", "record_lr"]
+
+_TERMS = ("drift", "noise_curvature", "diffusion_sq")
+
+
+def record_lr(record) -> float:
+    """The learning rate η of a tracking record.
+
+    Looked up in ``record.attrs["lr"]``, ``record.attrs["metadata"]["lr"]`` or
+    ``record.attrs["meta"]["lr"]``, else inferred from the columns t = step·η.
+    """
+    attrs = getattr(record, "attrs", {}) or {}
+    for holder in (attrs, attrs.get("metadata") or {}, attrs.get("meta") or {}):
+        if isinstance(holder, dict) and holder.get("lr") is not None:
+            return check_positive(holder["lr"], "record lr")
+    if "t" in record.columns and "step" in record.columns:
+        steps = np.asarray(record["step"], dtype=np.float64)
+        ts = np.asarray(record["t"], dtype=np.float64)
+        ok = steps > 0
+        if ok.any():
+            lr = float(np.median(ts[ok] / steps[ok]))
+            return check_positive(lr, "record lr (inferred from t / step)")
+    raise ValueError(
+        "the record's learning rate is unknown: no attrs['lr'] / attrs['metadata']['lr'] and no t and step "
+        "columns to infer it from; pass lr="
+    )
+
+
+def _as_table(x, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[0] < 1:
+        raise ValueError(f"{name} must have shape (T,) or (T, L) with T >= 1, got {a.shape}")
+    if not np.all(np.isfinite(a)):
+        bad = np.flatnonzero(~np.isfinite(a).all(1))[:5].tolist()
+        raise ValueError(f"{name} has non-finite values at steps {bad}")
+    return a
+
+
+class ReducedLipschitzSDE(nn.Module):
+    """Per-layer Z^(ℓ) = log K^(ℓ) with piecewise-constant Thm 14 coefficients.
+
+    State (batch, L): one Z^(ℓ) per layer (L = 1 for the network-level Z of Thm 15).
+    ``noise_type="diagonal"``, ``sde_type="ito"``; integrate with ``method="euler"``.
+
+    Drift a_k = μ_k + κ_k − ½‖λ‖²_k and diffusion b_k = ‖λ‖_k at the step k containing t
+    (a solver dt finer than the record's step also works). The ``include_*`` switches
+    remove a term, for ablations (the ensemble validation measures each term's worth by
+    removing it); :meth:`moments` follows the switches.
+
+    Args:
+        drift: μ per step, (T,) or (T, L).
+        noise_curvature: κ per step, same shape.
+        diffusion_sq: ‖λ‖² per step, same shape, ≥ 0.
+        dt: the step length η of the coefficient grid.
+        Z0: initial log K^(ℓ), (L,) (or give K0).
+        K0: initial K^(ℓ) > 0, (L,).
+        t0: time of step 0.
+        layer_names: names of the L layers.
+        include_drift: keep μ.
+        include_noise_curvature: keep κ.
+        include_ito_correction: keep −½‖λ‖².
+        include_diffusion: keep the noise ‖λ‖ dW.
+        dtype: dtype of the coefficient tables (the state's dtype).
+    """
+
+    def __init__(
+        self,
+        drift,
+        noise_curvature,
+        diffusion_sq,
+        dt: float,
+        Z0=None,
+        K0=None,
+        t0: float = 0.0,
+        layer_names: Optional[Sequence[str]] = None,
+        include_drift: bool = True,
+        include_noise_curvature: bool = True,
+        include_ito_correction: bool = True,
+        include_diffusion: bool = True,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        self.noise_type = "diagonal"
+        self.sde_type = "ito"
+        mu = _as_table(drift, "drift")
+        kappa = _as_table(noise_curvature, "noise_curvature")
+        lam2 = _as_table(diffusion_sq, "diffusion_sq")
+        if not (mu.shape == kappa.shape == lam2.shape):
+            raise ValueError(f"coefficient shapes differ: {mu.shape}, {kappa.shape}, {lam2.shape}")
+        if np.any(lam2 < 0):
+            raise ValueError("diffusion_sq must be non-negative")
+        T, L = mu.shape
+        self.dt = check_positive(dt, "dt")
+        self.t0 = float(t0)
+        if (Z0 is None) == (K0 is None):
+            raise TypeError("give exactly one of Z0 (initial log K per layer) or K0 (initial K per layer)")
+        if Z0 is None:
+            K0 = np.atleast_1d(np.asarray(K0, dtype=np.float64))
+            if np.any(~(K0 > 0)) or not np.all(np.isfinite(K0)):
+                raise ValueError(f"K0 must be positive and finite, got {K0}")
+            Z0 = np.log(K0)
+        Z0 = np.atleast_1d(np.asarray(Z0, dtype=np.float64))
+        if Z0.shape != (L,):
+            raise ValueError(f"the initial state has shape {Z0.shape}, the coefficients have {L} layer(s)")
+        self.layer_names = list(layer_names) if layer_names is not None else [f"layer{i}" for i in range(L)]
+        if len(self.layer_names) != L:
+            raise ValueError(f"{len(self.layer_names)} layer names for {L} layers")
+        self.include_drift = bool(include_drift)
+        self.include_noise_curvature = bool(include_noise_curvature)
+        self.include_ito_correction = bool(include_ito_correction)
+        self.include_diffusion = bool(include_diffusion)
+        self.mu, self.kappa, self.lam2, self.Z0 = mu, kappa, lam2, Z0
+        a, b2 = self.log_coefficients()
+        self.register_buffer("log_drift", torch.as_tensor(a, dtype=dtype))
+        self.register_buffer("diffusion", torch.as_tensor(np.sqrt(b2), dtype=dtype))
+        self.register_buffer("z0", torch.as_tensor(Z0, dtype=dtype))
+        self._rows = None
+
+    # -- construction from a record ------------------------------------------------------
+    @classmethod
+    def from_record(
+        cls,
+        record,
+        lr: Optional[float] = None,
+        layers: Optional[Sequence[str]] = None,
+        per_layer: bool = True,
+        **kwargs,
+    ) -> "ReducedLipschitzSDE":
+        """The reduced system of a tracking record (``sdelip.record.load_record``).
+
+        The record has one row per tracked step with columns ``step``, per layer
+        ``K/<layer>``, ``drift/<layer>``, ``noise_curvature/<layer>``,
+        ``diffusion_sq/<layer>`` and network columns ``K``, ``drift_Z``,
+        ``noise_curvature_Z``, ``diffusion_sq_Z``. The coefficients of a row hold from
+        its step until the next recorded step (every step when the record is dense),
+        and the initial state is log K at the first row.
+
+        Args:
+            record: the record DataFrame.
+            lr: the learning rate η (default: from the record, see :func:`record_lr`).
+            layers: layer names to simulate (default: every layer with a ``drift/`` column).
+            per_layer: one Z^(ℓ) per layer (True) or the network Z alone (False).
+            **kwargs: ``include_*`` switches and ``dtype`` of :class:`ReducedLipschitzSDE`.
+        """
+        lr = record_lr(record) if lr is None else check_positive(lr, "lr")
+        if "step" not in record.columns:
+            raise ValueError("the record has no 'step' column")
+        df = record.sort_values("step")
+        steps = np.asarray(df["step"], dtype=np.int64)
+        if len(steps) == 0:
+            raise ValueError("the record is empty")
+        if np.any(np.diff(steps) <= 0):
+            raise ValueError("the record's steps must be unique")
+        all_layers = [c.split("/", 1)[1] for c in df.columns if c.startswith("drift/")]
+        if layers is None:
+            layers = all_layers
+        layers = list(layers)
+        if per_layer:
+            if not layers:
+                raise ValueError("the record has no per-layer columns drift/<layer>")
+            cols = {k: [f"{k}/{name}" for name in layers] for k in (*_TERMS, "K")}
+        else:
+            if all(c in df.columns for c in ("drift_Z", "noise_curvature_Z", "diffusion_sq_Z", "K")) and layers == all_layers:
+                cols = {"drift": ["drift_Z"], "noise_curvature": ["noise_curvature_Z"],
+                        "diffusion_sq": ["diffusion_sq_Z"], "K": ["K"]}
+            else:
+                cols = {k: [f"{k}/{name}" for name in layers] for k in (*_TERMS, "K")}
+        missing = [c for cs in cols.values() for c in cs if c not in df.columns]
+        if missing:
+            raise ValueError(f"the record lacks columns {missing}")
+        # Dense per-step tables: row j holds from its step until the next recorded step.
+        span = steps - steps[0]
+        T = int(span[-1]) + 1
+        owner = np.searchsorted(span, np.arange(T), side="right") - 1
+        tables = {}
+        for k in _TERMS:
+            vals = np.asarray(df[cols[k]], dtype=np.float64)
+            if not np.all(np.isfinite(vals)):
+                bad = steps[~np.isfinite(vals).all(1)][:5].tolist()
+                raise ValueError(f"the record has non-finite {k} values at steps {bad}")
+            tables[k] = vals[owner]
+        K0 = np.asarray(df[cols["K"]].iloc[0], dtype=np.float64)
+        if not per_layer and len(cols["K"]) > 1:
+            tables = {k: v.sum(1, keepdims=True) for k, v in tables.items()}
+            K0 = np.array([np.prod(K0)])
+            names = ["Z"]
+        else:
+            names = layers if per_layer else ["Z"]
+        return cls(
+            tables["drift"], tables["noise_curvature"], tables["diffusion_sq"], dt=lr, K0=K0,
+            t0=float(steps[0]) * lr, layer_names=names, **kwargs,
+        )
+
+    # -- coefficients --------------------------------------------------------------------
+    def log_coefficients(self):
+        """(a, b²): drift and squared diffusion of each Z^(ℓ) per step, (T, L) each, switches applied."""
+        a = np.zeros_like(self.mu)
+        if self.include_drift:
+            a = a + self.mu
+        if self.include_noise_curvature:
+            a = a + self.kappa
+        if self.include_ito_correction:
+            a = a - 0.5 * self.lam2
+        b2 = self.lam2 if self.include_diffusion else np.zeros_like(self.lam2)
+        return a, b2
+
+    @property
+    def n_layers(self) -> int:
+        return self.mu.shape[1]
+
+    @property
+    def n_steps(self) -> int:
+        """T, the number of coefficient steps."""
+        return self.mu.shape[0]
+
+    @property
+    def state_size(self) -> int:
+        return self.n_layers
+
+    @property
+    def brownian_size(self) -> int:
+        return self.n_layers
+
+    @property
+    def t1(self) -> float:
+        """The end of the coefficient grid, t0 + T·dt."""
+        return self.t0 + self.n_steps * self.dt
+
+    def time_grid(self, every: int = 1, n_steps: Optional[int] = None) -> torch.Tensor:
+        """float64 save times on the coefficient grid (every ``every`` steps, up to ``n_steps``)."""
+        from .brownian import time_grid
+
+        n = self.n_steps if n_steps is None else int(n_steps)
+        return time_grid(self.t0 + n * self.dt, self.dt, every=every, t0=self.t0)
+
+    def step_index(self, t) -> int:
+        """The coefficient step k with t in [t_k, t_{k+1}) (robust to rounding of t)."""
+        x = (float(t) - self.t0) / self.dt
+        k = math.floor(x + 1e-6)
+        if k < 0 or k > self.n_steps:
+            raise ValueError(
+                f"time {float(t)!r} is outside the coefficient grid [{self.t0}, {self.t1}] of the record"
+            )
+        return min(k, self.n_steps - 1)
+
+    def _rows_for(self, ref: torch.Tensor):
+        rows = self._rows
+        if rows is None or rows[0] != (self.log_drift.data_ptr(), ref.device, ref.dtype):
+            a = self.log_drift.to(device=ref.device, dtype=ref.dtype)
+            b = self.diffusion.to(device=ref.device, dtype=ref.dtype)
+            rows = ((self.log_drift.data_ptr(), ref.device, ref.dtype), a.unbind(0), b.unbind(0))
+            self._rows = rows
+        return rows[1], rows[2]
+
+    def f(self, t, y: torch.Tensor) -> torch.Tensor:
+        """Drift a_k (broadcast over trajectories)."""
+        a, _ = self._rows_for(y)
+        return a[self.step_index(t)].expand_as(y)
+
+    def g(self, t, y: torch.Tensor) -> torch.Tensor:
+        """Diagonal diffusion b_k (broadcast over trajectories)."""
+        _, b = self._rows_for(y)
+        return b[self.step_index(t)].expand_as(y)
+
+    def g_prod(self, t, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        _, b = self._rows_for(y)
+        return b[self.step_index(t)] * v
+
+    def f_and_g_prod(self, t, y: torch.Tensor, v: torch.Tensor):
+        """(f, g·v) with one lookup of the step; what torchsde's Euler step calls."""
+        a, b = self._rows_for(y)
+        k = self.step_index(t)
+        return a[k].expand_as(y), b[k] * v
+
+    # -- state and outputs ---------------------------------------------------------------
+    def initial_state(self, n: int, dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
+        """n copies of Z^(ℓ)(0), shape (n, L)."""
+        z0 = self.z0.to(dtype=dtype or self.z0.dtype, device=device or self.z0.device)
+        return z0.unsqueeze(0).repeat(int(n), 1)
+
+    def log_lipschitz(self, ys: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
+        return ys if per_layer else ys.sum(-1)
+
+    def lipschitz(self, ys: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
+        """K = exp Σ_ℓ Z^(ℓ) (Thm 16), or the per-layer K^(ℓ)."""
+        return self.log_lipschitz(ys, per_layer).exp()
+
+    def moments(self, n_steps: Optional[int] = None) -> LipschitzMoments:
+        """Thm 17's E[Z], Var[Z], E[K], Var[K] on the step grid t0 + k·dt, k = 0..n_steps.
+
+        Computed by :func:`sdelip.lipschitz_moments` from the network sums of the
+        coefficients with the ``include_*`` switches applied (with all terms on this is
+        exactly Thm 17: E[K] = K0 exp ∫(μ_Z + κ_Z), Var[K] = E[K]² (exp ∫λ_Z² − 1)).
+        Times are relative to t0.
+        """
+        a, b2 = self.log_coefficients()
+        n = self.n_steps if n_steps is None else int(n_steps)
+        a, b2 = a[:n].sum(1), b2[:n].sum(1)
+        K0 = math.exp(float(self.Z0.sum()))
+        # lipschitz_moments integrates μ + κ − ½λ² and λ²: give it (a + ½b², 0, b²).
+        return lipschitz_moments(K0, a + 0.5 * b2, np.zeros_like(a), b2, self.dt)
+
+    def extra_repr(self) -> str:
+        off = [n for n, on in (("drift", self.include_drift), ("noise_curvature", self.include_noise_curvature),
+                               ("ito_correction", self.include_ito_correction),
+                               ("diffusion", self.include_diffusion)) if not on]
+        return f"layers={self.layer_names}, steps={self.n_steps}, dt={self.dt}" + (f", without={off}" if off else "")
