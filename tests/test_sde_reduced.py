@@ -170,6 +170,12 @@ def test_from_record_lr_sparse_network_and_switches():
     np.testing.assert_allclose(net.Z0, [sde.Z0.sum()])
     df.attrs["metadata"] = {"lr": 0.5}
     assert record_lr(df) == 0.5
+    df["lr"] = 0.02  # load_record's per-step column wins
+    assert record_lr(df) == 0.02
+    varying = df.copy()
+    varying.loc[2, "lr"] = 0.03
+    with pytest.raises(NotImplementedError, match="varies"):
+        record_lr(varying)
     sub = ReducedLipschitzSDE.from_record(df, layers=names[:1], include_noise_curvature=False, include_diffusion=False)
     np.testing.assert_allclose(sub.log_drift.numpy()[:, 0], sub.mu[:, 0] - 0.5 * sub.lam2[:, 0], rtol=1e-5, atol=1e-6)
     assert float(sub.diffusion.abs().max()) == 0.0

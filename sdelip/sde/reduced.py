@@ -34,9 +34,23 @@ _TERMS = ("drift", "noise_curvature", "diffusion_sq")
 def record_lr(record) -> float:
     """The learning rate η of a tracking record.
 
-    Looked up in ``record.attrs["lr"]``, ``record.attrs["metadata"]["lr"]`` or
+    Taken from the ``lr`` column when the record has one (it must be constant), else
+    from ``record.attrs["lr"]``, ``record.attrs["metadata"]["lr"]`` or
     ``record.attrs["meta"]["lr"]``, else inferred from the columns t = step·η.
+
+    Raises:
+        NotImplementedError: the ``lr`` column varies (the reduced system has one step dt).
     """
+    if "lr" in record.columns and len(record) > 0:
+        lrs = np.asarray(record["lr"], dtype=np.float64)
+        lrs = lrs[np.isfinite(lrs)]
+        if len(lrs):
+            if np.any(np.abs(lrs - lrs[0]) > 1e-9 * abs(lrs[0])):
+                raise NotImplementedError(
+                    f"the record's learning rate varies ({lrs.min():g} to {lrs.max():g}); the reduced system "
+                    "integrates on one step dt = η"
+                )
+            return check_positive(lrs[0], "record lr")
     attrs = getattr(record, "attrs", {}) or {}
     for holder in (attrs, attrs.get("metadata") or {}, attrs.get("meta") or {}):
         if isinstance(holder, dict) and holder.get("lr") is not None:
@@ -218,7 +232,7 @@ class ReducedLipschitzSDE(nn.Module):
             names = layers if per_layer else ["Z"]
         return cls(
             tables["drift"], tables["noise_curvature"], tables["diffusion_sq"], dt=lr, K0=K0,
-            t0=float(steps[0]) * lr, layer_names=names, **kwargs,
+            t0=float(df["t"].iloc[0]) if "t" in df.columns else float(steps[0]) * lr, layer_names=names, **kwargs,
         )
 
     # -- coefficients --------------------------------------------------------------------
