@@ -1,0 +1,75 @@
+"""Per-sample statistics engines behind one interface (THEORY.md §6).
+
+=================  ==========================================================  ===========================
+engine             how                                                         applies to
+=================  ==========================================================  ===========================
+``factored``       hooks on the step's own forward/backward; no per-sample     Linear, Conv2d, independent
+                   gradient of Linear layers, per-layer chunks for Conv2d      samples (the default)
+``materialised``   ``torch.func.vmap`` over samples (the paper's approach)     any model, independent
+                                                                               samples; the oracle
+``coupled``        batched VJPs of the per-sample losses through the graph     any model, incl. BatchNorm
+                                                                               in training mode
+=================  ==========================================================  ===========================
+
+:func:`select_engine` resolves ``"auto"``: coupled when a BatchNorm normalises with batch
+statistics, factored otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .base import (
+    DEFAULT_CHUNK_BYTES,
+    Engine,
+    EngineError,
+    EngineNotApplicableError,
+    LayerStatistics,
+    StatisticsAccumulator,
+    coupling_modules,
+)
+from .coupled import CoupledEngine
+from .factored import FactoredEngine
+from .materialised import MaterialisedEngine
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "EngineNotApplicableError",
+    "LayerStatistics",
+    "StatisticsAccumulator",
+    "FactoredEngine",
+    "MaterialisedEngine",
+    "CoupledEngine",
+    "ENGINES",
+    "coupling_modules",
+    "resolve_engine_name",
+    "make_engine",
+    "DEFAULT_CHUNK_BYTES",
+]
+
+#: Engine classes by name.
+ENGINES = {"factored": FactoredEngine, "materialised": MaterialisedEngine, "coupled": CoupledEngine}
+_ALIASES = {"materialized": "materialised", "vmap": "materialised", "hooks": "factored"}
+
+
+def resolve_engine_name(model, requested: str = "auto") -> str:
+    """The engine to use: ``requested``, or for ``"auto"`` coupled if samples are coupled, else factored."""
+    if isinstance(requested, type) and issubclass(requested, Engine):
+        return requested.name
+    key = str(requested).strip().lower()
+    key = _ALIASES.get(key, key)
+    if key == "auto":
+        return "coupled" if coupling_modules(model) else "factored"
+    if key not in ENGINES:
+        raise ValueError(f"unknown engine {requested!r}; choose 'auto', {', '.join(map(repr, ENGINES))}")
+    return key
+
+
+def make_engine(name: str, model, layers, split: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                loss_fn=None, **kwargs) -> Engine:
+    """Construct the engine ``name`` (already resolved) for ``model``."""
+    cls = ENGINES[name]
+    if cls is MaterialisedEngine:
+        return cls(model, layers, split=split, chunk_bytes=chunk_bytes, loss_fn=loss_fn, **kwargs)
+    return cls(model, layers, split=split, chunk_bytes=chunk_bytes, **kwargs)

@@ -1,0 +1,295 @@
+"""The factored engine: per-sample statistics from the hooks of the user's own backward.
+
+For a Linear layer the per-sample gradient is g_i = δ_i x_iᵀ, with x_i the layer input
+and δ_i = ∂ℓ_i/∂(output_i); with a sequence or spatial axis p, g_i = Σ_p δ_ip x_ipᵀ. For
+Conv2d the x_ip are the unfolded input patches (in·kh·kw) and δ_ip the output gradients
+at position p (THEORY.md §6). A forward hook keeps a reference to x (autograd keeps it
+anyway for the weight gradient) and a tensor hook on the output receives δ during the
+step's ordinary backward of ``losses.mean()``, which hands it δ_i / M — the engine
+multiplies back by M. Dropout needs no special care: the hooks see the very forward
+pass whose masks produced the loss.
+
+Linear, no position axis — O(M(m + n)) memory, no per-sample matrix at all:
+
+    g_i v1 = δ_i (x_i · v1),   g_iᵀ u1 = x_i (δ_i · u1),
+    Σ_i g_i = δᵀ x,            Σ_i g_i ∘ g_i = (δ ∘ δ)ᵀ (x ∘ x).
+
+Conv2d (and Linear with a position axis) — the projections need only the patches:
+
+    g_i v1 = Σ_p δ_ip (x_ip · v1),   g_iᵀ u1 = Σ_p x_ip (δ_ip · u1),
+
+and the diagonal of Σ̂ needs Σ_i g_i ∘ g_i, for which the per-sample gradients of that
+one layer are formed by a batched matrix product, a chunk of samples at a time (memory
+bounded by ``chunk_bytes``), reduced and dropped. Grouped, strided, dilated and padded
+convolutions (any padding mode) are supported.
+
+The hook runs inside autograd's backward, right after δ of the layer is computed and
+before the activations the backward no longer needs are freed, so the extra memory is
+one chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import TrackedLayer
+from .base import Engine, EngineError, LayerStatistics
+
+__all__ = ["FactoredEngine", "linear_statistics", "patch_statistics", "conv2d_statistics"]
+
+
+def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool) -> LayerStatistics:
+    """Statistics of a Linear layer from inputs x (M, n) and output gradients δ (M, m).
+
+    g_i = δ_i x_iᵀ; nothing of size M·m·n is formed.
+    """
+    M = x.shape[0]
+    xv = x @ v1  # (M,)
+    du = delta @ u1  # (M,)
+    Gv = delta * xv[:, None]
+    Gtu = x * du[:, None]
+    sum_g = sum_sq = None
+    if split:
+        sum_g = delta.mT @ x
+        sum_sq = delta.square().mT @ x.square()
+    return LayerStatistics(M, Gv, Gtu, sum_g, sum_sq)
+
+
+def patch_statistics(
+    Xt: torch.Tensor,
+    Dt: torch.Tensor,
+    u1: torch.Tensor,
+    v1: torch.Tensor,
+    split: bool,
+    groups: int = 1,
+    out: Optional[dict] = None,
+    start: int = 0,
+) -> None:
+    """Accumulate statistics of g_i = Σ_p δ_ip x_ipᵀ for a chunk of samples.
+
+    Args:
+        Xt: (c, g·Kg, P) patches, channels first (the layout of ``F.unfold``).
+        Dt: (c, g·Og, P) output gradients.
+        u1: (g·Og,) and v1: (Kg,) the top singular pair of the (O, Kg) weight matrix.
+        split: also accumulate Σ g_i and Σ g_i ∘ g_i.
+        groups: g, the number of convolution groups (block structure of g_i).
+        out: dict with preallocated ``Gv`` (M, O), ``Gtu`` (M, Kg) and, with split,
+            ``sum_g``, ``sum_sq`` (O, Kg), updated in place.
+        start: index of the chunk's first sample.
+    """
+    c, K, P = Xt.shape
+    O = Dt.shape[1]
+    g = groups
+    Kg, Og = K // g, O // g
+    if g > 1:
+        Xt = Xt.reshape(c * g, Kg, P)
+        Dt = Dt.reshape(c * g, Og, P)
+    if split:
+        G = torch.bmm(Dt, Xt.mT)  # (c·g, Og, Kg): the per-sample gradients of this chunk
+        if g > 1:
+            G = G.reshape(c, O, Kg)
+        torch.matmul(G, v1, out=out["Gv"][start : start + c])
+        torch.matmul(G.mT, u1, out=out["Gtu"][start : start + c])
+        out["sum_g"] += G.sum(0)
+        out["sum_sq"] += G.square_().sum(0)
+    else:
+        xv = torch.matmul(Xt.mT, v1)  # (c·g, P)
+        Gv = torch.bmm(Dt, xv.unsqueeze(-1)).squeeze(-1)  # (c·g, Og)
+        out["Gv"][start : start + c] = Gv.reshape(c, O)
+        du = (Dt.reshape(c, g, Og, P) * u1.reshape(1, g, Og, 1)).sum(2).reshape(c * g, P)
+        Gtu = torch.bmm(Xt, du.unsqueeze(-1)).squeeze(-1)  # (c·g, Kg)
+        out["Gtu"][start : start + c] = Gtu.reshape(c, g, Kg).sum(1)
+
+
+def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """F.unfold of x with the module's geometry: (c, in·kh·kw, P)."""
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        pads = module._reversed_padding_repeated_twice
+        if any(pads):
+            x = F.pad(x, pads, mode=mode)
+        padding = 0
+    else:
+        padding = module.padding
+    return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+
+
+def conv2d_statistics(
+    module: nn.Conv2d,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    u1: torch.Tensor,
+    v1: torch.Tensor,
+    split: bool,
+    chunk_bytes: int,
+) -> LayerStatistics:
+    """Statistics of a Conv2d layer from its input x (M, C, H, W) and output gradient δ (M, O, H', W')."""
+    M, O = delta.shape[0], delta.shape[1]
+    P = delta.shape[2] * delta.shape[3]
+    K = v1.shape[0] * module.groups
+    Kg = v1.shape[0]
+    elem = x.element_size()
+    per_sample = elem * (2 * K * P + (O * Kg if split else 0) + O * P)
+    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
+    kw = dict(dtype=u1.dtype, device=u1.device)
+    out = {"Gv": torch.empty(M, O, **kw), "Gtu": torch.empty(M, Kg, **kw)}
+    if split:
+        out["sum_g"] = torch.zeros(O, Kg, **kw)
+        out["sum_sq"] = torch.zeros(O, Kg, **kw)
+    for s in range(0, M, c):
+        e = min(M, s + c)
+        Xt = _conv_patches(module, x[s:e]).to(u1.dtype)
+        if Xt.shape[2] != P:
+            raise EngineError(
+                f"unfolded input of Conv2d has {Xt.shape[2]} positions but its output gradient has {P}; "
+                "the layer's input is not the tensor passed to its forward"
+            )
+        Dt = delta[s:e].reshape(e - s, O, P).to(u1.dtype)
+        patch_statistics(Xt, Dt, u1, v1, split, module.groups, out, s)
+        del Xt
+    return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
+
+
+def sequence_linear_statistics(
+    x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool, chunk_bytes: int
+) -> LayerStatistics:
+    """Statistics of a Linear layer applied along extra axes: x (M, …, n), δ (M, …, m)."""
+    M, n, m = x.shape[0], x.shape[-1], delta.shape[-1]
+    X = x.reshape(M, -1, n)
+    D = delta.reshape(M, -1, m)
+    P = X.shape[1]
+    per_sample = x.element_size() * (P * (n + m) + (m * n if split else 0))
+    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
+    kw = dict(dtype=u1.dtype, device=u1.device)
+    out = {"Gv": torch.empty(M, m, **kw), "Gtu": torch.empty(M, n, **kw)}
+    if split:
+        out["sum_g"] = torch.zeros(m, n, **kw)
+        out["sum_sq"] = torch.zeros(m, n, **kw)
+    for s in range(0, M, c):
+        e = min(M, s + c)
+        patch_statistics(X[s:e].mT, D[s:e].mT, u1, v1, split, 1, out, s)
+    return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
+
+
+class FactoredEngine(Engine):
+    """Per-sample statistics from forward/backward hooks, without per-sample gradients (THEORY.md §6).
+
+    Applies to nn.Linear and nn.Conv2d layers of a model whose samples are independent
+    (no BatchNorm normalising with batch statistics). Each tracked module must be called
+    once per forward pass with a batch-first input.
+    """
+
+    name = "factored"
+
+    def __init__(self, model, layers, split: bool = True, chunk_bytes: int = 32 * 2**20):
+        super().__init__(model, layers, split, chunk_bytes)
+        self._handles: list = []
+        self._capture = False
+        self._captured: set[str] = set()
+        self._ctx: Optional[dict] = None
+        self._stats: dict[str, LayerStatistics] = {}
+        self._errors: list[BaseException] = []
+
+    # -- hooks ------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(functools.partial(self._forward_hook, layer)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def arm(self, capture: bool) -> None:
+        self._capture = bool(capture)
+        self._captured = set()
+
+    def _forward_hook(self, layer: TrackedLayer, module, inputs, output) -> None:
+        if not self._capture or not torch.is_grad_enabled():
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad or not inputs:
+            return
+        x = inputs[0]
+        if not isinstance(x, torch.Tensor):
+            return
+        self._captured.add(layer.name)
+        output.register_hook(functools.partial(self._grad_hook, layer, x.detach()))
+
+    def _grad_hook(self, layer: TrackedLayer, x: torch.Tensor, grad: torch.Tensor):
+        ctx = self._ctx
+        if ctx is None:  # a backward that is not the tracker's (e.g. the user's own)
+            return None
+        name = layer.name
+        if name in self._stats:
+            raise EngineError(
+                f"layer {name!r} was called more than once in the forward pass of step {ctx['step']} "
+                "(shared weights); the factored engine needs one call per layer and step: use "
+                "engine='materialised' or engine='coupled'"
+            )
+        M = ctx["M"]
+        if x.shape[0] != M or grad.shape[0] != M:
+            raise EngineError(
+                f"layer {name!r} saw a batch of {x.shape[0]} samples at step {ctx['step']}, but {M} per-sample "
+                "losses were passed; the factored engine needs batch-first inputs with one loss per sample"
+            )
+        u1, v1 = ctx["directions"][name]
+        module = layer.module
+        with torch.no_grad():
+            if isinstance(module, nn.Conv2d):
+                if x.ndim != 4:
+                    raise EngineError(f"Conv2d layer {name!r} needs a batched 4-d input, got shape {tuple(x.shape)}")
+                stats = conv2d_statistics(module, x, grad, u1, v1, self.split, self.chunk_bytes)
+            elif x.ndim == 2:
+                stats = linear_statistics(x.to(u1.dtype), grad.to(u1.dtype), u1, v1, self.split)
+            else:
+                stats = sequence_linear_statistics(x, grad, u1, v1, self.split, self.chunk_bytes)
+            stats.scale_(float(ctx["scale"]))
+            stats.check_finite(name, ctx["step"])
+        self._stats[name] = stats
+        return None
+
+    # -- step -------------------------------------------------------------------------------
+    def backward(
+        self,
+        losses: torch.Tensor,
+        directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        batch=None,
+        step: Optional[int] = None,
+    ) -> dict[str, LayerStatistics]:
+        M = losses.shape[0]
+        missing = [layer.name for layer in self.layers if layer.name not in self._captured]
+        if missing:
+            raise EngineError(
+                f"no forward pass of layer(s) {missing} was recorded for step {step}: create the Tracker before "
+                "the step's forward pass, run the forward with gradients enabled, and call tracker.backward "
+                "once per forward"
+            )
+        self._stats = {}
+        # losses.mean() hands the hooks δ_i / M; the statistics are rescaled by M (THEORY.md §1).
+        self._ctx = {"M": M, "directions": directions, "step": step, "scale": M}
+        try:
+            losses.mean().backward()
+        finally:
+            self._ctx = None
+            self._captured = set()
+        out = {}
+        for layer in self.layers:
+            st = self._stats.get(layer.name)
+            if st is None:  # the loss does not depend on this layer: g_i = 0
+                u1, v1 = directions[layer.name]
+                m, n = u1.shape[0], v1.shape[0]
+                z = dict(dtype=u1.dtype, device=u1.device)
+                st = LayerStatistics(
+                    M, torch.zeros(M, m, **z), torch.zeros(M, n, **z),
+                    torch.zeros(m, n, **z) if self.split else None, torch.zeros(m, n, **z) if self.split else None,
+                )
+            out[layer.name] = st
+        self._stats = {}
+        return out

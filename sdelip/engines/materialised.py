@@ -1,0 +1,117 @@
+"""The materialised engine: per-sample gradients by ``torch.func.vmap`` over the samples.
+
+For any differentiable model whose samples are independent, g_i = ∇_θ ℓ(θ; x_i, y_i) is
+computed as ``vmap(grad(ℓ))`` over the mini-batch, a chunk of samples at a time, and
+reduced to the statistics of :class:`~sdelip.engines.base.LayerStatistics`. This is how
+the paper obtained its numbers (every per-sample gradient materialised); in sdelip it is
+the oracle for the factored engine and the fallback for layers or models the hooks do
+not cover.
+
+It recomputes the forward pass sample by sample, so it needs the mini-batch
+``batch=(inputs, targets)`` and a ``loss_fn(outputs, targets)`` returning the per-sample
+losses. Random layers (Dropout in training mode) draw fresh masks in that recomputation
+— a different realisation than the masks of the step's own forward pass; the draws come
+from a forked RNG, so the training run's random stream is unchanged. Use the factored or
+coupled engine to see the very masks of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from .base import Engine, LayerStatistics, StatisticsAccumulator
+
+__all__ = ["MaterialisedEngine", "fork_rng"]
+
+
+def fork_rng(device: torch.device):
+    """A ``torch.random.fork_rng`` that also forks the RNG of ``device`` when it is an accelerator."""
+    devices = [] if device.type == "cpu" else [device.index if device.index is not None else 0]
+    kwargs = {} if device.type in ("cpu", "cuda") else {"device_type": device.type}
+    return torch.random.fork_rng(devices=devices, **kwargs)
+
+
+class MaterialisedEngine(Engine):
+    """Per-sample statistics from materialised per-sample gradients (``torch.func.vmap``).
+
+    Args:
+        model, layers, split, chunk_bytes: as for :class:`~sdelip.engines.base.Engine`.
+        loss_fn: ``loss_fn(outputs, targets)`` → per-sample losses (or their sum) of the
+            loss that is optimised, e.g. ``functools.partial(F.cross_entropy, reduction="none")``.
+        chunk_size: samples per vmap call; default from ``chunk_bytes``.
+    """
+
+    name = "materialised"
+    needs_batch = True
+
+    def __init__(self, model, layers, split: bool = True, chunk_bytes: int = 32 * 2**20,
+                 loss_fn: Optional[Callable] = None, chunk_size: Optional[int] = None):
+        super().__init__(model, layers, split, chunk_bytes)
+        self.loss_fn = loss_fn
+        if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._pnames = {}
+        for layer in self.layers:
+            pname = names.get(id(layer.module.weight))
+            if pname is None:
+                raise ValueError(f"the weight of layer {layer.name!r} is not a parameter of the model")
+            self._pnames[layer.name] = pname
+
+    def backward(self, losses, directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch=None,
+                 step: Optional[int] = None) -> dict[str, LayerStatistics]:
+        if batch is None or not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(
+                "the materialised engine recomputes per-sample gradients with torch.func and needs the "
+                "mini-batch: call tracker.backward(losses, batch=(inputs, targets))"
+            )
+        if self.loss_fn is None:
+            raise ValueError(
+                "the materialised engine needs loss_fn(outputs, targets) -> per-sample losses; pass "
+                "Tracker(..., loss_fn=functools.partial(F.cross_entropy, reduction='none'))"
+            )
+        x, y = batch
+        M = losses.shape[0]
+        if x.shape[0] != M or (isinstance(y, torch.Tensor) and y.ndim > 0 and y.shape[0] != M):
+            raise ValueError(
+                f"batch has {x.shape[0]} inputs but {M} per-sample losses were passed at step {step}"
+            )
+        losses.mean().backward()
+        model, loss_fn = self.model, self.loss_fn
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
+        wnames = [self._pnames[layer.name] for layer in self.layers]
+
+        def sample_loss(wts, xi, yi):
+            p = dict(params)
+            p.update(wts)
+            out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
+            return loss_fn(out, yi.unsqueeze(0)).sum()
+
+        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+        wts = {pn: params[pn] for pn in wnames}
+        elem = next(iter(wts.values())).element_size()
+        per_sample = 3 * elem * sum(w.numel() for w in wts.values())
+        c = self.chunk_size or self._chunk(M, per_sample)
+        accs = {}
+        for layer in self.layers:
+            u1, v1 = directions[layer.name]
+            accs[layer.name] = StatisticsAccumulator(M, layer.shape, u1, v1, self.split)
+        with torch.no_grad(), fork_rng(x.device):
+            for s in range(0, M, c):
+                e = min(M, s + c)
+                with torch.enable_grad():
+                    G = per_sample_grad(wts, x[s:e], y[s:e])
+                for layer, pn in zip(self.layers, wnames):
+                    accs[layer.name].add_per_sample(s, G[pn].reshape(e - s, *layer.shape))
+                del G
+        out = {}
+        for layer in self.layers:
+            st = accs[layer.name].result()
+            st.check_finite(layer.name, step)
+            out[layer.name] = st
+        return out

@@ -1,0 +1,722 @@
+"""Live tracking of the Lipschitz dynamics during ordinary SGD training (Thm 14–17).
+
+Attach a :class:`Tracker` to a normal PyTorch loop and call :meth:`Tracker.backward` with
+the per-sample losses instead of ``loss.backward()``::
+
+    tracker = Tracker(model, optimizer, record="runs/mlp.db")
+    for x, y in loader:
+        optimizer.zero_grad()
+        losses = F.cross_entropy(model(x), y, reduction="none")
+        tracker.backward(losses)        # = losses.mean().backward(), plus the measurement
+        optimizer.step()
+    tracker.close()
+
+On a tracked step (see :mod:`sdelip.schedule`) the tracker decomposes every tracked
+weight matrix θ^(ℓ) (Prop 9), obtains the per-sample statistics of the step's mini-batch
+from an engine (:mod:`sdelip.engines`), and computes per layer the Thm 14 terms — drift μ,
+noise curvature κ with its Prop 6 variance/covariance split, diffusion ‖λ‖² — the
+operator norm σ1 = K^(ℓ) and the relative spectral gap, and per network the Thm 15
+sums and Z = Σ log σ1, K = e^Z. Row k of the record is measured at the parameters before
+update k on step k's mini-batch, at SDE time t_k = Σ_{j<k} η_j (THEORY.md §1).
+
+The theory is plain SGD (Def 4): η is the optimizer's learning rate; SGD weight decay is
+reflected exactly in the drift (μ −= λ_wd, THEORY.md §4); momentum or another optimizer
+gives a :class:`NotPlainSGDWarning` and the terms are computed as for plain SGD. The
+expected gradient ∇L of μ is estimated by the step's mini-batch mean, whose realisation is
+the update actually applied (THEORY.md §5).
+
+K is the product bound of Prop 8 over the tracked Linear/Conv2d layers: it treats every
+activation as 1-Lipschitz and ignores skip connections (see :mod:`sdelip.layers`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import random
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._checks import NonFiniteError, check_finite
+from .dynamics import LayerTerms, network_terms, terms_from_projections
+from .engines import (
+    DEFAULT_CHUNK_BYTES,
+    Engine,
+    EngineNotApplicableError,
+    coupling_modules,
+    make_engine,
+    resolve_engine_name,
+)
+from .layers import TrackedLayer, tracked_layers
+from .probes import conv_operator_norm, lipschitz_lower_bound
+from .record import RecordWriter, StepRecord, load_record
+from .schedule import Schedule, as_schedule
+from .spectral import DEFAULT_GAP_TOL, decompose
+
+__all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "sdelip-checkpoint-1"
+
+
+class NotPlainSGDWarning(UserWarning):
+    """The optimizer is not plain SGD (momentum, Nesterov, Adam, …): Thm 14 assumes plain SGD."""
+
+
+class InputMismatchError(TypeError):
+    """The model's parameters and the data are on different devices or have different dtypes."""
+
+
+def _versions() -> dict:
+    import pandas
+
+    try:
+        from importlib.metadata import version
+
+        sdelip_version = version("sdelip")
+    except Exception:  # pragma: no cover - not installed
+        sdelip_version = "unknown"
+    return {
+        "sdelip": sdelip_version,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pandas": pandas.__version__,
+        "python": platform.python_version(),
+    }
+
+
+class Tracker:
+    """Measure the Lipschitz dynamics (Thm 14–15) of a model during ordinary SGD training.
+
+    Args:
+        model: the network. Its nn.Linear and nn.Conv2d weights (forward order, module
+            paths as names) are the tracked layers θ^(ℓ); Conv2d as the (out, in·kh·kw)
+            matrix. Biases and normalisation parameters are trained but not tracked.
+        optimizer: the optimizer stepping the model; η and the weight decay are read from
+            the param group of each tracked weight at every step. None needs ``lr``.
+        record: path of the SQLite record (:mod:`sdelip.record`), or None to keep the
+            rows in memory (:attr:`history`).
+        engine: ``"auto"`` (coupled when a BatchNorm normalises with batch statistics,
+            factored otherwise), ``"factored"``, ``"materialised"`` or ``"coupled"``.
+        schedule: which steps to track: None or 1 (every step), an int N (every N
+            steps), ``"log"``, a :class:`~sdelip.schedule.Schedule` or a callable.
+        split: also compute the Prop 6 variance/covariance split of κ.
+        extra_noise_var: s² of an isotropic perturbation N(0, s² I) added to the batch
+            gradient after the backward (noisy-gradient runs, Sec 8.4); settable attribute.
+        metadata: extra run metadata merged into the record's.
+        example_input: an input batch used once to order the layers by a forward pass.
+        loss_fn: ``loss_fn(outputs, targets)`` → per-sample losses; the materialised engine
+            needs it (and ``batch=`` in :meth:`backward`).
+        decomposition: ``"svd"`` (thin SVD, default) or ``"gram"`` (eigendecomposition of
+            the smaller Gram matrix: faster on CPU, squares the condition number).
+        on_degenerate: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when σ1 is (nearly)
+            repeated (Assumption 11); a degenerate layer is flagged in the record.
+        gap_tol: relative gap (σ1 − σ2)/σ1 below which σ1 counts as degenerate.
+        probe_every: every this many steps, measure the exact operator norm of each Conv2d
+            on its actual input shape and, with ``probe_input``, an empirical lower bound of
+            the network's Lipschitz constant (:mod:`sdelip.probes`).
+        probe_input: (N, …) probe inputs for the Lipschitz lower bound.
+        lr: the learning rate when ``optimizer`` is None.
+        overwrite: replace an existing record file that already holds steps.
+        durability: ``"process"`` or ``"power"`` (see :class:`~sdelip.record.RecordWriter`).
+        chunk_bytes: memory budget of one chunk of per-sample intermediates.
+        check_inputs: check on every forward that inputs match the model's device and dtype.
+        seed: the run's seed, stored in the metadata (default: ``torch.initial_seed()``).
+
+    Attributes:
+        step: the number of :meth:`backward` calls so far (the next step's index k).
+        t: the SDE time of the next step, Σ_{j<k} η_j.
+        layers: the tracked layers.
+        engine: the :class:`~sdelip.engines.Engine` in use (``engine.name``).
+        history: the tracked steps' :class:`~sdelip.record.StepRecord` when ``record`` is None.
+        last: the most recent :class:`~sdelip.record.StepRecord`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        record: Union[None, str, os.PathLike] = None,
+        engine: Union[str, type] = "auto",
+        schedule=None,
+        split: bool = True,
+        extra_noise_var: float = 0.0,
+        metadata: Optional[Mapping[str, Any]] = None,
+        example_input: Optional[torch.Tensor] = None,
+        loss_fn: Optional[Callable] = None,
+        decomposition: str = "svd",
+        on_degenerate: str = "warn",
+        gap_tol: float = DEFAULT_GAP_TOL,
+        probe_every: Optional[int] = None,
+        probe_input: Optional[torch.Tensor] = None,
+        lr: Optional[float] = None,
+        overwrite: bool = False,
+        durability: str = "process",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        check_inputs: bool = True,
+        seed: Optional[int] = None,
+        _record_mode: Optional[str] = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if decomposition not in ("svd", "gram"):
+            raise ValueError(f"decomposition must be 'svd' or 'gram', got {decomposition!r}")
+        if on_degenerate not in ("warn", "raise", "ignore"):
+            raise ValueError(f"on_degenerate must be 'warn', 'raise' or 'ignore', got {on_degenerate!r}")
+        if probe_every is not None and (isinstance(probe_every, bool) or int(probe_every) < 1):
+            raise ValueError(f"probe_every must be a positive integer or None, got {probe_every!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.layers: list[TrackedLayer] = tracked_layers(model, example_input)
+        self.schedule: Schedule = as_schedule(schedule)
+        self.split = bool(split)
+        self.extra_noise_var = float(extra_noise_var)
+        self.decomposition = decomposition
+        self.on_degenerate = on_degenerate
+        self.gap_tol = float(gap_tol)
+        self.probe_every = None if probe_every is None else int(probe_every)
+        self.probe_input = probe_input
+        self.loss_fn = loss_fn
+        self._lr_override = None if lr is None else float(lr)
+        self.step = 0
+        self.t = 0.0
+        self.history: list[StepRecord] = []
+        self.last: Optional[StepRecord] = None
+        self._closed = False
+        self._probe_vectors: dict[str, torch.Tensor] = {}
+        self._input_shapes: dict[str, tuple] = {}
+        self._hooks: list = []
+
+        # -- optimizer ------------------------------------------------------------------------
+        self._groups = self._map_param_groups()
+        self._warn_optimizer()
+
+        # -- engine ---------------------------------------------------------------------------
+        self.engine_requested = engine if isinstance(engine, str) else getattr(engine, "name", str(engine))
+        name = resolve_engine_name(model, engine)
+        if name == "materialised" and loss_fn is None:
+            raise ValueError(
+                "the materialised engine needs loss_fn(outputs, targets) -> per-sample losses, e.g. "
+                "loss_fn=functools.partial(F.cross_entropy, reduction='none'), and batch=(x, y) in backward()"
+            )
+        self.engine: Engine = make_engine(name, model, self.layers, split=self.split, chunk_bytes=chunk_bytes,
+                                          loss_fn=loss_fn)
+        self.engine.check_applicable()
+        self.engine.attach()
+        self.engine.arm(self.schedule(0))
+
+        # -- hooks: input checks and conv input shapes ------------------------------------------
+        ref = self.layers[0].module.weight
+        self._ref_dtype, self._ref_device = ref.dtype, ref.device
+        if check_inputs:
+            self._hooks.append(model.register_forward_pre_hook(self._check_inputs_hook, with_kwargs=True))
+        for layer in self.layers:
+            if isinstance(layer.module, nn.Conv2d):
+                self._hooks.append(layer.module.register_forward_hook(self._shape_hook(layer.name)))
+
+        # -- record ---------------------------------------------------------------------------
+        self.record_path = None if record is None else Path(record)
+        self.writer: Optional[RecordWriter] = None
+        self._metadata = self._build_metadata(metadata, seed)
+        if self.record_path is not None:
+            mode = _record_mode or ("overwrite" if overwrite else "new")
+            try:
+                self.writer = RecordWriter(
+                    self.record_path,
+                    [(l.name, l.kind, l.shape) for l in self.layers],
+                    self._metadata,
+                    mode=mode,
+                    durability=durability,
+                )
+            except BaseException:
+                self._remove_hooks()
+                raise
+
+    # ------------------------------------------------------------------------------------------
+    # setup helpers
+    def _map_param_groups(self) -> dict[str, int]:
+        groups = {}
+        if self.optimizer is None:
+            if self._lr_override is None:
+                raise ValueError("without an optimizer the tracker needs the learning rate: Tracker(model, None, lr=...)")
+            return groups
+        where = {}
+        for gi, g in enumerate(self.optimizer.param_groups):
+            for p in g["params"]:
+                where[id(p)] = gi
+        for layer in self.layers:
+            gi = where.get(id(layer.module.weight))
+            if gi is None:
+                raise ValueError(
+                    f"the weight of layer {layer.name!r} is not optimised by the optimizer: the tracked layers "
+                    "must be trained by the optimizer whose learning rate η sets the SDE time"
+                )
+            groups[layer.name] = gi
+        return groups
+
+    def _warn_optimizer(self) -> None:
+        opt = self.optimizer
+        if opt is None:
+            return
+        if not isinstance(opt, torch.optim.SGD):
+            warnings.warn(
+                f"the optimizer is {type(opt).__name__}, not plain SGD: the theory (Def 4, Thm 14) models plain "
+                "SGD; the tracker computes the terms as for plain SGD with η = the group's lr and no weight decay",
+                NotPlainSGDWarning,
+                stacklevel=3,
+            )
+            return
+        for gi in sorted(set(self._groups.values())):
+            g = opt.param_groups[gi]
+            if g.get("momentum", 0) or g.get("nesterov", False):
+                warnings.warn(
+                    f"SGD with momentum={g.get('momentum', 0)} (nesterov={g.get('nesterov', False)}): the theory "
+                    "(Def 4, Thm 14) models plain SGD without momentum; the tracker computes the terms as for plain "
+                    "SGD with η = lr, which does not describe the momentum dynamics",
+                    NotPlainSGDWarning,
+                    stacklevel=3,
+                )
+                return
+
+    def _hyperparameters(self, step: int) -> tuple[float, dict[str, float]]:
+        """η and the per-layer weight decay in effect for update ``step``."""
+        if self.optimizer is None:
+            return self._lr_override, {l.name: 0.0 for l in self.layers}
+        lrs, wds = {}, {}
+        sgd = isinstance(self.optimizer, torch.optim.SGD)
+        for layer in self.layers:
+            g = self.optimizer.param_groups[self._groups[layer.name]]
+            lr = g["lr"]
+            lrs[layer.name] = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+            wds[layer.name] = float(g.get("weight_decay", 0.0)) if sgd else 0.0
+        values = set(lrs.values())
+        if len(values) > 1:
+            raise ValueError(
+                f"step {step}: the tracked layers have different learning rates {lrs}; the SDE time t = kη "
+                "(Thm 14) needs one η for all tracked layers"
+            )
+        lr = values.pop()
+        if not (lr > 0 and np.isfinite(lr)):
+            raise ValueError(f"step {step}: the learning rate must be positive and finite, got {lr!r}")
+        return lr, wds
+
+    def _build_metadata(self, user: Optional[Mapping[str, Any]], seed: Optional[int]) -> dict:
+        model = self.model
+        ref = self.layers[0].module.weight
+        opt = self.optimizer
+        opt_meta = None
+        if opt is not None:
+            opt_meta = {
+                "class": type(opt).__name__,
+                "param_groups": [
+                    {k: (v if isinstance(v, (int, float, bool, str, type(None))) else repr(v))
+                     for k, v in g.items() if k != "params"}
+                    for g in opt.param_groups
+                ],
+            }
+        lr0, wds = self._hyperparameters(0)
+        meta = {
+            "format": "sdelip-record-1",
+            "model": type(model).__name__,
+            "model_summary": repr(model),
+            "n_parameters": int(sum(p.numel() for p in model.parameters())),
+            "layers": [{"name": l.name, "kind": l.kind, "shape": list(l.shape)} for l in self.layers],
+            "lr": lr0,
+            "weight_decay": wds,
+            "optimizer": opt_meta,
+            "engine": self.engine.name,
+            "engine_requested": self.engine_requested,
+            "coupling_modules": coupling_modules(model),
+            "schedule": self.schedule.describe(),
+            "split": self.split,
+            "decomposition": self.decomposition,
+            "gap_tol": self.gap_tol,
+            "on_degenerate": self.on_degenerate,
+            "extra_noise_var": self.extra_noise_var,
+            "probe_every": self.probe_every,
+            "batch_size": None,
+            "seed": int(seed) if seed is not None else int(torch.initial_seed()),
+            "versions": _versions(),
+            "device": str(ref.device),
+            "dtype": str(ref.dtype).replace("torch.", ""),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "bound": "K = prod of tracked layers' operator norms (Prop 8-9): activations 1-Lipschitz, "
+                     "skip connections ignored",
+        }
+        if user:
+            meta.update(dict(user))
+        return meta
+
+    @property
+    def metadata(self) -> dict:
+        """The run metadata (as written to the record)."""
+        return dict(self._metadata)
+
+    def _check_inputs_hook(self, module, args, kwargs):
+        for a in list(args) + list(kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                if a.device != self._ref_device:
+                    raise InputMismatchError(
+                        f"the model's parameters are on {self._ref_device} but the input is on {a.device}; move the "
+                        f"data with x.to({str(self._ref_device)!r}) (or the model with model.to(...))"
+                    )
+                if a.is_floating_point() and a.dtype != self._ref_dtype:
+                    raise InputMismatchError(
+                        f"the model's parameters are {self._ref_dtype} but the input is {a.dtype}; convert the data "
+                        f"with x.to({self._ref_dtype}) (or the model with model.to({a.dtype}))"
+                    )
+                break
+        return None
+
+    def _shape_hook(self, name: str):
+        def hook(module, inputs, output):
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim == 4:
+                self._input_shapes[name] = tuple(inputs[0].shape[1:])
+        return hook
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.engine.detach()
+
+    # ------------------------------------------------------------------------------------------
+    # the step
+    def is_tracked(self, step: Optional[int] = None) -> bool:
+        """Whether step ``step`` (default: the next one) is measured."""
+        return bool(self.schedule(self.step if step is None else int(step)))
+
+    def backward(self, losses: torch.Tensor, batch=None) -> Optional[StepRecord]:
+        """Backward of the mean per-sample loss, and on tracked steps the measurement.
+
+        Leaves ``p.grad`` = ∇ mean(losses) exactly as ``losses.mean().backward()`` would, so
+        that ``optimizer.step()`` afterwards is the ordinary SGD update.
+
+        Args:
+            losses: (M,) per-sample losses ℓ_i of the loss being optimised
+                (``reduction="none"``), M ≥ 2 on tracked steps.
+            batch: ``(inputs, targets)``, needed only by the materialised engine.
+
+        Returns:
+            The step's :class:`~sdelip.record.StepRecord` (written to the record) on a
+            tracked step, else None.
+
+        Raises:
+            ValueError: a scalar or mis-shaped loss, M = 1 on a tracked step.
+            NonFiniteError: NaN/Inf in a loss, a per-sample gradient or a term (the message
+                names the step and layer; nothing is written for this step).
+        """
+        if self._closed:
+            raise RuntimeError("the tracker is closed")
+        step = self.step
+        self._check_losses(losses, step)
+        M = int(losses.shape[0])
+        tracked = bool(self.schedule(step))
+        lr, wds = self._hyperparameters(step)
+        rec = None
+        if tracked:
+            rec = self._tracked_backward(losses, batch, step, M, lr, wds)
+        else:
+            self.engine.plain_backward(losses)
+        probes = self._probe(step) if self.probe_every and step % self.probe_every == 0 else None
+        if rec is not None:
+            if probes:
+                rec = StepRecord(rec.step, rec.t, rec.lr, rec.loss, rec.batch_size, rec.layers, rec.network,
+                                 rec.degenerate, probes)
+            if self.writer is not None:
+                if step == 0 or self._metadata.get("batch_size") is None:
+                    self._metadata["batch_size"] = M
+                    self.writer.update_metadata({"batch_size": M})
+                self.writer.write(rec)
+            else:
+                self.history.append(rec)
+            self.last = rec
+        elif probes and self.writer is not None:
+            self.writer.write_probes(step, probes)
+        self.t += lr
+        self.step = step + 1
+        self.engine.arm(self.schedule(self.step))
+        return rec
+
+    def _check_losses(self, losses, step: int) -> None:
+        if not isinstance(losses, torch.Tensor):
+            raise TypeError(
+                f"tracker.backward needs the per-sample losses as a tensor of shape (M,), got {type(losses).__name__}"
+            )
+        if losses.ndim == 0:
+            raise ValueError(
+                f"tracker.backward got a scalar loss at step {step}; it needs the per-sample losses, a tensor of "
+                "shape (M,): compute the loss with reduction='none', e.g. "
+                "losses = F.cross_entropy(model(x), y, reduction='none'), and pass that — the tracker takes the "
+                "mean for the backward itself"
+            )
+        if losses.ndim != 1:
+            raise ValueError(
+                f"tracker.backward needs one loss per sample, shape (M,), got shape {tuple(losses.shape)} at step "
+                f"{step}; reduce the other axes per sample first, e.g. losses.reshape(M, -1).mean(1)"
+            )
+        if not losses.requires_grad:
+            raise ValueError(
+                f"the losses passed at step {step} do not require grad: compute them from the model's output "
+                "with gradients enabled"
+            )
+        finite = torch.isfinite(losses.detach())
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten()
+            vals = losses.detach()[bad[:5]].tolist()
+            raise NonFiniteError(
+                f"the loss at step {step} is not finite for {bad.numel()} of {losses.shape[0]} samples "
+                f"(samples {bad[:5].tolist()}, values {vals}); nothing was recorded for this step and no backward "
+                "was run"
+            )
+
+    def _tracked_backward(self, losses, batch, step, M, lr, wds) -> StepRecord:
+        if M < 2:
+            raise ValueError(
+                f"step {step} is tracked but its mini-batch has M = 1 sample: the gradient-noise estimator "
+                "(Prop 5) divides by M − 1 and needs at least 2 samples; use batches of 2 or more "
+                "(e.g. DataLoader(..., drop_last=True))"
+            )
+        if not self.engine.handles_coupling:
+            mods = coupling_modules(self.model)
+            if mods:
+                raise EngineNotApplicableError(
+                    f"step {step}: {', '.join(map(repr, mods))} normalise with batch statistics (BatchNorm in "
+                    f"training mode), which couples the samples, but the {self.engine.name} engine assumes "
+                    "independent samples; create the Tracker with engine='coupled' (engine='auto' picks it when "
+                    "the model is in training mode at construction)"
+                )
+        if self.engine.needs_batch and batch is None:
+            raise ValueError(
+                f"step {step}: the {self.engine.name} engine needs the mini-batch: tracker.backward(losses, batch=(x, y))"
+            )
+        decomps = {}
+        for layer in self.layers:
+            W = layer.matrix().detach()
+            check_finite(W, "the weight matrix", layer.name, step)
+            decomps[layer.name] = decompose(
+                W, method=self.decomposition, gap_tol=self.gap_tol, on_degenerate=self.on_degenerate,
+                name=layer.name, step=step,
+            )
+        directions = {name: (d.u1, d.v1) for name, d in decomps.items()}
+        stats = self.engine.backward(losses, directions, batch=batch, step=step)
+        terms: dict[str, LayerTerms] = {}
+        for layer in self.layers:
+            st = stats[layer.name]
+            d = decomps[layer.name]
+            noise_var = st.noise_var() if self.split else None
+            tt = terms_from_projections(
+                d, st.Gv, st.Gtu, lr, noise_var=noise_var, weight_decay=wds[layer.name],
+                extra_noise_var=self.extra_noise_var,
+            )
+            self._check_terms(tt, layer.name, step)
+            terms[layer.name] = tt
+        net = network_terms([terms[l.name] for l in self.layers])
+        layer_rows = {}
+        for layer in self.layers:
+            q = terms[layer.name].as_dict()
+            layer_rows[layer.name] = {
+                "K": q["sigma1"], "drift": q["drift"], "noise_curvature": q["noise_curvature"],
+                "noise_curvature_var": q["noise_curvature_var"], "noise_curvature_cov": q["noise_curvature_cov"],
+                "diffusion_sq": q["diffusion_sq"], "gap": q["gap"], "degenerate": bool(q["degenerate"]),
+            }
+        network = {
+            "Z": net.Z, "K": net.K, "drift_Z": net.drift_Z, "noise_curvature_Z": net.noise_curvature_Z,
+            "diffusion_sq_Z": net.diffusion_sq_Z, "noise_curvature_var_Z": net.noise_curvature_var_Z,
+            "noise_curvature_cov_Z": net.noise_curvature_cov_Z,
+        }
+        loss = float(losses.detach().double().mean())
+        return StepRecord(
+            step=step, t=float(self.t), lr=lr, loss=loss, batch_size=M, layers=layer_rows, network=network,
+            degenerate=any(r["degenerate"] for r in layer_rows.values()),
+        )
+
+    @staticmethod
+    def _check_terms(tt: LayerTerms, name: str, step: int) -> None:
+        for key, v in tt.as_dict().items():
+            if isinstance(v, float) and not np.isfinite(v):
+                raise NonFiniteError(f"the term {key} of layer {name!r} at step {step} is {v}")
+
+    # ------------------------------------------------------------------------------------------
+    # probes
+    def _probe(self, step: int) -> dict[str, float]:
+        out = {}
+        gen = torch.Generator().manual_seed(1234567 + step)
+        for layer in self.layers:
+            if isinstance(layer.module, nn.Conv2d) and layer.name in self._input_shapes:
+                res = conv_operator_norm(layer.module, self._input_shapes[layer.name],
+                                         init=self._probe_vectors.get(layer.name), generator=gen)
+                self._probe_vectors[layer.name] = res.vector.detach().cpu()
+                out[f"conv_opnorm/{layer.name}"] = float(res.norm)
+        if self.probe_input is not None:
+            out["lipschitz_lower"] = float(lipschitz_lower_bound(self.model, self.probe_input, generator=gen))
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # records and lifecycle
+    def to_dataframe(self):
+        """The record so far as :func:`sdelip.record.load_record`'s DataFrame (also without a file)."""
+        if self.record_path is not None:
+            return load_record(self.record_path)
+        import pandas as pd
+
+        return pd.DataFrame([r.as_row() for r in self.history])
+
+    def close(self) -> None:
+        """Remove the hooks and close the record (idempotent)."""
+        if self._closed:
+            return
+        self._remove_hooks()
+        if self.writer is not None:
+            self.writer.close()
+        self._closed = True
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            if not self._closed and self.writer is not None:
+                self.writer.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return (f"Tracker(engine={self.engine.name!r}, layers={[l.name for l in self.layers]}, step={self.step}, "
+                f"schedule={self.schedule.describe()!r}, record={str(self.record_path) if self.record_path else None!r})")
+
+    # ------------------------------------------------------------------------------------------
+    # checkpoint / resume
+    def state_dict(self) -> dict:
+        """The tracker's own state: step, SDE time, record path and position, probe warm starts."""
+        return {
+            "step": self.step,
+            "t": self.t,
+            "extra_noise_var": self.extra_noise_var,
+            "record": None if self.record_path is None else str(self.record_path),
+            "engine": self.engine.name,
+            "layers": [l.name for l in self.layers],
+            "probe_vectors": {k: v.clone() for k, v in self._probe_vectors.items()},
+            "history": [r.as_row() for r in self.history] if self.record_path is None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the record is truncated to the restored step."""
+        if list(state["layers"]) != [l.name for l in self.layers]:
+            raise ValueError(f"checkpoint tracks layers {state['layers']}, this tracker {[l.name for l in self.layers]}")
+        self.step = int(state["step"])
+        self.t = float(state["t"])
+        self.extra_noise_var = float(state.get("extra_noise_var", 0.0))
+        self._probe_vectors = {k: v.clone() for k, v in state.get("probe_vectors", {}).items()}
+        if self.writer is not None:
+            self.writer.truncate(self.step)
+        self.engine.arm(self.schedule(self.step))
+
+    def checkpoint(self, path: Union[str, os.PathLike], generators: Sequence[torch.Generator] = (),
+                   extra: Any = None) -> None:
+        """Save everything a run needs to continue exactly: model, optimizer, RNGs, record position.
+
+        The file is written to a temporary name and renamed, so a crash while saving leaves
+        the previous checkpoint intact.
+
+        Args:
+            path: checkpoint file.
+            generators: torch.Generators the loop draws from (e.g. a DataLoader's or a
+                sampler's generator); restored in the same order by :meth:`restore`.
+            extra: any picklable object saved alongside (e.g. the epoch and batch index).
+        """
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
+            "tracker": self.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "generators": [g.get_state() for g in generators],
+            "extra": extra,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def restore(self, path: Union[str, os.PathLike, Mapping], generators: Sequence[torch.Generator] = ()) -> Any:
+        """Load a :meth:`checkpoint` into this tracker, its model, optimizer and the RNGs.
+
+        The record is truncated to the checkpoint's step, so steps written after the
+        checkpoint by an interrupted run are replaced by the resumed run's.
+
+        Returns:
+            The checkpoint's ``extra`` object.
+        """
+        state = _load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None and state["optimizer"] is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        saved = state["generators"]
+        if len(saved) != len(generators):
+            raise ValueError(f"the checkpoint holds {len(saved)} generator state(s), {len(generators)} generator(s) given")
+        for g, s in zip(generators, saved):
+            g.set_state(s)
+        self.load_state_dict(state["tracker"])
+        hist = state["tracker"].get("history")
+        if hist is not None and self.record_path is None:
+            self.history = []  # in-memory rows are not restored as StepRecords; use a record file to resume
+        if self.writer is not None:
+            resumed = list(self._metadata.get("resumed_at", []))
+            resumed.append(self.step)
+            self._metadata["resumed_at"] = resumed
+            self.writer.update_metadata({"resumed_at": resumed})
+        return state.get("extra")
+
+    @classmethod
+    def resume(cls, checkpoint: Union[str, os.PathLike], model: nn.Module,
+               optimizer: Optional[torch.optim.Optimizer] = None, generators: Sequence[torch.Generator] = (),
+               **kwargs) -> "Tracker":
+        """Continue a run from a :meth:`checkpoint` in a new process.
+
+        Builds the tracker with the same options (pass them again in ``kwargs``; the
+        record defaults to the checkpoint's), appends to the existing record after
+        truncating it to the checkpoint's step, and restores model, optimizer, RNGs and
+        ``generators``. The loop then continues at step ``tracker.step``, and the record
+        is the one an uninterrupted run would have written.
+        """
+        state = _load_checkpoint(checkpoint)
+        kwargs.setdefault("record", state["tracker"]["record"])
+        kwargs.pop("overwrite", None)
+        tracker = cls(model, optimizer, _record_mode="append", **kwargs)
+        tracker.restore(state, generators)
+        return tracker
+
+
+def _load_checkpoint(path) -> dict:
+    if isinstance(path, Mapping):
+        return dict(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states are not tensors: trusted files only
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not an sdelip tracker checkpoint")
+    return state
