@@ -132,14 +132,6 @@ class ParamLayout:
             parts.append(x.reshape(*x.shape[:lead], -1))
         return torch.cat(parts, -1)
 
-    def block_rows(self, tensors: Dict[str, torch.Tensor], block: ParamBlock, lead: int = 2) -> torch.Tensor:
-        """Concatenate the block's parameters of {name: (*lead_dims, *shape)} into (*lead_dims, P_block)."""
-        parts = []
-        for name in block.params:
-            x = tensors[name]
-            parts.append(x.reshape(*x.shape[:lead], -1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
-
 
 def _split_xy(batch):
     if isinstance(batch, dict):

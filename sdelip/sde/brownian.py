@@ -172,8 +172,7 @@ class GridBrownian(BaseBrownian):
         if kb == ka:
             return torch.zeros(self._size, dtype=self._dtype, device=self._device)
         if kb == ka + 1:
-            b, r = divmod(ka, self._block_steps)
-            return self._block(b)[r]
+            return self.increment(ka)
         return self.increments(ka, kb).sum(0)
 
     # -- grid access -------------------------------------------------------------------
@@ -202,6 +201,11 @@ class GridBrownian(BaseBrownian):
         if k < 0 or (self._n_steps is not None and k > self._n_steps):
             raise ValueError(f"time {float(t)!r} (grid index {k}) is outside the grid [0, {self._n_steps}]")
         return k
+
+    def increment(self, k: int) -> torch.Tensor:
+        """The increment W(t_{k+1}) − W(t_k) of grid step k (a view of the cache: read only)."""
+        b, r = divmod(int(k), self._block_steps)
+        return self._block(b)[r]
 
     def increments(self, k0: int, k1: int) -> torch.Tensor:
         """The increments of grid steps k0, …, k1 − 1, shape (k1 − k0, *size) (a new tensor)."""

@@ -145,8 +145,8 @@ class LipschitzSDE(ParameterSDE):
             s1 = S[..., 0]
             gap = (S[..., 0] - S[..., 1]) / S[..., 0] if S.shape[-1] > 1 else torch.ones_like(s1)
             check_gap(float(s1.min()), float(gap.min()), self.gap_tol, self.on_degenerate, name=layer.name)
-            Gv = torch.einsum("nMab,nb->nMa", G, v1)
-            Gtu = torch.einsum("nMab,na->nMb", G, u1)
+            Gv = (G @ v1[:, None, :, None]).squeeze(-1)  # g_i v1, (n, M, m)
+            Gtu = (u1[:, None, None, :] @ G).squeeze(-2)  # g_iᵀ u1, (n, M, k)
             grad_proj = torch.einsum("na,nab,nb->n", u1, gW, v1)
             mu, kappa, lam2 = _layer_terms_batched(
                 U, S, V, Gv, Gtu, grad_proj, self.lr, self.weight_decay, self.gap_tol

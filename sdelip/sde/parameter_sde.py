@@ -52,7 +52,7 @@ class _Coefficients:
         self.y = y
         self.version = y._version
         self.drift = drift  # (n, d)
-        self.noise = noise  # list of (n, M, P_block), one per block: √η (g_i − ḡ)/√(M(M−1))
+        self.noise = noise  # per parameter (layout order), (n, M, numel): √η (g_i − ḡ)/√(M(M−1))
         self.log_drift = None  # (n, L) for LipschitzSDE
         self.lam = None  # (n, L, M) for LipschitzSDE
         self.terms = None  # dict of (n, L) for LipschitzSDE
@@ -250,14 +250,17 @@ class ParameterSDE(nn.Module):
         return _Coefficients(t, y, drift, noise)
 
     def _noise_rows(self, n: int, est: GradientEstimate) -> list:
+        """Per parameter, √η (g_i − ḡ)/√(M(M−1)) as (n, M, numel): the columns of G = √η Ωᵀ/√M."""
         M = self.M
         scale = (self.lr / (M * (M - 1))) ** 0.5
         rows = []
-        for block in self.layout.blocks:
-            G = self.layout.block_rows(est.per_sample, block)  # (n, M, P_b)
+        for spec in self.layout.specs:
+            G = est.per_sample[spec.name]
+            G = G.reshape(G.shape[0], G.shape[1], -1)  # (n or 1, M, numel)
             if G.shape[1] != M:
                 raise ValueError(f"gradient_fn returned {G.shape[1]} per-sample gradients, expected M = {M}")
-            rows.append(((G - G.mean(1, keepdim=True)) * scale).expand(n, -1, -1))
+            E = G - G.mean(1, keepdim=True)
+            rows.append(E.mul_(scale).expand(n, -1, -1))
         return rows
 
     def f(self, t, y: torch.Tensor) -> torch.Tensor:
@@ -277,9 +280,10 @@ class ParameterSDE(nn.Module):
     def _g_prod(self, c: _Coefficients, y, v):
         M = self.M
         out = y.new_zeros(y.shape[0], y.shape[1])
-        for b, (block, E) in enumerate(zip(self.layout.blocks, c.noise)):
+        for spec, E in zip(self.layout.specs, c.noise):
+            b = spec.block
             vb = v[:, b * M : (b + 1) * M].to(E.dtype)
-            out[:, block.start : block.stop] = torch.bmm(vb.unsqueeze(1), E).squeeze(1)
+            out[:, spec.start : spec.stop] = torch.bmm(vb.unsqueeze(1), E).squeeze(1)
         return out
 
     def g(self, t, y: torch.Tensor) -> torch.Tensor:
@@ -294,8 +298,9 @@ class ParameterSDE(nn.Module):
     def _g_dense(self, c: _Coefficients, y):
         M = self.M
         G = y.new_zeros(y.shape[0], y.shape[1], self.brownian_size)
-        for b, (block, E) in enumerate(zip(self.layout.blocks, c.noise)):
-            G[:, block.start : block.stop, b * M : (b + 1) * M] = E.mT
+        for spec, E in zip(self.layout.specs, c.noise):
+            b = spec.block
+            G[:, spec.start : spec.stop, b * M : (b + 1) * M] = E.mT
         return G
 
     def extra_repr(self) -> str:
