@@ -133,6 +133,16 @@ class StepRecord:
     degenerate: bool = False
     probes: Optional[Mapping[str, float]] = None
 
+    def get(self, key: str, default=None):
+        """A value by :func:`load_record` column name, e.g. ``rec.get("K")`` or ``rec.get("drift/fc1")``."""
+        return self.as_row().get(key, default)
+
+    def __getitem__(self, key: str):
+        row = self.as_row()
+        if key not in row:
+            raise KeyError(key)
+        return row[key]
+
     def as_row(self) -> dict:
         """The step as one row with :func:`load_record`'s column names."""
         row = {"step": self.step, "t": self.t, "lr": self.lr, "loss": self.loss, "batch_size": self.batch_size}

@@ -127,6 +127,11 @@ class Tracker:
         chunk_bytes: memory budget of one chunk of per-sample intermediates.
         check_inputs: check on every forward that inputs match the model's device and dtype.
         seed: the run's seed, stored in the metadata (default: ``torch.initial_seed()``).
+        start_step: the index of the first step (for a run continued by the caller's own
+            checkpointing): the step counter starts there, t = start_step·η (constant η
+            assumed), and an existing record is continued after dropping its rows from
+            ``start_step`` on. :meth:`checkpoint` / :meth:`resume` restore the exact state
+            instead (SDE time, RNGs, optimizer).
 
     Attributes:
         step: the number of :meth:`backward` calls so far (the next step's index k).
@@ -160,6 +165,7 @@ class Tracker:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         check_inputs: bool = True,
         seed: Optional[int] = None,
+        start_step: int = 0,
         _record_mode: Optional[str] = None,
     ):
         if not isinstance(model, nn.Module):
@@ -208,7 +214,13 @@ class Tracker:
                                           loss_fn=loss_fn)
         self.engine.check_applicable()
         self.engine.attach()
-        self.engine.arm(self.schedule(0))
+        if isinstance(start_step, bool) or int(start_step) < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
+        start_step = int(start_step)
+        if start_step:
+            self.step = start_step
+            self.t = start_step * self._hyperparameters(start_step)[0]
+        self.engine.arm(self.schedule(self.step))
 
         # -- hooks: input checks and conv input shapes ------------------------------------------
         ref = self.layers[0].module.weight
@@ -225,6 +237,8 @@ class Tracker:
         self._metadata = self._build_metadata(metadata, seed)
         if self.record_path is not None:
             mode = _record_mode or ("overwrite" if overwrite else "new")
+            if start_step and mode == "new":
+                mode = "append"
             try:
                 self.writer = RecordWriter(
                     self.record_path,
@@ -236,6 +250,8 @@ class Tracker:
             except BaseException:
                 self._remove_hooks()
                 raise
+            if start_step and _record_mode is None:
+                self.writer.truncate(start_step)
 
     # ------------------------------------------------------------------------------------------
     # setup helpers

@@ -264,10 +264,9 @@ class FactoredEngine(Engine):
         step: Optional[int] = None,
     ) -> dict[str, LayerStatistics]:
         M = losses.shape[0]
-        missing = [layer.name for layer in self.layers if layer.name not in self._captured]
-        if missing:
+        if not self._captured:
             raise EngineError(
-                f"no forward pass of layer(s) {missing} was recorded for step {step}: create the Tracker before "
+                f"no forward pass of the tracked layers was recorded for step {step}: create the Tracker before "
                 "the step's forward pass, run the forward with gradients enabled, and call tracker.backward "
                 "once per forward"
             )
@@ -282,7 +281,7 @@ class FactoredEngine(Engine):
         out = {}
         for layer in self.layers:
             st = self._stats.get(layer.name)
-            if st is None:  # the loss does not depend on this layer: g_i = 0
+            if st is None:  # the layer was not called, or the loss does not depend on it: g_i = 0
                 u1, v1 = directions[layer.name]
                 m, n = u1.shape[0], v1.shape[0]
                 z = dict(dtype=u1.dtype, device=u1.device)
