@@ -61,7 +61,7 @@ def settings(scale: str) -> dict:
         "seeds": common.pick(scale, tiny=[0], quick=[0, 1], paper=[0, 1, 2]),
         "lr": 0.01,
         "batch_size": common.pick(scale, tiny=32, quick=128, paper=128),
-        "steps": common.pick(scale, tiny=20, quick=1000, paper=PAPER_MLP_STEPS),
+        "steps": common.pick(scale, tiny=20, quick=600, paper=PAPER_MLP_STEPS),
         "max_train_samples": common.pick(scale, tiny=256, quick=None, paper=None),
         # which runs carry the tracker: ρ values (for every noise kind) and seeds
         "track_rhos": common.pick(scale, tiny=[1.0], quick=[0.0, 0.5, 1.0], paper=grid(0.1)),
