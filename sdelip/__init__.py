@@ -1,9 +1,19 @@
 """sdelip: the Lipschitz constant of a neural network under SGD as a system of SDEs.
 
 The public API is re-exported here; submodules whose names start with an underscore
-are private.
+are private. The main entry points:
+
+- math core: :func:`decompose`, :func:`opnorm_jacobian`, :func:`opnorm_hessian_quadform`,
+  :func:`opnorm_hessian_diag` (Lemma 12–13), :class:`GradientNoise` (Prop 5–7),
+  :func:`layer_terms`, :func:`network_terms`, :func:`lipschitz_moments` (Thm 14–17);
+- tracking: :class:`Tracker`, :func:`load_record`, :func:`predict`;
+- simulation: :class:`ParameterSDE`, :class:`LipschitzSDE`, :class:`ReducedLipschitzSDE`,
+  :func:`simulate`, :func:`simulate_record`;
+- workbench: :mod:`sdelip.models`, :mod:`sdelip.data`, :mod:`sdelip.regularizers`,
+  :func:`train`, :mod:`sdelip.plotting`, and the ``sdelip`` command line.
 """
 
+from . import data, models, regularizers
 from ._checks import DegenerateSpectrumError, DegenerateSpectrumWarning, NonFiniteError
 from .dynamics import (
     LayerTerms,
@@ -16,6 +26,18 @@ from .dynamics import (
 )
 from .layers import NoTrackableLayerError, TrackedLayer, tracked_layers
 from .noise import GradientNoise
+from .prediction import predict
+from .record import StepRecord, load_metadata, load_record
+from .schedule import EveryN, EveryStep, LogSchedule
+from .sde import (
+    GridBrownian,
+    LipschitzSDE,
+    ParameterSDE,
+    ReducedLipschitzSDE,
+    SimulationResult,
+    simulate,
+    simulate_record,
+)
 from .spectral import (
     SpectralDecomposition,
     decompose,
@@ -27,5 +49,23 @@ from .spectral import (
     top_singular,
     weight_matrix,
 )
+from .tracker import NotPlainSGDWarning, Tracker
+from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "data", "models", "regularizers",
+    "DegenerateSpectrumError", "DegenerateSpectrumWarning", "NonFiniteError", "NotPlainSGDWarning",
+    "NoTrackableLayerError",
+    "LayerTerms", "LipschitzMoments", "NetworkTerms", "layer_terms", "lipschitz_moments", "network_terms",
+    "terms_from_projections",
+    "TrackedLayer", "tracked_layers",
+    "GradientNoise",
+    "SpectralDecomposition", "decompose", "opnorm_hessian", "opnorm_hessian_diag", "opnorm_hessian_quadform",
+    "opnorm_jacobian", "spectral_gap", "top_singular", "weight_matrix",
+    "Tracker", "StepRecord", "load_record", "load_metadata", "predict", "EveryN", "EveryStep", "LogSchedule",
+    "GridBrownian", "LipschitzSDE", "ParameterSDE", "ReducedLipschitzSDE", "SimulationResult", "simulate",
+    "simulate_record",
+    "TrainConfig", "TrainResult", "train",
+]
