@@ -1,0 +1,111 @@
+"""Smoke tests of the validation experiments (Fig 2–5, ensemble) at ``--tiny`` scale.
+
+Each script's ``main`` runs into a temporary folder; the test checks that the figure,
+the CSV and the Markdown table exist, that the table has the expected columns, that
+its numbers are finite, and that the Markdown states the data used and the scale.
+The numbers themselves are not meaningful at this scale.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_experiment_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(name: str, tmp_path: Path) -> tuple[dict, list[dict], str]:
+    module = _load(name)
+    out = tmp_path / name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the embedded-data fallback notice, matplotlib glyphs
+        result = module.main(["--tiny", "--out", str(out), "--no-progress"])
+    assert Path(result["figure"]).is_file() and Path(result["figure"]).stat().st_size > 0
+    assert (out / f"{name}.png").is_file()
+    csv_path, md_path = out / "summary.csv", out / "summary.md"
+    assert csv_path.is_file() and md_path.is_file()
+    with open(csv_path) as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows, "empty summary table"
+    md = md_path.read_text()
+    assert "Data:" in md and "Scale: tiny" in md
+    return result, rows, md
+
+
+def _finite(rows: list[dict], cols) -> None:
+    for r in rows:
+        for c in cols:
+            assert c in r, f"missing column {c}"
+            v = float(r[c])
+            assert math.isfinite(v), f"{c} = {r[c]!r} is not finite"
+
+
+def test_fig2_validation(tmp_path):
+    result, rows, md = _run("fig2_validation", tmp_path)
+    _finite(rows, ["mean_rel_error", "max_rel_error", "final_rel_error", "frac_within_2sd", "K_change_over_run"])
+    assert {r["regularizer"] for r in rows} == set(_load("fig2_validation").SETTINGS["tiny"]["configurations"])
+    assert "stand-in" in md.lower() or "not cifar" in md.lower()
+    for r in rows:
+        assert 0 <= float(r["frac_within_2sd"]) <= 1
+        assert float(r["max_rel_error"]) >= float(r["mean_rel_error"]) >= 0
+
+
+def test_fig3_near_convergence(tmp_path):
+    result, rows, md = _run("fig3_near_convergence", tmp_path)
+    _finite(rows, ["mean_mu", "mean_kappa", "mean_lambda2", "mean_kappa_var", "mean_kappa_cov", "cov_share",
+                   "kappa_over_abs_mu"])
+    assert {r["window"] for r in rows} == {"whole run", "late half"}
+    assert "network" in {r["layer"] for r in rows}
+    for r in rows:
+        assert float(r["mean_kappa"]) >= 0 and float(r["mean_lambda2"]) >= 0
+        assert 0 <= float(r["cov_share"]) <= 1
+        # The Prop 6 split adds up.
+        assert math.isclose(float(r["mean_kappa_var"]) + float(r["mean_kappa_cov"]), float(r["mean_kappa"]),
+                            rel_tol=1e-6, abs_tol=1e-12)
+    assert (tmp_path / "fig3_near_convergence" / "growth.csv").is_file()
+    assert all(math.isfinite(v) for k, v in result["growth"].items() if isinstance(v, float))
+
+
+def test_fig4_sampling(tmp_path):
+    result, rows, md = _run("fig4_sampling", tmp_path)
+    _finite(rows, ["mean_K", "sd_K", "cv_sd_over_mean", "predicted_sd_thm17"])
+    for r in rows:
+        assert float(r["sd_K"]) >= 0 and float(r["mean_K"]) > 0
+        assert int(r["n_seeds"]) == len(_load("fig4_sampling").SETTINGS["tiny"]["seeds"])
+
+
+def test_fig5_batch_size(tmp_path):
+    result, rows, md = _run("fig5_batch_size", tmp_path)
+    _finite(rows, ["slope_observed", "r2_observed", "slope_predicted", "C_hat_mean", "C_hat_cv_across_M"])
+    detail = result["detail"]
+    tiny = _load("fig5_batch_size").SETTINGS["tiny"]
+    assert len(detail) == len(tiny["batch_sizes"]) * len(tiny["fixed_steps"])
+    _finite(detail, ["var_K_observed", "var_K_predicted_thm17", "C_hat_prop21"])
+    assert (tmp_path / "fig5_batch_size" / "by_batch_size.md").is_file()
+
+
+def test_ensemble_validation(tmp_path):
+    result, rows, md = _run("ensemble_validation", tmp_path)
+    module = _load("ensemble_validation")
+    assert {r["sde"] for r in rows} == set(module.VARIANTS)
+    full = [r for r in rows if r["sde"] == "full"]
+    _finite(full, ["frac_in_95_band", "var_obs_over_sde", "mean_bias_in_sde_sd", "var_ratio_ci_low"])
+    for r in rows:
+        assert 0 <= float(r["frac_in_95_band"]) <= 1
+        assert int(r["n_sde"]) == module.SETTINGS["tiny"]["n_sde"]
+    # Without the diffusion the simulated band is a single path: zero variance.
+    for r in rows:
+        if r["sde"] == "without diffusion":
+            assert float(r["sd_sde"]) == pytest.approx(0.0, abs=1e-12)
