@@ -227,3 +227,35 @@ def test_sdeint_with_a_dataloader_and_the_front_end():
     again = simulate(sde, 6, ts, progress=False, chunk_size=4, seed=1)
     np.testing.assert_array_equal(res.mean_K, again.mean_K)
     assert res.n == 6 and res.mean_K.shape == (6,) and np.all(res.var_K[1:] > 0)
+
+
+def test_frozen_parameters_are_constants_and_degenerate_layers_warn_once():
+    import warnings
+
+    from sdelip import DegenerateSpectrumWarning
+    from sdelip.sde import LipschitzSDE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))  # float32 model
+    model[0].requires_grad_(False)
+    X, Y = _data(32)
+    sde = ParameterSDE(model, (X, Y), lr=0.1, noise_batch_size=4)  # float64 data and state
+    assert sde.n_params == 4 * 2 + 2 and sde.layer_names == ["2"]
+    y = sde.initial_state(2, dtype=torch.float64)
+    out = torch.tanh(X @ model[0].weight.double().T + model[0].bias.double())
+    w = y[0, :8].reshape(2, 4).requires_grad_(True)
+    b = y[0, 8:].clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(out @ w.T + b, Y)
+    gw, gb = torch.autograd.grad(loss, [w, b])
+    torch.testing.assert_close(sde.f(0.0, y)[0], -torch.cat([gw.reshape(-1), gb]))
+    # A layer with a repeated top singular value: one warning per system, not per step.
+    lin = nn.Linear(2, 2, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(2, dtype=torch.float64))
+    lsde = LipschitzSDE(lin, (X[:, :2], Y), lr=0.1, noise_batch_size=4)
+    y = lsde.initial_state(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lsde.f(0.0, y)
+        lsde.f(0.1, y.clone())
+    assert sum(issubclass(w.category, DegenerateSpectrumWarning) for w in caught) == 1

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sdelip.dynamics import lipschitz_moments
-from sdelip.sde import GridBrownian, LipschitzSDE, ReducedLipschitzSDE, record_lr, simulate, simulate_record, time_grid
+from sdelip.sde import GridBrownian, LipschitzSDE, ReducedLipschitzSDE, record_lr, simulate, simulate_record
 
 Z_SE = 4.5
 

@@ -351,12 +351,11 @@ class ModelGradients:
         self.traj_chunk = traj_chunk
         self.data_chunk = int(data_chunk)
 
-        consts = dict(layout.frozen)
-        consts.update(dict(model.named_buffers()))
         loss_fn_ = self.loss_fn
+        self._consts: Dict[str, torch.Tensor] = {}
 
         def batch_loss(p, x, y):
-            return loss_fn_(functional_call(model, {**consts, **p}, (x,)), y)
+            return loss_fn_(functional_call(model, {**self._consts, **p}, (x,)), y)
 
         def sample_loss(p, x, y):
             return batch_loss(p, x.unsqueeze(0), y.unsqueeze(0))
@@ -366,9 +365,20 @@ class ModelGradients:
         self._per_sample = vmap(per_sample, in_dims=(0, in_xy, in_xy), randomness="different")
         self._batch_grad = vmap(grad(batch_loss), in_dims=(0, None, None), randomness="different")
 
+    def _refresh_consts(self, ref: torch.Tensor) -> None:
+        # Frozen parameters and buffers, read at call time (the model may have moved
+        # device) and cast to the state's floating dtype.
+        consts = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
+        consts.update(dict(self.model.named_buffers()))
+        self._consts = {
+            k: v.detach().to(device=ref.device, dtype=ref.dtype if v.is_floating_point() else v.dtype)
+            for k, v in consts.items()
+        }
+
     def expected_gradient(self, params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """∇L at each trajectory's parameters ({name: (n, *shape)})."""
         ref = next(iter(params.values()))
+        self._refresh_consts(ref)
         if self.grad_source == "full":
             X, Y = self.data.full(device=ref.device, dtype=ref.dtype)
         else:
@@ -385,6 +395,7 @@ class ModelGradients:
     def per_sample_gradients(self, params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Per-sample gradients of a fresh mini-batch: {name: (n, M, *shape)}."""
         ref = next(iter(params.values()))
+        self._refresh_consts(ref)
         n = ref.shape[0]
         if self.shared_noise_batch:
             X, Y = self.data.sample(self.M, device=ref.device, dtype=ref.dtype)

@@ -144,7 +144,7 @@ class LipschitzSDE(ParameterSDE):
             u1, v1 = U[..., 0], V[..., 0]
             s1 = S[..., 0]
             gap = (S[..., 0] - S[..., 1]) / S[..., 0] if S.shape[-1] > 1 else torch.ones_like(s1)
-            check_gap(float(s1.min()), float(gap.min()), self.gap_tol, self.on_degenerate, name=layer.name)
+            self._check_gap(float(s1.min()), float(gap.min()), layer.name, t)
             Gv = (G @ v1[:, None, :, None]).squeeze(-1)  # g_i v1, (n, M, m)
             Gtu = (u1[:, None, None, :] @ G).squeeze(-2)  # g_iᵀ u1, (n, M, k)
             grad_proj = torch.einsum("na,nab,nb->n", u1, gW, v1)
@@ -171,6 +171,15 @@ class LipschitzSDE(ParameterSDE):
         c.lam = torch.stack(lam, 1).to(y.dtype)  # (n, L, M)
         c.terms = {k: torch.stack(v, 1) for k, v in terms.items()}
         return c
+
+    def _check_gap(self, sigma1: float, gap: float, name: str, t: float) -> None:
+        # Assumption 11 over all trajectories; a degenerate layer warns once per system.
+        warned = self.__dict__.setdefault("_gap_warned", set())
+        policy = self.on_degenerate
+        if policy == "warn" and name in warned:
+            policy = "ignore"
+        if check_gap(sigma1, gap, self.gap_tol, policy, name=f"{name} (t = {t:g}, smallest gap over trajectories)"):
+            warned.add(name)
 
     def _block_of_layer(self):
         idx = {}

@@ -270,7 +270,7 @@ def simulate(
     theory = None
     if isinstance(sde, ReducedLipschitzSDE):
         k = torch.round((ts - sde.t0) / sde.dt).long()
-        if int(k.min()) >= 0 and int(k.max()) <= sde.n_steps:
+        if int(k[0]) == 0 and int(k.max()) <= sde.n_steps:
             m = sde.moments(int(k.max()))
             idx = k.numpy()
             theory = LipschitzMoments(
@@ -310,7 +310,8 @@ def simulate_record(
     """Simulate the reduced Z-system of a tracking record; Thm 17 attached as ``theory``.
 
     Args:
-        record: a tracking record (``sdelip.record.load_record``).
+        record: a tracking record: the DataFrame of ``sdelip.record.load_record`` or the
+            path of a record file.
         n: number of trajectories.
         every: save every this many steps (default: about 1,000 saved times).
         n_steps: simulate the first n_steps steps (default: the whole record).
@@ -319,6 +320,10 @@ def simulate_record(
             term switches (ablations).
         **kwargs: passed to :func:`simulate` (device, chunk_size, seed, progress, …).
     """
+    if not hasattr(record, "columns"):
+        from ..record import load_record
+
+        record = load_record(record)
     sde = ReducedLipschitzSDE.from_record(
         record, lr=lr, layers=layers, per_layer=per_layer, include_drift=include_drift,
         include_noise_curvature=include_noise_curvature, include_ito_correction=include_ito_correction,
