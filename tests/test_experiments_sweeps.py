@@ -81,7 +81,7 @@ def test_fig6_tiny(tmp_path):
     mod = _script("fig6_noisy_gradient")
     mod.main(["--tiny", "--out", str(tmp_path), "--no-progress"])
     rows = _check_outputs(tmp_path, "fig6_noisy_gradient.png",
-                          ["noise", "rho", "K0", "K_end", "log_K_end_over_K0", "K_pred_eq26"])
+                          ["noise", "rho", "K0", "K_end", "log_K_end_over_K0", "K_pred_eq26", "K_pred_eq26_cal"])
     _finite(rows, ["rho", "K0", "K_end", "log_K_end_over_K0", "K_pred_eq26"])
     assert {r["noise"] for r in rows} == set(mod.NOISES)
     mono = _read_csv(tmp_path / "monotonicity.csv")
@@ -97,8 +97,8 @@ def test_fig7_tiny(tmp_path):
     mod = _script("fig7_label_corruption")
     mod.main(["--tiny", "--out", str(tmp_path), "--no-progress"])
     rows = _check_outputs(tmp_path, "fig7_label_corruption.png",
-                          ["eps", "K0", "K_end", "log_K_end_over_K0", "log_pred_p1", "log_pred_p2", "log_pred_split"])
-    _finite(rows, ["eps", "K0", "K_end", "log_K_end_over_K0", "log_pred_p1", "log_pred_p2", "log_pred_split"])
+                          ["eps", "K0", "K_end", "log_K_end_over_K0", "log_pred_p1", "log_pred_p2", "log_pred_split", "log_pred_split_cal"])
+    _finite(rows, ["eps", "K0", "K_end", "log_K_end_over_K0", "log_pred_p1", "log_pred_p2", "log_pred_split", "log_pred_split_cal"])
     md = (tmp_path / "summary.md").read_text()
     assert "Spearman" in md and "Data: " in md
 
