@@ -30,6 +30,7 @@ from .prediction import predict
 from .record import StepRecord, load_metadata, load_record
 from .schedule import EveryN, EveryStep, LogSchedule
 from .sde import (
+    GradientEstimate,
     GridBrownian,
     LipschitzSDE,
     ParameterSDE,
@@ -37,6 +38,7 @@ from .sde import (
     SimulationResult,
     simulate,
     simulate_record,
+    time_grid,
 )
 from .spectral import (
     SpectralDecomposition,
@@ -65,7 +67,7 @@ __all__ = [
     "SpectralDecomposition", "decompose", "opnorm_hessian", "opnorm_hessian_diag", "opnorm_hessian_quadform",
     "opnorm_jacobian", "spectral_gap", "top_singular", "weight_matrix",
     "Tracker", "StepRecord", "load_record", "load_metadata", "predict", "EveryN", "EveryStep", "LogSchedule",
-    "GridBrownian", "LipschitzSDE", "ParameterSDE", "ReducedLipschitzSDE", "SimulationResult", "simulate",
+    "GradientEstimate", "GridBrownian", "time_grid", "LipschitzSDE", "ParameterSDE", "ReducedLipschitzSDE", "SimulationResult", "simulate",
     "simulate_record",
     "TrainConfig", "TrainResult", "train",
 ]
