@@ -143,12 +143,32 @@ def test_three_engines_agree_on_convnet_with_stride_padding_groups_layernorm():
 
 
 @pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
-def test_factored_conv_padding_modes(padding_mode):
+@pytest.mark.parametrize("grouped_from", [0, 10**9])
+def test_factored_conv_padding_modes_and_both_per_sample_routes(padding_mode, grouped_from, monkeypatch):
+    """Per-sample conv gradients by grouped convolution backward and by unfold + bmm."""
+    from sdelip.engines import factored
+
+    monkeypatch.setattr(factored, "GROUPED_CONV_MIN_POSITIONS", grouped_from)
     torch.manual_seed(1)
     model = SmallConvNet(padding_mode).to(DT)
     x, y = make_data((3, 8, 8), seed=1)
     row = one_step(model, x, y, "factored")[0]
     check_against_oracle(row, oracle_rows(model, x, y))
+
+
+def test_per_sample_conv_grads_exact():
+    from sdelip.engines.factored import per_sample_conv2d_grads
+
+    torch.manual_seed(2)
+    for conv in (nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2),
+                 nn.Conv2d(4, 6, (2, 3), padding="same", padding_mode="reflect")):
+        conv = conv.to(DT)
+        x = torch.randn(3, 4, 9, 8, dtype=DT)
+        d = torch.randn_like(conv(x))
+        G = per_sample_conv2d_grads(conv, x, d)
+        ref = torch.stack([weight_matrix(torch.autograd.grad((conv(x[i:i + 1]) * d[i:i + 1]).sum(), conv.weight)[0])
+                           for i in range(3)])
+        torch.testing.assert_close(G, ref, rtol=1e-12, atol=1e-13)
 
 
 def test_conv_same_padding_and_no_split():
@@ -349,13 +369,36 @@ def test_factored_requires_the_forward_after_tracker_creation():
         tr.backward(CE(out, y))
 
 
-def test_gram_decomposition_float32_matches_float64_svd():
-    """decomposition='gram' in float32 against a float64 SVD reference on the same step."""
+@pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6), (1, 7), (7, 1), (30, 50), (50, 30)])
+def test_fast_curvature_equals_the_svd_route(shape):
+    """The resolvent formulas of engines.curvature reproduce Lemma 13 via sdelip.spectral."""
+    from sdelip.engines.curvature import fast_layer_terms, gram_curvature
+
+    torch.manual_seed(sum(shape))
+    m, n = shape
+    W = torch.randn(m, n, dtype=DT)
+    G = torch.randn(8, m, n, dtype=DT)
+    N = torch.rand(m, n, dtype=DT)
+    d = decompose(W)
+    c = gram_curvature(W, 1e-6)
+    assert c is not None and float(c.sigma1) == pytest.approx(float(d.sigma1), rel=1e-14)
+    a = terms_from_projections(d, G @ d.v1, G.mT @ d.u1, 0.1, noise_var=N, weight_decay=0.01, extra_noise_var=0.003)
+    b = fast_layer_terms(c, G @ c.v1, G.mT @ c.u1, 0.1, noise_var=N, weight_decay=0.01, extra_noise_var=0.003)
+    for q in ("sigma1", "drift", "diffusion_sq", "noise_curvature", "noise_curvature_var", "noise_curvature_cov", "gap"):
+        assert rel_close(float(getattr(a, q)), float(getattr(b, q)), 1e-11), (q, float(getattr(a, q)), float(getattr(b, q)))
+    # a repeated top singular value is left to the SVD route (which clamps and flags it)
+    Wd = torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=DT))
+    assert gram_curvature(Wd, 1e-6) is None
+
+
+@pytest.mark.parametrize("decomposition", ["fast", "gram", "svd"])
+def test_float32_decompositions_match_float64_svd(decomposition):
+    """Each decomposition route in float32 against a float64 SVD reference on the same step."""
     torch.manual_seed(14)
     model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5))
     x = torch.randn(32, 40)
     y = torch.randint(0, 5, (32,))
-    r32 = one_step(model, x, y, "factored", decomposition="gram")[0]
+    r32 = one_step(model, x, y, "factored", decomposition=decomposition)[0]
     r64 = one_step(model.to(DT), x.to(DT), y, "factored", decomposition="svd")[0]
     for k, a in r64.items():
         if isinstance(a, float) and not np.isnan(a):

@@ -25,6 +25,7 @@ they obtain them; on models where several apply they return the same numbers:
 from __future__ import annotations
 
 import abc
+import math
 from typing import ClassVar, Mapping, Optional, Sequence
 
 import attrs
@@ -88,7 +89,8 @@ class LayerStatistics:
     def check_finite(self, name: str, step: Optional[int]) -> None:
         """Raise :class:`NonFiniteError` naming the layer and step if any statistic is NaN/Inf."""
         for label, x in (("g_i v1", self.Gv), ("g_iᵀ u1", self.Gtu), ("Σ g_i", self.sum_g), ("Σ g_i²", self.sum_sq)):
-            if x is not None and not bool(torch.isfinite(x).all()):
+            # a NaN or Inf anywhere makes the sum non-finite: one reduction on the good path
+            if x is not None and not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
                 n_bad = int((~torch.isfinite(x)).sum())
                 at = f" at step {step}" if step is not None else ""
                 raise NonFiniteError(

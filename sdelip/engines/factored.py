@@ -89,15 +89,19 @@ def patch_statistics(
     if g > 1:
         Xt = Xt.reshape(c * g, Kg, P)
         Dt = Dt.reshape(c * g, Og, P)
+    # Projections from the patches cost P·(Kg + Og) per sample, from the per-sample gradient Og·Kg.
+    from_patches = not split or P * (Kg + Og) < Og * Kg
     if split:
         G = torch.bmm(Dt, Xt.mT)  # (c·g, Og, Kg): the per-sample gradients of this chunk
         if g > 1:
             G = G.reshape(c, O, Kg)
-        torch.matmul(G, v1, out=out["Gv"][start : start + c])
-        torch.matmul(G.mT, u1, out=out["Gtu"][start : start + c])
+        if not from_patches:
+            torch.matmul(G, v1, out=out["Gv"][start : start + c])
+            torch.matmul(G.mT, u1, out=out["Gtu"][start : start + c])
         out["sum_g"] += G.sum(0)
         out["sum_sq"] += G.square_().sum(0)
-    else:
+        del G
+    if from_patches:
         xv = torch.matmul(Xt.mT, v1)  # (c·g, P)
         Gv = torch.bmm(Dt, xv.unsqueeze(-1)).squeeze(-1)  # (c·g, Og)
         out["Gv"][start : start + c] = Gv.reshape(c, O)
@@ -106,17 +110,46 @@ def patch_statistics(
         out["Gtu"][start : start + c] = Gtu.reshape(c, g, Kg).sum(1)
 
 
-def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """F.unfold of x with the module's geometry: (c, in·kh·kw, P)."""
+def _padded(module: nn.Conv2d, x: torch.Tensor):
+    """x padded as the module pads it, and the padding left for the convolution itself."""
     if isinstance(module.padding, str) or module.padding_mode != "zeros":
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         pads = module._reversed_padding_repeated_twice
         if any(pads):
             x = F.pad(x, pads, mode=mode)
-        padding = 0
-    else:
-        padding = module.padding
+        return x, (0, 0)
+    return x, module.padding
+
+
+def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """F.unfold of x with the module's geometry: (c, in·kh·kw, P)."""
+    x, padding = _padded(module, x)
     return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+
+
+def per_sample_conv2d_grads(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients g_i = Σ_p δ_ip x_ipᵀ of a Conv2d, shape (c, out, in/groups·kh·kw).
+
+    The c samples become the groups of one grouped convolution (c·groups groups), whose
+    weight gradient is computed by the convolution backward kernel without unfolding.
+    """
+    c = x.shape[0]
+    x, padding = _padded(module, x)
+    C, O, g = module.in_channels, module.out_channels, module.groups
+    kh, kw = module.kernel_size
+    G = torch.ops.aten.convolution_backward(
+        delta.reshape(1, c * O, *delta.shape[2:]),
+        x.reshape(1, c * C, *x.shape[2:]),
+        torch.empty(c * O, C // g, kh, kw, dtype=x.dtype, device=x.device),
+        None, module.stride, padding, module.dilation, False, (0, 0), c * g, (False, True, False),
+    )[1]
+    return G.reshape(c, O, (C // g) * kh * kw)
+
+
+#: Below this many output positions the per-sample gradients of a Conv2d are formed by
+#: unfolding and a batched matrix product; from it on by a grouped convolution backward
+#: (faster for large feature maps, much slower for small ones on CPU).
+GROUPED_CONV_MIN_POSITIONS = 64
 
 
 def conv2d_statistics(
@@ -128,13 +161,23 @@ def conv2d_statistics(
     split: bool,
     chunk_bytes: int,
 ) -> LayerStatistics:
-    """Statistics of a Conv2d layer from its input x (M, C, H, W) and output gradient δ (M, O, H', W')."""
+    """Statistics of a Conv2d layer from its input x (M, C, H, W) and output gradient δ (M, O, H', W').
+
+    With the split, the per-sample gradients of one chunk of samples at a time are formed
+    (by a grouped convolution backward for feature maps of at least
+    :data:`GROUPED_CONV_MIN_POSITIONS` positions, else by unfold + batched matmul) and
+    reduced; without it only the patch projections are computed.
+    """
     M, O = delta.shape[0], delta.shape[1]
     P = delta.shape[2] * delta.shape[3]
     K = v1.shape[0] * module.groups
     Kg = v1.shape[0]
     elem = x.element_size()
-    per_sample = elem * (2 * K * P + (O * Kg if split else 0) + O * P)
+    grouped = split and P >= GROUPED_CONV_MIN_POSITIONS
+    if grouped:
+        per_sample = elem * (2 * O * Kg + x[0].numel())
+    else:
+        per_sample = elem * (2 * K * P + (O * Kg if split else 0) + O * P)
     c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
     kw = dict(dtype=u1.dtype, device=u1.device)
     out = {"Gv": torch.empty(M, O, **kw), "Gtu": torch.empty(M, Kg, **kw)}
@@ -143,6 +186,14 @@ def conv2d_statistics(
         out["sum_sq"] = torch.zeros(O, Kg, **kw)
     for s in range(0, M, c):
         e = min(M, s + c)
+        if grouped:
+            G = per_sample_conv2d_grads(module, x[s:e], delta[s:e]).to(u1.dtype)
+            torch.matmul(G, v1, out=out["Gv"][s:e])
+            torch.matmul(G.mT, u1, out=out["Gtu"][s:e])
+            out["sum_g"] += G.sum(0)
+            out["sum_sq"] += G.square_().sum(0)
+            del G
+            continue
         Xt = _conv_patches(module, x[s:e]).to(u1.dtype)
         if Xt.shape[2] != P:
             raise EngineError(
