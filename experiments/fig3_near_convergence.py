@@ -43,7 +43,7 @@ def single_thread(args) -> None:
 NAME = "fig3_near_convergence"
 
 SETTINGS = {
-    "tiny": dict(model="mlp", dataset="mnist-embedded", lr=0.05, batch_size=16, steps=20, track_every=2,
+    "tiny": dict(model="mlp", dataset="mnist-embedded", lr=0.05, batch_size=16, steps=16, track_every=2,
                  max_train_samples=None, smooth=1),
     "quick": dict(model="mlp", dataset="mnist", lr=0.05, batch_size=128, steps=3000, track_every=10,
                   max_train_samples=None, smooth=10),

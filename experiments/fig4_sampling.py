@@ -43,7 +43,7 @@ def single_thread(args) -> None:
 NAME = "fig4_sampling"
 
 SETTINGS = {
-    "tiny": dict(model="mlp", dataset="mnist-embedded", lr=0.01, batch_size=16, steps=12, track_every=3,
+    "tiny": dict(model="mlp", dataset="mnist-embedded", lr=0.01, batch_size=16, steps=8, track_every=2,
                  seeds=[1, 2, 3], max_train_samples=None, n_checkpoints=3),
     "quick": dict(model="mlp", dataset="mnist", lr=0.01, batch_size=128, steps=1500, track_every=25,
                   seeds=[1, 2, 3, 4, 5], max_train_samples=None, n_checkpoints=6),
@@ -141,7 +141,7 @@ def main(argv=None) -> dict:
         f"init seed {INIT_SEED}, sampling seeds {s['seeds']}, K recorded every {s['track_every']} steps.",
         "sd_K: sample standard deviation across sampling seeds (ddof = 1); cv_sd_over_mean = sd_K / mean_K.",
         "sd_over_change: sd_K / |mean_K(t) − K(0)|, the spread next to the change that training makes to K.",
-        "predicted_sd_thm17: E[K] √(exp ∫λ_Z² dt − 1) from each run's record (Thm 17), averaged over the seeds; "
+        "predicted_sd_thm17: E[K] √(exp ∫λ_Z² dt − 1) from each run's record (Thm 17), averaged over seeds; "
         "with sparse tracking the integral is over the recorded steps.",
         f"At the last step the spread across seeds is {last['cv_sd_over_mean']:.3%} of the mean and "
         f"{last['sd_over_change']:.3g} × the change of K since initialisation "
