@@ -448,7 +448,10 @@ class Tracker:
             rec = self._tracked_backward(losses, batch, step, M, lr, wds)
         else:
             self.engine.plain_backward(losses)
-        probes = self._probe(step) if self.probe_every and step % self.probe_every == 0 else None
+        probes = None
+        if self.probe_every and step % self.probe_every == 0:
+            self.engine.arm(False)  # the probes' forward passes are not part of the step
+            probes = self._probe(step)
         if rec is not None:
             if probes:
                 rec = StepRecord(rec.step, rec.t, rec.lr, rec.loss, rec.batch_size, rec.layers, rec.network,
@@ -523,6 +526,8 @@ class Tracker:
         decomps = {}
         for layer in self.layers:
             W = layer.matrix().detach()
+            if W.dtype in (torch.float16, torch.bfloat16):  # no eigensolvers in half precision
+                W = W.float()
             check_finite(W, "the weight matrix", layer.name, step)
             d = None
             if self.decomposition == "fast":
@@ -636,7 +641,7 @@ class Tracker:
             "engine": self.engine.name,
             "layers": [l.name for l in self.layers],
             "probe_vectors": {k: v.clone() for k, v in self._probe_vectors.items()},
-            "history": [r.as_row() for r in self.history] if self.record_path is None else None,
+            "history": list(self.history) if self.record_path is None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -649,6 +654,10 @@ class Tracker:
         self._probe_vectors = {k: v.clone() for k, v in state.get("probe_vectors", {}).items()}
         if self.writer is not None:
             self.writer.truncate(self.step)
+        hist = state.get("history")
+        if hist is not None and self.record_path is None:
+            self.history = [r for r in hist if r.step < self.step]
+            self.last = self.history[-1] if self.history else None
         self.engine.arm(self.schedule(self.step))
 
     def checkpoint(self, path: Union[str, os.PathLike], generators: Sequence[torch.Generator] = (),
@@ -712,9 +721,6 @@ class Tracker:
         for g, s in zip(generators, saved):
             g.set_state(s)
         self.load_state_dict(state["tracker"])
-        hist = state["tracker"].get("history")
-        if hist is not None and self.record_path is None:
-            self.history = []  # in-memory rows are not restored as StepRecords; use a record file to resume
         if self.writer is not None:
             resumed = list(self._metadata.get("resumed_at", []))
             resumed.append(self.step)

@@ -491,3 +491,20 @@ def test_kill_9_leaves_every_completed_step_readable(tmp_path):
     tracked = [k for k in range(df["step"].max() + 1) if k % 4 != 3]
     assert df["step"].tolist() == tracked and len(df) >= len(mid)
     assert np.isfinite(df.drop(columns=["lipschitz_lower"]).select_dtypes("number").to_numpy()).all()
+
+
+def test_in_memory_history_checkpoint_round_trip(tmp_path):
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt)
+    train(tr, model, opt, 3)
+    tr.checkpoint(tmp_path / "c.pt")
+    rows_a = [r.as_row() for r in train(tr, model, opt, 2, start=3)]
+    model2 = small_mlp(seed=5)
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    tr2 = Tracker(model2, opt2)
+    tr2.restore(tmp_path / "c.pt")
+    assert tr2.step == 3 and [r.step for r in tr2.history] == [0, 1, 2]
+    rows_b = [r.as_row() for r in train(tr2, model2, opt2, 2, start=3)]
+    assert rows_a == rows_b
+    assert tr2.to_dataframe()["step"].tolist() == [0, 1, 2, 3, 4]

@@ -84,7 +84,8 @@ class LayerStatistics:
         if self.sum_sq is None or self.sum_g is None:
             return None
         M = self.M
-        return ((self.sum_sq - self.sum_g * self.sum_g / M) / (M * (M - 1))).clamp_min(0.0)
+        out = torch.addcmul(self.sum_sq, self.sum_g, self.sum_g, value=-1.0 / M)
+        return out.mul_(1.0 / (M * (M - 1))).clamp_min_(0.0)
 
     def check_finite(self, name: str, step: Optional[int]) -> None:
         """Raise :class:`NonFiniteError` naming the layer and step if any statistic is NaN/Inf."""

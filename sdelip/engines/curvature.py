@@ -88,7 +88,7 @@ class GramCurvature:
     def hessian_quadform_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """Σ_i vec(E_i)ᵀ H vec(E_i) for rows A_i = E_i v1, B_i = E_iᵀ u1 of the oriented θ."""
         s1 = self.sigma1
-        Y = s1 * A + B @ self.theta.mT
+        Y = torch.addmm(A, B, self.theta.mT, beta=float(s1))  # σ1 A + B θᵀ
         yRy = ((Y @ self.R) * Y).sum()
         Bv = B @ self.vo
         return (yRy + (B * B).sum() - (Bv * Bv).sum()) / s1
@@ -103,7 +103,7 @@ class GramCurvature:
         dR = R.diagonal()
         first = s1 * (dR @ (N @ (v * v)))
         second = (u * u) @ (N @ r)
-        third = 2.0 * (Rth * N * torch.outer(u, v)).sum()
+        third = 2.0 * (u @ (Rth.mul_(N) @ v))  # 2 ⟨Rθ, N ∘ u vᵀ⟩ (Rθ is not needed afterwards)
         trace = s1 * dR.sum() + r.sum()
         return first + second + third, trace
 
@@ -131,7 +131,6 @@ def gram_curvature(
     transposed = W.shape[0] > W.shape[1]
     th = W.mT if transposed else W
     G = th @ th.mT
-    G = 0.5 * (G + G.mT)
     w, Z = top_eigenpairs(G, 2)
     uo = Z[:, 0].to(W.dtype)
     tu = th.mT @ uo
@@ -147,15 +146,14 @@ def gram_curvature(
         return None
     lam1 = s1 * s1
     m = th.shape[0]
-    Q = -G
+    Q = G.neg_()
     Q.diagonal().add_(lam1)
-    Q.add_(torch.outer(uo, uo), alpha=float(lam1))
+    Q.addr_(uo, uo, alpha=float(lam1))
     L, info = torch.linalg.cholesky_ex(Q)
     if int(info) != 0:
         return None
     R = torch.cholesky_inverse(L)
-    R.sub_(torch.outer(uo, uo), alpha=1.0 / float(lam1))
-    R = 0.5 * (R + R.mT)
+    R.addr_(uo, uo, alpha=-1.0 / float(lam1))
     u1, v1 = (vo, uo) if transposed else (uo, vo)
     return GramCurvature(
         sigma1=s1, u1=u1, v1=v1, gap=torch.as_tensor(gap, dtype=W.dtype), transposed=transposed, theta=th,
