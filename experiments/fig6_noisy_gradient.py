@@ -243,9 +243,9 @@ def summarise(sweep: dict) -> tuple[list[dict], list[dict]]:
     if base:
         I_mu = mean_sd([r["int_mu_Z"] for r in base])[0]
         I_kappa = mean_sd([r["int_kappa_Z"] for r in base])[0]
-        # calibrated: the μ integral that makes Eq. 26 exact at ρ = 1 (observed total minus tracked ∫κ_Z);
+        # calibrated: the μ integral that makes Eq. 26 exact at ρ = 1 (observed mean total minus tracked ∫κ_Z);
         # removes the sampling error of the per-step mini-batch estimate of μ_Z on a sub-sampled record
-        I_mu_cal = mean_sd([r["log_ratio"] - r["int_kappa_Z"] for r in base])[0]
+        I_mu_cal = mean_sd([r["log_ratio"] for r in clean])[0] - I_kappa
     rows, mono = [], []
     for noise in cfg["noises"]:
         per_rho = []
@@ -373,8 +373,8 @@ def main(argv=None) -> dict:
         "∫κ_Z includes the injected-noise variance (1−ρ)·Var(n)."
         % (cfg["track_rhos"], cfg["track_seeds"], cfg["track_every"]),
         "K_pred_eq26 = K0·exp(√ρ·∫μ_Z + ρ·∫κ_Z) with the integrals of the tracked ρ = 1 run (Eq. 26, which "
-        "neglects the curvature term of the injected noise). K_pred_eq26_cal uses instead ∫μ_Z = observed "
-        "log(K_end/K0) − ∫κ_Z of the ρ = 1 run (the per-step μ_Z is a one-mini-batch estimate, so a sub-sampled "
+        "neglects the curvature term of the injected noise). K_pred_eq26_cal uses instead ∫μ_Z = the ρ = 1 "
+        "runs' mean observed log(K_end/K0) − ∫κ_Z (the per-step μ_Z is a one-mini-batch estimate, so a sub-sampled "
         "record gives a noisy ∫μ_Z; runs.csv compares log_ratio_sde = ∫(μ_Z + κ_Z − ½λ_Z²) with log_ratio).",
     ]
     for m in mono:

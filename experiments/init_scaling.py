@@ -266,7 +266,8 @@ def main(argv=None) -> dict:
         "normal(s) = N(0, s²). n = fan-in (in·kh·kw for Conv2d), m = rows (out channels).",
         "Conv layers use the σ1 of the reshaped out × (in·kh·kw) kernel (Prop 9's matrix), not the operator norm "
         "of the convolution on images.",
-        f"Network ratio observed/predicted: {min(ratios):.3f} … {max(ratios):.3f} over {len(net_rows)} (model, scheme) pairs.",
+        f"Network ratio observed/predicted: {min(ratios):.3f} … {max(ratios):.3f} over {len(net_rows)} "
+        "(model, scheme) pairs.",
         f"Per-layer ratios: {min(layer_ratios):.3f} … {max(layer_ratios):.3f}; layers with min(m, n) ≥ 32: "
         + (f"{min(r['ratio_mean'] for r in big):.3f} … {max(r['ratio_mean'] for r in big):.3f}" if big else "none")
         + "; layers with min(m, n) < 32 (e.g. the 10-class heads): "

@@ -91,14 +91,18 @@ def test_fig6_tiny(tmp_path):
     # rho = 0 with zero noise takes no step at all: K stays at K(0)
     still = next(r for r in rows if r["noise"] == "zero" and float(r["rho"]) == 0.0)
     assert float(still["K_end"]) == pytest.approx(float(still["K0"]), rel=1e-6)
+    tracked = [r for r in _read_csv(tmp_path / "runs.csv") if r["tracked"] == "True"]
+    assert tracked
+    _finite(tracked, ["int_mu_Z", "int_kappa_Z", "log_ratio_sde"])
 
 
 def test_fig7_tiny(tmp_path):
     mod = _script("fig7_label_corruption")
     mod.main(["--tiny", "--out", str(tmp_path), "--no-progress"])
-    rows = _check_outputs(tmp_path, "fig7_label_corruption.png",
-                          ["eps", "K0", "K_end", "log_K_end_over_K0", "log_pred_p1", "log_pred_p2", "log_pred_split", "log_pred_split_cal"])
-    _finite(rows, ["eps", "K0", "K_end", "log_K_end_over_K0", "log_pred_p1", "log_pred_p2", "log_pred_split", "log_pred_split_cal"])
+    cols = ["eps", "K0", "K_end", "log_K_end_over_K0", "log_pred_p1", "log_pred_p2", "log_pred_split",
+            "log_pred_split_cal"]
+    rows = _check_outputs(tmp_path, "fig7_label_corruption.png", cols)
+    _finite(rows, cols)
     md = (tmp_path / "summary.md").read_text()
     assert "Spearman" in md and "Data: " in md
 
