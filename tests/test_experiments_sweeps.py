@@ -105,6 +105,8 @@ def test_fig7_tiny(tmp_path):
     _finite(rows, cols)
     md = (tmp_path / "summary.md").read_text()
     assert "Spearman" in md and "Data: " in md
+    half = next(r for r in rows if float(r["eps"]) == 0.5)  # tracked at tiny scale: the per-term exponents
+    assert math.isfinite(float(half["mu_ratio"])) and math.isfinite(float(half["kappa_ratio"]))
 
 
 def test_fit_exponent_recovers_the_exponent():
