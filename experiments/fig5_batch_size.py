@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
                      "mean_obs_over_pred": float(np.mean([r["observed_over_predicted"] for r in d]))})
 
     plt = splot._plt()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
     Ms = np.array(s["batch_sizes"], dtype=float)
     for k, st in enumerate(s["fixed_steps"]):
         d = [r for r in detail if r["step"] == st]
@@ -145,15 +145,25 @@ def main(argv=None) -> dict:
         axes[0].plot(1 / Ms, prd, "x--", color=f"C{k}", lw=0.8, label=f"Thm 17 from records, step {st}")
         xs = np.linspace(0, 1 / Ms.min(), 20)
         axes[0].plot(xs, fo["intercept_observed"] + fo["slope_observed"] * xs, color=f"C{k}", lw=0.6, alpha=0.6)
-        axes[1].plot(Ms, [r["C_hat_prop21"] for r in d], "o-", color=f"C{k}", label=f"step {st}")
+        axes[1].loglog(Ms, obs, "o-", color=f"C{k}",
+                       label=f"observed, step {st} (slope {fo['loglog_slope_observed']:.2f})")
+        axes[1].loglog(Ms, prd, "x--", color=f"C{k}", lw=0.8, label=f"Thm 17, step {st}")
+        axes[2].plot(Ms, [r["C_hat_prop21"] for r in d], "o-", color=f"C{k}", label=f"step {st}")
     axes[0].set_xlabel("1 / M")
     axes[0].set_ylabel(f"Var[K(t)] across {len(s['seeds'])} sampling seeds")
     axes[0].legend(fontsize=7)
     axes[0].set_title("Prop 21: Var[K] ∝ 1/M")
+    ref = np.array([Ms.min(), Ms.max()])
+    top = max(r["var_K_predicted_thm17"] for r in detail)
+    axes[1].loglog(ref, top * ref.min() / ref, color="0.5", lw=0.8, ls=":", label="slope −1 (Prop 21)")
     axes[1].set_xlabel("batch size M")
-    axes[1].set_ylabel("Ĉ = M ∫λ_Z² dt")
-    axes[1].set_title("Prop 21's constant C per batch size")
-    axes[1].legend(fontsize=8)
+    axes[1].set_ylabel("Var[K(t)]")
+    axes[1].set_title("log-log: Prop 21 predicts slope −1")
+    axes[1].legend(fontsize=6)
+    axes[2].set_xlabel("batch size M")
+    axes[2].set_ylabel("Ĉ = M ∫λ_Z² dt")
+    axes[2].set_title("Prop 21's constant C per batch size")
+    axes[2].legend(fontsize=8)
     fig.suptitle(f"Fig 5 — batch size ({data}; {args.scale} scale)")
     fig.tight_layout()
     fig_path = splot.save_figure(fig, out / "fig5_batch_size.png")
@@ -171,7 +181,8 @@ def main(argv=None) -> dict:
         "C_hat = M ∫λ_Z² dt (Prop 21's C); C_hat_cv_across_M is its coefficient of variation across batch sizes "
         "(0 ⇔ exact 1/M scaling of the diffusion).",
         f"At step {last['step']}: observed slope {last['slope_observed']:.3g} (R² {last['r2_observed']:.3f}, "
-        f"Spearman {last['spearman_observed']:.3f}, log-log slope {last['loglog_slope_observed']:.3g}); Ĉ varies by {last['C_hat_cv_across_M']:.1%} across M; "
+        f"Spearman {last['spearman_observed']:.3f}, log-log slope {last['loglog_slope_observed']:.3g}); "
+        f"Ĉ varies by {last['C_hat_cv_across_M']:.1%} across M; "
         f"observed/predicted variance {last['mean_obs_over_pred']:.3g} on average.",
         "epochs (by_batch_size) = step · M / training-set size: sdelip.train reshuffles once per epoch (mini-batches "
         "without replacement), so at fixed θ an epoch's mini-batch noise sums to zero, which Thm 17 / Prop 21 "
