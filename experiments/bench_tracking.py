@@ -13,10 +13,11 @@ digits), in one process:
 
 Plain and tracked steps are interleaved (one of each in turn, on identical model copies,
 on the same pre-loaded batches) so that background load affects them alike; data loading
-is not timed. Peak memory is measured in a fresh subprocess per configuration as the
-process's peak resident set size (``resource.getrusage(...).ru_maxrss``), both in total
-and above the resident size after setup (model, data, first step done), because torch's
-CPU allocations are invisible to tracemalloc.
+is not timed. Peak memory is measured in fresh subprocesses per configuration (median of
+``--memory-repeats``) as the process's peak resident set size during the timed steps
+(the kernel's VmHWM, reset after the setup through /proc/self/clear_refs), both in total
+and above the resident size when the steps start — torch's CPU allocations are
+invisible to tracemalloc, and the setup alone peaks higher than an MLP step.
 
 Prints one line per model ending in ``tracked/plain = <ratio>`` (factored engine).
 
@@ -93,12 +94,24 @@ def tracked_step(tracker, model, opt, x, y) -> None:
     opt.step()
 
 
-def make_tracker(model, opt, engine: str, record: str, decomposition: str) -> Tracker:
+#: Tracked configurations: name -> (engine, Tracker keyword arguments).
+VARIANTS = {
+    "factored": ("factored", {}),
+    "factored-nosplit": ("factored", {"split": False}),
+    "factored-svd": ("factored", {"decomposition": "svd"}),
+    "factored-t1": ("factored", {"threads": 1}),
+    "materialised": ("materialised", {}),
+}
+
+
+def make_tracker(model, opt, variant: str, record: str, decomposition: str) -> Tracker:
     import functools
 
+    engine, kw = VARIANTS[variant]
+    kw = {"decomposition": decomposition, **kw}
     return Tracker(
-        model, opt, record=record, overwrite=True, engine=engine, decomposition=decomposition,
-        loss_fn=functools.partial(F.cross_entropy, reduction="none"), on_degenerate="ignore",
+        model, opt, record=record, overwrite=True, engine=engine,
+        loss_fn=functools.partial(F.cross_entropy, reduction="none"), on_degenerate="ignore", **kw,
     )
 
 
@@ -129,34 +142,65 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def memory_child(name: str, engine: str, steps: int, decomposition: str) -> dict:
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux ≥ 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(name: str, engine: str, steps: int, decomposition: str, threads: int) -> dict:
+    """Peak resident memory of training steps, in a fresh process.
+
+    The setup (imports, data, model, tracker) peaks higher than an MLP step, so the
+    kernel's peak counter is reset after the setup: ``peak_kib`` is the peak RSS during
+    the steps, ``setup_kib`` the RSS when they start. Without /proc/self/clear_refs the
+    process-lifetime ``ru_maxrss`` is reported instead.
+    """
+    import gc
+
+    torch.set_num_threads(threads)
     cfg = CONFIGS[name]
     data = batches(cfg, 4)
     model, opt = make(cfg)
     tracker = None
-    if engine != "plain":
+    if engine != "plain":  # a tracked variant
         tmp = tempfile.mkdtemp(prefix="bench_tracking_mem_")
         tracker = make_tracker(model, opt, engine, os.path.join(tmp, "rec.db"), decomposition)
-    # One step of plain SGD first so that the baseline includes the allocator's warm state
-    # for the model itself (parameters, gradients) but not the tracker's first measurement.
-    x, y = data[0]
-    rss_setup = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    reset = _reset_peak_rss()
+    setup = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for k in range(steps):
         x, y = data[k % len(data)]
         if tracker is None:
             plain_step(model, opt, x, y)
         else:
             tracked_step(tracker, model, opt, x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if tracker is not None:
         tracker.close()
-    return {"setup_kib": rss_setup, "peak_kib": peak}
+    return {"setup_kib": setup, "peak_kib": peak, "reset": reset}
 
 
-def measure_memory(name: str, engine: str, steps: int, decomposition: str) -> dict:
-    cmd = [sys.executable, __file__, "--_memory-child", name, engine, str(steps), decomposition]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure_memory(name: str, engine: str, steps: int, decomposition: str, threads: int, repeats: int) -> dict:
+    """Median over ``repeats`` fresh processes of the setup and peak resident set sizes."""
+    runs = []
+    for _ in range(repeats):
+        cmd = [sys.executable, __file__, "--_memory-child", name, engine, str(steps), decomposition, str(threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs": runs}
 
 
 def machine() -> str:
@@ -181,31 +225,41 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the materialised engine")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-steps", type=int, default=5)
-    ap.add_argument("--decomposition", default="gram", choices=["svd", "gram"])
+    ap.add_argument("--decomposition", default="fast", choices=["fast", "svd", "gram"])
+    ap.add_argument("--engines", nargs="+", default=["factored", "materialised"], choices=sorted(VARIANTS),
+                    help="tracked configurations to time (the first one gives tracked/plain)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    ap.add_argument("--memory-repeats", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
-    ap.add_argument("--_memory-child", nargs=4, metavar=("MODEL", "ENGINE", "STEPS", "DECOMP"), help=argparse.SUPPRESS)
+    ap.add_argument("--_memory-child", nargs=5, metavar=("MODEL", "ENGINE", "STEPS", "DECOMP", "THREADS"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._memory_child:
-        name, engine, steps, decomp = args._memory_child
-        print(json.dumps(memory_child(name, engine, int(steps), decomp)))
+        name, engine, steps, decomp, threads = args._memory_child
+        print(json.dumps(memory_child(name, engine, int(steps), decomp, int(threads))))
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    engines = [e for e in args.engines if not (args.no_baseline and e == "materialised")]
+    main_variant = engines[0]
 
     print(f"# machine: {machine()}")
-    print(f"# decomposition={args.decomposition}; times are medians over interleaved steps; memory = peak RSS")
-    results = {"machine": machine(), "decomposition": args.decomposition, "models": {}}
+    print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"# decomposition={args.decomposition}, torch threads={threads}; times are medians over interleaved "
+          f"steps (data loading excluded); memory = median over {args.memory_repeats} processes of the peak RSS")
+    results = {"machine": machine(), "decomposition": args.decomposition, "threads": threads,
+               "load_start": os.getloadavg(), "models": {}}
     for name in args.models:
-        engines = ["factored"] + ([] if args.no_baseline else ["materialised"])
         steps = args.steps or (40 if name == "mlp" else 12)
         t = time_configs(name, steps, args.warmup, engines, args.decomposition)
         res = {"time_s": t, "steps": steps}
-        parts = [f"{name} (M={CONFIGS[name]['batch_size']}): plain {t['plain'] * 1e3:.1f} ms",
-                 f"factored {t['factored'] * 1e3:.1f} ms"]
-        if "materialised" in t:
-            parts.append(f"materialised {t['materialised'] * 1e3:.1f} ms "
-                         f"(materialised/plain = {t['materialised'] / t['plain']:.1f})")
+        parts = [f"{name} (M={CONFIGS[name]['batch_size']}): plain {t['plain'] * 1e3:.1f} ms"]
+        for eng in engines:
+            parts.append(f"{eng} {t[eng] * 1e3:.1f} ms ({eng}/plain = {t[eng] / t['plain']:.2f})")
         if not args.no_memory:
-            mem = {eng: measure_memory(name, eng, args.memory_steps, args.decomposition)
-                   for eng in ["plain"] + engines}
+            mem = {eng: measure_memory(name, eng, args.memory_steps, args.decomposition, threads,
+                                       args.memory_repeats) for eng in ["plain"] + engines}
             res["memory_kib"] = mem
             base = mem["plain"]
             for eng in engines:
@@ -213,10 +267,13 @@ def main(argv=None) -> int:
                 inc_p = max(1, base["peak_kib"] - base["setup_kib"])
                 inc_e = mem[eng]["peak_kib"] - mem[eng]["setup_kib"]
                 parts.append(f"peak RSS {eng}/plain = {r:.2f} ({mem[eng]['peak_kib'] / 1024:.0f} / "
-                             f"{base['peak_kib'] / 1024:.0f} MiB; above setup {inc_e / 1024:.0f} / {inc_p / 1024:.0f} MiB)")
-        parts.append(f"tracked/plain = {t['factored'] / t['plain']:.2f}")
+                             f"{base['peak_kib'] / 1024:.0f} MiB; above setup {inc_e / 1024:.0f} / "
+                             f"{inc_p / 1024:.0f} MiB = {inc_e / inc_p:.2f})")
+        parts.append(f"tracked/plain = {t[main_variant] / t['plain']:.2f}")
         print(", ".join(parts), flush=True)
         results["models"][name] = res
+    print(f"# load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    results["load_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -139,6 +139,10 @@ class Tracker:
             assumed), and an existing record is continued after dropping its rows from
             ``start_step`` on. :meth:`checkpoint` / :meth:`resume` restore the exact state
             instead (SDE time, RNGs, optimizer).
+        threads: torch threads for the tracker's own computations (decompositions and
+            terms; the per-sample statistics run inside the backward with the training's
+            threads). None keeps the current setting; 1 avoids the busy-waiting slowdowns
+            of multi-threaded small linear algebra on a machine shared with other jobs.
 
     Attributes:
         step: the number of :meth:`backward` calls so far (the next step's index k).
@@ -173,6 +177,7 @@ class Tracker:
         check_inputs: bool = True,
         seed: Optional[int] = None,
         start_step: int = 0,
+        threads: Optional[int] = None,
         _record_mode: Optional[str] = None,
     ):
         if not isinstance(model, nn.Module):
@@ -196,6 +201,9 @@ class Tracker:
         self.probe_input = probe_input
         self.loss_fn = loss_fn
         self._lr_override = None if lr is None else float(lr)
+        if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = None if threads is None else int(threads)
         self.step = 0
         self.t = 0.0
         self.history: list[StepRecord] = []
@@ -523,6 +531,32 @@ class Tracker:
             raise ValueError(
                 f"step {step}: the {self.engine.name} engine needs the mini-batch: tracker.backward(losses, batch=(x, y))"
             )
+        with self._thread_limit():
+            decomps = self._decompose_all(step)
+        directions = {name: (d.u1, d.v1) for name, d in decomps.items()}
+        stats = self.engine.backward(losses, directions, batch=batch, step=step)
+        with self._thread_limit():
+            terms = self._all_terms(decomps, stats, lr, wds, step)
+        return self._step_record(terms, losses, step, M, lr)
+
+    def _thread_limit(self):
+        import contextlib
+
+        if self.threads is None or self.threads == torch.get_num_threads():
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def limit():
+            old = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(old)
+
+        return limit()
+
+    def _decompose_all(self, step: int) -> dict:
         decomps = {}
         for layer in self.layers:
             W = layer.matrix().detach()
@@ -538,8 +572,9 @@ class Tracker:
                     on_degenerate=self.on_degenerate, name=layer.name, step=step,
                 )
             decomps[layer.name] = d
-        directions = {name: (d.u1, d.v1) for name, d in decomps.items()}
-        stats = self.engine.backward(losses, directions, batch=batch, step=step)
+        return decomps
+
+    def _all_terms(self, decomps, stats, lr, wds, step) -> dict:
         terms: dict[str, LayerTerms] = {}
         for layer in self.layers:
             st = stats[layer.name]
@@ -552,6 +587,9 @@ class Tracker:
             )
             self._check_terms(tt, layer.name, step)
             terms[layer.name] = tt
+        return terms
+
+    def _step_record(self, terms, losses, step, M, lr) -> StepRecord:
         net = network_terms([terms[l.name] for l in self.layers])
         layer_rows = {}
         for layer in self.layers:
