@@ -193,12 +193,23 @@ def memory_child(name: str, engine: str, steps: int, decomposition: str, threads
     return {"setup_kib": setup, "peak_kib": peak, "reset": reset}
 
 
-def measure_memory(name: str, engine: str, steps: int, decomposition: str, threads: int, repeats: int) -> dict:
-    """Median over ``repeats`` fresh processes of the setup and peak resident set sizes."""
+def measure_memory(name: str, engine: str, steps: int, decomposition: str, threads: int, repeats: int,
+                   fixed_mmap: bool = True) -> dict:
+    """Median over ``repeats`` fresh processes of the setup and peak resident set sizes.
+
+    With ``fixed_mmap`` the children run with glibc's mmap threshold fixed at 64 KiB
+    (``MALLOC_MMAP_THRESHOLD_``): every block of 64 KiB or more is returned to the system
+    when freed, so the resident size follows live memory. glibc's default dynamic
+    threshold keeps freed blocks of up to 32 MiB in the heap, which makes peak RSS vary by
+    ±25 MiB between identical runs.
+    """
     runs = []
+    env = {**os.environ}
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     for _ in range(repeats):
         cmd = [sys.executable, __file__, "--_memory-child", name, engine, str(steps), decomposition, str(threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"runs": runs}
 
@@ -230,6 +241,8 @@ def main(argv=None) -> int:
                     help="tracked configurations to time (the first one gives tracked/plain)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--memory-repeats", type=int, default=3)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="measure memory with glibc's default (dynamic) mmap threshold")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--_memory-child", nargs=5, metavar=("MODEL", "ENGINE", "STEPS", "DECOMP", "THREADS"),
                     help=argparse.SUPPRESS)
@@ -247,7 +260,8 @@ def main(argv=None) -> int:
     print(f"# machine: {machine()}")
     print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"# decomposition={args.decomposition}, torch threads={threads}; times are medians over interleaved "
-          f"steps (data loading excluded); memory = median over {args.memory_repeats} processes of the peak RSS")
+          f"steps (data loading excluded); memory = median over {args.memory_repeats} processes of the peak RSS"
+          f"{'' if args.default_malloc else ' (glibc mmap threshold fixed at 64 KiB)'}")
     results = {"machine": machine(), "decomposition": args.decomposition, "threads": threads,
                "load_start": os.getloadavg(), "models": {}}
     for name in args.models:
@@ -259,7 +273,7 @@ def main(argv=None) -> int:
             parts.append(f"{eng} {t[eng] * 1e3:.1f} ms ({eng}/plain = {t[eng] / t['plain']:.2f})")
         if not args.no_memory:
             mem = {eng: measure_memory(name, eng, args.memory_steps, args.decomposition, threads,
-                                       args.memory_repeats) for eng in ["plain"] + engines}
+                                       args.memory_repeats, not args.default_malloc) for eng in ["plain"] + engines}
             res["memory_kib"] = mem
             base = mem["plain"]
             for eng in engines:

@@ -174,8 +174,8 @@ def conv2d_statistics(
     Kg = v1.shape[0]
     elem = x.element_size()
     grouped = split and P >= GROUPED_CONV_MIN_POSITIONS
-    if grouped:
-        per_sample = elem * (2 * O * Kg + x[0].numel())
+    if grouped:  # the chunk's gradients, plus room for the kernel's copies of its input and output gradient
+        per_sample = elem * (2 * O * Kg + x[0].numel() + delta[0].numel())
     else:
         per_sample = elem * (2 * K * P + (O * Kg if split else 0) + O * P)
     c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
@@ -271,11 +271,14 @@ class FactoredEngine(Engine):
         if not isinstance(x, torch.Tensor):
             return
         self._captured.add(layer.name)
-        output.register_hook(functools.partial(self._grad_hook, layer, x.detach()))
+        # The hook lives as long as the graph (the caller holds the losses); the input is
+        # held in a list that the hook empties, so that autograd frees it on schedule.
+        output.register_hook(functools.partial(self._grad_hook, layer, [x.detach()]))
 
-    def _grad_hook(self, layer: TrackedLayer, x: torch.Tensor, grad: torch.Tensor):
+    def _grad_hook(self, layer: TrackedLayer, holder: list, grad: torch.Tensor):
+        x = holder.pop() if holder else None
         ctx = self._ctx
-        if ctx is None:  # a backward that is not the tracker's (e.g. the user's own)
+        if ctx is None or x is None:  # a backward that is not the tracker's (e.g. the user's own)
             return None
         name = layer.name
         if name in self._stats:
