@@ -73,6 +73,10 @@ class TrainConfig:
         init_std: standard deviation for ``init="normal"``.
         init_seed: parameter-initialisation seed.
         sampling_seed: mini-batch sampling seed (and every other per-step draw).
+        sampling: ``"reshuffle"`` (default: a seeded permutation per epoch, batches
+            without replacement within it, as a DataLoader with ``shuffle=True``) or
+            ``"iid"`` (every step draws M distinct samples independently of the other
+            steps: the independent mini-batches that Def 4 models).
         regularizer: preset name, dict or :class:`RegularizerConfig`.
         track: attach the tracker.
         track_every: the tracker's schedule (int N or ``"log"``).
@@ -84,7 +88,8 @@ class TrainConfig:
         record: path of the SQLite record (None: no record on disk).
         checkpoint: path of the checkpoint file (None: no checkpoints).
         checkpoint_every: write the checkpoint every N steps (and at the end).
-        max_train_samples: use only the first N training samples (quick runs).
+        max_train_samples: use a fixed random subset of N training samples (quick runs;
+            drawn with seed 0, independent of the run's seeds, so every class appears).
         device: ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` or ``"float64"``.
         eval_test: evaluate test accuracy at the end.
@@ -101,6 +106,7 @@ class TrainConfig:
     init_std: Optional[float] = None
     init_seed: int = 0
     sampling_seed: int = 0
+    sampling: str = attrs.field(default="reshuffle", validator=attrs.validators.in_(("reshuffle", "iid")))
     regularizer: RegularizerConfig = attrs.field(factory=RegularizerConfig, converter=_regularizer)
     track: bool = True
     track_every: Union[int, str] = 1
@@ -157,23 +163,21 @@ def prepare_data(config: TrainConfig, train: bool = True) -> DatasetInfo:
     if train and reg.label_corruption > 0:
         info = with_label_corruption(info, reg.label_corruption, seed=config.sampling_seed)
     if train and config.max_train_samples is not None and config.max_train_samples < len(info):
-        subset = torch.utils.data.Subset(info.dataset, range(int(config.max_train_samples)))
-        info = attrs.evolve(info, dataset=subset, source=f"{info.source}; first {config.max_train_samples} samples")
+        keep = torch.randperm(len(info), generator=torch.Generator().manual_seed(0))[: int(config.max_train_samples)]
+        subset = torch.utils.data.Subset(info.dataset, keep.sort().values.tolist())
+        info = attrs.evolve(info, dataset=subset,
+                            source=f"{info.source}; a fixed random subset of {config.max_train_samples} samples")
     return info
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Indices of the mini-batch of ``step``: slice of a per-epoch permutation seeded by (seed, epoch).
+def batch_indices(step: int, n: int, batch_size: int, seed: int, sampling: str = "reshuffle") -> torch.Tensor:
+    """Indices of the mini-batch of ``step`` among ``n`` samples (see :attr:`TrainConfig.sampling`).
 
-    Epochs have ⌊n / M⌋ full batches (the remainder is dropped).
+    ``"reshuffle"``: slice of a per-epoch permutation seeded by (seed, epoch); epochs have
+    ⌊n / M⌋ full batches (the remainder is dropped). ``"iid"``: M distinct samples drawn
+    with a generator seeded by (seed, step).
     """
-    per_epoch = n // batch_size
-    if per_epoch < 1:
-        raise ValueError(f"batch_size {batch_size} exceeds the number of training samples {n}")
-    epoch, k = divmod(step, per_epoch)
-    gen = torch.Generator().manual_seed(_mix(seed, epoch, 0x5EED))
-    perm = torch.randperm(n, generator=gen)
-    return perm[k * batch_size:(k + 1) * batch_size]
+    return torch.tensor(_Batches(range(n), batch_size, seed, sampling).indices(step))
 
 
 def _mix(*values: int) -> int:
@@ -186,18 +190,26 @@ def _mix(*values: int) -> int:
 class _Batches:
     """Mini-batches by step index, with the epoch permutation cached."""
 
-    def __init__(self, dataset, batch_size: int, seed: int):
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+    def __init__(self, dataset, batch_size: int, seed: int, sampling: str = "reshuffle"):
+        self.dataset, self.batch_size, self.seed, self.sampling = dataset, batch_size, seed, sampling
         self.n = len(dataset)
+        if self.n < batch_size:
+            raise ValueError(f"batch_size {batch_size} exceeds the number of training samples {self.n}")
         self._epoch, self._perm = None, None
 
-    def __call__(self, step: int):
+    def indices(self, step: int) -> list:
+        if self.sampling == "iid":
+            gen = torch.Generator().manual_seed(_mix(self.seed, step, 0x11D))
+            return torch.randperm(self.n, generator=gen)[: self.batch_size].tolist()
         per_epoch = self.n // self.batch_size
         epoch, k = divmod(step, per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
             self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch, 0x5EED)))
-        idx = self._perm[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+        return self._perm[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+
+    def __call__(self, step: int):
+        idx = self.indices(step)
         items = self.dataset.__getitems__(idx) if hasattr(self.dataset, "__getitems__") else [self.dataset[i] for i in idx]
         if isinstance(items, (tuple, list)) and len(items) == 2 and isinstance(items[0], torch.Tensor) and items[0].ndim > 1 \
                 and items[0].shape[0] == len(idx):
@@ -256,7 +268,7 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
     optimizer = make_optimizer(model.parameters(), config.lr, reg)
     reg_gen = torch.Generator()
     noisy = NoisyGradient.from_config(reg, generator=reg_gen)
-    batches = _Batches(info.dataset, config.batch_size, config.sampling_seed)
+    batches = _Batches(info.dataset, config.batch_size, config.sampling_seed, config.sampling)
 
     start_step = 0
     ckpt = Path(config.checkpoint) if config.checkpoint else None
