@@ -144,16 +144,17 @@ def test_three_engines_agree_on_convnet_with_stride_padding_groups_layernorm():
 
 @pytest.mark.parametrize("padding_mode", ["reflect", "circular"])
 @pytest.mark.parametrize("grouped_from", [0, 10**9])
-def test_factored_conv_padding_modes_and_both_per_sample_routes(padding_mode, grouped_from, monkeypatch):
-    """Per-sample conv gradients by grouped convolution backward and by unfold + bmm."""
+@pytest.mark.parametrize("split", [True, False])
+def test_factored_conv_padding_modes_and_both_per_sample_routes(padding_mode, grouped_from, split, monkeypatch):
+    """Per-sample conv statistics by grouped convolutions and by unfold + bmm."""
     from sdelip.engines import factored
 
     monkeypatch.setattr(factored, "GROUPED_CONV_MIN_POSITIONS", grouped_from)
     torch.manual_seed(1)
     model = SmallConvNet(padding_mode).to(DT)
     x, y = make_data((3, 8, 8), seed=1)
-    row = one_step(model, x, y, "factored")[0]
-    check_against_oracle(row, oracle_rows(model, x, y))
+    row = one_step(model, x, y, "factored", split=split)[0]
+    check_against_oracle(row, oracle_rows(model, x, y, split=split))
 
 
 def test_per_sample_conv_grads_exact():
@@ -404,3 +405,40 @@ def test_float32_decompositions_match_float64_svd(decomposition):
         if isinstance(a, float) and not np.isnan(a):
             tol = 2e-3 if ("_cov" in k) else 2e-4
             assert rel_close(r32[k], a, tol, atol=1e-7 * max(1.0, abs(r64.get("K", 1.0)))), (k, r32[k], a)
+
+
+def test_factored_sum_of_gradients_robust_to_accumulation_hooks_and_tying():
+    """Σ g_i comes from weight.grad only when that is exactly this layer's mean gradient."""
+    torch.manual_seed(15)
+    model = mlp().to(DT)
+    x, y = make_data((7,), M=6, seed=15)
+    ref = one_step(model, x, y, "factored")[0]
+    # gradients accumulated from an earlier backward are subtracted
+    m = copy.deepcopy(model)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    tr = Tracker(m, torch.optim.SGD(m.parameters(), lr=LR))
+    assert_rows_agree(ref, tr.backward(CE(m(x), y)).as_row(), rtol=1e-10)
+    # a hook that changes the weight's gradient does not leak into Σ̂
+    m = copy.deepcopy(model)
+    m[2].weight.register_hook(lambda g: 3.0 * g)
+    tr = Tracker(m, torch.optim.SGD(m.parameters(), lr=LR))
+    assert_rows_agree(ref, tr.backward(CE(m(x), y)).as_row(), rtol=1e-10)
+    # a weight tied to another module is not read from .grad either
+    class Tied(nn.Module):  # the second layer's weight also belongs to an unused module
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.spare = nn.Linear(6, 5, bias=False).to(DT)
+            self.spare.weight = net[2].weight
+
+        def forward(self, inp):
+            return self.net(inp)
+
+    m = Tied(copy.deepcopy(model))
+    tr = Tracker(m, torch.optim.SGD(m.parameters(), lr=LR), engine="factored")
+    assert "net.2" not in tr.engine._grad_ok and "net.0" in tr.engine._grad_ok
+    row = tr.backward(CE(m(x), y)).as_row()
+    for k, v in ref.items():
+        if "/2" in k and isinstance(v, float) and not np.isnan(v):
+            assert rel_close(row[k.replace("/2", "/net.2")], v, 1e-10), k

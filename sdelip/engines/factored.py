@@ -38,15 +38,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import TrackedLayer
+from ..spectral import weight_matrix
 from .base import Engine, EngineError, LayerStatistics
 
 __all__ = ["FactoredEngine", "linear_statistics", "patch_statistics", "conv2d_statistics"]
 
 
-def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool) -> LayerStatistics:
+def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool,
+                      with_sum_g: bool = True) -> LayerStatistics:
     """Statistics of a Linear layer from inputs x (M, n) and output gradients δ (M, m).
 
-    g_i = δ_i x_iᵀ; nothing of size M·m·n is formed.
+    g_i = δ_i x_iᵀ; nothing of size M·m·n is formed. ``with_sum_g=False`` leaves Σ g_i
+    to the caller (it is M times the weight gradient of the mean loss).
     """
     M = x.shape[0]
     xv = x @ v1  # (M,)
@@ -55,7 +58,8 @@ def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1
     Gtu = x * du[:, None]
     sum_g = sum_sq = None
     if split:
-        sum_g = delta.mT @ x
+        if with_sum_g:
+            sum_g = delta.mT @ x
         sum_sq = delta.square().mT @ x.square()
     return LayerStatistics(M, Gv, Gtu, sum_g, sum_sq)
 
@@ -98,7 +102,8 @@ def patch_statistics(
         if not from_patches:
             torch.matmul(G, v1, out=out["Gv"][start : start + c])
             torch.matmul(G.mT, u1, out=out["Gtu"][start : start + c])
-        out["sum_g"] += G.sum(0)
+        if "sum_g" in out:
+            out["sum_g"] += G.sum(0)
         out["sum_sq"] += G.square_().sum(0)
         del G
     if from_patches:
@@ -146,6 +151,34 @@ def per_sample_conv2d_grads(module: nn.Conv2d, x: torch.Tensor, delta: torch.Ten
     return G.reshape(c, O, (C // g) * kh * kw)
 
 
+def conv2d_projections(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor,
+                       v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """g_i v1 and g_iᵀ u1 of a Conv2d by two thin convolutions, without unfolding.
+
+    g_i v1 = Σ_p δ_ip (x_ip · v1): x_ip · v1 is the convolution of x with the filter v1;
+    g_iᵀ u1 = Σ_p x_ip (δ_ip · u1): the weight gradient of a one-output-channel convolution
+    (per sample and group) against the output gradient projected on u1.
+    """
+    c = x.shape[0]
+    x, padding = _padded(module, x)
+    C, O, g = module.in_channels, module.out_channels, module.groups
+    kh, kw = module.kernel_size
+    Og = O // g
+    filt = v1.to(x.dtype).reshape(1, C // g, kh, kw).expand(g, C // g, kh, kw).contiguous()
+    xv = F.conv2d(x, filt, None, module.stride, padding, module.dilation, g)  # (c, g, H', W')
+    P = delta.shape[2] * delta.shape[3]
+    D = delta.reshape(c, g, Og, P)
+    Gv = (D * xv.reshape(c, g, 1, P)).sum(-1).reshape(c, O)
+    du = (D * u1.to(delta.dtype).reshape(1, g, Og, 1)).sum(2)  # (c, g, P)
+    Gtu = torch.ops.aten.convolution_backward(
+        du.reshape(1, c * g, *delta.shape[2:]),
+        x.reshape(1, c * C, *x.shape[2:]),
+        torch.empty(c * g, C // g, kh, kw, dtype=x.dtype, device=x.device),
+        None, module.stride, padding, module.dilation, False, (0, 0), c * g, (False, True, False),
+    )[1]
+    return Gv, Gtu.reshape(c, g, -1).sum(1)
+
+
 #: Below this many output positions the per-sample gradients of a Conv2d are formed by
 #: unfolding and a batched matrix product; from it on by a grouped convolution backward
 #: (faster for large feature maps, much slower for small ones on CPU).
@@ -160,6 +193,7 @@ def conv2d_statistics(
     v1: torch.Tensor,
     split: bool,
     chunk_bytes: int,
+    with_sum_g: bool = True,
 ) -> LayerStatistics:
     """Statistics of a Conv2d layer from its input x (M, C, H, W) and output gradient δ (M, O, H', W').
 
@@ -173,24 +207,31 @@ def conv2d_statistics(
     K = v1.shape[0] * module.groups
     Kg = v1.shape[0]
     elem = x.element_size()
-    grouped = split and P >= GROUPED_CONV_MIN_POSITIONS
+    grouped = P >= GROUPED_CONV_MIN_POSITIONS
     if grouped:  # the chunk's gradients, plus room for the kernel's copies of its input and output gradient
-        per_sample = elem * (2 * O * Kg + x[0].numel() + delta[0].numel())
+        per_sample = elem * ((2 * O * Kg if split else 0) + 2 * x[0].numel() + 2 * delta[0].numel())
     else:
         per_sample = elem * (2 * K * P + (O * Kg if split else 0) + O * P)
     c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
     kw = dict(dtype=u1.dtype, device=u1.device)
     out = {"Gv": torch.empty(M, O, **kw), "Gtu": torch.empty(M, Kg, **kw)}
     if split:
-        out["sum_g"] = torch.zeros(O, Kg, **kw)
+        if with_sum_g:
+            out["sum_g"] = torch.zeros(O, Kg, **kw)
         out["sum_sq"] = torch.zeros(O, Kg, **kw)
     for s in range(0, M, c):
         e = min(M, s + c)
+        if grouped and not split:
+            Gv, Gtu = conv2d_projections(module, x[s:e], delta[s:e], u1, v1)
+            out["Gv"][s:e] = Gv
+            out["Gtu"][s:e] = Gtu
+            continue
         if grouped:
             G = per_sample_conv2d_grads(module, x[s:e], delta[s:e]).to(u1.dtype)
             torch.matmul(G, v1, out=out["Gv"][s:e])
             torch.matmul(G.mT, u1, out=out["Gtu"][s:e])
-            out["sum_g"] += G.sum(0)
+            if "sum_g" in out:
+                out["sum_g"] += G.sum(0)
             out["sum_sq"] += G.square_().sum(0)
             del G
             continue
@@ -207,7 +248,8 @@ def conv2d_statistics(
 
 
 def sequence_linear_statistics(
-    x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool, chunk_bytes: int
+    x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool, chunk_bytes: int,
+    with_sum_g: bool = True,
 ) -> LayerStatistics:
     """Statistics of a Linear layer applied along extra axes: x (M, …, n), δ (M, …, m)."""
     M, n, m = x.shape[0], x.shape[-1], delta.shape[-1]
@@ -219,7 +261,8 @@ def sequence_linear_statistics(
     kw = dict(dtype=u1.dtype, device=u1.device)
     out = {"Gv": torch.empty(M, m, **kw), "Gtu": torch.empty(M, n, **kw)}
     if split:
-        out["sum_g"] = torch.zeros(m, n, **kw)
+        if with_sum_g:
+            out["sum_g"] = torch.zeros(m, n, **kw)
         out["sum_sq"] = torch.zeros(m, n, **kw)
     for s in range(0, M, c):
         e = min(M, s + c)
@@ -244,7 +287,14 @@ class FactoredEngine(Engine):
         self._captured: set[str] = set()
         self._ctx: Optional[dict] = None
         self._stats: dict[str, LayerStatistics] = {}
-        self._errors: list[BaseException] = []
+        self._modules = {layer.name: layer.module for layer in self.layers}
+        # Weights used by exactly one module of the model: their .grad is this layer's Σ g_i / M.
+        owners: dict[int, int] = {}
+        for mod in model.modules():
+            for p in mod._parameters.values():
+                if p is not None:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
+        self._grad_ok = {layer.name for layer in self.layers if owners.get(id(layer.module.weight), 0) == 1}
 
     # -- hooks ------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -296,14 +346,15 @@ class FactoredEngine(Engine):
         u1, v1 = ctx["directions"][name]
         module = layer.module
         with torch.no_grad():
+            own = name not in ctx["sum_g_from_grad"]  # else Σ g_i = M · weight.grad, read after the backward
             if isinstance(module, nn.Conv2d):
                 if x.ndim != 4:
                     raise EngineError(f"Conv2d layer {name!r} needs a batched 4-d input, got shape {tuple(x.shape)}")
-                stats = conv2d_statistics(module, x, grad, u1, v1, self.split, self.chunk_bytes)
+                stats = conv2d_statistics(module, x, grad, u1, v1, self.split, self.chunk_bytes, own)
             elif x.ndim == 2:
-                stats = linear_statistics(x.to(u1.dtype), grad.to(u1.dtype), u1, v1, self.split)
+                stats = linear_statistics(x.to(u1.dtype), grad.to(u1.dtype), u1, v1, self.split, own)
             else:
-                stats = sequence_linear_statistics(x, grad, u1, v1, self.split, self.chunk_bytes)
+                stats = sequence_linear_statistics(x, grad, u1, v1, self.split, self.chunk_bytes, own)
             stats.scale_(float(ctx["scale"]))
             stats.check_finite(name, ctx["step"])
         self._stats[name] = stats
@@ -325,13 +376,30 @@ class FactoredEngine(Engine):
                 "once per forward"
             )
         self._stats = {}
+        # Σ_i g_i is M times the weight gradient the backward accumulates anyway, unless hooks
+        # on the weight or sharing with another module could make the two differ.
+        from_grad, before = set(), {}
+        if self.split:
+            for layer in self.layers:
+                w = layer.module.weight
+                if layer.name in self._grad_ok and not getattr(w, "_backward_hooks", None) \
+                        and not getattr(w, "_post_accumulate_grad_hooks", None):
+                    from_grad.add(layer.name)
+                    before[layer.name] = None if w.grad is None else w.grad.detach().clone()
         # losses.mean() hands the hooks δ_i / M; the statistics are rescaled by M (THEORY.md §1).
-        self._ctx = {"M": M, "directions": directions, "step": step, "scale": M}
+        self._ctx = {"M": M, "directions": directions, "step": step, "scale": M, "sum_g_from_grad": from_grad}
         try:
             losses.mean().backward()
         finally:
             self._ctx = None
             self._captured = set()
+        for name in from_grad:
+            st = self._stats.get(name)
+            if st is None:
+                continue
+            w = self._modules[name].weight
+            g = w.grad.detach() if before[name] is None else w.grad.detach() - before[name]
+            st.sum_g = weight_matrix(g).to(st.Gv.dtype) * M
         out = {}
         for layer in self.layers:
             st = self._stats.get(layer.name)
