@@ -45,8 +45,9 @@ __all__ = [
 ]
 
 
-def _tensor_field():
-    return attrs.field(converter=lambda x: x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(x))
+def _tensor_field(**kwargs):
+    return attrs.field(converter=lambda x: x if x is None or isinstance(x, torch.Tensor) else torch.as_tensor(x),
+                       **kwargs)
 
 
 @attrs.frozen
@@ -62,6 +63,10 @@ class LayerTerms:
         noise_curvature_cov: κ − κ_var, the part due to the covariances (Prop 6).
         gap: relative spectral gap (σ1 − σ2)/σ1 (Assumption 11).
         degenerate: True when the gap was below tolerance and the Hessian was clamped.
+        step_curvature: (η/2σ1) ∇Lᵀ H ∇L, estimated without bias from the mini-batch as
+            (η/2σ1)(ḡᵀHḡ − tr(HΣ̂)): the O(η) drift of ΔK/K per unit time that a discrete
+            SGD step adds and the SDE drops (THEORY.md §4; the paper's Sec 9 limitation 3).
+            Not part of Thm 14; None when not computed.
     """
 
     sigma1: torch.Tensor = _tensor_field()
@@ -72,6 +77,7 @@ class LayerTerms:
     noise_curvature_cov: Optional[torch.Tensor] = _tensor_field()
     gap: torch.Tensor = _tensor_field()
     degenerate: bool = False
+    step_curvature: Optional[torch.Tensor] = _tensor_field(default=None)
 
     def as_dict(self) -> dict:
         """The terms as Python floats (None where the split was not computed)."""
@@ -130,7 +136,12 @@ def terms_from_projections(
         μ    = −u1ᵀ ∇L v1 / σ1 − λ_wd
 
     Weight decay (loss + (λ_wd/2)‖θ‖²) adds λ_wd θ to every per-sample gradient: the
-    noise is unchanged and μ decreases by exactly λ_wd (u1ᵀθv1 = σ1). An isotropic
+    noise is unchanged and μ decreases by exactly λ_wd (u1ᵀθv1 = σ1); θ lies in the
+    null space of H (σ1 is 1-homogeneous), so the step curvature is unchanged too.
+
+    Beyond Thm 14, ``step_curvature`` = (η/2σ1)(ḡᵀHḡ − tr(HΣ̂)) estimates without bias the
+    drift (η/2σ1)∇LᵀH∇L of a discrete step, E[ΔK/K] = (μ + κ + step_curvature)η + O(η³)
+    for a symmetric noise distribution, which the SDE drops (THEORY.md §4). An isotropic
     gradient perturbation with covariance s²I added to the mini-batch gradient (Sec 8.4)
     adds η s²/σ1² to ‖λ‖² and (η/2σ1) s² tr H to κ (all of it to κ_var).
 
@@ -151,14 +162,16 @@ def terms_from_projections(
     M = Gv.shape[0]
     check_batch_size(M)
     s1, u1 = d.S[0], d.U[:, 0]
-    Ev = Gv - Gv.mean(0)
-    Eu = Gtu - Gtu.mean(0)
+    mean_v, mean_u = Gv.mean(0), Gtu.mean(0)
+    Ev = Gv - mean_v
+    Eu = Gtu - mean_u
     c = 1.0 / (M * (M - 1))
     proj = Ev @ u1  # u1ᵀ E_i v1
     diffusion_sq = lr / s1**2 * c * (proj * proj).sum()
     noise_curvature = lr / (2 * s1) * c * hessian_quadform_from_projections(d, Ev, Eu).sum()
+    step_curvature = lr / (2 * s1) * hessian_quadform_from_projections(d, mean_v, mean_u) - noise_curvature
     if grad_proj is None:
-        grad_proj = (Gv @ u1).mean()
+        grad_proj = mean_v @ u1
     drift = -grad_proj / s1 - weight_decay
     nc_var = nc_cov = None
     diag_h = None
@@ -184,6 +197,7 @@ def terms_from_projections(
         noise_curvature_cov=nc_cov,
         gap=d.gap,
         degenerate=d.degenerate,
+        step_curvature=step_curvature,
     )
 
 

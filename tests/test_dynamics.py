@@ -15,6 +15,7 @@ from sdelip import (
     layer_terms,
     lipschitz_moments,
     network_terms,
+    terms_from_projections,
     top_singular,
 )
 from sdelip.spectral import vec
@@ -42,6 +43,8 @@ def dense_terms(W, G, lr, grad=None, extra_noise_var=0.0):
         "noise_curvature": float(lr / (2 * sigma1) * torch.trace(H @ Sigma)),
         "noise_curvature_var": float(lr / (2 * sigma1) * torch.trace(H @ diag)),
         "noise_curvature_cov": float(lr / (2 * sigma1) * torch.trace(H @ (Sigma - diag))),
+        "step_curvature": float(lr / (2 * sigma1) * (vec(G.mean(0)) @ H @ vec(G.mean(0))
+                                                     - torch.trace(H @ (Sigma - extra_noise_var * torch.eye(mn, dtype=W.dtype))))),
     }
 
 
@@ -68,6 +71,7 @@ def test_expected_gradient_is_used_for_the_drift(WG, seed):
     grad = torch.randn(W.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     got = layer_terms(W, G, 0.1, grad=grad).as_dict()
     want = dense_terms(W, G, 0.1, grad=grad)
+    want.pop("step_curvature")  # always from the mini-batch, checked elsewhere
     assert_terms_close(got, want)
 
 
@@ -89,7 +93,7 @@ def test_weight_decay_is_exactly_minus_lambda_in_the_drift(WG, wd):
     with_penalty_in_gradients = layer_terms(W, G + wd * W, 0.1).as_dict()
     through_optimizer = layer_terms(W, G, 0.1, weight_decay=wd).as_dict()
     assert math.isclose(through_optimizer["drift"], base["drift"] - wd, rel_tol=1e-12, abs_tol=1e-12)
-    for key in ("drift", "diffusion_sq", "noise_curvature", "noise_curvature_var"):
+    for key in ("drift", "diffusion_sq", "noise_curvature", "noise_curvature_var", "step_curvature"):
         assert math.isclose(with_penalty_in_gradients[key], through_optimizer[key], rel_tol=1e-8, abs_tol=1e-10)
 
 
@@ -246,3 +250,27 @@ def test_single_sgd_step_matches_ito_terms(centred):
     assert abs(rel.var() / var_pred - 1) < 4 * se_rel_var + 0.01
     # and the diffusion really is ‖λ‖²η, not ‖λ‖²η/2 or 2‖λ‖²η:
     assert abs(rel.var() / var_pred - 1) < 0.25
+
+
+def test_step_curvature_is_unbiased_for_the_discrete_step_drift():
+    """(η/2σ1)(ḡᵀHḡ − tr(HΣ̂)) averages to (η/2σ1)∇LᵀH∇L over iid mini-batches."""
+    gen = torch.Generator().manual_seed(5)
+    m, n, N, M, R, lr = 4, 3, 40, 6, 6000, 0.1
+    W = separated_matrix(m, n, seed=2, min_gap=0.2)
+    pop = torch.randn(N, m, n, generator=gen, dtype=torch.float64) + 0.7 * torch.randn(m, n, generator=gen,
+                                                                                         dtype=torch.float64)
+    H = autograd_hessian(W)
+    grad = pop.mean(0)
+    sigma1 = float(torch.linalg.svdvals(W)[0])
+    target = lr / (2 * sigma1) * float(vec(grad) @ H @ vec(grad))
+    d = decompose(W)
+    idx = torch.randint(0, N, (R, M), generator=gen)
+    batches = pop[idx]  # (R, M, m, n), sampled with replacement
+    values = torch.stack([
+        terms_from_projections(d, b @ d.v1, b.mT @ d.u1, lr).step_curvature for b in batches
+    ])
+    se = float(values.std()) / math.sqrt(R)
+    assert abs(float(values.mean()) - target) < 4 * se
+    # Without the −tr(HΣ̂) correction the estimate is biased by κ: many standard errors away.
+    kappa = torch.stack([terms_from_projections(d, b @ d.v1, b.mT @ d.u1, lr).noise_curvature for b in batches])
+    assert abs(float((values + kappa).mean()) - target) > 8 * se
