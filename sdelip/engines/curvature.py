@@ -12,7 +12,8 @@ G = θθᵀ (m × m), λ1 = σ1², and
     R = Σ_{k≥2} u_k u_kᵀ / (σ1² − σ_k²) = (λ1 I − G + λ1 u1u1ᵀ)⁻¹ − u1u1ᵀ/λ1,
 
 the pseudo-inverse of λ1 I − G on the complement of u1 (one Cholesky factorisation of an
-SPD matrix; R itself is never formed, see :class:`GramCurvature`). With a_k = u_kᵀ E v1 and c_k = u_kᵀ θ Eᵀ u1 = σ_k b_k, Lemma 13's quadratic
+SPD matrix and its inverse; on this CPU the explicit inverse followed by a matrix product
+is faster than triangular solves with n right-hand sides). With a_k = u_kᵀ E v1 and c_k = u_kᵀ θ Eᵀ u1 = σ_k b_k, Lemma 13's quadratic
 form (THEORY.md §3, null-space directions included) regroups, term by term, into
 
     vec(E)ᵀ H vec(E) = (1/σ1) [ yᵀ R y + ‖Eᵀu1‖² − (v1 · Eᵀu1)² ],   y = σ1 E v1 + θ Eᵀ u1,
@@ -98,11 +99,6 @@ def top_eigenpairs(G: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Ten
 class GramCurvature:
     """σ1, u1, v1 and the resolvent R of one layer (see the module docstring).
 
-    R is kept as the Cholesky factor L of Q = λ1 I − G + λ1 u1u1ᵀ (R = Q⁻¹ − u1u1ᵀ/λ1) and
-    never formed: the quadratic forms need triangular solves with M right-hand sides, the
-    diagonal of H needs Rθ = Q⁻¹θ − u1v1ᵀ/σ1, and diag R follows from Rθ through
-    R (λ1 I − θθᵀ) = I − u1u1ᵀ: diag R = (1 − u1∘u1 + rowsum(Rθ ∘ θ)) / λ1.
-
     Attributes:
         sigma1: the operator norm σ1 (Prop 9).
         u1, v1: top singular vectors of the *original* θ (m0 and n0 long).
@@ -110,7 +106,7 @@ class GramCurvature:
         transposed: True when θ was transposed to have m ≤ n.
         theta: the oriented θ (m × n, m ≤ n).
         uo, vo: u1, v1 of the oriented θ.
-        L: (m × m) lower Cholesky factor of Q.
+        R: (m × m) the resolvent on the complement of uo.
     """
 
     sigma1: torch.Tensor
@@ -121,39 +117,25 @@ class GramCurvature:
     theta: torch.Tensor
     uo: torch.Tensor
     vo: torch.Tensor
-    L: torch.Tensor
+    R: torch.Tensor
     degenerate: bool = False
 
     def hessian_quadform_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """Σ_i vec(E_i)ᵀ H vec(E_i) for rows A_i = E_i v1, B_i = E_iᵀ u1 of the oriented θ."""
         s1 = self.sigma1
-        Y = torch.addmm(A, B, self.theta.mT, beta=float(s1))  # y_i = σ1 A_i + θ B_i, as rows
-        Wt = torch.linalg.solve_triangular(self.L, Y.mT, upper=False)  # yᵀQ⁻¹y = ‖L⁻¹y‖²
-        yu = Y @ self.uo
-        yRy = (Wt * Wt).sum() - (yu * yu).sum() / (s1 * s1)
+        Y = torch.addmm(A, B, self.theta.mT, beta=float(s1))  # σ1 A + B θᵀ
+        yRy = ((Y @ self.R) * Y).sum()
         Bv = B @ self.vo
         return (yRy + (B * B).sum() - (Bv * Bv).sum()) / s1
-
-    def _r_theta(self) -> torch.Tensor:
-        s1 = self.sigma1
-        Rth = torch.cholesky_solve(self.theta, self.L)
-        return Rth.addr_(self.uo, self.vo, alpha=-1.0 / float(s1))
-
-    def _diag_parts(self, Rth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(diag R, r) from Rθ."""
-        s1, th, u, v = self.sigma1, self.theta, self.uo, self.vo
-        P = th * Rth
-        dR = (1.0 - u * u + P.sum(1)) / (s1 * s1)
-        r = (1.0 - v * v + P.sum(0)) / s1
-        return dR, r
 
     def hessian_diag_dot(self, N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(⟨diag H, N⟩, tr H) for an (m0 × n0) matrix N in the original orientation."""
         if self.transposed:
             N = N.mT
-        s1, u, v = self.sigma1, self.uo, self.vo
-        Rth = self._r_theta()
-        dR, r = self._diag_parts(Rth)
+        s1, R, th, u, v = self.sigma1, self.R, self.theta, self.uo, self.vo
+        Rth = R @ th
+        r = (1.0 - v * v + (th * Rth).sum(0)) / s1
+        dR = R.diagonal()
         first = s1 * (dR @ (N @ (v * v)))
         second = (u * u) @ (N @ r)
         third = 2.0 * (u @ (Rth.mul_(N) @ v))  # 2 ⟨Rθ, N ∘ u vᵀ⟩ (Rθ is not needed afterwards)
@@ -162,8 +144,9 @@ class GramCurvature:
 
     def hessian_trace(self) -> torch.Tensor:
         """tr H = σ1 tr R + Σ_j r_j."""
-        dR, r = self._diag_parts(self._r_theta())
-        return self.sigma1 * dR.sum() + r.sum()
+        s1, R, th, v = self.sigma1, self.R, self.theta, self.vo
+        r = (1.0 - v * v + (th * (R @ th)).sum(0)) / s1
+        return s1 * R.diagonal().sum() + r.sum()
 
 
 def gram_curvature(
@@ -196,17 +179,19 @@ def gram_curvature(
     gap = (s1f - s2) / s1f
     if gap < gap_tol:
         return None
-    lam1 = s1f * s1f
+    lam1 = s1 * s1
     Q = G.neg_()
     Q.diagonal().add_(lam1)
-    Q.addr_(uo, uo, alpha=lam1)
+    Q.addr_(uo, uo, alpha=float(lam1))
     L, info = torch.linalg.cholesky_ex(Q)
     if int(info) != 0:
         return None
+    R = torch.cholesky_inverse(L)
+    R.addr_(uo, uo, alpha=-1.0 / float(lam1))
     u1, v1 = (vo, uo) if transposed else (uo, vo)
     return GramCurvature(
         sigma1=s1, u1=u1, v1=v1, gap=torch.as_tensor(gap, dtype=W.dtype), transposed=transposed, theta=th,
-        uo=uo, vo=vo, L=L, degenerate=False,
+        uo=uo, vo=vo, R=R, degenerate=False,
     )
 
 
