@@ -21,6 +21,7 @@ from typing import Optional
 
 from .base import (
     DEFAULT_CHUNK_BYTES,
+    VECTORISED_CHUNK_BYTES,
     Engine,
     EngineError,
     EngineNotApplicableError,
@@ -46,6 +47,7 @@ __all__ = [
     "resolve_engine_name",
     "make_engine",
     "DEFAULT_CHUNK_BYTES",
+    "VECTORISED_CHUNK_BYTES",
 ]
 
 #: Engine classes by name.
@@ -66,9 +68,9 @@ def resolve_engine_name(model, requested: str = "auto") -> str:
     return key
 
 
-def make_engine(name: str, model, layers, split: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+def make_engine(name: str, model, layers, split: bool = True, chunk_bytes: Optional[int] = None,
                 loss_fn=None, **kwargs) -> Engine:
-    """Construct the engine ``name`` (already resolved) for ``model``."""
+    """Construct the engine ``name`` (already resolved) for ``model`` (``chunk_bytes=None``: its default)."""
     cls = ENGINES[name]
     if cls is MaterialisedEngine:
         return cls(model, layers, split=split, chunk_bytes=chunk_bytes, loss_fn=loss_fn, **kwargs)

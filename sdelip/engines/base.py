@@ -43,10 +43,15 @@ __all__ = [
     "EngineNotApplicableError",
     "coupling_modules",
     "DEFAULT_CHUNK_BYTES",
+    "VECTORISED_CHUNK_BYTES",
 ]
 
-#: Default memory budget of one chunk of per-sample intermediates (bytes).
-DEFAULT_CHUNK_BYTES = 32 * 2**20
+#: Default memory budget of one chunk of per-sample intermediates (bytes): 8 MiB keeps a
+#: chunk of per-sample conv gradients cache-friendly (fastest on the development CPU).
+DEFAULT_CHUNK_BYTES = 8 * 2**20
+#: Default chunk budget of the vectorised engines (materialised, coupled), whose cost per
+#: chunk is dominated by one vmap'd call.
+VECTORISED_CHUNK_BYTES = 32 * 2**20
 
 
 class EngineError(RuntimeError):

@@ -21,7 +21,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .base import Engine, LayerStatistics, StatisticsAccumulator
+from .base import VECTORISED_CHUNK_BYTES, Engine, LayerStatistics, StatisticsAccumulator
 
 __all__ = ["CoupledEngine"]
 
@@ -37,8 +37,8 @@ class CoupledEngine(Engine):
     name = "coupled"
     handles_coupling = True
 
-    def __init__(self, model, layers, split: bool = True, chunk_bytes: int = 32 * 2**20, batched: bool = True):
-        super().__init__(model, layers, split, chunk_bytes)
+    def __init__(self, model, layers, split: bool = True, chunk_bytes: Optional[int] = None, batched: bool = True):
+        super().__init__(model, layers, split, VECTORISED_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
         self.batched = bool(batched)
 
     def backward(self, losses, directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch=None,

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..layers import TrackedLayer
 from ..spectral import weight_matrix
-from .base import Engine, EngineError, LayerStatistics
+from .base import DEFAULT_CHUNK_BYTES, Engine, EngineError, LayerStatistics
 
 __all__ = ["FactoredEngine", "linear_statistics", "patch_statistics", "conv2d_statistics"]
 
@@ -280,8 +280,8 @@ class FactoredEngine(Engine):
 
     name = "factored"
 
-    def __init__(self, model, layers, split: bool = True, chunk_bytes: int = 32 * 2**20):
-        super().__init__(model, layers, split, chunk_bytes)
+    def __init__(self, model, layers, split: bool = True, chunk_bytes: Optional[int] = None):
+        super().__init__(model, layers, split, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
         self._handles: list = []
         self._capture = False
         self._captured: set[str] = set()

@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .base import Engine, LayerStatistics, StatisticsAccumulator
+from .base import VECTORISED_CHUNK_BYTES, Engine, LayerStatistics, StatisticsAccumulator
 
 __all__ = ["MaterialisedEngine", "fork_rng"]
 
@@ -47,9 +47,9 @@ class MaterialisedEngine(Engine):
     name = "materialised"
     needs_batch = True
 
-    def __init__(self, model, layers, split: bool = True, chunk_bytes: int = 32 * 2**20,
+    def __init__(self, model, layers, split: bool = True, chunk_bytes: Optional[int] = None,
                  loss_fn: Optional[Callable] = None, chunk_size: Optional[int] = None):
-        super().__init__(model, layers, split, chunk_bytes)
+        super().__init__(model, layers, split, VECTORISED_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
         self.loss_fn = loss_fn
         if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
