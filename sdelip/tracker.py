@@ -45,15 +45,14 @@ from torch import nn
 
 from ._checks import NonFiniteError, check_finite
 from .dynamics import LayerTerms, network_terms, terms_from_projections
-from .engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
 from .engines import (
-    DEFAULT_CHUNK_BYTES,
     Engine,
     EngineNotApplicableError,
     coupling_modules,
     make_engine,
     resolve_engine_name,
 )
+from .engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
 from .layers import TrackedLayer, tracked_layers
 from .probes import conv_operator_norm, lipschitz_lower_bound
 from .record import RecordWriter, StepRecord, load_record
@@ -207,6 +206,7 @@ class Tracker:
         self.threads = None if threads is None else int(threads)
         self.step = 0
         self.t = 0.0
+        self._t_anchor = (0, 0.0, None)
         self.history: list[StepRecord] = []
         self.last: Optional[StepRecord] = None
         self._closed = False
@@ -234,8 +234,10 @@ class Tracker:
             raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
         start_step = int(start_step)
         if start_step:
+            lr0 = self._hyperparameters(start_step)[0]
             self.step = start_step
-            self.t = start_step * self._hyperparameters(start_step)[0]
+            self.t = start_step * lr0
+            self._t_anchor = (0, 0.0, lr0)
         self.engine.arm(self.schedule(self.step))
 
         # -- hooks: input checks and conv input shapes ------------------------------------------
@@ -475,10 +477,19 @@ class Tracker:
             self.last = rec
         elif probes and self.writer is not None:
             self.writer.write_probes(step, probes)
-        self.t += lr
+        self._advance_time(step, lr)
         self.step = step + 1
         self.engine.arm(self.schedule(self.step))
         return rec
+
+    def _advance_time(self, step: int, lr: float) -> None:
+        # t_{k+1} = t_k + η_k, computed as t_anchor + (k + 1 − k_anchor)·η while η is constant, so
+        # that a constant learning rate gives t_k = k·η without accumulated rounding.
+        a_step, a_t, a_lr = self._t_anchor
+        if lr != a_lr:
+            self._t_anchor = (step, self.t, lr)
+            a_step, a_t, a_lr = self._t_anchor
+        self.t = a_t + (step + 1 - a_step) * a_lr
 
     def _check_losses(self, losses, step: int) -> None:
         if not isinstance(losses, torch.Tensor):
@@ -675,6 +686,7 @@ class Tracker:
         return {
             "step": self.step,
             "t": self.t,
+            "t_anchor": self._t_anchor,
             "extra_noise_var": self.extra_noise_var,
             "record": None if self.record_path is None else str(self.record_path),
             "engine": self.engine.name,
@@ -689,6 +701,7 @@ class Tracker:
             raise ValueError(f"checkpoint tracks layers {state['layers']}, this tracker {[l.name for l in self.layers]}")
         self.step = int(state["step"])
         self.t = float(state["t"])
+        self._t_anchor = tuple(state.get("t_anchor", (self.step, self.t, None)))
         self.extra_noise_var = float(state.get("extra_noise_var", 0.0))
         self._probe_vectors = {k: v.clone() for k, v in state.get("probe_vectors", {}).items()}
         if self.writer is not None:
