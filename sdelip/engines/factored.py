@@ -18,14 +18,22 @@ Conv2d (and Linear with a position axis) — the projections need only the patch
 
     g_i v1 = Σ_p δ_ip (x_ip · v1),   g_iᵀ u1 = Σ_p x_ip (δ_ip · u1),
 
-and the diagonal of Σ̂ needs Σ_i g_i ∘ g_i, for which the per-sample gradients of that
-one layer are formed by a batched matrix product, a chunk of samples at a time (memory
-bounded by ``chunk_bytes``), reduced and dropped. Grouped, strided, dilated and padded
+computed by two thin convolutions (large feature maps) or from the unfolded patches.
+The diagonal of Σ̂ needs Σ_i g_i ∘ g_i, for which the per-sample gradients of that one
+layer are formed — by a grouped convolution backward in which the samples are the
+groups (feature maps of at least :data:`GROUPED_CONV_MIN_POSITIONS` positions), else by
+unfold + batched matrix product — a chunk of samples at a time (memory bounded by
+``chunk_bytes``), reduced and dropped. Grouped, strided, dilated and padded
 convolutions (any padding mode) are supported.
 
-The hook runs inside autograd's backward, right after δ of the layer is computed and
-before the activations the backward no longer needs are freed, so the extra memory is
-one chunk.
+Σ_i g_i is M times the weight gradient that the same backward accumulates; it is read
+from ``weight.grad`` (minus what was there before) unless a hook on the weight or a
+second module sharing it could make the two differ, in which case the engine computes it.
+
+The hook runs inside autograd's backward, right after δ of the layer is computed, and
+releases its reference to the layer input, so the extra memory is one chunk. The engine
+assumes each tracked module is called once per forward pass (shared modules raise
+:class:`~sdelip.engines.base.EngineError`) and that its weight is used only through it.
 """
 
 from __future__ import annotations
