@@ -8,7 +8,11 @@ the vector of per-sample losses against rows of the identity, ``is_grads_batched
 a chunk of rows at a time (``chunk_bytes`` bounds the chunk of per-sample gradients),
 then runs the ordinary backward of ``losses.mean()``. Because it differentiates the very
 graph of the step, Dropout masks are the step's own. It applies to any model, coupled or
-not, at the cost of one batched backward per chunk.
+not, at a price: every row is a backward pass through the whole batch's graph, so a
+tracked step costs about M plain backward passes (measured: 6.8 s against 0.09 s for the
+BatchNorm ConvNet at M = 128 on 2 CPU cores), and a chunk of rows holds that many copies
+of the batch's activation gradients (4× the plain step's memory there; lower
+``chunk_bytes`` to bound it). Use a sparse schedule for such models.
 
 If a batching rule is missing for some operation the engine falls back to one backward
 per sample (same numbers, slower) and says so once.
