@@ -51,14 +51,14 @@ from .spectral import (
     top_singular,
     weight_matrix,
 )
-from .tracker import NotPlainSGDWarning, Tracker
+from .tracker import InputMismatchError, NotPlainSGDWarning, Tracker
 from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "data", "models", "regularizers",
-    "DegenerateSpectrumError", "DegenerateSpectrumWarning", "NonFiniteError", "NotPlainSGDWarning",
+    "DegenerateSpectrumError", "DegenerateSpectrumWarning", "NonFiniteError", "NotPlainSGDWarning", "InputMismatchError",
     "NoTrackableLayerError",
     "LayerTerms", "LipschitzMoments", "NetworkTerms", "layer_terms", "lipschitz_moments", "network_terms",
     "terms_from_projections",

@@ -100,6 +100,7 @@ class NetworkTerms:
         diffusion_sq_Z: λ_Z² = Σ ‖λ‖².
         noise_curvature_var_Z: Σ κ_var (None if any layer lacks the split).
         noise_curvature_cov_Z: Σ κ_cov.
+        step_curvature_Z: Σ of the layers' step curvature (None if any layer lacks it).
     """
 
     Z: float
@@ -109,6 +110,7 @@ class NetworkTerms:
     diffusion_sq_Z: float
     noise_curvature_var_Z: Optional[float] = None
     noise_curvature_cov_Z: Optional[float] = None
+    step_curvature_Z: Optional[float] = None
 
     @property
     def log_drift(self) -> float:
@@ -269,6 +271,8 @@ def network_terms(layers: Sequence[LayerTerms]) -> NetworkTerms:
         diffusion_sq_Z=sum(float(t.diffusion_sq) for t in layers),
         noise_curvature_var_Z=sum(float(t.noise_curvature_var) for t in layers) if has_split else None,
         noise_curvature_cov_Z=sum(float(t.noise_curvature_cov) for t in layers) if has_split else None,
+        step_curvature_Z=(sum(float(t.step_curvature) for t in layers)
+                          if all(t.step_curvature is not None for t in layers) else None),
     )
 
 

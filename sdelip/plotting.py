@@ -65,6 +65,9 @@ def plot_prediction(pred, ax=None, title: Optional[str] = None, band_sd: float =
     ax.fill_between(t, mean - band_sd * sd, mean + band_sd * sd, color="C0", alpha=0.2,
                     label=f"Thm 17: E[K] ± {band_sd:g} sd")
     ax.plot(t, mean, color="C0", lw=1.5, label="Thm 17: E[K(t)]")
+    if "K_mean_discrete" in pred and np.isfinite(pred["K_mean_discrete"].to_numpy()).all():
+        ax.plot(t, pred["K_mean_discrete"].to_numpy(), color="C1", lw=1.2, ls="-.",
+                label="E[K] + discrete-step drift (not in the paper)")
     if "K_path" in pred:
         ax.plot(t, pred["K_path"].to_numpy(), color="C2", lw=1, ls="--", label="Thm 16: exp(drift path)")
     ax.plot(t, pred["K_observed"].to_numpy(), color="k", lw=1, label="observed K(t) = Π σ1")

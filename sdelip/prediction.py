@@ -59,7 +59,9 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
 
     Returns:
         DataFrame with one row per tracked step from the start: step, t, K_observed,
-        Z_observed, Z_path, K_path, K_mean, K_std, Z_mean, Z_std.
+        Z_observed, Z_path, K_path, K_mean, K_std, Z_mean, Z_std, and, when the record has
+        ``step_curvature_Z``, K_mean_discrete: the Thm 17 mean with the O(η) drift of the
+        discrete step, (η/2σ1)∇LᵀH∇L per layer, added (not in the paper; THEORY.md §4).
 
     Raises:
         ValueError: missing columns, no rows, non-increasing times, non-finite coefficients.
@@ -100,4 +102,9 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
             "Z_std": np.sqrt(mom.var_Z),
         }
     )
+    if "step_curvature_Z" in df.columns:
+        # Beyond Thm 17: the mean with the O(η) drift of the discrete step added (THEORY.md §4),
+        # E[K] ≈ K0 exp ∫(μ_Z + κ_Z + step_curvature_Z). NaN where a record predates the column.
+        sc = df["step_curvature_Z"].to_numpy(dtype=np.float64)[:-1]
+        out["K_mean_discrete"] = mom.mean_K * np.exp(np.concatenate([[0.0], np.cumsum(sc * dt)]))
     return out

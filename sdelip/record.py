@@ -62,6 +62,7 @@ LAYER_QUANTITIES = (
     "noise_curvature_cov",
     "diffusion_sq",
     "gap",
+    "step_curvature",
 )
 #: Network columns (Thm 15): Z = Σ log σ1, K = e^Z, μ_Z, κ_Z, λ_Z², and the Prop 6 split of κ_Z.
 NETWORK_QUANTITIES = (
@@ -72,9 +73,12 @@ NETWORK_QUANTITIES = (
     "diffusion_sq_Z",
     "noise_curvature_var_Z",
     "noise_curvature_cov_Z",
+    "step_curvature_Z",
 )
 
 _LAYER_DB_COLUMNS = LAYER_QUANTITIES + ("degenerate",)
+#: Columns added after the first schema; older records lack them (read as NULL, added on append).
+_ADDED_COLUMNS = {"steps": ("step_curvature_Z",), "layer_steps": ("step_curvature",)}
 _STEP_DB_COLUMNS = ("step", "t", "lr", "loss", "batch_size") + NETWORK_QUANTITIES + ("degenerate",)
 
 _SCHEMA = """
@@ -85,12 +89,13 @@ CREATE TABLE IF NOT EXISTS layers (
 CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY, t REAL NOT NULL, lr REAL NOT NULL, loss REAL, batch_size INTEGER,
     Z REAL, K REAL, drift_Z REAL, noise_curvature_Z REAL, diffusion_sq_Z REAL,
-    noise_curvature_var_Z REAL, noise_curvature_cov_Z REAL, degenerate INTEGER NOT NULL DEFAULT 0
+    noise_curvature_var_Z REAL, noise_curvature_cov_Z REAL, step_curvature_Z REAL,
+    degenerate INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS layer_steps (
     step INTEGER NOT NULL, layer INTEGER NOT NULL,
     K REAL, drift REAL, noise_curvature REAL, noise_curvature_var REAL, noise_curvature_cov REAL,
-    diffusion_sq REAL, gap REAL, degenerate INTEGER NOT NULL DEFAULT 0,
+    diffusion_sq REAL, gap REAL, step_curvature REAL, degenerate INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (step, layer)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS probes (
@@ -218,6 +223,9 @@ class RecordWriter:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute(f"PRAGMA synchronous={'FULL' if durability == 'power' else 'NORMAL'}")
         con.executescript(_SCHEMA)
+        for table, cols in _ADDED_COLUMNS.items():
+            for col in set(cols) - _table_columns(con, table):
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {col} REAL")
         self.layer_names = [name for name, _, _ in layers]
         existing = con.execute("SELECT name, kind, m, n FROM layers ORDER BY idx").fetchall()
         n_steps = con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
@@ -400,9 +408,12 @@ def load_record(path) -> pd.DataFrame:
     - per layer ℓ (forward order), ``K/<ℓ>`` (= σ1, Prop 9), ``drift/<ℓ>`` (μ),
       ``noise_curvature/<ℓ>`` (κ), ``noise_curvature_var/<ℓ>``, ``noise_curvature_cov/<ℓ>``
       (Prop 6 split; NaN when the split was off), ``diffusion_sq/<ℓ>`` (‖λ‖²),
-      ``gap/<ℓ>`` ((σ1 − σ2)/σ1) and ``degenerate/<ℓ>`` (bool, Assumption 11 violated);
+      ``gap/<ℓ>`` ((σ1 − σ2)/σ1), ``step_curvature/<ℓ>`` (the O(η) drift of a discrete
+      step that the SDE drops, :class:`sdelip.dynamics.LayerTerms`) and ``degenerate/<ℓ>``
+      (bool, Assumption 11 violated);
     - network: ``Z``, ``K``, ``drift_Z``, ``noise_curvature_Z``, ``diffusion_sq_Z``,
-      ``noise_curvature_var_Z``, ``noise_curvature_cov_Z`` (Thm 15) and ``degenerate``;
+      ``noise_curvature_var_Z``, ``noise_curvature_cov_Z`` (Thm 15), ``step_curvature_Z``
+      and ``degenerate``;
     - probes measured on tracked steps, when any: ``conv_opnorm/<ℓ>``, ``lipschitz_lower``
       (NaN on steps without a probe; :func:`load_probes` has every probe row).
 
@@ -412,9 +423,12 @@ def load_record(path) -> pd.DataFrame:
     con = _open_for_reading(path)
     try:
         layers = [r[0] for r in con.execute("SELECT name FROM layers ORDER BY idx")]
-        steps = pd.read_sql_query(f"SELECT {', '.join(_STEP_DB_COLUMNS)} FROM steps ORDER BY step", con)
+        have_steps, have_layers = _table_columns(con, "steps"), _table_columns(con, "layer_steps")
+        step_cols = [c if c in have_steps else f"NULL AS {c}" for c in _STEP_DB_COLUMNS]
+        layer_cols = [f"ls.{c}" if c in have_layers else f"NULL AS {c}" for c in _LAYER_DB_COLUMNS]
+        steps = pd.read_sql_query(f"SELECT {', '.join(step_cols)} FROM steps ORDER BY step", con)
         lay = pd.read_sql_query(
-            f"SELECT ls.step AS step, l.name AS layer, {', '.join('ls.' + c for c in _LAYER_DB_COLUMNS)} "
+            f"SELECT ls.step AS step, l.name AS layer, {', '.join(layer_cols)} "
             "FROM layer_steps ls JOIN layers l ON ls.layer = l.idx ORDER BY ls.step, l.idx",
             con,
         )
@@ -447,6 +461,10 @@ def load_record(path) -> pd.DataFrame:
             out[name] = pw[name].to_numpy(dtype="float64")
     out["step"] = out["step"].astype("int64")
     return out
+
+
+def _table_columns(con: sqlite3.Connection, table: str) -> set:
+    return {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
 
 
 def records_equal(a, b, rtol: float = 0.0, atol: float = 0.0) -> bool:

@@ -609,12 +609,14 @@ class Tracker:
             layer_rows[layer.name] = {
                 "K": q["sigma1"], "drift": q["drift"], "noise_curvature": q["noise_curvature"],
                 "noise_curvature_var": q["noise_curvature_var"], "noise_curvature_cov": q["noise_curvature_cov"],
-                "diffusion_sq": q["diffusion_sq"], "gap": q["gap"], "degenerate": bool(q["degenerate"]),
+                "diffusion_sq": q["diffusion_sq"], "gap": q["gap"], "step_curvature": q["step_curvature"],
+                "degenerate": bool(q["degenerate"]),
             }
         network = {
             "Z": net.Z, "K": net.K, "drift_Z": net.drift_Z, "noise_curvature_Z": net.noise_curvature_Z,
             "diffusion_sq_Z": net.diffusion_sq_Z, "noise_curvature_var_Z": net.noise_curvature_var_Z,
             "noise_curvature_cov_Z": net.noise_curvature_cov_Z,
+            "step_curvature_Z": net.step_curvature_Z,
         }
         loss = float(losses.detach().double().mean())
         return StepRecord(

@@ -82,7 +82,9 @@ class TrainConfig:
         track_every: the tracker's schedule (int N or ``"log"``).
         engine: per-sample statistics engine (``"auto"``, ``"factored"``, ...).
         split: compute the Prop 6 variance/covariance split of κ.
-        decomposition: ``"svd"`` or ``"gram"``.
+        decomposition: ``"fast"`` (default: top eigenpairs and the resolvent of the
+            smaller Gram matrix, falling back to the SVD on a degenerate spectrum), ``"svd"``
+            or ``"gram"`` (see :class:`sdelip.tracker.Tracker`).
         probe_every: every N steps also record exact conv norms and an empirical
             lower bound of the Lipschitz constant (None: never).
         record: path of the SQLite record (None: no record on disk).
@@ -112,7 +114,7 @@ class TrainConfig:
     track_every: Union[int, str] = 1
     engine: str = "auto"
     split: bool = True
-    decomposition: str = "svd"
+    decomposition: str = "fast"
     probe_every: Optional[int] = None
     record: Optional[str] = None
     checkpoint: Optional[str] = None

@@ -385,7 +385,8 @@ def test_fast_curvature_equals_the_svd_route(shape):
     assert c is not None and float(c.sigma1) == pytest.approx(float(d.sigma1), rel=1e-14)
     a = terms_from_projections(d, G @ d.v1, G.mT @ d.u1, 0.1, noise_var=N, weight_decay=0.01, extra_noise_var=0.003)
     b = fast_layer_terms(c, G @ c.v1, G.mT @ c.u1, 0.1, noise_var=N, weight_decay=0.01, extra_noise_var=0.003)
-    for q in ("sigma1", "drift", "diffusion_sq", "noise_curvature", "noise_curvature_var", "noise_curvature_cov", "gap"):
+    for q in ("sigma1", "drift", "diffusion_sq", "noise_curvature", "noise_curvature_var", "noise_curvature_cov", "gap",
+              "step_curvature"):
         assert rel_close(float(getattr(a, q)), float(getattr(b, q)), 1e-11), (q, float(getattr(a, q)), float(getattr(b, q)))
     # a repeated top singular value is left to the SVD route (which clamps and flags it)
     Wd = torch.diag(torch.tensor([2.0, 2.0, 1.0], dtype=DT))

@@ -103,3 +103,13 @@ def test_real_run_z_path_is_z0_plus_cumulative_sums(tmp_path):
     np.testing.assert_allclose(pred["K_observed"], rec["K"], rtol=0)
     np.testing.assert_allclose(pred["Z_observed"], rec["Z"], rtol=0)
     np.testing.assert_allclose(pred["t"], np.arange(0, 12, 2) * 0.2, rtol=1e-13)
+
+
+def test_discrete_step_drift_is_added_when_recorded():
+    eta, mu, kappa, lam2, sc, K0 = 0.01, 0.2, 0.05, 0.1, 0.03, 2.0
+    steps = np.arange(50)
+    df = synthetic(steps, steps * eta, mu, kappa, lam2, K0)
+    assert "K_mean_discrete" not in predict(df).columns
+    df["step_curvature_Z"] = sc
+    pred = predict(df)
+    np.testing.assert_allclose(pred["K_mean_discrete"], K0 * np.exp((mu + kappa + sc) * steps * eta), rtol=1e-12)

@@ -32,7 +32,8 @@ def make_step(k, split=True, probes=None, degenerate=False):
             "K": 1.0 + abs(v[0]), "drift": v[1], "noise_curvature": abs(v[2]),
             "noise_curvature_var": abs(v[3]) if split else None,
             "noise_curvature_cov": v[4] if split else None,
-            "diffusion_sq": abs(v[5]) / 3.0, "gap": abs(v[6]) / 10, "degenerate": degenerate and name == "classifier.fc",
+            "diffusion_sq": abs(v[5]) / 3.0, "gap": abs(v[6]) / 10, "step_curvature": v[0] / 7,
+            "degenerate": degenerate and name == "classifier.fc",
         }
     Z = sum(math.log(q["K"]) for q in layers.values())
     network = {
@@ -41,6 +42,7 @@ def make_step(k, split=True, probes=None, degenerate=False):
         "diffusion_sq_Z": sum(q["diffusion_sq"] for q in layers.values()),
         "noise_curvature_var_Z": sum(q["noise_curvature_var"] for q in layers.values()) if split else None,
         "noise_curvature_cov_Z": sum(q["noise_curvature_cov"] for q in layers.values()) if split else None,
+        "step_curvature_Z": sum(q["step_curvature"] for q in layers.values()),
     }
     return StepRecord(step=k, t=k * 0.01, lr=0.01, loss=1.0 / (k + 1), batch_size=128, layers=layers,
                       network=network, degenerate=degenerate, probes=probes)
@@ -147,3 +149,22 @@ def test_records_equal(tmp_path):
     assert not records_equal(a, df) and records_equal(a, df, rtol=1e-12)
     assert not records_equal(a, df.iloc[:2])
     assert isinstance(load_record(a), pd.DataFrame)
+
+
+def test_records_from_before_the_step_curvature_column_still_load_and_append(tmp_path):
+    path = tmp_path / "old.db"
+    with RecordWriter(path, LAYERS, {"lr": 0.01}) as w:
+        w.write(make_step(0))
+    con = sqlite3.connect(path)  # rebuild the tables without the added columns, as an old file had them
+    for table, col in (("steps", "step_curvature_Z"), ("layer_steps", "step_curvature")):
+        con.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
+    con.commit()
+    con.close()
+    old = load_record(path)
+    assert np.isnan(old["step_curvature_Z"][0]) and np.isnan(old["step_curvature/classifier.fc"][0])
+    assert old["drift_Z"][0] == make_step(0).network["drift_Z"]
+    with RecordWriter(path, LAYERS, {"lr": 0.01}, mode="append") as w:
+        w.write(make_step(1))
+    df = load_record(path)
+    assert df["step"].tolist() == [0, 1]
+    assert df["step_curvature_Z"][1] == make_step(1).network["step_curvature_Z"]

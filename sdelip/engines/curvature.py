@@ -216,14 +216,17 @@ def fast_layer_terms(
     """
     M = Gv.shape[0]
     s1 = c.sigma1
-    Ev = Gv - Gv.mean(0)
-    Eu = Gtu - Gtu.mean(0)
+    mean_v, mean_u = Gv.mean(0), Gtu.mean(0)
+    Ev = Gv - mean_v
+    Eu = Gtu - mean_u
     A, B = (Eu, Ev) if c.transposed else (Ev, Eu)
     cst = 1.0 / (M * (M - 1))
     proj = Ev @ c.u1
     diffusion_sq = lr / s1**2 * cst * (proj * proj).sum()
     noise_curvature = lr / (2 * s1) * cst * c.hessian_quadform_sum(A, B)
-    drift = -(Gv @ c.u1).mean() / s1 - weight_decay
+    mA, mB = (mean_u, mean_v) if c.transposed else (mean_v, mean_u)
+    step_curvature = lr / (2 * s1) * c.hessian_quadform_sum(mA[None], mB[None]) - noise_curvature
+    drift = -(mean_v @ c.u1) / s1 - weight_decay
     nc_var = nc_cov = None
     trace = None
     if noise_var is not None:
@@ -242,4 +245,5 @@ def fast_layer_terms(
     return LayerTerms(
         sigma1=s1, drift=drift, diffusion_sq=diffusion_sq, noise_curvature=noise_curvature,
         noise_curvature_var=nc_var, noise_curvature_cov=nc_cov, gap=c.gap, degenerate=False,
+        step_curvature=step_curvature,
     )
