@@ -145,3 +145,17 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
     ss_res = float(((y - pred) ** 2).sum())
     ss_tot = float(((y - y.mean()) ** 2).sum())
     return {"intercept": float(coef[0]), "slope": float(coef[1]), "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan")}
+
+
+def single_thread(args) -> None:
+    """Use one CPU thread at tiny/quick scale unless OMP_NUM_THREADS says otherwise.
+
+    On a small shared CPU, multithreaded LAPACK under contention made one float64 SVD of
+    a 512×784 matrix take seconds instead of 0.07 s; one thread avoids that.
+    """
+    import os
+
+    import torch
+
+    if args.scale != "paper" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)

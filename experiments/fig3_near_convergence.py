@@ -23,21 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import Timer, output_dir, parser, pick, write_json, write_table  # noqa: E402
-
-
-def single_thread(args) -> None:
-    """Use one CPU thread at tiny/quick scale unless OMP_NUM_THREADS says otherwise.
-
-    On a small shared CPU, multithreaded LAPACK under contention made one float64 SVD of
-    a 512×784 matrix take seconds instead of 0.07 s; one thread avoids that.
-    """
-    import os
-
-    import torch
-
-    if args.scale != "paper" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+from common import Timer, output_dir, parser, pick, single_thread, write_json, write_table  # noqa: E402
 
 
 NAME = "fig3_near_convergence"
