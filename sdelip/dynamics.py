@@ -175,30 +175,50 @@ def terms_from_projections(
     if grad_proj is None:
         grad_proj = mean_v @ u1
     drift = -grad_proj / s1 - weight_decay
-    nc_var = nc_cov = None
-    diag_h = None
-    if noise_var is not None:
-        diag_h = opnorm_hessian_diag(d)
-        nc_var = lr / (2 * s1) * (diag_h * noise_var).sum()
+    diag_h = []  # computed at most once, only if needed
+
+    def diag():
+        if not diag_h:
+            diag_h.append(opnorm_hessian_diag(d))
+        return diag_h[0]
+
+    return assemble_terms(
+        s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, d.gap, d.degenerate,
+        noise_var_dot=None if noise_var is None else (lambda: (diag() * noise_var).sum()),
+        hessian_trace=lambda: diag().sum(), extra_noise_var=extra_noise_var,
+    )
+
+
+def assemble_terms(
+    s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, gap, degenerate,
+    noise_var_dot=None, hessian_trace=None, extra_noise_var: float = 0.0,
+) -> LayerTerms:
+    """The common tail of every route to the Thm 14 terms: the Prop 6 split and Sec 8.4 noise.
+
+    Args:
+        s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, gap, degenerate: the
+            terms computed from the mini-batch (κ and ‖λ‖² without the extra noise).
+        noise_var_dot: callable → ⟨diag H, diag Σ̂⟩, or None to skip the split.
+        hessian_trace: callable → tr H, needed when ``extra_noise_var`` is non-zero.
+        extra_noise_var: s² of an isotropic perturbation s²I of the batch gradient; it adds
+            η s²/σ1² to ‖λ‖² and (η/2σ1) s² tr H to κ (all of it to κ_var).
+    """
+    nc_var = None if noise_var_dot is None else lr / (2 * s1) * noise_var_dot()
     if extra_noise_var:
         diffusion_sq = diffusion_sq + lr * extra_noise_var / s1**2
-        if diag_h is None:
-            diag_h = opnorm_hessian_diag(d)
-        extra = lr / (2 * s1) * extra_noise_var * diag_h.sum()
+        extra = lr / (2 * s1) * extra_noise_var * hessian_trace()
         noise_curvature = noise_curvature + extra
         if nc_var is not None:
             nc_var = nc_var + extra
-    if nc_var is not None:
-        nc_cov = noise_curvature - nc_var
     return LayerTerms(
         sigma1=s1,
         drift=drift,
         diffusion_sq=diffusion_sq,
         noise_curvature=noise_curvature,
         noise_curvature_var=nc_var,
-        noise_curvature_cov=nc_cov,
-        gap=d.gap,
-        degenerate=d.degenerate,
+        noise_curvature_cov=None if nc_var is None else noise_curvature - nc_var,
+        gap=gap,
+        degenerate=degenerate,
         step_curvature=step_curvature,
     )
 

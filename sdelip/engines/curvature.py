@@ -40,7 +40,7 @@ from typing import Optional
 import attrs
 import torch
 
-from ..dynamics import LayerTerms
+from ..dynamics import LayerTerms, assemble_terms
 
 __all__ = ["GramCurvature", "gram_curvature", "fast_layer_terms", "top_eigenpairs"]
 
@@ -227,23 +227,15 @@ def fast_layer_terms(
     mA, mB = (mean_u, mean_v) if c.transposed else (mean_v, mean_u)
     step_curvature = lr / (2 * s1) * c.hessian_quadform_sum(mA[None], mB[None]) - noise_curvature
     drift = -(mean_v @ c.u1) / s1 - weight_decay
-    nc_var = nc_cov = None
-    trace = None
-    if noise_var is not None:
-        dot, trace = c.hessian_diag_dot(noise_var)
-        nc_var = lr / (2 * s1) * dot
-    if extra_noise_var:
-        diffusion_sq = diffusion_sq + lr * extra_noise_var / s1**2
-        if trace is None:
-            trace = c.hessian_trace()
-        extra = lr / (2 * s1) * extra_noise_var * trace
-        noise_curvature = noise_curvature + extra
-        if nc_var is not None:
-            nc_var = nc_var + extra
-    if nc_var is not None:
-        nc_cov = noise_curvature - nc_var
-    return LayerTerms(
-        sigma1=s1, drift=drift, diffusion_sq=diffusion_sq, noise_curvature=noise_curvature,
-        noise_curvature_var=nc_var, noise_curvature_cov=nc_cov, gap=c.gap, degenerate=False,
-        step_curvature=step_curvature,
+    trace = []  # hessian_diag_dot returns tr H too: reuse it for the extra noise
+
+    def diag_dot():
+        dot, tr = c.hessian_diag_dot(noise_var)
+        trace.append(tr)
+        return dot
+
+    return assemble_terms(
+        s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, c.gap, False,
+        noise_var_dot=None if noise_var is None else diag_dot,
+        hessian_trace=lambda: trace[0] if trace else c.hessian_trace(), extra_noise_var=extra_noise_var,
     )
