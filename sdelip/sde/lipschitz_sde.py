@@ -124,13 +124,7 @@ class LipschitzSDE(ParameterSDE):
         return dict(self._coefficients(t, y).terms)
 
     def _evaluate(self, t: float, y: torch.Tensor) -> _Coefficients:
-        n, params, est = self._estimate(y)
-        theta = y[:, : self.n_params].detach()
-        grad = self.layout.flatten(est.grad).to(theta.dtype)
-        if grad.shape[0] != n:
-            grad = grad.expand(n, -1)
-        drift_theta = -grad if not self.weight_decay else -(grad + self.weight_decay * theta)
-        noise = self._noise_rows(n, est)
+        n, params, est, drift_theta, noise = self._parameter_coefficients(y)
         M = self.M
         log_drift, lam, terms = [], [], {k: [] for k in TERM_NAMES}
         for i, (layer, wname) in enumerate(zip(self.layers, self.layout.weight_names)):

@@ -236,14 +236,18 @@ class ParameterSDE(nn.Module):
         self.n_evaluations += 1
         return n, params, est
 
-    def _evaluate(self, t: float, y: torch.Tensor) -> _Coefficients:
+    def _parameter_coefficients(self, y: torch.Tensor):
+        """Def 4 at the states y: (n, params, estimate, drift −∇L(θ) − λ_wd θ, noise rows)."""
         n, params, est = self._estimate(y)
         theta = y[:, : self.n_params].detach()
         grad = self.layout.flatten(est.grad).to(theta.dtype)
         if grad.shape[0] != n:
             grad = grad.expand(n, -1)
         drift = -grad if not self.weight_decay else -(grad + self.weight_decay * theta)
-        noise = self._noise_rows(n, est)
+        return n, params, est, drift, self._noise_rows(n, est)
+
+    def _evaluate(self, t: float, y: torch.Tensor) -> _Coefficients:
+        n, _, _, drift, noise = self._parameter_coefficients(y)
         extra = y.shape[1] - self.n_params
         if extra:
             drift = torch.cat([drift, drift.new_zeros(n, extra)], 1)
