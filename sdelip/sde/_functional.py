@@ -30,7 +30,8 @@ from torch.func import functional_call, grad, vmap
 
 from ..layers import TrackedLayer
 
-__all__ = ["ParamSpec", "ParamBlock", "ParamLayout", "DataSource", "GradientEstimate", "ModelGradients"]
+__all__ = ["ParamSpec", "ParamBlock", "ParamLayout", "DataSource", "GradientEstimate", "ModelGradients",
+           "activation_numel"]
 
 
 @attrs.frozen
@@ -229,6 +230,17 @@ class DataSource:
             self._device_cache = {key: self._on(self._X, self._Y, device, dtype)}
         return self._device_cache[key]
 
+    def example(self, device=None, dtype=None):
+        """One sample (x[None], y[None]) for shapes, without advancing the sampling generator."""
+        if self._X is not None:
+            X, Y = self._X[:1], self._Y[:1]
+        elif self._dataset is not None:
+            X, Y = _split_xy(self._collate_indices([0]))
+        else:
+            X, Y = _split_xy(next(iter(self._loader)))
+            X, Y = X[:1], Y[:1]
+        return self._on(X, Y, device, dtype)
+
     def sample(self, M: int, n: Optional[int] = None, device=None, dtype=None):
         """M i.i.d. samples (leading shape (M,)), or n independent sets (n, M).
 
@@ -279,6 +291,29 @@ class GradientEstimate:
 
     grad: Dict[str, torch.Tensor]
     per_sample: Dict[str, torch.Tensor]
+
+
+def activation_numel(model: nn.Module, params: Dict[str, torch.Tensor], consts: Dict[str, torch.Tensor],
+                     x1: torch.Tensor) -> int:
+    """Numbers in the input and every leaf module's output for one sample x1 (1, …).
+
+    An estimate of the activations a forward pass keeps per sample, for memory budgets.
+    """
+    total = [x1[0].numel()]
+
+    def count(mod, inp, out):
+        if isinstance(out, torch.Tensor):
+            total.append(out[0].numel() if out.ndim else 1)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            functional_call(model, {**consts, **params}, (x1,))
+    finally:
+        for h in handles:
+            h.remove()
+    return int(sum(total))
 
 
 def _has_batchnorm_training(model: nn.Module) -> bool:
@@ -364,10 +399,14 @@ class ModelGradients:
         in_xy = None if self.shared_noise_batch else 0
         self._per_sample = vmap(per_sample, in_dims=(0, in_xy, in_xy), randomness="different")
         self._batch_grad = vmap(grad(batch_loss), in_dims=(0, None, None), randomness="different")
+        self._batch_grad_each = vmap(grad(batch_loss), in_dims=(0, 0, 0), randomness="different")
+
+    def consts(self, ref: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Frozen parameters and buffers, read now (the model may have moved device) and cast to ref's dtype."""
+        self._refresh_consts(ref)
+        return self._consts
 
     def _refresh_consts(self, ref: torch.Tensor) -> None:
-        # Frozen parameters and buffers, read at call time (the model may have moved
-        # device) and cast to the state's floating dtype.
         consts = {n: p for n, p in self.model.named_parameters() if not p.requires_grad}
         consts.update(dict(self.model.named_buffers()))
         self._consts = {
@@ -375,37 +414,65 @@ class ModelGradients:
             for k, v in consts.items()
         }
 
-    def expected_gradient(self, params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """∇L at each trajectory's parameters ({name: (n, *shape)})."""
+    def expected_gradient(self, params: Dict[str, torch.Tensor], traj_chunk: Optional[int] = None
+                          ) -> Dict[str, torch.Tensor]:
+        """∇L at each trajectory's parameters ({name: (n, *shape)}).
+
+        ``grad_source="full"``: the mean gradient over the whole training set (the same for
+        every evaluation). ``"batch"``: over an independent batch of ``grad_batch_size``
+        samples drawn for each trajectory (trajectories stay independent). ``traj_chunk``
+        bounds the trajectories per batched call (the constructor's ``traj_chunk`` wins).
+        """
         ref = next(iter(params.values()))
         self._refresh_consts(ref)
+        chunk = self.traj_chunk if self.traj_chunk is not None else traj_chunk
         if self.grad_source == "full":
             X, Y = self.data.full(device=ref.device, dtype=ref.dtype)
-        else:
-            X, Y = self.data.sample(self.grad_batch_size, device=ref.device, dtype=ref.dtype)
-        N = len(X)
+            return self._mean_gradient(params, X, Y, False, chunk)
+        n = ref.shape[0]
+        X, Y = self.data.sample(self.grad_batch_size, n, device=ref.device, dtype=ref.dtype)
+        return self._mean_gradient(params, X, Y, True, chunk)
+
+    def _mean_gradient(self, params, X, Y, batched: bool, chunk: Optional[int]):
+        N = X.shape[1] if batched else len(X)
         total = None
         for s in range(0, N, self.data_chunk):
-            xs, ys = X[s : s + self.data_chunk], Y[s : s + self.data_chunk]
-            g = self._chunked(lambda p: self._batch_grad(p, xs, ys), params)
-            w = len(xs) / N
+            if batched:
+                xs, ys = X[:, s : s + self.data_chunk], Y[:, s : s + self.data_chunk]
+                g = self._chunked(lambda p, x, y: self._batch_grad_each(p, x, y), params, xs, ys, chunk=chunk)
+            else:
+                xs, ys = X[s : s + self.data_chunk], Y[s : s + self.data_chunk]
+                g = self._chunked(lambda p: self._batch_grad(p, xs, ys), params, chunk=chunk)
+            w = ys.shape[-1] / N if batched else len(xs) / N
             total = {k: v * w for k, v in g.items()} if total is None else {k: total[k] + v * w for k, v in g.items()}
         return total
 
-    def per_sample_gradients(self, params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Per-sample gradients of a fresh mini-batch: {name: (n, M, *shape)}."""
+    def noise_batch(self, n: int, ref: torch.Tensor):
+        """Draw the noise mini-batches of n trajectories: (n, M, …), or (M, …) when shared."""
+        if self.shared_noise_batch:
+            return self.data.sample(self.M, device=ref.device, dtype=ref.dtype)
+        return self.data.sample(self.M, n, device=ref.device, dtype=ref.dtype)
+
+    def per_sample_gradients(self, params: Dict[str, torch.Tensor], batch=None, traj_chunk: Optional[int] = None
+                             ) -> Dict[str, torch.Tensor]:
+        """Per-sample gradients of a mini-batch: {name: (n, M, *shape)}.
+
+        Args:
+            params: {name: (n, *shape)}.
+            batch: (X, Y) from :meth:`noise_batch`; None draws a fresh one.
+            traj_chunk: trajectories per batched call (the constructor's ``traj_chunk`` wins).
+        """
         ref = next(iter(params.values()))
         self._refresh_consts(ref)
-        n = ref.shape[0]
+        X, Y = batch if batch is not None else self.noise_batch(ref.shape[0], ref)
+        chunk = self.traj_chunk if self.traj_chunk is not None else traj_chunk
         if self.shared_noise_batch:
-            X, Y = self.data.sample(self.M, device=ref.device, dtype=ref.dtype)
-            return self._chunked(lambda p: self._per_sample(p, X, Y), params)
-        X, Y = self.data.sample(self.M, n, device=ref.device, dtype=ref.dtype)
-        return self._chunked(lambda p, X, Y: self._per_sample(p, X, Y), params, X, Y)
+            return self._chunked(lambda p: self._per_sample(p, X, Y), params, chunk=chunk)
+        return self._chunked(lambda p, X, Y: self._per_sample(p, X, Y), params, X, Y, chunk=chunk)
 
-    def _chunked(self, fn, params, *batched):
+    def _chunked(self, fn, params, *batched, chunk: Optional[int] = None):
         n = next(iter(params.values())).shape[0]
-        c = self.traj_chunk
+        c = chunk
         if c is None or c >= n:
             return fn(params, *batched)
         outs = []

@@ -9,8 +9,8 @@ integrates it for a batch of trajectories with torchsde, estimating its coeffici
 at every trajectory's own parameters at every evaluation:
 
 - drift: −∇L(θ) (plus −λ_wd θ with weight decay), the *expected* gradient, on the whole
-  training set when it is small or on an independent large batch, so that the drift
-  does not carry mini-batch noise a second time (THEORY.md §5);
+  training set when it is small or on an independent large batch per trajectory, so
+  that the drift does not carry mini-batch noise a second time (THEORY.md §5);
 - diffusion: √η times the exact low-rank factor G = Ωᵀ/√M of Prop 5's Σ̂ = ΩᵀΩ/M from
   a fresh mini-batch of M samples, driven by an M-dimensional Brownian motion per
   layer (THEORY.md §2): GGᵀ = Σ̂, so the SDE has the law of Eq. 3 with Σ = Σ̂, and no
@@ -20,15 +20,35 @@ Every module that owns trainable parameters is one noise block with its own
 M-dimensional Brownian motion. A tracked layer's bias sits in the block of its weight:
 the same per-sample rows drive weight and bias, which is their exact joint noise.
 
+Two engines evaluate the diffusion (``engine=``):
+
+- ``"factored"`` (default): the Euler increment G·dB = Σ_i (c_i − c̄) g_i is the gradient
+  of a weighted mini-batch loss, obtained from one backward pass per trajectory, all
+  trajectories batched in one ``torch.func`` call (:mod:`sdelip.sde._factored`). Cost:
+  about the gradient evaluations themselves; memory O(n·P) plus one mini-batch's
+  activations per trajectory of a chunk; no per-sample gradient is ever formed.
+- ``"materialised"``: per-sample gradients by ``vmap(grad)`` over samples and
+  trajectories, O(n·M·P) memory; the reference the factored engine is tested against,
+  and the engine of a user-supplied ``gradient_fn``.
+
+A drift estimated on an independent batch of B samples carries noise of covariance
+Σ·M/B (Σ = Var[g]/M); an Euler step of length dt then has the step covariance
+η dt Σ + dt² Σ M/B instead of Def 4's η dt Σ. With ``grad_source="batch"`` the
+diffusion is shrunk by s = √(1 − (dt/η)(M/B)), which restores Def 4's second moments
+exactly for steps of length ``dt`` (default η, SGD's own step); B ≤ M·dt/η is refused.
+
 torchsde calls the drift and the diffusion separately at the same (t, y); both come
 from one cached evaluation, so they share the mini-batch. Euler uses
 :meth:`ParameterSDE.f_and_g_prod`, which never builds the dense
-(batch, state, brownian) diffusion matrix; :meth:`ParameterSDE.g` does, for tests
-and for torchsde's one-off shape check at the start of ``sdeint``.
+(batch, state, brownian) diffusion matrix; :meth:`ParameterSDE.g` does, for tests. The
+dense ``g`` exists only while it is small (``dense_diffusion``): torchsde's ``sdeint``
+evaluates every diffusion method it finds once, so at scale ``sdeint`` must be given a
+``bm`` (e.g. :class:`~sdelip.sde.GridBrownian`) to learn the noise size from.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Optional
 
 import torch
@@ -37,22 +57,37 @@ from torch import nn
 from .._checks import check_positive
 from ..layers import TrackedLayer, tracked_layers
 from ..spectral import DEFAULT_GAP_TOL
-from ._functional import DataSource, GradientEstimate, ModelGradients, ParamLayout
+from ._factored import FactoredNoise
+from ._functional import DataSource, GradientEstimate, ModelGradients, ParamLayout, activation_numel
 
 __all__ = ["ParameterSDE"]
+
+#: Largest dense diffusion matrix (elements per trajectory, state × Brownian) for which
+#: ``g`` is offered by default (``dense_diffusion=None``).
+DENSE_DIFFUSION_MAX = 1 << 22
+#: Default memory budget of one chunk of trajectories (bytes) on CPU; on CUDA a quarter
+#: of the free device memory.
+CHUNK_BYTES = 512 << 20
+#: On CPU, at most this many samples (trajectories × samples) per batched call: beyond it
+#: stacking trajectories only costs cache (measured on the paper's MLP: 16 full-set
+#: gradients 5.05 s one trajectory at a time, 5.9 s all at once).
+CPU_ROWS_PER_CALL = 4096
 
 
 class _Coefficients:
     """One evaluation of the coefficients at (t, y) (cached; shared by f, g and g_prod)."""
 
-    __slots__ = ("t", "y", "version", "drift", "noise", "log_drift", "lam", "terms")
+    __slots__ = ("t", "y", "version", "drift", "noise", "batch", "params", "grad", "log_drift", "lam", "terms")
 
-    def __init__(self, t, y, drift, noise):
+    def __init__(self, t, y, drift, noise=None, batch=None, params=None, grad=None):
         self.t = t
         self.y = y
         self.version = y._version
         self.drift = drift  # (n, d)
-        self.noise = noise  # per parameter (layout order), (n, M, numel): √η (g_i − ḡ)/√(M(M−1))
+        self.noise = noise  # materialised: per parameter (layout order), (n, M, numel): √η s (g_i − ḡ)/√(M(M−1))
+        self.batch = batch  # factored: the noise mini-batch (X, Y)
+        self.params = params  # the trajectories' parameters {name: (n, *shape)}
+        self.grad = grad  # the expected gradient {name: (n or 1, *shape)}
         self.log_drift = None  # (n, L) for LipschitzSDE
         self.lam = None  # (n, L, M) for LipschitzSDE
         self.terms = None  # dict of (n, L) for LipschitzSDE
@@ -70,7 +105,8 @@ class ParameterSDE(nn.Module):
     Example::
 
         sde = ParameterSDE(model, loader, lr=0.05)
-        ys = torchsde.sdeint(sde, sde.initial_state(64), ts, dt=0.05, method="euler")
+        bm = GridBrownian(0.0, 0.05, (64, sde.brownian_size))
+        ys = torchsde.sdeint(sde, sde.initial_state(64), ts, bm=bm, dt=0.05, method="euler")
         K = sde.lipschitz(ys)          # Π σ1(θ(t)), shape (len(ts), 64)
 
     Args:
@@ -80,13 +116,18 @@ class ParameterSDE(nn.Module):
             with ``gradient_fn``.
         lr: the learning rate η (noise scale √η; the natural solver step dt = η).
         loss_fn: ``loss_fn(output, target)`` returning the mean loss of a batch
-            (default cross-entropy).
+            (default cross-entropy); the per-sample loss is its value on one sample.
         noise_batch_size: M, samples per noise mini-batch (default: the loader's batch size).
-        grad_source: where the expected gradient comes from: ``"full"``, ``"batch"`` or
-            ``"auto"`` (full training set if it has at most ``full_max`` samples,
-            otherwise an independent batch of ``grad_batch_size`` per evaluation).
+        grad_source: where the expected gradient comes from: ``"full"`` (the training
+            set), ``"batch"`` (an independent batch of ``grad_batch_size`` samples per
+            trajectory and evaluation, with the diffusion shrunk to keep Def 4's step
+            covariance, see the module docstring) or ``"auto"`` (full if the training set
+            has at most ``full_max`` samples, batch otherwise).
         full_max: threshold of ``"auto"``.
-        grad_batch_size: size of the independent expected-gradient batch.
+        grad_batch_size: B, size of the independent expected-gradient batch.
+        compensate_drift_noise: shrink the diffusion by √(1 − (dt/η)(M/B)) when the drift
+            comes from batches (default); False keeps the full diffusion.
+        dt: the Euler step the compensation is calibrated for (default η).
         shared_noise_batch: draw one noise mini-batch per evaluation for all
             trajectories instead of one per trajectory.
         weight_decay: λ_wd of SGD's L2 penalty: the drift becomes −(∇L + λ_wd θ).
@@ -95,10 +136,16 @@ class ParameterSDE(nn.Module):
         example_input: passed to :func:`sdelip.tracked_layers` to order the layers.
         gradient_fn: replaces the model-and-data estimator: a callable
             ``gradient_fn(params) -> GradientEstimate`` with params {name: (n, *shape)};
-            requires ``noise_batch_size``.
-        traj_chunk: trajectories per vmapped gradient call (bounds memory).
-        data_chunk: samples per vmapped call of the expected gradient.
+            requires ``noise_batch_size`` and the materialised engine.
+        engine: ``"auto"`` (factored, or materialised with ``gradient_fn``),
+            ``"factored"`` or ``"materialised"`` (see the module docstring).
+        traj_chunk: trajectories per batched gradient call (default: from ``chunk_bytes``).
+        chunk_bytes: memory budget of one chunk of trajectories (default 512 MiB on CPU,
+            a quarter of the free memory on CUDA).
+        data_chunk: samples per batched call of the expected gradient.
         max_cached: largest dataset materialised in memory (see ``DataSource``).
+        dense_diffusion: offer the dense diffusion matrix ``g`` (True, False, or None:
+            only while state × Brownian size is at most 2²² per trajectory).
         gap_tol: relative-gap tolerance of Assumption 11 (Lipschitz terms).
         on_degenerate: ``"warn"``, ``"raise"`` or ``"ignore"`` for a degenerate σ1.
     """
@@ -114,15 +161,20 @@ class ParameterSDE(nn.Module):
         grad_source: str = "auto",
         full_max: int = 10_000,
         grad_batch_size: int = 4096,
+        compensate_drift_noise: bool = True,
+        dt: Optional[float] = None,
         shared_noise_batch: bool = False,
         weight_decay: float = 0.0,
         seed: int = 0,
         layers: Optional[list] = None,
         example_input: Optional[torch.Tensor] = None,
         gradient_fn: Optional[Callable[[Dict[str, torch.Tensor]], GradientEstimate]] = None,
+        engine: str = "auto",
         traj_chunk: Optional[int] = None,
+        chunk_bytes: Optional[int] = None,
         data_chunk: int = 4096,
         max_cached: int = 50_000,
+        dense_diffusion: Optional[bool] = None,
         gap_tol: float = DEFAULT_GAP_TOL,
         on_degenerate: str = "warn",
     ):
@@ -130,6 +182,7 @@ class ParameterSDE(nn.Module):
         if lr is None:
             raise TypeError("ParameterSDE needs the learning rate lr (η)")
         self.lr = check_positive(lr, "lr")
+        self.dt = check_positive(dt, "dt") if dt is not None else self.lr
         self.noise_type = "general"
         self.sde_type = "ito"
         self.model = model
@@ -138,12 +191,24 @@ class ParameterSDE(nn.Module):
         self.weight_decay = float(weight_decay)
         self.gap_tol = float(gap_tol)
         self.on_degenerate = on_degenerate
+        self.traj_chunk = None if traj_chunk is None else int(traj_chunk)
+        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
+        self.dense_diffusion = dense_diffusion
+        engine = str(engine).lower()
+        if engine not in ("auto", "factored", "materialised", "materialized"):
+            raise ValueError(f"engine must be 'auto', 'factored' or 'materialised', got {engine!r}")
+        engine = "materialised" if engine == "materialized" else engine
+        self.noise_scale = 1.0
+        self.factored = None
         if gradient_fn is not None:
+            if engine == "factored":
+                raise ValueError("a gradient_fn returns per-sample gradients: it needs engine='materialised'")
             if noise_batch_size is None:
                 raise TypeError("gradient_fn needs noise_batch_size (M, the number of per-sample gradients)")
             self.data = None
             self.gradient_fn = gradient_fn
             self.M = int(noise_batch_size)
+            self.engine = "materialised"
         else:
             if loader is None:
                 raise TypeError("ParameterSDE needs training data (loader) or a gradient_fn")
@@ -157,10 +222,28 @@ class ParameterSDE(nn.Module):
                 traj_chunk=traj_chunk, data_chunk=data_chunk,
             )
             self.M = int(M)
+            self.engine = "factored" if engine == "auto" else engine
+            if self.engine == "factored":
+                self.factored = FactoredNoise(model, self.layout, self.layers, self.gradient_fn.loss_fn)
+            if self.gradient_fn.grad_source == "batch" and compensate_drift_noise:
+                self.noise_scale = self._drift_noise_compensation(self.gradient_fn.grad_batch_size)
         if self.M < 2:
             raise ValueError(f"the noise mini-batch needs M >= 2 samples (Prop 5 divides by M − 1), got {self.M}")
         self._cache: Optional[_Coefficients] = None
+        self._chunks: Dict[tuple, tuple] = {}
         self.n_evaluations = 0
+
+    def _drift_noise_compensation(self, B: int) -> float:
+        """s = √(1 − (dt/η)(M/B)): the diffusion factor that keeps Def 4's step covariance."""
+        excess = self.dt / self.lr * self.M / B
+        if excess >= 1.0:
+            raise ValueError(
+                f"grad_source='batch' with grad_batch_size B = {B} and noise_batch_size M = {self.M}: the drift "
+                f"estimate alone adds (dt/η)·M/B = {excess:.3g} ≥ 1 times the step covariance of SGD, which no "
+                f"diffusion can compensate; use B > {math.floor(self.M * self.dt / self.lr)}, grad_source='full', "
+                "or compensate_drift_noise=False"
+            )
+        return math.sqrt(1.0 - excess)
 
     # -- sizes --------------------------------------------------------------------------
     @property
@@ -219,44 +302,96 @@ class ParameterSDE(nn.Module):
         """The Lipschitz bound K(t) of states ys; for the parameter SDE, :meth:`direct_lipschitz`."""
         return self.direct_lipschitz(ys)
 
+    # -- chunks --------------------------------------------------------------------------
+    def _chunk_sizes(self, ref: torch.Tensor) -> tuple:
+        """(trajectories per noise pass, per expected-gradient call), from the memory budget.
+
+        ``traj_chunk`` fixes both; otherwise the budget (``chunk_bytes``) is divided by an
+        estimate of one trajectory's working memory: its parameters and gradients, and the
+        activations of M noise samples (one data chunk for the expected gradient).
+        """
+        if self.traj_chunk is not None:
+            return self.traj_chunk, self.traj_chunk
+        x1, _ = self.data.example(device=ref.device, dtype=ref.dtype)
+        key = (tuple(x1.shape[1:]), ref.dtype, str(ref.device))
+        sizes = self._chunks.get(key)
+        if sizes is None:
+            budget = self.chunk_bytes
+            if budget is None:
+                budget = CHUNK_BYTES
+                if ref.device.type == "cuda":
+                    budget = torch.cuda.mem_get_info(ref.device)[0] // 4
+            src = self.gradient_fn
+            theta = self.layout.flatten_model(self.model).to(device=ref.device, dtype=ref.dtype)
+            act = activation_numel(self.model, self.layout.unflatten(theta), src.consts(ref), x1)
+            item = ref.element_size()
+            P, M = self.n_params, self.M
+            N = src.grad_batch_size if src.grad_source == "batch" else len(self.data)
+            per_noise = item * (3 * M * act + 4 * P + (3 * M * P if self.engine == "materialised" else 0))
+            per_drift = item * (3 * min(N, src.data_chunk) * act + 3 * P)
+            sizes = [int(max(1, budget // per)) for per in (per_noise, per_drift)]
+            if ref.device.type == "cpu":  # batching trajectories gains nothing once the matrices are this tall
+                rows = (M, min(N, src.data_chunk))
+                sizes = [max(1, min(c, CPU_ROWS_PER_CALL // r)) for c, r in zip(sizes, rows)]
+            sizes = tuple(sizes)
+            self._chunks[key] = sizes
+        return sizes
+
     # -- coefficients --------------------------------------------------------------------
-    def _coefficients(self, t, y: torch.Tensor) -> _Coefficients:
+    def _coefficients(self, t, y: torch.Tensor, v: Optional[torch.Tensor] = None):
+        """The cached evaluation at (t, y), and with v the diffusion increment G·v (θ part, (n, P))."""
         c = self._cache
         tf = float(t)
         if c is not None and c.y is y and c.version == y._version and c.t == tf:
-            return c
-        c = self._evaluate(tf, y)
+            return c, (None if v is None else self._increments(c, v))
+        c, inc = self._evaluate(tf, y, v)
         self._cache = c
+        return c, inc
+
+    def _evaluate(self, t: float, y: torch.Tensor, v: Optional[torch.Tensor]):
+        """Evaluate the coefficients at (t, y); returns (coefficients, increments G·v or None)."""
+        c = self._draw(t, y)
+        return c, (None if v is None else self._increments(c, v))
+
+    def _draw(self, t: float, y: torch.Tensor) -> _Coefficients:
+        """The drift of the θ part and the noise mini-batch at (t, y) (materialised: the noise rows too).
+
+        Both engines draw the same data in the same order: the expected-gradient batches
+        (``grad_source="batch"``), then the noise mini-batches.
+        """
+        self.n_evaluations += 1
+        theta = y[:, : self.n_params].detach()
+        params = self.layout.unflatten(theta)
+        n = theta.shape[0]
+        if self.data is None:  # a user's gradient_fn
+            est = self.gradient_fn(params)
+            return _Coefficients(t, y, self._drift(theta, est.grad), noise=self._noise_rows(n, est), params=params,
+                                 grad=est.grad)
+        noise_chunk, drift_chunk = self._chunk_sizes(theta)
+        src = self.gradient_fn
+        grads = src.expected_gradient(params, traj_chunk=drift_chunk)
+        c = _Coefficients(t, y, self._drift(theta, grads), batch=src.noise_batch(n, theta), params=params, grad=grads)
+        if self.engine == "materialised":
+            per = src.per_sample_gradients(params, c.batch, traj_chunk=noise_chunk)
+            c.noise = self._noise_rows(n, GradientEstimate(grad=grads, per_sample=per))
         return c
 
-    def _estimate(self, y: torch.Tensor):
-        n = y.shape[0]
-        params = self.layout.unflatten(y[:, : self.n_params].detach())
-        est = self.gradient_fn(params)
-        self.n_evaluations += 1
-        return n, params, est
+    def _drift(self, theta: torch.Tensor, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Def 4's drift −∇L(θ) − λ_wd θ of the θ part, (n, P)."""
+        grad = self.layout.flatten(grads).to(theta.dtype)
+        if grad.shape[0] != theta.shape[0]:
+            grad = grad.expand(theta.shape[0], -1)
+        return -grad if not self.weight_decay else -(grad + self.weight_decay * theta)
 
-    def _parameter_coefficients(self, y: torch.Tensor):
-        """Def 4 at the states y: (n, params, estimate, drift −∇L(θ) − λ_wd θ, noise rows)."""
-        n, params, est = self._estimate(y)
-        theta = y[:, : self.n_params].detach()
-        grad = self.layout.flatten(est.grad).to(theta.dtype)
-        if grad.shape[0] != n:
-            grad = grad.expand(n, -1)
-        drift = -grad if not self.weight_decay else -(grad + self.weight_decay * theta)
-        return n, params, est, drift, self._noise_rows(n, est)
-
-    def _evaluate(self, t: float, y: torch.Tensor) -> _Coefficients:
-        n, _, _, drift, noise = self._parameter_coefficients(y)
-        extra = y.shape[1] - self.n_params
-        if extra:
-            drift = torch.cat([drift, drift.new_zeros(n, extra)], 1)
-        return _Coefficients(t, y, drift, noise)
+    def _noise_scale(self) -> float:
+        """√η s/√(M(M−1)): the factor of (g_i − ḡ) in G's columns (s the drift-noise compensation)."""
+        M = self.M
+        return self.noise_scale * (self.lr / (M * (M - 1))) ** 0.5
 
     def _noise_rows(self, n: int, est: GradientEstimate) -> list:
-        """Per parameter, √η (g_i − ḡ)/√(M(M−1)) as (n, M, numel): the columns of G = √η Ωᵀ/√M."""
+        """Per parameter, √η s (g_i − ḡ)/√(M(M−1)) as (n, M, numel): the columns of G."""
         M = self.M
-        scale = (self.lr / (M * (M - 1))) ** 0.5
+        scale = self._noise_scale()
         rows = []
         for spec in self.layout.specs:
             G = est.per_sample[spec.name]
@@ -267,42 +402,128 @@ class ParameterSDE(nn.Module):
             rows.append(E.mul_(scale).expand(n, -1, -1))
         return rows
 
+    def _block_weights(self, v: torch.Tensor, dtype) -> Dict[int, torch.Tensor]:
+        """Per noise block b, the weights c_i − c̄ of the increment Σ_i (c_i − c̄) g_i, (n, M)."""
+        M = self.M
+        w = v.to(dtype).reshape(v.shape[0], -1, M) * self._noise_scale()
+        w = w - w.mean(-1, keepdim=True)
+        return {b: w[:, b] for b in range(w.shape[1])}
+
+    def _increments(self, c: _Coefficients, v: torch.Tensor) -> torch.Tensor:
+        """The θ part of G·v, (n, P)."""
+        if c.noise is not None:
+            return self._g_prod_rows(c, v)
+        return self._factored_pass(c, v, capture=False)[1]
+
+    def _factored_pass(self, c: _Coefficients, v: Optional[torch.Tensor], capture: bool, on_chunk=None):
+        """Run the factored noise pass over chunks of trajectories.
+
+        Returns (the number of trajectories, the θ increments (n, P) or None); ``on_chunk``
+        receives (slice, inputs, deltas) of every chunk when ``capture`` is set.
+        """
+        params, (X, Y) = c.params, c.batch
+        ref = next(iter(params.values()))
+        n = ref.shape[0]
+        shared = self.gradient_fn.shared_noise_batch
+        consts = self.gradient_fn.consts(ref)
+        weights = None if v is None else self._block_weights(v, ref.dtype)
+        chunk = self._chunk_sizes(ref)[0]
+        inc = None if v is None else ref.new_empty(n, self.n_params)
+        for s in range(0, n, chunk):
+            sl = slice(s, min(n, s + chunk))
+            p = {k: t[sl] for k, t in params.items()}
+            xb, yb = (X, Y) if shared else (X[sl], Y[sl])
+            w = None if weights is None else {b: t[sl] for b, t in weights.items()}
+            xs, deltas, g = self.factored(p, consts, xb, yb, weights=w, capture=capture, shared_batch=shared)
+            if inc is not None:
+                inc[sl] = self.layout.flatten(g)
+            if on_chunk is not None:
+                on_chunk(sl, xs, deltas)
+        return n, inc
+
+    def _dense_rows(self, c: _Coefficients) -> list:
+        """The noise rows of a factored evaluation, from per-sample gradients of its batch (tests)."""
+        if c.noise is None:
+            n = c.y.shape[0]
+            per = self.gradient_fn.per_sample_gradients(c.params, c.batch, traj_chunk=self._chunk_sizes(c.y)[0])
+            c.noise = self._noise_rows(n, GradientEstimate(grad={}, per_sample=per))
+        return c.noise
+
     def f(self, t, y: torch.Tensor) -> torch.Tensor:
         """Drift: −∇L(θ) (− λ_wd θ) for the θ part (Def 4)."""
-        return self._coefficients(t, y).drift
+        return self._full_drift(self._coefficients(t, y)[0], y)
+
+    def _full_drift(self, c: _Coefficients, y) -> torch.Tensor:
+        extra = y.shape[1] - self.n_params
+        if extra and c.drift.shape[1] != y.shape[1]:
+            c.drift = torch.cat([c.drift, c.drift.new_zeros(c.drift.shape[0], extra)], 1)
+        return c.drift
 
     def g_prod(self, t, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Diffusion times v: per block, √η Ωᵀ v_block/√M, without the dense matrix."""
-        c = self._coefficients(t, y)
-        return self._g_prod(c, y, v)
+        """Diffusion times v: per block, √η s Ωᵀ v_block/√M, without the dense matrix."""
+        c, inc = self._coefficients(t, y, v)
+        return self._g_prod(c, y, v, inc)
 
     def f_and_g_prod(self, t, y: torch.Tensor, v: torch.Tensor):
         """(f, g·v) from one evaluation; this is what torchsde's Euler step calls."""
-        c = self._coefficients(t, y)
-        return c.drift, self._g_prod(c, y, v)
+        c, inc = self._coefficients(t, y, v)
+        return self._full_drift(c, y), self._g_prod(c, y, v, inc)
 
-    def _g_prod(self, c: _Coefficients, y, v):
-        M = self.M
+    def _g_prod(self, c: _Coefficients, y, v, inc):
         out = y.new_zeros(y.shape[0], y.shape[1])
+        out[:, : self.n_params] = inc
+        return out
+
+    def _g_prod_rows(self, c: _Coefficients, v) -> torch.Tensor:
+        M = self.M
+        out = c.noise[0].new_zeros(v.shape[0], self.n_params)
         for spec, E in zip(self.layout.specs, c.noise):
             b = spec.block
             vb = v[:, b * M : (b + 1) * M].to(E.dtype)
             out[:, spec.start : spec.stop] = torch.bmm(vb.unsqueeze(1), E).squeeze(1)
         return out
 
-    def g(self, t, y: torch.Tensor) -> torch.Tensor:
-        """Dense diffusion matrix (n, state_size, brownian_size): block-diagonal Ωᵀ/√M·√η.
+    # -- the dense diffusion (tests and small models) ------------------------------------
+    @property
+    def has_dense_diffusion(self) -> bool:
+        """Whether :meth:`g` is offered (see ``dense_diffusion``)."""
+        if self.dense_diffusion is not None:
+            return bool(self.dense_diffusion)
+        return self.state_size * self.brownian_size <= DENSE_DIFFUSION_MAX
 
-        Memory O(n·state_size·brownian_size): for tests and small models only; Euler
-        uses :meth:`f_and_g_prod`.
+    @property
+    def g(self):
+        """Dense diffusion matrix ``g(t, y)`` of shape (n, state_size, brownian_size).
+
+        Block-diagonal √η s Ωᵀ/√M (and the log K rows of :class:`LipschitzSDE`); memory
+        O(n·state_size·brownian_size) and per-sample gradients: for tests and small
+        models only (``dense_diffusion``). Euler uses :meth:`f_and_g_prod`.
         """
-        c = self._coefficients(t, y)
+        if not self.has_dense_diffusion:
+            raise AttributeError(self._no_dense_message())
+        return self._g
+
+    def __getattr__(self, name):
+        if name == "g":  # hasattr(sde, "g") is False at scale: sdeint then skips it
+            raise AttributeError(self._no_dense_message())
+        return super().__getattr__(name)
+
+    def _no_dense_message(self) -> str:
+        return (
+            f"{type(self).__name__} offers no dense diffusion matrix g here: it would hold state_size × "
+            f"brownian_size = {self.state_size} × {self.brownian_size} numbers per trajectory. Use g_prod / "
+            "f_and_g_prod (what Euler calls), pass bm= to torchsde.sdeint so that it learns the noise size "
+            "from the Brownian motion, or force it with dense_diffusion=True"
+        )
+
+    def _g(self, t, y: torch.Tensor) -> torch.Tensor:
+        c, _ = self._coefficients(t, y)
         return self._g_dense(c, y)
 
     def _g_dense(self, c: _Coefficients, y):
         M = self.M
         G = y.new_zeros(y.shape[0], y.shape[1], self.brownian_size)
-        for spec, E in zip(self.layout.specs, c.noise):
+        for spec, E in zip(self.layout.specs, self._dense_rows(c)):
             b = spec.block
             G[:, spec.start : spec.stop, b * M : (b + 1) * M] = E.mT
         return G
@@ -310,5 +531,5 @@ class ParameterSDE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"lr={self.lr}, M={self.M}, params={self.n_params}, blocks={len(self.layout.blocks)}, "
-            f"layers={self.layer_names}"
+            f"engine={self.engine!r}, layers={self.layer_names}"
         )
