@@ -166,8 +166,9 @@ class FactoredNoise:
             deltas, _ = pullback(torch.ones_like(losses))
             inc: Dict[str, torch.Tensor] = {}
             if w is not None:
-                for b, names in untracked:
-                    inc.update(pullback(w[b].to(losses.dtype))[1])
+                for b, names in untracked:  # one backward per untracked module, with its own weights
+                    g = pullback(w[b].to(losses.dtype))[1]
+                    inc.update({k: g[k] for k in names})
                 for name, module in modules.items():
                     b = layer_block[name]
                     own = {k[len(prefix[name]):]: p[k] for k in self.layout.blocks[b].params}
