@@ -67,6 +67,10 @@ CONFIGS = {
 DEFAULT = ("mlp16", "mlp64", "convnet8")
 
 
+#: LipschitzSDE's decomposition option for every configuration (``--decomposition``).
+DECOMPOSITION = ["auto"]
+
+
 def setup(name: str, device: str, n: int | None = None, engine: str = "factored", cls=LipschitzSDE):
     """The model, its training set (X, Y) on the device, and the SDE; n overrides the trajectories."""
     model_name, dataset, M, lr, n_default = CONFIGS[name]
@@ -77,7 +81,8 @@ def setup(name: str, device: str, n: int | None = None, engine: str = "factored"
     model = build_model(model_name, input_shape=shape, seed=0).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sde = cls(model, (X, Y), lr=lr, noise_batch_size=M, engine=engine, seed=0, on_degenerate="ignore")
+        extra = {"decomposition": DECOMPOSITION[0]} if cls is LipschitzSDE else {}
+        sde = cls(model, (X, Y), lr=lr, noise_batch_size=M, engine=engine, seed=0, on_degenerate="ignore", **extra)
     return model, (X, Y), sde, (n or n_default)
 
 
@@ -132,8 +137,30 @@ def time_config(name: str, device: str, repeats: int) -> dict:
         timed("lipschitz", lambda: sde.f_and_g_prod(float(r + 1), y0.clone(), v))
         timed("parameter", lambda: psde.f_and_g_prod(float(r + 1), y0[:, : sde.n_params].clone(), v))
     out = {k: statistics.median(t) for k, t in times.items()}
+    out["breakdown"] = breakdown(sde, y0, device)
     out.update(n=n, M=sde.M, P=sde.n_params, N=len(data[0]), chunks=list(sde._chunk_sizes(y0)), raw=times)
     return out
+
+
+def breakdown(sde, y0, device) -> dict:
+    """Seconds of the parts of one LipschitzSDE evaluation: drift and batch, decompositions, the rest."""
+    from sdelip.sde.lipschitz_sde import _decompose_batched
+
+    def timed(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+
+    y = y0.clone()
+    total = timed(lambda: sde.f(-1.0, y))
+    drift = timed(lambda: sde._draw(-1.0, y))
+    Ws = sde.weight_matrices(y[:, : sde.n_params])
+    dec = timed(lambda: [_decompose_batched(W, sde._route(W.shape[1:], y.device), sde.gap_tol) for W in Ws])
+    return {"total": total, "drift_and_batch": drift, "decompositions": dec,
+            "noise_pass_and_terms": total - drift - dec,
+            "routes": [sde._route(W.shape[1:], y.device) for W in Ws]}
 
 
 def time_materialised(name: str, device: str, n: int) -> dict:
@@ -172,7 +199,7 @@ def memory_child(name: str, device: str, engine: str, n: int) -> dict:
 
 def measure_memory(name: str, device: str, engine: str = "factored", n: int = 0) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    cmd = [sys.executable, __file__, "--_memory-child", name, device, engine, str(n)]
+    cmd = [sys.executable, __file__, "--_memory-child", name, device, engine, str(n), DECOMPOSITION[0]]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -187,11 +214,14 @@ def main(argv=None) -> dict:
     p.add_argument("--materialised", type=int, default=0, metavar="N",
                    help="also time one step of the materialised engine with N trajectories")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this file")
-    p.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--decomposition", default="auto", choices=["auto", "fast", "svd"],
+                   help="LipschitzSDE's decomposition route (auto: Gram route for large layers on CPU)")
+    p.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    DECOMPOSITION[0] = args.decomposition
     if args._memory_child:
-        name, device, engine, n = args._memory_child
+        name, device, engine, n, DECOMPOSITION[0] = args._memory_child
         print(json.dumps(memory_child(name, device, engine, int(n))))
         return {}
     print(f"machine: {machine()}; device {args.device}")
@@ -205,6 +235,10 @@ def main(argv=None) -> dict:
                 f"LipschitzSDE {r['lipschitz']:.3f} s, ParameterSDE {r['parameter']:.3f} s per Euler step "
                 f"(chunks {r['chunks']}); parameter/floor = {r['parameter'] / r['floor']:.2f}; "
                 f"live/floor = {ratio:.2f}")
+        b = r["breakdown"]
+        line += (f"\n  one evaluation: drift + batches {b['drift_and_batch']:.3f} s, decompositions "
+                 f"{b['decompositions']:.3f} s ({'/'.join(b['routes'])}), noise pass + terms "
+                 f"{b['noise_pass_and_terms']:.3f} s")
         if not args.no_memory:
             mem = measure_memory(name, args.device)
             r["memory"] = mem

@@ -115,25 +115,39 @@ def make_tracker(model, opt, variant: str, record: str, decomposition: str) -> T
     )
 
 
-def time_configs(name: str, steps: int, warmup: int, engines: list[str], decomposition: str) -> dict:
+def _to(model_opt, device):
+    model, opt = model_opt
+    model.to(device)  # in place: the optimizer keeps the same parameter objects
+    return model, opt
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_configs(name: str, steps: int, warmup: int, engines: list[str], decomposition: str,
+                 device: str = "cpu") -> dict:
     cfg = CONFIGS[name]
-    data = batches(cfg, 8)
-    runs = {"plain": make(cfg)}
+    data = [(x.to(device), y.to(device)) for x, y in batches(cfg, 8)]
+    runs = {"plain": _to(make(cfg), device)}
     trackers = {}
     tmp = tempfile.mkdtemp(prefix="bench_tracking_")
     for eng in engines:
-        model, opt = make(cfg)
+        model, opt = _to(make(cfg), device)
         runs[eng] = (model, opt)
         trackers[eng] = make_tracker(model, opt, eng, os.path.join(tmp, f"{name}_{eng}.db"), decomposition)
     times = {k: [] for k in runs}
     for k in range(warmup + steps):
         x, y = data[k % len(data)]
         for key, (model, opt) in runs.items():
+            _sync(device)
             t0 = time.perf_counter()
             if key == "plain":
                 plain_step(model, opt, x, y)
             else:
                 tracked_step(trackers[key], model, opt, x, y)
+            _sync(device)
             dt = time.perf_counter() - t0
             if k >= warmup:
                 times[key].append(dt)
@@ -244,6 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--default-malloc", action="store_true",
                     help="measure memory with glibc's default (dynamic) mmap threshold")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (memory is measured on CPU only)")
     ap.add_argument("--_memory-child", nargs=5, metavar=("MODEL", "ENGINE", "STEPS", "DECOMP", "THREADS"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -258,6 +273,8 @@ def main(argv=None) -> int:
     main_variant = engines[0]
 
     print(f"# machine: {machine()}")
+    if torch.device(args.device).type == "cuda":
+        print(f"# device: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     print(f"# load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"# decomposition={args.decomposition}, torch threads={threads}; times are medians over interleaved "
           f"steps (data loading excluded); memory = median over {args.memory_repeats} processes of the peak RSS"
@@ -266,7 +283,7 @@ def main(argv=None) -> int:
                "load_start": os.getloadavg(), "models": {}}
     for name in args.models:
         steps = args.steps or (40 if name == "mlp" else 12)
-        t = time_configs(name, steps, args.warmup, engines, args.decomposition)
+        t = time_configs(name, steps, args.warmup, engines, args.decomposition, args.device)
         res = {"time_s": t, "steps": steps}
         parts = [f"{name} (M={CONFIGS[name]['batch_size']}): plain {t['plain'] * 1e3:.1f} ms"]
         for eng in engines:

@@ -118,8 +118,11 @@ def _bytes_per_trajectory(sde, n_saved: int, itemsize: int) -> int:
     state = int(sde.state_size)
     per = n_saved * state * itemsize + 8 * state * itemsize
     M = getattr(sde, "M", None)
-    if M is not None:  # per-sample gradients and noise rows of the parameter systems
-        per += 4 * int(M) * int(sde.n_params) * itemsize
+    if M is not None:
+        if getattr(sde, "engine", None) == "materialised":  # per-sample gradients and noise rows
+            per += 4 * int(M) * int(sde.n_params) * itemsize
+        else:  # drift, increments and gradients; the system chunks its own working memory
+            per += 6 * int(sde.n_params) * itemsize
     return per
 
 
