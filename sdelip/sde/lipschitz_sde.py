@@ -35,7 +35,7 @@ from ..dynamics import terms_from_projections
 from ..engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
 from ..engines.factored import conv2d_statistics, linear_statistics, sequence_linear_statistics
 from ..engines.base import DEFAULT_CHUNK_BYTES
-from ..spectral import SpectralDecomposition, decompose
+from ..spectral import SpectralDecomposition, decompose, hessian_quadform_from_projections
 from .parameter_sde import ParameterSDE, _Coefficients
 
 __all__ = ["LipschitzSDE"]
@@ -110,6 +110,23 @@ def _layer_terms_batched(dec: _Decomposition, Gv, Gtu, grad_proj, lr, weight_dec
     return mu, kappa, lam2
 
 
+def _gradient_quadform_batched(dec: _Decomposition, gv: torch.Tensor, gtu: torch.Tensor) -> torch.Tensor:
+    """∇Lᵀ H ∇L per trajectory (n,), from gv = ∇L v1 (n, m) and gtu = ∇Lᵀ u1 (n, k) (Lemma 13)."""
+    if dec.svd is not None:
+        def one(U, S, V, a, b):
+            return hessian_quadform_from_projections(SpectralDecomposition(U=U, S=S, V=V), a, b)
+
+        return vmap(one)(*dec.svd, gv, gtu)
+    out = []
+    for c, a, b in zip(dec.curvature, gv, gtu):
+        if isinstance(c, GramCurvature):
+            A, B = (b, a) if c.transposed else (a, b)
+            out.append(c.hessian_quadform_sum(A[None], B[None]))
+        else:
+            out.append(hessian_quadform_from_projections(c, a, b))
+    return torch.stack(out)
+
+
 _linear_projections = vmap(lambda x, d, u, v: _pair(linear_statistics(x, d, u, v, False)))
 
 
@@ -157,10 +174,20 @@ class LipschitzSDE(ParameterSDE):
         include_noise_curvature: keep κ (Thm 14's noise-curvature entropy production).
         include_ito_correction: keep −½‖λ‖² (the Itô correction of log, Thm 15).
         include_diffusion: keep the diffusion row λᵀ dB.
+        include_step_curvature: add (η/2σ1) ∇Lᵀ H ∇L to the log K drift: the O(η) drift of
+            a discrete SGD step that the SDE drops (THEORY.md §4; the tracker's
+            ``step_curvature``). Euler with dt = η moves θ by discrete steps, so Π σ1(θ)
+            contains this drift; with the switch the Itô-integrated log K does too
+            (at dt = η; for dt → 0 it overshoots by ∫ step_curvature). Off by default:
+            Def 10 has no such term. Reported by :meth:`terms` as ``step_curvature``.
+        decomposition: ``"auto"`` (the tracker's Gram route for CPU layers of at least
+            :data:`FAST_MIN_DIM` rows and columns, a batched SVD otherwise and on CUDA),
+            ``"fast"`` or ``"svd"``.
         **kwargs: keyword options of :class:`ParameterSDE`.
 
     The ``include_*`` switches exist to measure what each term is worth; with any of
-    them off the log K state no longer follows the parameters.
+    them off (or the step curvature on) the log K state no longer follows the
+    parameters' SDE exactly.
     """
 
     def __init__(
@@ -173,10 +200,12 @@ class LipschitzSDE(ParameterSDE):
         include_noise_curvature: bool = True,
         include_ito_correction: bool = True,
         include_diffusion: bool = True,
+        include_step_curvature: bool = False,
         decomposition: str = "auto",
         **kwargs,
     ):
         super().__init__(model, loader, lr, **kwargs)
+        self.include_step_curvature = bool(include_step_curvature)
         self.include_drift = bool(include_drift)
         self.include_noise_curvature = bool(include_noise_curvature)
         self.include_ito_correction = bool(include_ito_correction)
@@ -252,6 +281,9 @@ class LipschitzSDE(ParameterSDE):
             gW = c.grad[wname].to(y.dtype).reshape(-1, m, k).expand(n, m, k)
             grad_proj = torch.einsum("na,nab,nb->n", d.u1, gW, d.v1)
             mu, kappa, lam2 = _layer_terms_batched(d, Gv[i], Gtu[i], grad_proj, self.lr, self.weight_decay, self.gap_tol)
+            if self.include_step_curvature:
+                sc = self._step_curvature(d, gW, kappa)
+                terms.setdefault("step_curvature", []).append(sc)
             proj = ((Gv[i] - Gv[i].mean(1, keepdim=True)) * d.u1.unsqueeze(1)).sum(-1)  # u1ᵀ E_i v1, (n, M)
             lam_row = proj * (lam_scale / d.s1).unsqueeze(1)
             a = torch.zeros_like(mu)
@@ -261,6 +293,8 @@ class LipschitzSDE(ParameterSDE):
                 a = a + kappa
             if self.include_ito_correction:
                 a = a - 0.5 * lam2
+            if self.include_step_curvature:
+                a = a + sc
             log_drift.append(a)
             lam.append(lam_row if self.include_diffusion else torch.zeros_like(lam_row))
             for name, val in zip(TERM_NAMES, (d.s1, mu, kappa, lam2)):
@@ -270,6 +304,20 @@ class LipschitzSDE(ParameterSDE):
         c.lam = torch.stack(lam, 1).to(y.dtype)  # (n, L, M)
         c.terms = {k: torch.stack(val, 1) for k, val in terms.items()}
         return c, inc
+
+    def _step_curvature(self, d: _Decomposition, gW: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+        """(η/2σ1) ∇Lᵀ H ∇L per trajectory: the O(η) drift of log K that a discrete step of length η adds.
+
+        With a batch drift ĝ of B samples, E[ĝᵀHĝ] = ∇LᵀH∇L + tr(H Var[g])/B, and
+        (η/2σ1) tr(H Var[g])/B = κ·M/B: subtracted, the estimate is unbiased.
+        """
+        gv = (gW @ d.v1.unsqueeze(-1)).squeeze(-1)
+        gtu = (d.u1.unsqueeze(1) @ gW).squeeze(1)
+        sc = self.lr / (2 * d.s1) * _gradient_quadform_batched(d, gv, gtu)
+        src = self.gradient_fn
+        if self.data is not None and src.grad_source == "batch":
+            sc = sc - kappa * (self.M / src.grad_batch_size)
+        return sc
 
     def _check_gap(self, sigma1: float, gap: float, name: str, t: float) -> None:
         # Assumption 11 over all trajectories; a degenerate layer warns once per system.
