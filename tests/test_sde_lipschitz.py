@@ -246,3 +246,30 @@ def test_step_curvature_matches_the_dense_hessian_on_a_model(decomposition):
     # and it is added to the log K drift, nothing else changes
     P = sde.n_params
     torch.testing.assert_close(sde.f(0.0, y)[:, P:] - plain.f(0.0, y)[:, P:], terms["step_curvature"])
+
+
+def test_integrated_terms_recover_log_k_without_the_step_curvature():
+    """integrate=("step_curvature",): log K with the step drift minus its integral is the plain log K."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    data = _data(64)
+    dt, n = 0.2, 6
+    ts = time_grid(1.0, dt)
+
+    def run(**kw):
+        sde = LipschitzSDE(model, data, lr=dt, noise_batch_size=4, seed=3, **kw)
+        bm = GridBrownian(0.0, dt, (n, sde.brownian_size), seed=1, dtype=torch.float64)
+        return sde, torchsde.sdeint(sde, sde.initial_state(n), ts, bm=bm, dt=dt, method="euler")
+
+    sde, ys = run(include_step_curvature=True, integrate=("step_curvature", "noise_curvature"))
+    plain, ys_plain = run()
+    assert sde.state_size == plain.state_size + 2 * sde.n_layers
+    sc = sde.integrated(ys, "step_curvature")
+    assert float(sc[-1].abs().min()) > 0
+    torch.testing.assert_close(sde.log_lipschitz(ys, per_layer=True) - sc, plain.log_lipschitz(ys_plain, per_layer=True))
+    torch.testing.assert_close(sde.direct_lipschitz(ys), plain.direct_lipschitz(ys_plain))  # θ does not see it
+    assert bool((sde.integrated(ys, "noise_curvature", per_layer=False)[1:] > 0).all())  # κ ≥ 0
+    with pytest.raises(KeyError, match="integrate"):
+        plain.integrated(ys_plain, "step_curvature")
+    with pytest.raises(ValueError, match="integrate takes"):
+        LipschitzSDE(model, data, lr=dt, noise_batch_size=4, integrate=("sigma2",))

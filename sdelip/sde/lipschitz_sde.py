@@ -42,6 +42,8 @@ __all__ = ["LipschitzSDE"]
 
 #: The names of the per-layer terms returned by :meth:`LipschitzSDE.terms`.
 TERM_NAMES = ("sigma1", "drift", "noise_curvature", "diffusion_sq")
+#: Terms whose integrals ``integrate=`` can carry in the state.
+INTEGRABLE = ("drift", "noise_curvature", "diffusion_sq", "step_curvature")
 #: Smallest min(m, n) for which the per-trajectory Gram route beats a batched SVD on CPU
 #: (measured on the development machine, one thread: 2.1 vs 2.6 ms at 64 × 288, 59 vs
 #: 219 ms at 512 × 784; 1.5 vs 1.0 ms at 32 × 64).
@@ -180,6 +182,11 @@ class LipschitzSDE(ParameterSDE):
             contains this drift; with the switch the Itô-integrated log K does too
             (at dt = η; for dt → 0 it overshoots by ∫ step_curvature). Off by default:
             Def 10 has no such term. Reported by :meth:`terms` as ``step_curvature``.
+        integrate: names of terms (among ``"drift"``, ``"noise_curvature"``,
+            ``"diffusion_sq"``, ``"step_curvature"``) whose time integral ∫ term^(ℓ) dt per
+            layer is carried as extra state columns (no diffusion); read them with
+            :meth:`integrated`. E.g. ``integrate=("step_curvature",)`` with the step
+            curvature on gives log K with and without it from one run.
         decomposition: ``"auto"`` (the tracker's Gram route for CPU layers of at least
             :data:`FAST_MIN_DIM` rows and columns, a batched SVD otherwise and on CUDA),
             ``"fast"`` or ``"svd"``.
@@ -201,11 +208,17 @@ class LipschitzSDE(ParameterSDE):
         include_ito_correction: bool = True,
         include_diffusion: bool = True,
         include_step_curvature: bool = False,
+        integrate: tuple = (),
         decomposition: str = "auto",
         **kwargs,
     ):
         super().__init__(model, loader, lr, **kwargs)
         self.include_step_curvature = bool(include_step_curvature)
+        integrate = (integrate,) if isinstance(integrate, str) else tuple(integrate)
+        bad = [k for k in integrate if k not in INTEGRABLE]
+        if bad:
+            raise ValueError(f"integrate takes term names among {INTEGRABLE}, got {bad}")
+        self.integrate = integrate
         self.include_drift = bool(include_drift)
         self.include_noise_curvature = bool(include_noise_curvature)
         self.include_ito_correction = bool(include_ito_correction)
@@ -220,13 +233,22 @@ class LipschitzSDE(ParameterSDE):
 
     @property
     def state_size(self) -> int:
-        return self.n_params + self.n_layers
+        return self.n_params + self.n_layers * (1 + len(self.integrate))
 
     def initial_state(self, n: int, dtype=None, device=None) -> torch.Tensor:
-        """n copies of [θ(0), log σ1(θ^(1)(0)), …], shape (n, state_size)."""
+        """n copies of [θ(0), log σ1(θ^(1)(0)), …, 0 for the integrated terms], shape (n, state_size)."""
         theta = super().initial_state(1, dtype=dtype, device=device)
         logk = self.direct_lipschitz(theta, per_layer=True).log()
-        return torch.cat([theta, logk], 1).repeat(int(n), 1)
+        zeros = logk.new_zeros(1, self.n_layers * len(self.integrate))
+        return torch.cat([theta, logk, zeros], 1).repeat(int(n), 1)
+
+    def integrated(self, ys: torch.Tensor, name: str, per_layer: bool = True) -> torch.Tensor:
+        """∫_0^t term^(ℓ) ds of a term named in ``integrate``: (..., L), or the sum over layers."""
+        if name not in self.integrate:
+            raise KeyError(f"{name!r} is not integrated; pass integrate=({name!r},) (integrated: {self.integrate})")
+        start = self.n_params + self.n_layers * (1 + self.integrate.index(name))
+        z = ys[..., start : start + self.n_layers]
+        return z if per_layer else z.sum(-1)
 
     def log_lipschitz(self, ys: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
         """The Itô-integrated log K^(ℓ) (..., L), or Z = Σ_ℓ log K^(ℓ) (...)."""
@@ -281,7 +303,7 @@ class LipschitzSDE(ParameterSDE):
             gW = c.grad[wname].to(y.dtype).reshape(-1, m, k).expand(n, m, k)
             grad_proj = torch.einsum("na,nab,nb->n", d.u1, gW, d.v1)
             mu, kappa, lam2 = _layer_terms_batched(d, Gv[i], Gtu[i], grad_proj, self.lr, self.weight_decay, self.gap_tol)
-            if self.include_step_curvature:
+            if self.include_step_curvature or "step_curvature" in self.integrate:
                 sc = self._step_curvature(d, gW, kappa)
                 terms.setdefault("step_curvature", []).append(sc)
             proj = ((Gv[i] - Gv[i].mean(1, keepdim=True)) * d.u1.unsqueeze(1)).sum(-1)  # u1ᵀ E_i v1, (n, M)
@@ -300,9 +322,10 @@ class LipschitzSDE(ParameterSDE):
             for name, val in zip(TERM_NAMES, (d.s1, mu, kappa, lam2)):
                 terms[name].append(val)
         c.log_drift = torch.stack(log_drift, 1).to(y.dtype)
-        c.drift = torch.cat([c.drift.to(y.dtype), c.log_drift], 1)
-        c.lam = torch.stack(lam, 1).to(y.dtype)  # (n, L, M)
         c.terms = {k: torch.stack(val, 1) for k, val in terms.items()}
+        integrals = [c.terms[k].to(y.dtype) for k in self.integrate]
+        c.drift = torch.cat([c.drift.to(y.dtype), c.log_drift, *integrals], 1)
+        c.lam = torch.stack(lam, 1).to(y.dtype)  # (n, L, M)
         return c, inc
 
     def _step_curvature(self, d: _Decomposition, gW: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
