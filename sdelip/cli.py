@@ -106,7 +106,7 @@ def prediction_summary(record, pred, at_steps: Optional[Sequence[int]] = None) -
 
 def terms_summary(record) -> list[dict]:
     """Per-layer time averages of μ, κ, ‖λ‖² and the covariance share of κ."""
-    from .plotting import layer_names
+    from .plotting import layer_label, layer_names
 
     rows = []
     for name in layer_names(record) + ["network"]:
@@ -115,15 +115,15 @@ def terms_summary(record) -> list[dict]:
             return record[key] if key in record else None
 
         mu, kappa, lam = col("drift"), col("noise_curvature"), col("diffusion_sq")
-        row = {"layer": name, "mean mu": float(mu.mean()), "mean kappa": float(kappa.mean()),
+        row = {"layer": name if name == "network" else layer_label(record, name), "mean mu": float(mu.mean()),
+               "mean kappa": float(kappa.mean()),
                "mean lambda^2": float(lam.mean())}
         if name != "network":
             cov = record.get(f"noise_curvature_cov/{name}")
             row["K first"] = float(record[f"K/{name}"].iloc[0])
             row["K last"] = float(record[f"K/{name}"].iloc[-1])
         else:
-            cov_cols = [c for c in record.columns if c.startswith("noise_curvature_cov/")]
-            cov = record[cov_cols].sum(axis=1) if cov_cols else None
+            cov = record.get("noise_curvature_cov_Z")
             row["K first"] = float(record["K"].iloc[0])
             row["K last"] = float(record["K"].iloc[-1])
         row["cov share of kappa"] = float(cov.sum() / kappa.sum()) if cov is not None and float(kappa.sum()) else float("nan")

@@ -237,13 +237,11 @@ def _evaluate(model, info: DatasetInfo, device, dtype, batch_size: int = 1000) -
 
 
 def _product_norm(model) -> float:
-    """K = Π σ1 over the tracked layers (Prop 8–9)."""
+    """K = Π σ1^c over the tracked layers, c the uses of each weight (Prop 8–9)."""
     from .layers import tracked_layers
-    from .spectral import weight_matrix
 
     with torch.no_grad():
-        return math.exp(sum(math.log(float(torch.linalg.svdvals(weight_matrix(l.module.weight))[0]))
-                            for l in tracked_layers(model)))
+        return math.exp(sum(l.uses * math.log(float(torch.linalg.svdvals(l.matrix())[0])) for l in tracked_layers(model)))
 
 
 def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainResult:
