@@ -285,8 +285,11 @@ class Tracker:
             except BaseException:
                 self._remove_hooks()
                 raise
+            if mode == "append":  # the record's metadata is the run's: keep it (batch size, earlier resumes)
+                self._metadata = {**self._metadata, **self.writer.metadata()}
             if start_step and _record_mode is None:
                 self.writer.truncate(start_step)
+                self._note_resumed(start_step)
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
@@ -743,14 +746,38 @@ class Tracker:
             "record": None if self.record_path is None else str(self.record_path),
             "engine": self.engine.name,
             "layers": [l.name for l in self.layers],
+            "options": self._options(),
             "probe_vectors": {k: v.clone() for k, v in self._probe_vectors.items()},
             "history": list(self.history) if self.record_path is None else None,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the record is truncated to the restored step."""
+    def _options(self) -> dict:
+        """The tracker options that shape a record; a resumed run must keep them."""
+        return {"engine": self.engine.name, "schedule": self.schedule.describe(), "split": self.split,
+                "decomposition": self.decomposition, "gap_tol": self.gap_tol, "on_degenerate": self.on_degenerate,
+                "probe_every": self.probe_every, "uses": {l.name: l.uses for l in self.layers}}
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """The checkpointed tracker state belongs to a run with this tracker's layers and options."""
         if list(state["layers"]) != [l.name for l in self.layers]:
             raise ValueError(f"checkpoint tracks layers {state['layers']}, this tracker {[l.name for l in self.layers]}")
+        saved, now = state.get("options", {}), self._options()
+        changed = [f"{k}={now[k]!r} here, {k}={saved[k]!r} in the checkpoint" for k in now
+                   if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ValueError(
+                "the checkpoint was written by a tracker with other options: " + "; ".join(changed) + ". A resumed "
+                "run continues the same configuration: create the tracker with the checkpoint's options"
+            )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the record is truncated to the restored step.
+
+        Raises:
+            ValueError: the checkpoint tracks other layers, or was written by a tracker
+                with other options (each named with both values).
+        """
+        self._check_state(state)
         self.step = int(state["step"])
         self.t = float(state["t"])
         self._t_anchor = tuple(state.get("t_anchor", (self.step, self.t, None)))
@@ -810,6 +837,7 @@ class Tracker:
             The checkpoint's ``extra`` object.
         """
         state = _load_checkpoint(path)
+        self._check_state(state["tracker"])
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -825,12 +853,17 @@ class Tracker:
         for g, s in zip(generators, saved):
             g.set_state(s)
         self.load_state_dict(state["tracker"])
-        if self.writer is not None:
-            resumed = list(self._metadata.get("resumed_at", []))
-            resumed.append(self.step)
-            self._metadata["resumed_at"] = resumed
-            self.writer.update_metadata({"resumed_at": resumed})
+        self._note_resumed(self.step)
         return state.get("extra")
+
+    def _note_resumed(self, step: int) -> None:
+        """Append ``step`` to the record's ``resumed_at`` metadata (the steps where the run was continued)."""
+        if self.writer is None:
+            return
+        resumed = list(self.writer.metadata().get("resumed_at", []))
+        resumed.append(int(step))
+        self._metadata["resumed_at"] = resumed
+        self.writer.update_metadata({"resumed_at": resumed})
 
     @classmethod
     def resume(cls, checkpoint: Union[str, os.PathLike], model: nn.Module,
@@ -842,13 +875,25 @@ class Tracker:
         record defaults to the checkpoint's), appends to the existing record after
         truncating it to the checkpoint's step, and restores model, optimizer, RNGs and
         ``generators``. The loop then continues at step ``tracker.step``, and the record
-        is the one an uninterrupted run would have written.
+        is the one an uninterrupted run would have written; its ``resumed_at`` metadata
+        lists the steps where the run was continued.
+
+        Raises:
+            ValueError: the options that shape the record (engine, schedule, split,
+                decomposition, gap_tol, on_degenerate, probe_every, the uses of the
+                weights) differ from the checkpoint's; each is named with both values.
+                The optimizer's hyper-parameters are restored from the checkpoint, as
+                ``optimizer.load_state_dict`` does.
         """
         state = _load_checkpoint(checkpoint)
         kwargs.setdefault("record", state["tracker"]["record"])
         kwargs.pop("overwrite", None)
         tracker = cls(model, optimizer, _record_mode="append", **kwargs)
-        tracker.restore(state, generators)
+        try:
+            tracker.restore(state, generators)
+        except BaseException:
+            tracker.close()
+            raise
         return tracker
 
 
