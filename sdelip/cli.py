@@ -189,8 +189,9 @@ def cli_option(option: str, value) -> str:
         return f"{option}={value!r} (set from Python, no command-line flag)"
     if option == "split":
         return "without --no-split" if value else "--no-split"
-    if isinstance(value, RegularizerConfig):
-        value = next((name for name, cfg in PRESETS.items() if cfg == value), ", ".join(value.active()))
+    if option == "regularizer":  # a RegularizerConfig, or its str as the record metadata keeps it
+        value = next((name for name, cfg in PRESETS.items() if cfg == value or str(cfg) == value),
+                     ", ".join(value.active()) if isinstance(value, RegularizerConfig) else value)
     if isinstance(value, bool):
         return flag if value else f"without {flag}"
     if value is None:
