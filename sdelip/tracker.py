@@ -457,14 +457,14 @@ class Tracker:
                 who = f"layer {mname!r}" if mname == layer.name else \
                     f"module {mname!r} (which holds the weight of layer {layer.name!r})"
                 how = "more than once" if n > expected else "fewer times than counted"
-                where = ("in the forward pass of example_input; the tracker needs the same structure in every "
-                         "forward pass") if self._uses_counted else \
-                    ("because every module is taken to be called once; create the Tracker with example_input= "
-                     "(one batch of inputs) so that a forward pass counts the uses of every weight")
+                why = ("as the forward pass of example_input did; the tracker needs the same structure in every "
+                       "forward pass") if self._uses_counted else \
+                    ("since without example_input= every module is taken to be called once: create the Tracker "
+                     "with example_input= (one batch of inputs) so that a forward pass counts the uses of every weight")
                 raise WeightUsesError(
-                    f"{who} was called {how} ({n} times) in one forward pass at step {self.step}, but {expected} "
-                    f"time(s) {where}. A weight applied c times contributes σ1^c to the product bound K (Prop 8), "
-                    "so its number of uses must be known"
+                    f"{who} was called {how} ({_times(n)}) in one forward pass at step {self.step}, but the tracker "
+                    f"counts {_times(expected)}, {why}. A weight applied c times contributes σ1^c to the product "
+                    "bound K (Prop 8), so its number of uses must be known"
                 )
 
     def _remove_hooks(self) -> None:
@@ -895,6 +895,10 @@ class Tracker:
             tracker.close()
             raise
         return tracker
+
+
+def _times(n: int) -> str:
+    return f"{n} time" if n == 1 else f"{n} times"
 
 
 def _layer_metadata(layer: TrackedLayer) -> dict:

@@ -331,7 +331,8 @@ def _product_norm(model) -> float:
     from .layers import tracked_layers
 
     with torch.no_grad():
-        return math.exp(sum(l.uses * math.log(float(torch.linalg.svdvals(l.matrix())[0])) for l in tracked_layers(model)))
+        return math.exp(sum(l.uses * math.log(float(torch.linalg.svdvals(l.matrix())[0]))
+                            for l in tracked_layers(model)))
 
 
 def _run_options(config: TrainConfig) -> dict:
@@ -346,7 +347,8 @@ def _as_metadata(value):
 
 def _changes(saved: dict, config: TrainConfig, convert=lambda v: v) -> list[OptionChange]:
     """The run options of ``config`` that differ from ``saved`` (options ``saved`` lacks are not compared)."""
-    return [OptionChange(k, saved[k], v) for k, v in _run_options(config).items() if k in saved and saved[k] != convert(v)]
+    return [OptionChange(k, saved[k], v) for k, v in _run_options(config).items()
+            if k in saved and saved[k] != convert(v)]
 
 
 def _remove_run(config: TrainConfig) -> None:

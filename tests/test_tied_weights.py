@@ -286,7 +286,8 @@ def test_a_module_called_more_often_than_counted_is_an_error(engine):
     tr = Tracker(m, torch.optim.SGD(m.parameters(), lr=LR), engine=engine, loss_fn=CE, example_input=x)
     assert tr.backward(CE(m(x), y), batch=(x, y)) is not None
     m.twice = False
-    with pytest.raises(WeightUsesError, match=r"'a' was called fewer times than counted \(1 times\) .* at step 1"):
+    with pytest.raises(WeightUsesError,
+                       match=r"'a' was called fewer times than counted \(1 time\) .* at step 1, but the tracker counts 2"):
         m(x)
     tr.close()
 

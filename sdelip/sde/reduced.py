@@ -233,9 +233,9 @@ class ReducedLipschitzSDE(nn.Module):
             for j, name in enumerate(layers):
                 c = int(df[f"uses/{name}"].iloc[0]) if f"uses/{name}" in df.columns else 1
                 if c != 1:
-                    mu, kappa, lam2 = repeated_use_coefficients(
-                        c, tables["drift"][:, j], tables["noise_curvature"][:, j], tables["diffusion_sq"][:, j])
-                    tables["drift"][:, j], tables["noise_curvature"][:, j], tables["diffusion_sq"][:, j] = mu, kappa, lam2
+                    new = repeated_use_coefficients(c, *(tables[k][:, j] for k in _TERMS))
+                    for k, column in zip(_TERMS, new):
+                        tables[k][:, j] = column
                     K0[j] = K0[j] ** c
         if not per_layer and len(cols["K"]) > 1:
             tables = {k: v.sum(1, keepdims=True) for k, v in tables.items()}
