@@ -146,9 +146,10 @@ def tracked_layers(model: nn.Module, example_input: Optional[torch.Tensor] = Non
         order, calls = _count_calls(model, found, example_input)
         rank = {name: k for k, name in enumerate(order)}
         found.sort(key=lambda nm: rank.get(nm[0], len(rank)))
-    groups: dict[int, list] = {}  # modules sharing one weight Parameter, in forward order
+    groups: dict[tuple, list] = {}  # modules sharing one weight Parameter, in forward order
     for name, mod in found:
-        groups.setdefault(id(mod.weight), []).append((name, mod))
+        p = mod._parameters.get("weight")  # a weight computed on access (parametrizations) is its module's own
+        groups.setdefault(("parameter", id(p)) if p is not None else ("module", id(mod)), []).append((name, mod))
     layers = []
     for group in groups.values():
         (name, mod), rest = group[0], group[1:]

@@ -163,6 +163,18 @@ def test_tracked_layers_one_layer_per_weight_with_its_uses():
     # an ordinary model keeps one layer per module, each used once
     plain = tracked_layers(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)))
     assert [(l.name, l.aliases, l.uses) for l in plain] == [("0", (), 1), ("2", (), 1)]
+    # a weight computed on access (a parametrization) is not tied to another one whose
+    # temporary tensor happens to get the same id()
+    from torch.nn.utils import parametrize
+
+    class Symmetric(nn.Module):
+        def forward(self, X):
+            return X + X.T
+
+    net = nn.Sequential(*[nn.Linear(4, 4) for _ in range(6)])
+    for lin in net:
+        parametrize.register_parametrization(lin, "weight", Symmetric())
+    assert [(l.name, l.uses) for l in tracked_layers(net)] == [(str(k), 1) for k in range(6)]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
