@@ -106,7 +106,7 @@ def prediction_summary(record, pred, at_steps: Optional[Sequence[int]] = None) -
 
 def terms_summary(record) -> list[dict]:
     """Per-layer time averages of μ, κ, ‖λ‖² and the covariance share of κ."""
-    from .plotting import layer_names
+    from .plotting import layer_label, layer_names
 
     rows = []
     for name in layer_names(record) + ["network"]:
@@ -115,15 +115,15 @@ def terms_summary(record) -> list[dict]:
             return record[key] if key in record else None
 
         mu, kappa, lam = col("drift"), col("noise_curvature"), col("diffusion_sq")
-        row = {"layer": name, "mean mu": float(mu.mean()), "mean kappa": float(kappa.mean()),
+        row = {"layer": name if name == "network" else layer_label(record, name), "mean mu": float(mu.mean()),
+               "mean kappa": float(kappa.mean()),
                "mean lambda^2": float(lam.mean())}
         if name != "network":
             cov = record.get(f"noise_curvature_cov/{name}")
             row["K first"] = float(record[f"K/{name}"].iloc[0])
             row["K last"] = float(record[f"K/{name}"].iloc[-1])
         else:
-            cov_cols = [c for c in record.columns if c.startswith("noise_curvature_cov/")]
-            cov = record[cov_cols].sum(axis=1) if cov_cols else None
+            cov = record.get("noise_curvature_cov_Z")
             row["K first"] = float(record["K"].iloc[0])
             row["K last"] = float(record["K"].iloc[-1])
         row["cov share of kappa"] = float(cov.sum() / kappa.sum()) if cov is not None and float(kappa.sum()) else float("nan")
@@ -162,6 +162,7 @@ def _train_config(args, record: Optional[str]):
         decomposition=args.decomposition, probe_every=args.probe_every, record=record,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         max_train_samples=args.max_train_samples, device=args.device, dtype=args.dtype,
+        overwrite=getattr(args, "overwrite", False),
     )
 
 
@@ -169,19 +170,48 @@ def _schedule(value: str):
     return value if value == "log" else int(value)
 
 
+def _track_flags() -> dict:
+    """TrainConfig field → the ``sdelip track`` flag that sets it (from the parser itself)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--overwrite", action="store_true")
+    _add_training_options(p)
+    flags = {a.dest: max(a.option_strings, key=len) for a in p._actions if a.option_strings}
+    flags["split"] = flags.pop("no_split")
+    return flags
+
+
+def cli_option(option: str, value) -> str:
+    """A TrainConfig option as the ``sdelip track`` command line spells it, e.g. ``--lr 0.01``."""
+    from .regularizers import PRESETS, RegularizerConfig
+
+    flag = _track_flags().get(option)
+    if flag is None:
+        return f"{option}={value!r} (set from Python, no command-line flag)"
+    if option == "split":
+        return "without --no-split" if value else "--no-split"
+    if option == "regularizer":  # a RegularizerConfig, or its str as the record metadata keeps it
+        value = next((name for name, cfg in PRESETS.items() if cfg == value or str(cfg) == value),
+                     ", ".join(value.active()) if isinstance(value, RegularizerConfig) else value)
+    if isinstance(value, bool):
+        return flag if value else f"without {flag}"
+    if value is None:
+        return f"without {flag}"
+    return f"{flag} {value}"
+
+
 def cmd_track(args) -> int:
-    from .train import train
+    from .train import ResumeError, train
 
     record = Path(args.record)
-    if record.exists() and not args.checkpoint:
-        if not args.overwrite:
-            raise FileExistsError(f"{record} exists: pass --overwrite to replace it, or --checkpoint to resume")
-        record.unlink()
     record.parent.mkdir(parents=True, exist_ok=True)
-    result = train(_train_config(args, str(record)), progress=not args.no_progress)
+    try:
+        result = train(_train_config(args, str(record)), progress=not args.no_progress)
+    except ResumeError as exc:
+        raise ResumeError(exc.problem, exc.changes, exc.source, spell=cli_option) from None
     print(f"data: {result.data} ({result.data_source})")
-    print(f"{result.steps} steps in {result.seconds:.1f} s; final loss {result.final_loss:.4f}, "
-          f"train accuracy {result.train_accuracy:.3f}"
+    resumed = f" (resumed at step {result.resumed_at})" if result.resumed_at is not None else ""
+    print(f"{result.steps} steps{resumed}, {result.seconds:.1f} s in this process; final loss {result.final_loss:.4f}, "
+          f"train accuracy {result.train_accuracy:.3f} over all steps"
           + (f", test accuracy {result.test_accuracy:.3f}" if result.test_accuracy is not None else ""))
     print(f"K: {result.K_initial:.4g} -> {result.K_final:.4g}; record: {record}")
     return 0
@@ -367,7 +397,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="how σ1 and the Hessian terms are computed (fast: Gram resolvent; svd: thin SVD)")
     t.add_argument("--probe-every", type=int, default=None,
                    help="every N steps also record exact conv norms and an empirical Lipschitz lower bound")
-    t.add_argument("--checkpoint", default=None, help="checkpoint file; an existing one is resumed")
+    t.add_argument("--checkpoint", default=None,
+                   help="checkpoint file; an existing one is resumed, with the same options as the run that wrote it")
     t.add_argument("--checkpoint-every", type=int, default=None, help="write the checkpoint every N steps")
 
 
@@ -396,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("track", help="train with live tracking into a record",
                         description="Train with plain SGD and record every Thm 14–15 term per step.")
     tr.add_argument("--record", required=True, help="SQLite record to write (e.g. runs/mlp.db)")
-    tr.add_argument("--overwrite", action="store_true", help="replace an existing record")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a new run: replace an existing record and checkpoint")
     tr.add_argument("--no-progress", action="store_true")
     _add_training_options(tr)
     tr.set_defaults(func=cmd_track)

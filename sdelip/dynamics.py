@@ -9,7 +9,9 @@ estimate of the mini-batch gradient covariance:
   ``noise_curvature_var`` (diagonal of Σ̂) and ``noise_curvature_cov`` (the rest).
 
 Per network (Thm 15): μ_Z = Σμ, κ_Z = Σκ, λ_Z² = Σ‖λ‖², Z = Σ log σ1, K = e^Z, and
-dZ = (μ_Z + κ_Z − ½λ_Z²) dt + λ_Z dW. Thm 17 gives E[Z], Var[Z], E[K], Var[K].
+dZ = (μ_Z + κ_Z − ½λ_Z²) dt + λ_Z dW. Thm 17 gives E[Z], Var[Z], E[K], Var[K]. A weight
+applied c > 1 times (tied weights) contributes the factor σ1^c to K, whose terms are
+those of :func:`repeated_use_terms`.
 
 All per-layer terms are computed from the two projections g_i v1 and g_iᵀ u1 of each
 per-sample gradient (THEORY.md §6): no mn × mn matrix is ever formed, and the
@@ -41,6 +43,8 @@ __all__ = [
     "terms_from_projections",
     "layer_terms",
     "network_terms",
+    "repeated_use_terms",
+    "repeated_use_coefficients",
     "lipschitz_moments",
 ]
 
@@ -67,6 +71,10 @@ class LayerTerms:
             (η/2σ1)(ḡᵀHḡ − tr(HΣ̂)): the O(η) drift of ΔK/K per unit time that a discrete
             SGD step adds and the SDE drops (THEORY.md §4; the paper's Sec 9 limitation 3).
             Not part of Thm 14; None when not computed.
+        diffusion_sq_var: the part of ‖λ‖² due to the variances (diagonal) of Σ̂,
+            (η/σ1²) Σ_j J_j² (diag Σ̂)_j: the Prop 6 split applied to ‖λ‖², needed for the
+            split of a weight applied more than once (:func:`repeated_use_terms`); None
+            when not computed.
     """
 
     sigma1: torch.Tensor = _tensor_field()
@@ -78,12 +86,18 @@ class LayerTerms:
     gap: torch.Tensor = _tensor_field()
     degenerate: bool = False
     step_curvature: Optional[torch.Tensor] = _tensor_field(default=None)
+    diffusion_sq_var: Optional[torch.Tensor] = _tensor_field(default=None)
 
     def as_dict(self) -> dict:
-        """The terms as Python floats (None where the split was not computed)."""
+        """The terms as Python floats (None where the split was not computed).
+
+        ``diffusion_sq_var`` appears only when it was computed.
+        """
         out = {}
         for f in attrs.fields(type(self)):
             v = getattr(self, f.name)
+            if v is None and f.name == "diffusion_sq_var":
+                continue
             out[f.name] = v if isinstance(v, bool) or v is None else float(v)
         return out
 
@@ -127,6 +141,7 @@ def terms_from_projections(
     noise_var: Optional[torch.Tensor] = None,
     weight_decay: float = 0.0,
     extra_noise_var: float = 0.0,
+    diffusion_split: bool = False,
 ) -> LayerTerms:
     """Thm 14 terms of one layer from the projections of its per-sample gradients.
 
@@ -157,6 +172,8 @@ def terms_from_projections(
         noise_var: diag Σ̂ as an (m, n) matrix, for the Prop 6 split; None skips it.
         weight_decay: λ_wd of an L2 penalty applied by the optimizer.
         extra_noise_var: s² of an isotropic perturbation added to the batch gradient.
+        diffusion_split: with ``noise_var``, also compute ``diffusion_sq_var``
+            = (η/σ1²) Σ_j (u1 v1ᵀ)_j² (diag Σ̂)_j.
 
     Returns:
         :class:`LayerTerms`.
@@ -186,12 +203,20 @@ def terms_from_projections(
         s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, d.gap, d.degenerate,
         noise_var_dot=None if noise_var is None else (lambda: (diag() * noise_var).sum()),
         hessian_trace=lambda: diag().sum(), extra_noise_var=extra_noise_var,
+        jacobian_var_dot=jacobian_var_dot(u1, d.v1, noise_var) if diffusion_split else None,
     )
+
+
+def jacobian_var_dot(u1: torch.Tensor, v1: torch.Tensor, noise_var: Optional[torch.Tensor]):
+    """A callable → Σ_j J_j² (diag Σ̂)_j = (u1∘u1)ᵀ diag Σ̂ (v1∘v1), or None without ``noise_var``."""
+    if noise_var is None:
+        return None
+    return lambda: (u1 * u1) @ noise_var @ (v1 * v1)
 
 
 def assemble_terms(
     s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, gap, degenerate,
-    noise_var_dot=None, hessian_trace=None, extra_noise_var: float = 0.0,
+    noise_var_dot=None, hessian_trace=None, extra_noise_var: float = 0.0, jacobian_var_dot=None,
 ) -> LayerTerms:
     """The common tail of every route to the Thm 14 terms: the Prop 6 split and Sec 8.4 noise.
 
@@ -202,14 +227,18 @@ def assemble_terms(
         hessian_trace: callable → tr H, needed when ``extra_noise_var`` is non-zero.
         extra_noise_var: s² of an isotropic perturbation s²I of the batch gradient; it adds
             η s²/σ1² to ‖λ‖² and (η/2σ1) s² tr H to κ (all of it to κ_var).
+        jacobian_var_dot: callable → Σ_j J_j² (diag Σ̂)_j for ``diffusion_sq_var``, or None.
     """
     nc_var = None if noise_var_dot is None else lr / (2 * s1) * noise_var_dot()
+    d_var = None if jacobian_var_dot is None else lr / s1**2 * jacobian_var_dot()
     if extra_noise_var:
         diffusion_sq = diffusion_sq + lr * extra_noise_var / s1**2
         extra = lr / (2 * s1) * extra_noise_var * hessian_trace()
         noise_curvature = noise_curvature + extra
         if nc_var is not None:
             nc_var = nc_var + extra
+        if d_var is not None:  # ‖J‖ = 1: all of the isotropic noise is on the diagonal
+            d_var = d_var + lr * extra_noise_var / s1**2
     return LayerTerms(
         sigma1=s1,
         drift=drift,
@@ -220,6 +249,7 @@ def assemble_terms(
         gap=gap,
         degenerate=degenerate,
         step_curvature=step_curvature,
+        diffusion_sq_var=d_var,
     )
 
 
@@ -277,8 +307,75 @@ def layer_terms(
     )
 
 
+def repeated_use_coefficients(uses: int, drift, noise_curvature, diffusion_sq):
+    """(μ, κ, ‖λ‖²) of σ1(θ)^c from those of σ1(θ): (cμ, cκ + ½c(c−1)‖λ‖², c²‖λ‖²).
+
+    Itô's lemma for f = σ1^c, with dσ1/σ1 = (μ + κ) dt + λᵀ dB (Thm 14), gives
+
+        df/f = c (μ + κ) dt + ½ c(c−1) ‖λ‖² dt + c λᵀ dB,
+
+    one Brownian motion B driving all c uses. Works on floats, arrays and tensors alike.
+    """
+    c = int(uses)
+    if c < 1:
+        raise ValueError(f"a weight is applied at least once, got uses = {uses!r}")
+    if c == 1:
+        return drift, noise_curvature, diffusion_sq
+    return c * drift, c * noise_curvature + 0.5 * c * (c - 1) * diffusion_sq, c * c * diffusion_sq
+
+
+def repeated_use_terms(t: LayerTerms, uses: int, lr: float, extra_noise_var: float = 0.0) -> LayerTerms:
+    """Thm 14's terms of the factor σ1(θ)^c that a weight applied c times contributes to K (Prop 8).
+
+    A tied weight is one θ with one σ1 and one set of Thm 14 terms ``t`` (from its
+    per-sample gradient, the total derivative over all uses); the product bound multiplies
+    σ1(θ) once per use. Thm 14 applied to f(θ) = σ1(θ)^c, with ∇f = c σ1^{c−1} J and
+    ∇²f = c σ1^{c−1} H + c(c−1) σ1^{c−2} J Jᵀ, gives
+
+        μ_f = c μ,    κ_f = c κ + ½c(c−1) ‖λ‖²,    ‖λ_f‖² = c² ‖λ‖²,
+
+    (:func:`repeated_use_coefficients`), so that μ_f + κ_f − ½‖λ_f‖² = c (μ + κ − ½‖λ‖²) is
+    the drift of c log σ1. The Prop 6 split puts the diagonal of J Jᵀ, J∘J, with the
+    variances: κ_f,var = c κ_var + ½c(c−1) ``diffusion_sq_var``. The step curvature
+    (η/2f) ∇Lᵀ∇²f ∇L = c (η/2σ1) ∇LᵀH∇L + ½c(c−1) η μ², with η μ² estimated without bias by
+    η μ̂² − ‖λ‖²_sampling (Var μ̂ = ‖λ‖²_sampling / η, ‖λ‖² without the extra noise).
+
+    Args:
+        t: the Thm 14 terms of θ (with ``diffusion_sq_var`` when the split is wanted).
+        uses: c ≥ 1; c = 1 returns ``t`` itself.
+        lr: η.
+        extra_noise_var: s² of the isotropic noise included in ``t.diffusion_sq``.
+
+    Returns:
+        :class:`LayerTerms` of the factor, ``sigma1`` = σ1(θ)^c.
+    """
+    if int(uses) == 1:
+        return t
+    c = int(uses)
+    drift, nc, dsq = repeated_use_coefficients(c, t.drift, t.noise_curvature, t.diffusion_sq)
+    pair = 0.5 * c * (c - 1)
+    nc_var = None
+    if t.noise_curvature_var is not None:
+        if t.diffusion_sq_var is None:
+            raise ValueError("the Prop 6 split of a weight used more than once needs diffusion_sq_var")
+        nc_var = c * t.noise_curvature_var + pair * t.diffusion_sq_var
+    step = None
+    if t.step_curvature is not None:
+        sampling = t.diffusion_sq - lr * extra_noise_var / t.sigma1**2
+        step = c * t.step_curvature + pair * (lr * t.drift**2 - sampling)
+    return LayerTerms(
+        sigma1=t.sigma1**c, drift=drift, diffusion_sq=dsq, noise_curvature=nc, noise_curvature_var=nc_var,
+        noise_curvature_cov=None if nc_var is None else nc - nc_var, gap=t.gap, degenerate=t.degenerate,
+        step_curvature=step, diffusion_sq_var=None if t.diffusion_sq_var is None else c * c * t.diffusion_sq_var,
+    )
+
+
 def network_terms(layers: Sequence[LayerTerms]) -> NetworkTerms:
-    """Aggregate per-layer terms into the network terms of Thm 15 (Assumption 3)."""
+    """Aggregate per-layer terms into the network terms of Thm 15 (Assumption 3).
+
+    Each entry is the terms of one factor of K: a layer's own terms, or for a weight
+    applied c > 1 times those of σ1^c (:func:`repeated_use_terms`).
+    """
     if len(layers) == 0:
         raise ValueError("network_terms needs at least one layer")
     Z = sum(math.log(float(t.sigma1)) for t in layers)

@@ -14,6 +14,7 @@ import numpy as np
 
 __all__ = [
     "layer_names",
+    "layer_label",
     "plot_prediction",
     "plot_terms",
     "plot_noise_split",
@@ -46,6 +47,13 @@ def _axes(ax, figsize=(6, 4)):
 def layer_names(record) -> list[str]:
     """Layer names present in a record DataFrame, in column order (forward order)."""
     return [c.split("/", 1)[1] for c in record.columns if c.startswith("K/")]
+
+
+def layer_label(record, name: str) -> str:
+    """A layer's legend label: its name, and for a tied weight applied c > 1 times "(used c×)"."""
+    col = f"uses/{name}"
+    c = int(record[col].iloc[0]) if col in record and len(record) else 1
+    return name if c == 1 else f"{name} (used {c}×)"
 
 
 def plot_prediction(pred, ax=None, title: Optional[str] = None, band_sd: float = 2.0, logy: bool = False):
@@ -109,10 +117,11 @@ def plot_terms(record, terms: Sequence[str] = ("drift", "noise_curvature", "diff
     t = record["t"].to_numpy()
     for ax, term in zip(axes, terms):
         for k, name in enumerate(layers):
-            ax.plot(t, _smooth(record[f"{term}/{name}"].to_numpy(), smooth), lw=0.8, color=f"C{k % 10}", label=name)
+            ax.plot(t, _smooth(record[f"{term}/{name}"].to_numpy(), smooth), lw=0.8, color=f"C{k % 10}",
+                    label=layer_label(record, name))
         net = f"{term}_Z"
         if net in record:
-            ax.plot(t, _smooth(record[net].to_numpy(), smooth), lw=1.4, color="k", label="network (Σ)")
+            ax.plot(t, _smooth(record[net].to_numpy(), smooth), lw=1.4, color="k", label="network (Thm 15)")
         ax.set_title(_TERM_LABELS.get(term, term), fontsize=10)
         ax.set_xlabel("t")
         ax.axhline(0, color="0.6", lw=0.5)
@@ -124,13 +133,20 @@ def plot_terms(record, terms: Sequence[str] = ("drift", "noise_curvature", "diff
 
 
 def plot_noise_split(record, ax=None, smooth: int = 1, title: Optional[str] = None):
-    """κ_Z split into its variance and covariance parts (Prop 6, Fig 3)."""
+    """κ_Z split into its variance and covariance parts (Prop 6, Fig 3).
+
+    The network columns ``noise_curvature_var_Z`` and ``noise_curvature_cov_Z`` when the
+    record has them (they count a tied weight as its factor σ1^c of K), else the sums of
+    the per-layer columns.
+    """
     fig, ax = _axes(ax)
     t = record["t"].to_numpy()
-    var_cols = [c for c in record.columns if c.startswith("noise_curvature_var/")]
-    cov_cols = [c for c in record.columns if c.startswith("noise_curvature_cov/")]
-    kv = record[var_cols].sum(axis=1).to_numpy()
-    kc = record[cov_cols].sum(axis=1).to_numpy()
+    if "noise_curvature_var_Z" in record and "noise_curvature_cov_Z" in record:
+        kv = record["noise_curvature_var_Z"].to_numpy()
+        kc = record["noise_curvature_cov_Z"].to_numpy()
+    else:
+        kv = record[[c for c in record.columns if c.startswith("noise_curvature_var/")]].sum(axis=1).to_numpy()
+        kc = record[[c for c in record.columns if c.startswith("noise_curvature_cov/")]].sum(axis=1).to_numpy()
     ax.plot(t, _smooth(kv + kc, smooth), color="k", lw=1.2, label="κ_Z")
     ax.plot(t, _smooth(kv, smooth), color="C1", lw=1, label="κ_Z from variances (diag Σ)")
     ax.plot(t, _smooth(kc, smooth), color="C4", lw=1, label="κ_Z from covariances")

@@ -17,7 +17,8 @@ more than a plain MLP step).
 Tables::
 
     meta(key, value)                 run metadata, JSON values
-    layers(idx, name, kind, m, n)    the tracked layers in forward order
+    layers(idx, name, kind, m, n, uses)  the tracked layers in forward order (uses: c, the
+                                     number of times a tied weight is applied; 1 otherwise)
     steps(step, t, lr, loss, batch_size, Z, K, drift_Z, …, degenerate)
     layer_steps(step, layer, K, drift, noise_curvature, …, gap, degenerate)
     probes(step, name, value)        optional probes (conv operator norms, Lipschitz lower bound)
@@ -48,6 +49,8 @@ __all__ = [
     "load_metadata",
     "load_probes",
     "load_layers",
+    "load_layer_uses",
+    "remove_record",
     "records_equal",
 ]
 
@@ -84,7 +87,8 @@ _STEP_DB_COLUMNS = ("step", "t", "lr", "loss", "batch_size") + NETWORK_QUANTITIE
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
-    idx INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, m INTEGER NOT NULL, n INTEGER NOT NULL
+    idx INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, m INTEGER NOT NULL, n INTEGER NOT NULL,
+    uses INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY, t REAL NOT NULL, lr REAL NOT NULL, loss REAL, batch_size INTEGER,
@@ -106,6 +110,14 @@ CREATE TABLE IF NOT EXISTS probes (
 
 class RecordExistsError(FileExistsError):
     """The record file already holds steps and neither append nor overwrite was asked for."""
+
+
+def remove_record(path: Union[str, os.PathLike]) -> None:
+    """Delete a record file together with its write-ahead log and shared-memory files."""
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        p = Path(str(path) + suffix)
+        if p.exists():
+            p.unlink()
 
 
 def _opt_float(v) -> Optional[float]:
@@ -186,7 +198,8 @@ class RecordWriter:
 
     Args:
         path: the database file (created with its parent folder if missing).
-        layers: the tracked layers as (name, kind, (m, n)) triples, in forward order.
+        layers: the tracked layers as (name, kind, (m, n)) or (name, kind, (m, n), uses)
+            tuples, in forward order (uses: how many times the weight is applied, default 1).
         metadata: JSON-serialisable run metadata (stored under their keys).
         mode: ``"new"`` (refuse a file that already holds steps), ``"append"`` (continue
             an existing record with the same layers) or ``"overwrite"`` (delete the file first).
@@ -214,10 +227,7 @@ class RecordWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if mode == "overwrite":
-            for suffix in ("", "-wal", "-shm", "-journal"):
-                p = Path(str(self.path) + suffix)
-                if p.exists():
-                    p.unlink()
+            remove_record(self.path)
         self._con = _connect(self.path)
         con = self._con
         con.execute("PRAGMA journal_mode=WAL")
@@ -226,8 +236,11 @@ class RecordWriter:
         for table, cols in _ADDED_COLUMNS.items():
             for col in set(cols) - _table_columns(con, table):
                 con.execute(f"ALTER TABLE {table} ADD COLUMN {col} REAL")
-        self.layer_names = [name for name, _, _ in layers]
-        existing = con.execute("SELECT name, kind, m, n FROM layers ORDER BY idx").fetchall()
+        if "uses" not in _table_columns(con, "layers"):  # records written before tied weights were counted
+            con.execute("ALTER TABLE layers ADD COLUMN uses INTEGER NOT NULL DEFAULT 1")
+        layers = [tuple(layer) if len(layer) == 4 else (*layer, 1) for layer in layers]
+        self.layer_names = [name for name, _, _, _ in layers]
+        existing = con.execute("SELECT name, kind, m, n, uses FROM layers ORDER BY idx").fetchall()
         n_steps = con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
         if mode == "new" and n_steps > 0:
             con.close()
@@ -235,19 +248,22 @@ class RecordWriter:
                 f"record {str(self.path)!r} already holds {n_steps} step(s); pass overwrite=True to start a new "
                 "record there, or resume the run from a checkpoint (Tracker.resume) to continue it"
             )
-        wanted = [(name, kind, int(shape[0]), int(shape[1])) for name, kind, shape in layers]
+        wanted = [(name, kind, int(shape[0]), int(shape[1]), int(uses)) for name, kind, shape, uses in layers]
         if existing and [tuple(r) for r in existing] != wanted:
             if mode == "append" or n_steps > 0:
                 con.close()
+
+                def desc(rows):
+                    return [(r[0], (r[2], r[3])) + ((f"{r[4]} uses",) if r[4] != 1 else ()) for r in rows]
+
                 raise ValueError(
-                    f"record {str(self.path)!r} tracks layers {[r[0] for r in existing]} with shapes "
-                    f"{[(r[2], r[3]) for r in existing]}, not {[(w[0], (w[2], w[3])) for w in wanted]}"
+                    f"record {str(self.path)!r} tracks layers {desc(existing)}, not {desc(wanted)}"
                 )
         con.execute("BEGIN")
         if not existing or [tuple(r) for r in existing] != wanted:
             con.execute("DELETE FROM layers")
             con.executemany(
-                "INSERT INTO layers (idx, name, kind, m, n) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO layers (idx, name, kind, m, n, uses) VALUES (?, ?, ?, ?, ?, ?)",
                 [(i, *w) for i, w in enumerate(wanted)],
             )
         if mode != "append":
@@ -376,6 +392,21 @@ def load_layers(path) -> list[tuple[str, str, tuple[int, int]]]:
         con.close()
 
 
+def _layer_uses(con: sqlite3.Connection) -> dict[str, int]:
+    if "uses" not in _table_columns(con, "layers"):
+        return {name: 1 for (name,) in con.execute("SELECT name FROM layers ORDER BY idx")}
+    return {name: int(u) for name, u in con.execute("SELECT name, uses FROM layers ORDER BY idx")}
+
+
+def load_layer_uses(path) -> dict[str, int]:
+    """How many times each tracked layer's weight is applied per forward pass (1 unless tied)."""
+    con = _open_for_reading(path)
+    try:
+        return _layer_uses(con)
+    finally:
+        con.close()
+
+
 def load_metadata(path) -> dict:
     """The run metadata of a record (model summary, layer shapes, η, M, engine, seed, versions…)."""
     con = _open_for_reading(path)
@@ -411,6 +442,10 @@ def load_record(path) -> pd.DataFrame:
       ``gap/<ℓ>`` ((σ1 − σ2)/σ1), ``step_curvature/<ℓ>`` (the O(η) drift of a discrete
       step that the SDE drops, :class:`sdelip.dynamics.LayerTerms`) and ``degenerate/<ℓ>``
       (bool, Assumption 11 violated);
+    - only in records of models with tied weights, ``uses/<ℓ>`` (int): c, the number of
+      times layer ℓ's weight is applied per forward pass. Such a layer's columns are the
+      terms of its one θ; the network columns count it as the factor σ1^c of K
+      (:func:`sdelip.dynamics.repeated_use_terms`);
     - network: ``Z``, ``K``, ``drift_Z``, ``noise_curvature_Z``, ``diffusion_sq_Z``,
       ``noise_curvature_var_Z``, ``noise_curvature_cov_Z`` (Thm 15), ``step_curvature_Z``
       and ``degenerate``;
@@ -422,7 +457,8 @@ def load_record(path) -> pd.DataFrame:
     """
     con = _open_for_reading(path)
     try:
-        layers = [r[0] for r in con.execute("SELECT name FROM layers ORDER BY idx")]
+        uses = _layer_uses(con)
+        layers = list(uses)
         have_steps, have_layers = _table_columns(con, "steps"), _table_columns(con, "layer_steps")
         step_cols = [c if c in have_steps else f"NULL AS {c}" for c in _STEP_DB_COLUMNS]
         layer_cols = [f"ls.{c}" if c in have_layers else f"NULL AS {c}" for c in _LAYER_DB_COLUMNS]
@@ -452,6 +488,9 @@ def load_record(path) -> pd.DataFrame:
             for name in layers:
                 dtype = bool if q == "degenerate" else "float64"
                 blocks.append(pd.DataFrame({f"{q}/{name}": pd.Series([], dtype=dtype)}))
+    if any(c != 1 for c in uses.values()):
+        for name in layers:
+            blocks.append(pd.DataFrame({f"uses/{name}": np.full(len(steps), uses[name], dtype=np.int64)}))
     blocks.append(steps[list(NETWORK_QUANTITIES) + ["degenerate"]])
     out = pd.concat([b.reset_index(drop=True) for b in blocks], axis=1)
     if not probes.empty:

@@ -26,7 +26,12 @@ expected gradient ∇L of μ is estimated by the step's mini-batch mean, whose r
 the update actually applied (THEORY.md §5).
 
 K is the product bound of Prop 8 over the tracked Linear/Conv2d layers: it treats every
-activation as 1-Lipschitz and ignores skip connections (see :mod:`sdelip.layers`).
+activation as 1-Lipschitz and ignores skip connections (see :mod:`sdelip.layers`). A
+weight applied c > 1 times (tied weights, a module called several times) is one layer
+with one σ1 and one set of Thm 14 terms, and contributes σ1^c to K; the network terms
+are those of that factor (:func:`sdelip.dynamics.repeated_use_terms`). The tracker counts
+the calls of every tracked module in each forward pass and raises
+:class:`~sdelip.engines.WeightUsesError` when they differ from the counted uses.
 """
 
 from __future__ import annotations
@@ -44,10 +49,11 @@ import torch
 from torch import nn
 
 from ._checks import NonFiniteError, check_finite
-from .dynamics import LayerTerms, network_terms, terms_from_projections
+from .dynamics import LayerTerms, network_terms, repeated_use_terms, terms_from_projections
 from .engines import (
     Engine,
     EngineNotApplicableError,
+    WeightUsesError,
     coupling_modules,
     make_engine,
     resolve_engine_name,
@@ -109,7 +115,10 @@ class Tracker:
         extra_noise_var: s² of an isotropic perturbation N(0, s² I) added to the batch
             gradient after the backward (noisy-gradient runs, Sec 8.4); settable attribute.
         metadata: extra run metadata merged into the record's.
-        example_input: an input batch used once to order the layers by a forward pass.
+        example_input: an input batch used once to order the layers by a forward pass and
+            to count how many times each tracked module is called in it (tied weights and
+            modules called several times, :func:`sdelip.layers.tracked_layers`). Without it
+            every module is taken to be called once per forward pass.
         loss_fn: ``loss_fn(outputs, targets)`` → per-sample losses; the materialised engine
             needs it (and ``batch=`` in :meth:`backward`).
         decomposition: how the operator-norm derivatives (Lemma 12–13) are evaluated:
@@ -248,6 +257,14 @@ class Tracker:
         for layer in self.layers:
             if isinstance(layer.module, nn.Conv2d):
                 self._hooks.append(layer.module.register_forward_hook(self._shape_hook(layer.name)))
+        # -- hooks: how many times each tracked module is called in one forward pass --------------
+        self._uses_counted = example_input is not None
+        self._calls: dict[str, int] = {}
+        self._hooks.append(model.register_forward_pre_hook(self._reset_calls))
+        for layer in self.layers:
+            for mname, mod in zip(layer.module_names, layer.modules):
+                self._hooks.append(mod.register_forward_hook(self._count_call(mname)))
+        self._hooks.append(model.register_forward_hook(self._check_uses))
 
         # -- record ---------------------------------------------------------------------------
         self.record_path = None if record is None else Path(record)
@@ -260,7 +277,7 @@ class Tracker:
             try:
                 self.writer = RecordWriter(
                     self.record_path,
-                    [(l.name, l.kind, l.shape) for l in self.layers],
+                    [(l.name, l.kind, l.shape, l.uses) for l in self.layers],
                     self._metadata,
                     mode=mode,
                     durability=durability,
@@ -268,8 +285,11 @@ class Tracker:
             except BaseException:
                 self._remove_hooks()
                 raise
+            if mode == "append":  # the record's metadata is the run's: keep it (batch size, earlier resumes)
+                self._metadata = {**self._metadata, **self.writer.metadata()}
             if start_step and _record_mode is None:
                 self.writer.truncate(start_step)
+                self._note_resumed(start_step)
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
@@ -359,7 +379,7 @@ class Tracker:
             "model": type(model).__name__,
             "model_summary": repr(model),
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
-            "layers": [{"name": l.name, "kind": l.kind, "shape": list(l.shape)} for l in self.layers],
+            "layers": [_layer_metadata(l) for l in self.layers],
             "lr": lr0,
             "weight_decay": wds,
             "optimizer": opt_meta,
@@ -414,6 +434,38 @@ class Tracker:
             if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim == 4:
                 self._input_shapes[name] = tuple(inputs[0].shape[1:])
         return hook
+
+    def _reset_calls(self, module, args) -> None:
+        self._calls = {}
+
+    def _count_call(self, name: str):
+        def hook(module, inputs, output):
+            if torch.is_grad_enabled():
+                self._calls[name] = self._calls.get(name, 0) + 1
+        return hook
+
+    def _check_uses(self, module, args, output) -> None:
+        """Every tracked module called as often as the tracker counts (or not at all) in this forward pass."""
+        if not torch.is_grad_enabled():
+            return
+        calls = self._calls
+        for layer in self.layers:
+            for mname, expected in zip(layer.module_names, layer.calls):
+                n = calls.get(mname, 0)
+                if n == 0 or n == expected:
+                    continue
+                who = f"layer {mname!r}" if mname == layer.name else \
+                    f"module {mname!r} (which holds the weight of layer {layer.name!r})"
+                how = "more than once" if n > expected else "fewer times than counted"
+                why = ("as the forward pass of example_input did; the tracker needs the same structure in every "
+                       "forward pass") if self._uses_counted else \
+                    ("since without example_input= every module is taken to be called once: create the Tracker "
+                     "with example_input= (one batch of inputs) so that a forward pass counts the uses of every weight")
+                raise WeightUsesError(
+                    f"{who} was called {how} ({_times(n)}) in one forward pass at step {self.step}, but the tracker "
+                    f"counts {_times(expected)}, {why}. A weight applied c times contributes σ1^c to the product "
+                    "bound K (Prop 8), so its number of uses must be known"
+                )
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
@@ -595,14 +647,15 @@ class Tracker:
             terms_fn = fast_layer_terms if isinstance(d, GramCurvature) else terms_from_projections
             tt = terms_fn(
                 d, st.Gv, st.Gtu, lr, noise_var=noise_var, weight_decay=wds[layer.name],
-                extra_noise_var=self.extra_noise_var,
+                extra_noise_var=self.extra_noise_var, diffusion_split=layer.uses > 1,
             )
             self._check_terms(tt, layer.name, step)
             terms[layer.name] = tt
         return terms
 
     def _step_record(self, terms, losses, step, M, lr) -> StepRecord:
-        net = network_terms([terms[l.name] for l in self.layers])
+        net = network_terms([repeated_use_terms(terms[l.name], l.uses, lr, self.extra_noise_var)
+                             for l in self.layers])
         layer_rows = {}
         for layer in self.layers:
             q = terms[layer.name].as_dict()
@@ -693,14 +746,38 @@ class Tracker:
             "record": None if self.record_path is None else str(self.record_path),
             "engine": self.engine.name,
             "layers": [l.name for l in self.layers],
+            "options": self._options(),
             "probe_vectors": {k: v.clone() for k, v in self._probe_vectors.items()},
             "history": list(self.history) if self.record_path is None else None,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the record is truncated to the restored step."""
+    def _options(self) -> dict:
+        """The tracker options that shape a record; a resumed run must keep them."""
+        return {"engine": self.engine.name, "schedule": self.schedule.describe(), "split": self.split,
+                "decomposition": self.decomposition, "gap_tol": self.gap_tol, "on_degenerate": self.on_degenerate,
+                "probe_every": self.probe_every, "uses": {l.name: l.uses for l in self.layers}}
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        """The checkpointed tracker state belongs to a run with this tracker's layers and options."""
         if list(state["layers"]) != [l.name for l in self.layers]:
             raise ValueError(f"checkpoint tracks layers {state['layers']}, this tracker {[l.name for l in self.layers]}")
+        saved, now = state.get("options", {}), self._options()
+        changed = [f"{k}={now[k]!r} here, {k}={saved[k]!r} in the checkpoint" for k in now
+                   if k in saved and saved[k] != now[k]]
+        if changed:
+            raise ValueError(
+                "the checkpoint was written by a tracker with other options: " + "; ".join(changed) + ". A resumed "
+                "run continues the same configuration: create the tracker with the checkpoint's options"
+            )
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the record is truncated to the restored step.
+
+        Raises:
+            ValueError: the checkpoint tracks other layers, or was written by a tracker
+                with other options (each named with both values).
+        """
+        self._check_state(state)
         self.step = int(state["step"])
         self.t = float(state["t"])
         self._t_anchor = tuple(state.get("t_anchor", (self.step, self.t, None)))
@@ -760,6 +837,7 @@ class Tracker:
             The checkpoint's ``extra`` object.
         """
         state = _load_checkpoint(path)
+        self._check_state(state["tracker"])
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -775,12 +853,17 @@ class Tracker:
         for g, s in zip(generators, saved):
             g.set_state(s)
         self.load_state_dict(state["tracker"])
-        if self.writer is not None:
-            resumed = list(self._metadata.get("resumed_at", []))
-            resumed.append(self.step)
-            self._metadata["resumed_at"] = resumed
-            self.writer.update_metadata({"resumed_at": resumed})
+        self._note_resumed(self.step)
         return state.get("extra")
+
+    def _note_resumed(self, step: int) -> None:
+        """Append ``step`` to the record's ``resumed_at`` metadata (the steps where the run was continued)."""
+        if self.writer is None:
+            return
+        resumed = list(self.writer.metadata().get("resumed_at", []))
+        resumed.append(int(step))
+        self._metadata["resumed_at"] = resumed
+        self.writer.update_metadata({"resumed_at": resumed})
 
     @classmethod
     def resume(cls, checkpoint: Union[str, os.PathLike], model: nn.Module,
@@ -792,14 +875,38 @@ class Tracker:
         record defaults to the checkpoint's), appends to the existing record after
         truncating it to the checkpoint's step, and restores model, optimizer, RNGs and
         ``generators``. The loop then continues at step ``tracker.step``, and the record
-        is the one an uninterrupted run would have written.
+        is the one an uninterrupted run would have written; its ``resumed_at`` metadata
+        lists the steps where the run was continued.
+
+        Raises:
+            ValueError: the options that shape the record (engine, schedule, split,
+                decomposition, gap_tol, on_degenerate, probe_every, the uses of the
+                weights) differ from the checkpoint's; each is named with both values.
+                The optimizer's hyper-parameters are restored from the checkpoint, as
+                ``optimizer.load_state_dict`` does.
         """
         state = _load_checkpoint(checkpoint)
         kwargs.setdefault("record", state["tracker"]["record"])
         kwargs.pop("overwrite", None)
         tracker = cls(model, optimizer, _record_mode="append", **kwargs)
-        tracker.restore(state, generators)
+        try:
+            tracker.restore(state, generators)
+        except BaseException:
+            tracker.close()
+            raise
         return tracker
+
+
+def _times(n: int) -> str:
+    return f"{n} time" if n == 1 else f"{n} times"
+
+
+def _layer_metadata(layer: TrackedLayer) -> dict:
+    """A layer's entry in the record metadata; tied weights add their uses and the other modules."""
+    out = {"name": layer.name, "kind": layer.kind, "shape": list(layer.shape)}
+    if layer.uses > 1:
+        out.update(uses=layer.uses, aliases=list(layer.aliases), calls=list(layer.calls))
+    return out
 
 
 def _load_checkpoint(path) -> dict:

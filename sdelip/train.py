@@ -12,6 +12,12 @@ Every per-step draw is derived from (``sampling_seed``, step) alone: the mini-ba
 step k is slice k of the epoch's seeded permutation, and the global torch RNG is
 reseeded from (``sampling_seed``, k) before the step. A run resumed from a checkpoint
 at step k is therefore bitwise identical to the uninterrupted run, on CPU.
+
+A resumed run continues the same configuration: the checkpoint stores the options that
+determine the run's numbers (:data:`RESUME_FREE_OPTIONS` lists the others), and a rerun
+that asks for different ones is refused with a :class:`ResumeError` naming each option
+and its two values; ``overwrite=True`` starts a new run instead. The checkpoint also
+carries the running loss and accuracy, so the result describes the whole run.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import attrs
 import torch
@@ -36,7 +42,21 @@ from .regularizers import (
     with_label_corruption,
 )
 
-__all__ = ["TrainConfig", "TrainResult", "train", "batch_indices", "prepare_data"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "ResumeError",
+    "OptionChange",
+    "RESUME_FREE_OPTIONS",
+    "train",
+    "batch_indices",
+    "prepare_data",
+]
+
+#: TrainConfig fields that may change when a run is resumed: they do not change its numbers.
+RESUME_FREE_OPTIONS = ("data_root", "download", "steps", "record", "checkpoint", "checkpoint_every", "eval_test",
+                       "overwrite")
+CHECKPOINT_FORMAT = "sdelip-train-checkpoint-2"
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -88,13 +108,16 @@ class TrainConfig:
         probe_every: every N steps also record exact conv norms and an empirical
             lower bound of the Lipschitz constant (None: never).
         record: path of the SQLite record (None: no record on disk).
-        checkpoint: path of the checkpoint file (None: no checkpoints).
+        checkpoint: path of the checkpoint file (None: no checkpoints). An existing one is
+            resumed: the run continues from its step with the same options (see
+            :class:`ResumeError`) and appends to the record.
         checkpoint_every: write the checkpoint every N steps (and at the end).
         max_train_samples: use a fixed random subset of N training samples (quick runs;
             drawn with seed 0, independent of the run's seeds, so every class appears).
         device: ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` or ``"float64"``.
         eval_test: evaluate test accuracy at the end.
+        overwrite: start a new run: delete an existing record and checkpoint first.
     """
 
     model: str = "mlp"
@@ -123,6 +146,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"
     eval_test: bool = True
+    overwrite: bool = False
 
     def __attrs_post_init__(self):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -139,8 +163,73 @@ class TrainConfig:
 
 
 @attrs.frozen
+class OptionChange:
+    """One option that differs between a checkpoint's run and the run asked for.
+
+    Attributes:
+        option: the :class:`TrainConfig` field.
+        checkpoint: its value in the run that wrote the checkpoint (or the record).
+        requested: its value now.
+    """
+
+    option: str
+    checkpoint: Any
+    requested: Any
+
+
+def python_option(option: str, value: Any) -> str:
+    """An option as a Python caller writes it, e.g. ``lr=0.01``."""
+    if isinstance(value, RegularizerConfig):
+        value = value.active() or "none"
+    return f"{option}={value!r}"
+
+
+class ResumeError(ValueError):
+    """A run cannot continue from its checkpoint and record as asked.
+
+    Either the options differ from those of the run that wrote the checkpoint (or the
+    record), or the record and the checkpoint do not belong together. The message names
+    every differing option with both values; :meth:`describe` spells the options for
+    another audience (the command line names its flags).
+
+    Attributes:
+        problem: what is wrong; ``{overwrite}`` and ``{checkpoint}`` stand for those options.
+        changes: the :class:`OptionChange` list (empty when the options agree).
+        source: ``"checkpoint"`` or ``"record"``: whose options ``changes`` compares with.
+
+    Args:
+        problem, changes, source: the attributes.
+        spell: how the message spells an option and its value (default :func:`python_option`).
+    """
+
+    def __init__(self, problem: str, changes: Sequence[OptionChange] = (), source: str = "checkpoint",
+                 spell: Callable[[str, Any], str] = None):
+        self.problem = problem
+        self.changes = list(changes)
+        self.source = source
+        super().__init__(self.describe(spell or python_option))
+
+    def describe(self, spell: Callable[[str, Any], str] = python_option) -> str:
+        """The message with options spelled by ``spell(option, value)``."""
+        problem = self.problem.replace("{overwrite}", spell("overwrite", True))
+        lines = [problem.replace("{checkpoint}", spell("checkpoint", "FILE"))]
+        lines += [f"  {spell(c.option, c.requested)} now, {spell(c.option, c.checkpoint)} in the {self.source}"
+                  for c in self.changes]
+        if self.changes:
+            lines.append(f"A resumed run continues the configuration of the run that wrote the {self.source}: rerun "
+                         f"with its options, or pass {spell('overwrite', True)} to start a new run, which replaces the "
+                         "record and the checkpoint.")
+        return "\n".join(lines)
+
+
+@attrs.frozen
 class TrainResult:
-    """What a run produced."""
+    """What a run produced.
+
+    ``final_loss`` is the loss of the last step, ``train_accuracy`` the accuracy over every
+    step's mini-batch, for the whole run also when it was resumed (``resumed_at``: the step
+    this call started from, None for a run from step 0).
+    """
 
     config: TrainConfig
     data: str
@@ -154,6 +243,7 @@ class TrainResult:
     record: Optional[str]
     seconds: float
     model: torch.nn.Module = attrs.field(repr=False)
+    resumed_at: Optional[int] = None
 
 
 def prepare_data(config: TrainConfig, train: bool = True) -> DatasetInfo:
@@ -237,13 +327,84 @@ def _evaluate(model, info: DatasetInfo, device, dtype, batch_size: int = 1000) -
 
 
 def _product_norm(model) -> float:
-    """K = Π σ1 over the tracked layers (Prop 8–9)."""
+    """K = Π σ1^c over the tracked layers, c the uses of each weight (Prop 8–9)."""
     from .layers import tracked_layers
-    from .spectral import weight_matrix
 
     with torch.no_grad():
-        return math.exp(sum(math.log(float(torch.linalg.svdvals(weight_matrix(l.module.weight))[0]))
+        return math.exp(sum(l.uses * math.log(float(torch.linalg.svdvals(l.matrix())[0]))
                             for l in tracked_layers(model)))
+
+
+def _run_options(config: TrainConfig) -> dict:
+    """The options that determine a run's numbers (all but :data:`RESUME_FREE_OPTIONS`)."""
+    return {f.name: getattr(config, f.name) for f in attrs.fields(TrainConfig) if f.name not in RESUME_FREE_OPTIONS}
+
+
+def _as_metadata(value):
+    """A config value as the record metadata stores it (JSON scalars, else ``str``)."""
+    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
+
+def _changes(saved: dict, config: TrainConfig, convert=lambda v: v) -> list[OptionChange]:
+    """The run options of ``config`` that differ from ``saved`` (options ``saved`` lacks are not compared)."""
+    return [OptionChange(k, saved[k], v) for k, v in _run_options(config).items()
+            if k in saved and saved[k] != convert(v)]
+
+
+def _remove_run(config: TrainConfig) -> None:
+    """Delete the record and the checkpoint of ``config`` (``overwrite=True``)."""
+    from .record import remove_record
+
+    if config.record:
+        remove_record(config.record)
+    if config.checkpoint:
+        for p in (Path(config.checkpoint), _checkpoint_tmp(Path(config.checkpoint))):
+            if p.exists():
+                p.unlink()
+
+
+def _resume_state(config: TrainConfig, device) -> Optional[dict]:
+    """The checkpoint to continue from, after checking that it and the record belong to this run.
+
+    Raises:
+        ResumeError: changed options, a record without a checkpoint (or the reverse), an
+            old checkpoint without options, or fewer steps than the checkpoint has done.
+    """
+    from .record import load_metadata
+
+    ckpt = Path(config.checkpoint) if config.checkpoint else None
+    record = Path(config.record) if config.record and config.track else None
+    if ckpt is None or not ckpt.exists():
+        if record is not None and record.exists():
+            problem = f"the record {str(record)!r} already exists"
+            problem += (f" and there is no checkpoint {str(ckpt)!r} to resume it from" if ckpt is not None else
+                        " (to resume the run that wrote it, give that run's checkpoint with {checkpoint})")
+            raise ResumeError(problem + ": pass {overwrite} to replace it with a new run")
+        return None
+    state = torch.load(ckpt, map_location=device, weights_only=False)
+    where = f"the checkpoint {str(ckpt)!r} (step {int(state['step'])})"
+    if state.get("format") != CHECKPOINT_FORMAT or "options" not in state:
+        raise ResumeError(f"{where} was written by an earlier version of sdelip and does not record the run's "
+                          "options, so the resumed run cannot be checked against them: pass {overwrite} to start a "
+                          "new run")
+    changes = _changes(state["options"], config)
+    if changes:
+        raise ResumeError(f"cannot resume from {where}: this run's options differ from those of the run that wrote it:",
+                          changes)
+    if int(state["step"]) > config.steps:
+        raise ResumeError(f"cannot resume from {where}: the run asks for {config.steps} steps, fewer than the "
+                          "checkpoint has done; ask for at least as many, or pass {overwrite} to start a new run")
+    if record is not None:
+        if not record.exists():
+            raise ResumeError(f"{where} continues a run whose record {str(record)!r} does not exist: give the record "
+                              "that run wrote, or pass {overwrite} to start a new run")
+        saved = load_metadata(record).get("config")
+        if isinstance(saved, dict):
+            changes = _changes(saved, config, convert=_as_metadata)
+            if changes:
+                raise ResumeError(f"cannot resume into the record {str(record)!r}: it was written by a run with "
+                                  "other options (it does not belong to the checkpoint's run):", changes, "record")
+    return state
 
 
 def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainResult:
@@ -262,6 +423,9 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
     t_start = time.perf_counter()
     dtype = _DTYPES[config.dtype]
     device = torch.device(config.device)
+    if config.overwrite:
+        _remove_run(config)
+    resume_state = _resume_state(config, device)
     reg = config.regularizer
     info = prepare_data(config, train=True)
     model = build_model(config.model, num_classes=info.num_classes, input_shape=info.input_shape,
@@ -274,20 +438,19 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
 
     start_step = 0
     ckpt = Path(config.checkpoint) if config.checkpoint else None
-    resume_state = None
-    if ckpt is not None and ckpt.exists():
-        resume_state = torch.load(ckpt, map_location=device, weights_only=False)
+    summary = {"loss": float("nan"), "correct": 0, "seen": 0}  # running over the whole run
+    if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         start_step = int(resume_state["step"])
+        summary.update(resume_state["summary"])
     K_initial = resume_state["K_initial"] if resume_state else _product_norm(model)
 
     tracker = None
     if config.track:
         example, _ = batches(0)
         metadata = {
-            "config": {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v)
-                       for k, v in attrs.asdict(config, recurse=False).items()},
+            "config": {k: _as_metadata(v) for k, v in attrs.asdict(config, recurse=False).items()},
             "regularizers": reg.active(),
             "data": info.name,
             "data_source": info.source,
@@ -308,8 +471,7 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
 
         bar = tqdm(total=config.steps, initial=start_step, desc=f"{config.model} on {info.name}", unit="step",
                    dynamic_ncols=True)
-    loss_value = float("nan")
-    correct = seen = 0
+    loss_value, correct, seen = summary["loss"], summary["correct"], summary["seen"]
     try:
         for step in range(start_step, config.steps):
             torch.manual_seed(_mix(config.sampling_seed, step, 0xD409))
@@ -333,7 +495,7 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss is {loss_value} at step {step}")
             if ckpt is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save_checkpoint(ckpt, model, optimizer, step + 1, K_initial)
+                _save_checkpoint(ckpt, config, model, optimizer, step + 1, K_initial, loss_value, correct, seen)
             if bar is not None:
                 post = {"loss": f"{loss_value:.3f}", "acc": f"{correct / max(seen, 1):.3f}"}
                 if tracker is not None and tracker.last is not None:
@@ -348,7 +510,7 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
         if tracker is not None:
             tracker.close()
     if ckpt is not None:
-        _save_checkpoint(ckpt, model, optimizer, config.steps, K_initial)
+        _save_checkpoint(ckpt, config, model, optimizer, config.steps, K_initial, loss_value, correct, seen)
     test_acc = None
     if config.eval_test:
         test_acc = _evaluate(model, prepare_data(config, train=False), device, dtype)
@@ -356,12 +518,20 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
         config=config, data=info.name, data_source=info.source, steps=config.steps, final_loss=loss_value,
         train_accuracy=correct / max(seen, 1), test_accuracy=test_acc, K_initial=K_initial,
         K_final=_product_norm(model), record=config.record, seconds=time.perf_counter() - t_start, model=model,
+        resumed_at=start_step if resume_state is not None else None,
     )
 
 
-def _save_checkpoint(path: Path, model, optimizer, step: int, K_initial: float) -> None:
+def _checkpoint_tmp(path: Path) -> Path:
+    return path.with_suffix(path.suffix + ".tmp")
+
+
+def _save_checkpoint(path: Path, config: TrainConfig, model, optimizer, step: int, K_initial: float,
+                     loss: float, correct: int, seen: int) -> None:
+    """The model, optimizer and step, the run's options and its running loss and accuracy."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "K_initial": K_initial}, tmp)
+    tmp = _checkpoint_tmp(path)
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "K_initial": K_initial, "options": _run_options(config),
+                "summary": {"loss": loss, "correct": correct, "seen": seen}}, tmp)
     tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint

@@ -81,3 +81,60 @@ def test_module_entry_point_help():
     assert res.returncode == 0
     for cmd in ("demo", "track", "predict", "simulate", "plot", "info"):
         assert cmd in res.stdout
+
+
+def test_track_resume_with_changed_options_is_refused_in_flags(tmp_path, capsys):
+    """Killed, then rerun with other options: refused, each option named as its flag with both values."""
+    from sdelip.record import load_metadata, load_record
+
+    rec, ckpt = tmp_path / "r.db", tmp_path / "r.pt"
+    args = ["track", "--record", str(rec), "--checkpoint", str(ckpt), *TINY]
+    assert main([*args, "--steps", "3"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--lr", "0.5", "--batch-size", "4", "--no-split", "--regularizer", "mixup"]) == 2
+    err = capsys.readouterr().err
+    for line in ("--lr 0.5 now, --lr 0.01 in the checkpoint", "--batch-size 4 now, --batch-size 8 in the checkpoint",
+                 "--no-split now, without --no-split in the checkpoint",
+                 "--regularizer mixup now, --regularizer none in the checkpoint", "--overwrite"):
+        assert line in err
+    assert "overwrite=True" not in err and "Tracker" not in err and "Traceback" not in err
+    assert list(load_record(rec)["step"]) == [0, 1, 2]
+    # the same options continue the run, and the summary covers all of it
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "6 steps (resumed at step 3)" in out and "final loss nan" not in out
+    assert list(load_record(rec)["step"]) == list(range(6)) and load_metadata(rec)["resumed_at"] == [3]
+
+
+def test_track_overwrite_works_with_checkpoint_and_messages_name_flags(tmp_path, capsys):
+    from sdelip.record import load_metadata, load_record
+
+    rec, ckpt = tmp_path / "r.db", tmp_path / "r.pt"
+    assert main(["track", "--record", str(rec), "--checkpoint", str(ckpt), *TINY, "--steps", "3"]) == 0
+    assert main(["track", "--record", str(rec), "--checkpoint", str(ckpt), *TINY, "--overwrite", "--lr", "0.2"]) == 0
+    df, meta = load_record(rec), load_metadata(rec)
+    assert list(df["step"]) == list(range(6)) and (df["lr"] == 0.2).all()
+    assert meta["lr"] == 0.2 and "resumed_at" not in meta
+    capsys.readouterr()
+    # an existing record whose checkpoint is missing: the message names the flags
+    assert main(["track", "--record", str(rec), "--checkpoint", str(tmp_path / "nope.pt"), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err and "Tracker.resume" not in err
+    assert main(["track", "--record", str(rec), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "--checkpoint FILE" in err
+
+
+def test_every_resume_option_has_a_flag():
+    """The options a resumed run must keep are spelled as flags (or said to have none)."""
+    import attrs
+
+    from sdelip.cli import cli_option
+    from sdelip.train import RESUME_FREE_OPTIONS, TrainConfig
+
+    for f in attrs.fields(TrainConfig):
+        spelled = cli_option(f.name, f.default if f.default is not attrs.NOTHING else 1)
+        if f.name in ("sampling", "track", "eval_test"):
+            assert "no command-line flag" in spelled
+        elif f.name not in RESUME_FREE_OPTIONS or f.name in ("steps", "checkpoint", "overwrite"):
+            assert spelled.startswith(("--", "without --")), (f.name, spelled)

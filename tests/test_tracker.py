@@ -507,3 +507,29 @@ def test_in_memory_history_checkpoint_round_trip(tmp_path):
     rows_b = [r.as_row() for r in train(tr2, model2, opt2, 2, start=3)]
     assert rows_a == rows_b
     assert tr2.to_dataframe()["step"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_resume_with_changed_tracker_options_is_refused_and_resumes_are_logged(tmp_path):
+    model = small_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt, record=tmp_path / "r.db", schedule=2)
+    train(tr, model, opt, 3)
+    tr.checkpoint(tmp_path / "c.pt")
+    tr.close()
+    with pytest.raises(ValueError, match=r"schedule='every step' here, schedule='every 2 steps' in the checkpoint; "
+                                         r"split=False here, split=True in the checkpoint"):
+        other = small_mlp()
+        Tracker.resume(tmp_path / "c.pt", other, torch.optim.SGD(other.parameters(), lr=0.1), split=False)
+    assert load_record(tmp_path / "r.db")["step"].tolist() == [0, 2]  # untouched
+    model = small_mlp(seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker.resume(tmp_path / "c.pt", model, opt, schedule=2)
+    train(tr, model, opt, 2, start=3)
+    tr.close()
+    assert load_metadata(tmp_path / "r.db")["resumed_at"] == [3]
+    # start_step continues the record and logs the resume after the earlier ones; the batch size stays the run's
+    tr = Tracker(model, opt, record=tmp_path / "r.db", schedule=2, start_step=4)
+    train(tr, model, opt, 1, start=4, M=5)
+    tr.close()
+    meta = load_metadata(tmp_path / "r.db")
+    assert meta["resumed_at"] == [3, 4] and meta["batch_size"] == 8

@@ -93,3 +93,86 @@ def test_untracked_run_and_bad_config(tmp_path):
         TrainConfig(lr=0.0)
     with pytest.raises(ValueError, match="preset"):
         TrainConfig(regularizer="nonsense")
+
+
+# ----------------------------------------------------------------------------------------------
+# resuming: the same configuration or nothing (issue 13)
+def test_resume_refuses_changed_options_naming_each_with_both_values(tmp_path):
+    from sdelip.record import load_metadata
+    from sdelip.train import ResumeError
+
+    ckpt, rec = tmp_path / "c.pt", tmp_path / "r.db"
+    train(TrainConfig(**{**BASE, "steps": 3, "record": str(rec), "checkpoint": str(ckpt)}), progress=False)
+    changed = TrainConfig(**{**BASE, "record": str(rec), "checkpoint": str(ckpt), "lr": 0.5, "batch_size": 4,
+                             "regularizer": "mixup", "data_root": str(tmp_path), "checkpoint_every": 2})
+    with pytest.raises(ResumeError) as info:
+        train(changed, progress=False)
+    err = info.value
+    assert {(c.option, c.checkpoint, c.requested) for c in err.changes if c.option != "regularizer"} == {
+        ("lr", 0.05, 0.5), ("batch_size", 8, 4)}
+    assert [c.option for c in err.changes] == ["lr", "batch_size", "regularizer"]  # not the free options
+    assert "lr=0.5 now, lr=0.05 in the checkpoint" in str(err) and "overwrite=True" in str(err)
+    df = load_record(rec)  # nothing was written
+    assert list(df["step"]) == [0, 1, 2] and (df["batch_size"] == 8).all()
+    assert "resumed_at" not in load_metadata(rec)
+    # more steps and the free options are a continuation
+    res = train(TrainConfig(**{**BASE, "record": str(rec), "checkpoint": str(ckpt), "data_root": str(tmp_path)}),
+                progress=False)
+    assert res.resumed_at == 3 and list(load_record(rec)["step"]) == list(range(6))
+
+
+def test_crash_and_resume_gives_the_uninterrupted_run_and_its_summary(tmp_path):
+    from sdelip.record import load_metadata, records_equal
+
+    straight = run(tmp_path, "straight")
+    ckpt, rec = tmp_path / "c.pt", tmp_path / "r.db"
+    cfg = TrainConfig(**{**BASE, "record": str(rec), "checkpoint": str(ckpt), "checkpoint_every": 2})
+
+    def crash(step, loss, tracker):
+        if step == 4:  # after the checkpoint at step 4 and the record row of step 4
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, callback=crash)
+    assert list(load_record(rec)["step"]) == [0, 1, 2, 3, 4]
+    resumed = train(cfg, progress=False)
+    assert resumed.resumed_at == 4 and load_metadata(rec)["resumed_at"] == [4]
+    assert records_equal(straight.record, rec)
+    assert (resumed.final_loss, resumed.train_accuracy) == (straight.final_loss, straight.train_accuracy)
+    # killed after the last checkpoint: the rerun does no step and still reports the whole run
+    again = train(cfg, progress=False)
+    assert again.resumed_at == 6 and load_metadata(rec)["resumed_at"] == [4, 6]
+    assert (again.final_loss, again.train_accuracy) == (straight.final_loss, straight.train_accuracy)
+    assert records_equal(straight.record, rec)
+
+
+def test_resume_refuses_mismatched_files_and_overwrite_starts_anew(tmp_path):
+    from sdelip.train import ResumeError
+
+    ckpt, rec = tmp_path / "c.pt", tmp_path / "r.db"
+    first = TrainConfig(**{**BASE, "steps": 2, "record": str(rec), "checkpoint": str(ckpt)})
+    train(first, progress=False)
+    # the record of another run with this checkpoint
+    other = tmp_path / "other.db"
+    train(TrainConfig(**{**BASE, "steps": 2, "record": str(other), "sampling_seed": 9}), progress=False)
+    with pytest.raises(ResumeError, match=r"(?s)record .*other.db.*sampling_seed=0 now, sampling_seed=9 in the record"):
+        train(TrainConfig(**{**BASE, "record": str(other), "checkpoint": str(ckpt)}), progress=False)
+    # a record without its checkpoint, a checkpoint without its record, fewer steps than done
+    with pytest.raises(ResumeError, match=r"already exists and there is no checkpoint .*missing.pt"):
+        train(TrainConfig(**{**BASE, "record": str(rec), "checkpoint": str(tmp_path / "missing.pt")}), progress=False)
+    with pytest.raises(ResumeError, match=r"record .*gone.db.* does not exist"):
+        train(TrainConfig(**{**BASE, "record": str(tmp_path / "gone.db"), "checkpoint": str(ckpt)}), progress=False)
+    with pytest.raises(ResumeError, match="asks for 1 steps, fewer than the checkpoint"):
+        train(TrainConfig(**{**BASE, "steps": 1, "record": str(rec), "checkpoint": str(ckpt)}), progress=False)
+    # a checkpoint of an earlier version (no options) cannot be checked
+    state = torch.load(ckpt, weights_only=False)
+    old = tmp_path / "old.pt"
+    torch.save({k: state[k] for k in ("model", "optimizer", "step", "K_initial")}, old)
+    with pytest.raises(ResumeError, match="earlier version"):
+        train(TrainConfig(**{**BASE, "record": str(rec), "checkpoint": str(old)}), progress=False)
+    # overwrite: a new run with other options, from step 0
+    res = train(TrainConfig(**{**BASE, "lr": 0.1, "record": str(rec), "checkpoint": str(ckpt), "overwrite": True}),
+                progress=False)
+    df = load_record(rec)
+    assert res.resumed_at is None and list(df["step"]) == list(range(6)) and (df["lr"] == 0.1).all()
+    assert torch.load(ckpt, weights_only=False)["options"]["lr"] == 0.1

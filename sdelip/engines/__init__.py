@@ -11,8 +11,9 @@ engine             how                                                         a
                                                                                in training mode
 =================  ==========================================================  ===========================
 
-:func:`select_engine` resolves ``"auto"``: coupled when a BatchNorm normalises with batch
-statistics, factored otherwise.
+:func:`resolve_engine_name` resolves ``"auto"``: coupled when a BatchNorm normalises with
+batch statistics or a tracked weight is also held by a module the factored engine's hooks
+cannot see (e.g. an nn.Embedding tied to the output layer), factored otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from .base import (
     EngineNotApplicableError,
     LayerStatistics,
     StatisticsAccumulator,
+    WeightUsesError,
     coupling_modules,
+    untracked_weight_users,
 )
 from .coupled import CoupledEngine
 from .factored import FactoredEngine
@@ -39,11 +42,13 @@ __all__ = [
     "EngineNotApplicableError",
     "LayerStatistics",
     "StatisticsAccumulator",
+    "WeightUsesError",
     "FactoredEngine",
     "MaterialisedEngine",
     "CoupledEngine",
     "ENGINES",
     "coupling_modules",
+    "untracked_weight_users",
     "resolve_engine_name",
     "make_engine",
     "DEFAULT_CHUNK_BYTES",
@@ -56,13 +61,18 @@ _ALIASES = {"materialized": "materialised", "vmap": "materialised", "hooks": "fa
 
 
 def resolve_engine_name(model, requested: str = "auto") -> str:
-    """The engine to use: ``requested``, or for ``"auto"`` coupled if samples are coupled, else factored."""
+    """The engine to use: ``requested``, or for ``"auto"`` factored unless the model needs coupled.
+
+    ``"auto"`` gives coupled when samples are coupled (:func:`coupling_modules`) or a
+    tracked weight is also held by a module that is not a tracked Linear/Conv2d
+    (:func:`untracked_weight_users`), factored otherwise.
+    """
     if isinstance(requested, type) and issubclass(requested, Engine):
         return requested.name
     key = str(requested).strip().lower()
     key = _ALIASES.get(key, key)
     if key == "auto":
-        return "coupled" if coupling_modules(model) else "factored"
+        return "coupled" if coupling_modules(model) or untracked_weight_users(model) else "factored"
     if key not in ENGINES:
         raise ValueError(f"unknown engine {requested!r}; choose 'auto', {', '.join(map(repr, ENGINES))}")
     return key

@@ -41,7 +41,9 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineNotApplicableError",
+    "WeightUsesError",
     "coupling_modules",
+    "untracked_weight_users",
     "DEFAULT_CHUNK_BYTES",
     "VECTORISED_CHUNK_BYTES",
 ]
@@ -60,6 +62,14 @@ class EngineError(RuntimeError):
 
 class EngineNotApplicableError(ValueError):
     """The requested engine does not apply to this model (e.g. factored with BatchNorm)."""
+
+
+class WeightUsesError(EngineError):
+    """A forward pass applied a tracked weight a different number of times than the tracker counts.
+
+    The product bound K contains σ1(θ)^c for a weight applied c times (Prop 8), so the
+    number of uses must be known and the same in every forward pass.
+    """
 
 
 @attrs.define
@@ -134,18 +144,23 @@ class StatisticsAccumulator:
         self.sum_g = torch.zeros(m, n, **kw) if split else None
         self.sum_sq = torch.zeros(m, n, **kw) if split else None
 
-    def add_per_sample(self, start: int, G: torch.Tensor) -> None:
+    def add_per_sample(self, start: int, G: torch.Tensor, overwrite: bool = False) -> None:
         """Add the materialised per-sample gradients G (c, m, n) of samples start..start+c−1.
 
-        G may be overwritten (it is squared in place).
+        Args:
+            start: index of the first sample of the chunk.
+            G: the per-sample gradients of this layer's weight.
+            overwrite: G belongs to the caller alone and may be squared in place (saves a
+                copy of the chunk); otherwise G is left unchanged.
         """
         c = G.shape[0]
+        converted = G.dtype != self.u1.dtype
         G = G.to(self.u1.dtype)
         torch.matmul(G, self.v1, out=self.Gv[start : start + c])
         torch.matmul(G.mT, self.u1, out=self.Gtu[start : start + c])
         if self.split:
             self.sum_g += G.sum(0)
-            self.sum_sq += G.square_().sum(0)
+            self.sum_sq += (G.square_() if overwrite or converted else G.square()).sum(0)
 
     def add_projections(self, start: int, Gv: torch.Tensor, Gtu: torch.Tensor) -> None:
         c = Gv.shape[0]
@@ -169,6 +184,39 @@ def coupling_modules(model: nn.Module) -> list[str]:
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             if mod.training or mod.running_mean is None:
                 out.append(name or type(mod).__name__)
+    return out
+
+
+def untracked_weight_users(model: nn.Module, layers: Optional[Sequence[TrackedLayer]] = None) -> dict[str, list[str]]:
+    """Modules other than the tracked Linear/Conv2d modules that hold a tracked weight.
+
+    A weight tied to, say, an nn.Embedding (``lm_head.weight = embed.weight``) is one θ
+    whose per-sample gradient is the total derivative over every use, including the
+    embedding's; the hooks of the factored engine see only the Linear/Conv2d uses.
+
+    Args:
+        model: the network.
+        layers: its tracked layers (default :func:`sdelip.layers.tracked_layers`).
+
+    Returns:
+        tracked layer name → paths of the other modules holding its weight (only layers
+        that have some).
+    """
+    from ..layers import tracked_layers
+
+    if layers is None:
+        try:
+            layers = tracked_layers(model)
+        except ValueError:
+            return {}
+    out: dict[str, list[str]] = {}
+    for layer in layers:
+        own = {id(m) for m in layer.modules}
+        w = layer.module.weight
+        users = [name or type(mod).__name__ for name, mod in model.named_modules()
+                 if id(mod) not in own and any(p is w for p in mod._parameters.values())]
+        if users:
+            out[layer.name] = users
     return out
 
 

@@ -15,7 +15,8 @@ of the batch's activation gradients (4× the plain step's memory there; lower
 ``chunk_bytes`` to bound it). Use a sparse schedule for such models.
 
 If a batching rule is missing for some operation the engine falls back to one backward
-per sample (same numbers, slower) and says so once.
+per sample (same numbers, slower) and says so once. The gradient with respect to a tied
+weight is the total derivative over every use, whatever module applies it.
 """
 
 from __future__ import annotations
@@ -92,4 +93,4 @@ class CoupledEngine(Engine):
             for layer, G in zip(self.layers, grads):
                 if G is None:
                     G = torch.zeros(e - s, *layer.shape, dtype=accs[layer.name].u1.dtype, device=accs[layer.name].u1.device)
-                accs[layer.name].add_per_sample(s, G.reshape(e - s, *layer.shape))
+                accs[layer.name].add_per_sample(s, G.reshape(e - s, *layer.shape), overwrite=True)

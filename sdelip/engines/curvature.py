@@ -40,7 +40,7 @@ from typing import Optional
 import attrs
 import torch
 
-from ..dynamics import LayerTerms, assemble_terms
+from ..dynamics import LayerTerms, assemble_terms, jacobian_var_dot
 
 __all__ = ["GramCurvature", "gram_curvature", "fast_layer_terms", "top_eigenpairs"]
 
@@ -203,6 +203,7 @@ def fast_layer_terms(
     noise_var: Optional[torch.Tensor] = None,
     weight_decay: float = 0.0,
     extra_noise_var: float = 0.0,
+    diffusion_split: bool = False,
 ) -> LayerTerms:
     """Thm 14 terms from the projections, as :func:`sdelip.dynamics.terms_from_projections`.
 
@@ -213,6 +214,7 @@ def fast_layer_terms(
         noise_var: diag Σ̂ (m0 × n0) for the Prop 6 split, or None.
         weight_decay: λ_wd (μ −= λ_wd).
         extra_noise_var: s² of an isotropic perturbation of the batch gradient (Sec 8.4).
+        diffusion_split: with ``noise_var``, also compute ``diffusion_sq_var``.
     """
     M = Gv.shape[0]
     s1 = c.sigma1
@@ -238,4 +240,5 @@ def fast_layer_terms(
         s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, c.gap, False,
         noise_var_dot=None if noise_var is None else diag_dot,
         hessian_trace=lambda: trace[0] if trace else c.hessian_trace(), extra_noise_var=extra_noise_var,
+        jacobian_var_dot=jacobian_var_dot(c.u1, c.v1, noise_var) if diffusion_split else None,
     )

@@ -31,9 +31,20 @@ from ``weight.grad`` (minus what was there before) unless a hook on the weight o
 second module sharing it could make the two differ, in which case the engine computes it.
 
 The hook runs inside autograd's backward, right after δ of the layer is computed, and
-releases its reference to the layer input, so the extra memory is one chunk. The engine
-assumes each tracked module is called once per forward pass (shared modules raise
-:class:`~sdelip.engines.base.EngineError`) and that its weight is used only through it.
+releases its reference to the layer input, so the extra memory is one chunk.
+
+Tied weights (one Parameter applied c > 1 times, by several modules or by one module
+called several times) are the position-axis case once more: g_i = Σ_uses δ_i,use x_i,useᵀ.
+The projections g_i v1 and g_iᵀ u1 are additive over the uses, Σ_i g_i ∘ g_i is not, so
+the hook keeps each use's (x, δ) and the layer's statistics are computed once the
+backward has returned (:func:`multi_use_statistics`), from per-sample gradients of that
+one layer summed over the uses, a chunk of samples at a time. Until then the inputs of
+every use stay in memory (autograd keeps them until the weight gradient anyway).
+
+The engine sees a weight only through the forward hooks of the tracked modules holding
+it: a weight that another kind of module also holds (an nn.Embedding tied to the output
+layer) is refused (:meth:`FactoredEngine.check_applicable`), and a functional use such as
+``F.linear(x, layer.weight)`` outside the module is not seen at all.
 """
 
 from __future__ import annotations
@@ -47,9 +58,26 @@ from torch import nn
 
 from ..layers import TrackedLayer
 from ..spectral import weight_matrix
-from .base import DEFAULT_CHUNK_BYTES, Engine, EngineError, LayerStatistics
+from .base import (
+    DEFAULT_CHUNK_BYTES,
+    Engine,
+    EngineError,
+    EngineNotApplicableError,
+    LayerStatistics,
+    StatisticsAccumulator,
+    untracked_weight_users,
+)
 
-__all__ = ["FactoredEngine", "linear_statistics", "patch_statistics", "conv2d_statistics"]
+__all__ = [
+    "FactoredEngine",
+    "linear_statistics",
+    "sequence_linear_statistics",
+    "patch_statistics",
+    "conv2d_statistics",
+    "module_statistics",
+    "multi_use_statistics",
+    "per_sample_weight_grads",
+]
 
 
 def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool,
@@ -278,12 +306,90 @@ def sequence_linear_statistics(
     return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
 
 
+def module_statistics(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor,
+                      split: bool, chunk_bytes: int, with_sum_g: bool = True) -> LayerStatistics:
+    """Statistics of one use of a Linear or Conv2d ``module`` from its input x and output gradient δ.
+
+    Dispatches to :func:`conv2d_statistics`, :func:`linear_statistics` (x of shape (M, n))
+    or :func:`sequence_linear_statistics` (x of shape (M, …, n)).
+    """
+    if isinstance(module, nn.Conv2d):
+        if x.ndim != 4:
+            raise EngineError(f"Conv2d layer needs a batched 4-d input, got shape {tuple(x.shape)}")
+        return conv2d_statistics(module, x, delta, u1, v1, split, chunk_bytes, with_sum_g)
+    if x.ndim == 2:
+        return linear_statistics(x.to(u1.dtype), delta.to(u1.dtype), u1, v1, split, with_sum_g)
+    return sequence_linear_statistics(x, delta, u1, v1, split, chunk_bytes, with_sum_g)
+
+
+def per_sample_weight_grads(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients g_i = Σ_p δ_ip x_ipᵀ of one use of a Linear or Conv2d, shape (c, m, n).
+
+    Conv2d: by a grouped convolution backward for feature maps of at least
+    :data:`GROUPED_CONV_MIN_POSITIONS` positions, else by unfold + batched matmul; Linear:
+    a batched matmul over the positions of x (M, …, n) and δ (M, …, m).
+    """
+    c = x.shape[0]
+    if isinstance(module, nn.Conv2d):
+        P = delta.shape[2] * delta.shape[3]
+        if P >= GROUPED_CONV_MIN_POSITIONS:
+            return per_sample_conv2d_grads(module, x, delta)
+        g, O = module.groups, delta.shape[1]
+        Xt = _conv_patches(module, x)
+        if Xt.shape[2] != P:
+            raise EngineError(
+                f"unfolded input of Conv2d has {Xt.shape[2]} positions but its output gradient has {P}; "
+                "the layer's input is not the tensor passed to its forward"
+            )
+        Dt = delta.reshape(c, O, P)
+        return torch.bmm(Dt.reshape(c * g, O // g, P), Xt.reshape(c * g, -1, P).mT).reshape(c, O, -1)
+    n, m = x.shape[-1], delta.shape[-1]
+    return delta.reshape(c, -1, m).mT @ x.reshape(c, -1, n)
+
+
+def multi_use_statistics(
+    uses, u1: torch.Tensor, v1: torch.Tensor, split: bool, chunk_bytes: int,
+) -> LayerStatistics:
+    """Statistics of a weight applied several times: g_i = Σ_uses δ_i,use x_i,useᵀ.
+
+    Args:
+        uses: (module, x, δ) of every use of the weight, x and δ batch-first with M samples.
+        u1, v1: the top singular pair of the weight matrix.
+        split: also Σ g_i and Σ g_i ∘ g_i; these need the per-sample gradients of the
+            layer summed over the uses, formed a chunk of samples at a time
+            (:func:`per_sample_weight_grads`). Without the split only the projections are
+            computed, use by use, and added.
+        chunk_bytes: memory budget of one chunk.
+    """
+    M = uses[0][1].shape[0]
+    if not split:
+        parts = [module_statistics(mod, x, d, u1, v1, False, chunk_bytes) for mod, x, d in uses]
+        return LayerStatistics(M, sum(p.Gv for p in parts), sum(p.Gtu for p in parts))
+    m, n = u1.shape[0], v1.shape[0]
+    acc = StatisticsAccumulator(M, (m, n), u1, v1, split=True)
+    elem = max(uses[0][1].element_size(), u1.element_size())
+    per_sample = elem * (2 * m * n + sum(2 * (x[0].numel() + d[0].numel()) for _, x, d in uses))
+    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
+    for s in range(0, M, c):
+        e = min(M, s + c)
+        G = None
+        for mod, x, d in uses:
+            g = per_sample_weight_grads(mod, x[s:e], d[s:e]).to(u1.dtype)
+            G = g if G is None else G.add_(g)
+        acc.add_per_sample(s, G, overwrite=True)
+        del G
+    return acc.result()
+
+
 class FactoredEngine(Engine):
     """Per-sample statistics from forward/backward hooks, without per-sample gradients (THEORY.md §6).
 
     Applies to nn.Linear and nn.Conv2d layers of a model whose samples are independent
-    (no BatchNorm normalising with batch statistics). Each tracked module must be called
-    once per forward pass with a batch-first input.
+    (no BatchNorm normalising with batch statistics), called with batch-first inputs. A
+    layer applied more than once (:attr:`~sdelip.layers.TrackedLayer.uses` > 1: tied
+    weights, or a module called several times) has its statistics computed after the
+    backward from every use (:func:`multi_use_statistics`); a layer with one use must be
+    called once per forward pass.
     """
 
     name = "factored"
@@ -295,6 +401,7 @@ class FactoredEngine(Engine):
         self._captured: set[str] = set()
         self._ctx: Optional[dict] = None
         self._stats: dict[str, LayerStatistics] = {}
+        self._pending: dict[str, list] = {}  # layer name → (module, x, δ) of each use, for layers used > once
         self._modules = {layer.name: layer.module for layer in self.layers}
         # Weights used by exactly one module of the model: their .grad is this layer's Σ g_i / M.
         owners: dict[int, int] = {}
@@ -304,12 +411,28 @@ class FactoredEngine(Engine):
                     owners[id(p)] = owners.get(id(p), 0) + 1
         self._grad_ok = {layer.name for layer in self.layers if owners.get(id(layer.module.weight), 0) == 1}
 
+    def check_applicable(self) -> None:
+        """Also refuse a tracked weight held by a module whose uses the hooks cannot see."""
+        super().check_applicable()
+        hidden = untracked_weight_users(self.model, self.layers)
+        if hidden:
+            kinds = {name or type(mod).__name__: type(mod).__name__ for name, mod in self.model.named_modules()}
+            desc = "; ".join(
+                f"the weight of layer {name!r} is also held by {', '.join(f'{u!r} ({kinds[u]})' for u in users)}"
+                for name, users in hidden.items())
+            raise EngineNotApplicableError(
+                f"{desc}: its per-sample gradient is the total derivative over every use, and the factored engine "
+                "sees only the uses by nn.Linear/nn.Conv2d modules; use engine='materialised' (with loss_fn) or "
+                "engine='coupled' (engine='auto' picks coupled)"
+            )
+
     # -- hooks ------------------------------------------------------------------------------
     def attach(self) -> None:
         if self._handles:
             return
         for layer in self.layers:
-            self._handles.append(layer.module.register_forward_hook(functools.partial(self._forward_hook, layer)))
+            for module in layer.modules:
+                self._handles.append(module.register_forward_hook(functools.partial(self._forward_hook, layer)))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -331,42 +454,50 @@ class FactoredEngine(Engine):
         self._captured.add(layer.name)
         # The hook lives as long as the graph (the caller holds the losses); the input is
         # held in a list that the hook empties, so that autograd frees it on schedule.
-        output.register_hook(functools.partial(self._grad_hook, layer, [x.detach()]))
+        output.register_hook(functools.partial(self._grad_hook, layer, module, [x.detach()]))
 
-    def _grad_hook(self, layer: TrackedLayer, holder: list, grad: torch.Tensor):
+    def _grad_hook(self, layer: TrackedLayer, module: nn.Module, holder: list, grad: torch.Tensor):
         x = holder.pop() if holder else None
         ctx = self._ctx
         if ctx is None or x is None:  # a backward that is not the tracker's (e.g. the user's own)
             return None
         name = layer.name
-        if name in self._stats:
-            raise EngineError(
-                f"layer {name!r} was called more than once in the forward pass of step {ctx['step']} "
-                "(shared weights); the factored engine needs one call per layer and step: use "
-                "engine='materialised' or engine='coupled'"
-            )
         M = ctx["M"]
         if x.shape[0] != M or grad.shape[0] != M:
             raise EngineError(
                 f"layer {name!r} saw a batch of {x.shape[0]} samples at step {ctx['step']}, but {M} per-sample "
                 "losses were passed; the factored engine needs batch-first inputs with one loss per sample"
             )
+        if isinstance(module, nn.Conv2d) and x.ndim != 4:
+            raise EngineError(f"Conv2d layer {name!r} needs a batched 4-d input, got shape {tuple(x.shape)}")
+        if layer.uses > 1:  # g_i sums over the uses: the statistics are computed after the backward
+            self._pending.setdefault(name, []).append((module, x, grad.detach()))
+            return None
+        if name in self._stats:
+            raise EngineError(
+                f"layer {name!r} was called more than once in the forward pass of step {ctx['step']} "
+                "(shared weights); the factored engine needs one call per layer and step: use "
+                "engine='materialised' or engine='coupled'"
+            )
         u1, v1 = ctx["directions"][name]
-        module = layer.module
         with torch.no_grad():
             own = name not in ctx["sum_g_from_grad"]  # else Σ g_i = M · weight.grad, read after the backward
-            if isinstance(module, nn.Conv2d):
-                if x.ndim != 4:
-                    raise EngineError(f"Conv2d layer {name!r} needs a batched 4-d input, got shape {tuple(x.shape)}")
-                stats = conv2d_statistics(module, x, grad, u1, v1, self.split, self.chunk_bytes, own)
-            elif x.ndim == 2:
-                stats = linear_statistics(x.to(u1.dtype), grad.to(u1.dtype), u1, v1, self.split, own)
-            else:
-                stats = sequence_linear_statistics(x, grad, u1, v1, self.split, self.chunk_bytes, own)
+            stats = module_statistics(module, x, grad, u1, v1, self.split, self.chunk_bytes, own)
             stats.scale_(float(ctx["scale"]))
             stats.check_finite(name, ctx["step"])
         self._stats[name] = stats
         return None
+
+    def _multi_use_stats(self, ctx: dict) -> None:
+        """The statistics of the layers used more than once, from the uses kept by the hooks."""
+        pending, self._pending = self._pending, {}
+        with torch.no_grad():
+            for name, uses in pending.items():
+                u1, v1 = ctx["directions"][name]
+                stats = multi_use_statistics(uses, u1, v1, self.split, self.chunk_bytes)
+                stats.scale_(float(ctx["scale"]))
+                stats.check_finite(name, ctx["step"])
+                self._stats[name] = stats
 
     # -- step -------------------------------------------------------------------------------
     def backward(
@@ -384,6 +515,7 @@ class FactoredEngine(Engine):
                 "once per forward"
             )
         self._stats = {}
+        self._pending = {}
         # Σ_i g_i is M times the weight gradient the backward accumulates anyway, unless hooks
         # on the weight or sharing with another module could make the two differ.
         from_grad, before = set(), {}
@@ -395,12 +527,15 @@ class FactoredEngine(Engine):
                     from_grad.add(layer.name)
                     before[layer.name] = None if w.grad is None else w.grad.detach().clone()
         # losses.mean() hands the hooks δ_i / M; the statistics are rescaled by M (THEORY.md §1).
-        self._ctx = {"M": M, "directions": directions, "step": step, "scale": M, "sum_g_from_grad": from_grad}
+        ctx = {"M": M, "directions": directions, "step": step, "scale": M, "sum_g_from_grad": from_grad}
+        self._ctx = ctx
         try:
             losses.mean().backward()
+            self._multi_use_stats(ctx)
         finally:
             self._ctx = None
             self._captured = set()
+            self._pending = {}
         for name in from_grad:
             st = self._stats.get(name)
             if st is None:

@@ -13,6 +13,10 @@ losses. Random layers (Dropout in training mode) draw fresh masks in that recomp
 — a different realisation than the masks of the step's own forward pass; the draws come
 from a forked RNG, so the training run's random stream is unchanged. Use the factored or
 coupled engine to see the very masks of the step.
+
+A tied weight (one Parameter held by several modules, or a module called several times)
+is one parameter of the functional call, so its per-sample gradient is the total
+derivative over every use, as Thm 14 needs for that one θ.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ class MaterialisedEngine(Engine):
                 with torch.enable_grad():
                     G = per_sample_grad(wts, x[s:e], y[s:e])
                 for layer, pn in zip(self.layers, wnames):
-                    accs[layer.name].add_per_sample(s, G[pn].reshape(e - s, *layer.shape))
+                    accs[layer.name].add_per_sample(s, G[pn].reshape(e - s, *layer.shape), overwrite=True)
                 del G
         out = {}
         for layer in self.layers:

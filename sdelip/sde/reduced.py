@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive
-from ..dynamics import LipschitzMoments, lipschitz_moments
+from ..dynamics import LipschitzMoments, lipschitz_moments, repeated_use_coefficients
 
 __all__ = ["ReducedLipschitzSDE", "record_lr"]
 
@@ -179,6 +179,10 @@ class ReducedLipschitzSDE(nn.Module):
         its step until the next recorded step (every step when the record is dense),
         and the initial state is log K at the first row.
 
+        A record of a model with tied weights has ``uses/<layer>`` columns: a layer whose
+        weight is applied c > 1 times is simulated as its factor σ1^c of K, with the
+        coefficients of :func:`sdelip.dynamics.repeated_use_coefficients`.
+
         Args:
             record: the record DataFrame.
             lr: the learning rate η (default: from the record, see :func:`record_lr`).
@@ -224,6 +228,15 @@ class ReducedLipschitzSDE(nn.Module):
                 raise ValueError(f"the record has non-finite {k} values at steps {bad}")
             tables[k] = vals[owner]
         K0 = np.asarray(df[cols["K"]].iloc[0], dtype=np.float64)
+        if cols["drift"][0] != "drift_Z":  # per-layer columns: a tied weight is the factor σ1^c of K
+            K0 = K0.copy()
+            for j, name in enumerate(layers):
+                c = int(df[f"uses/{name}"].iloc[0]) if f"uses/{name}" in df.columns else 1
+                if c != 1:
+                    new = repeated_use_coefficients(c, *(tables[k][:, j] for k in _TERMS))
+                    for k, column in zip(_TERMS, new):
+                        tables[k][:, j] = column
+                    K0[j] = K0[j] ** c
         if not per_layer and len(cols["K"]) > 1:
             tables = {k: v.sum(1, keepdims=True) for k, v in tables.items()}
             K0 = np.array([np.prod(K0)])
