@@ -259,3 +259,38 @@ def test_factored_engine_on_cuda_equals_cpu():
     out = gpu.f_and_g_prod(0.0, y.cuda(), v.cuda())
     for a, b in zip(out, ref):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-9, atol=1e-12)
+
+
+def test_tied_weights_take_the_materialised_engine_and_count_every_use():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3)
+            self.b.weight = self.a.weight
+            self.out = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.randn(30, 3, generator=gen, dtype=torch.float64), torch.randint(0, 2, (30,), generator=gen))
+    sde = LipschitzSDE(model, data, lr=0.1, noise_batch_size=4)
+    assert sde.engine == "materialised" and sde.uses.tolist() == [2.0, 1.0]
+    with pytest.raises(ValueError, match="'a' applies its weight 2 times.*engine='materialised'"):
+        LipschitzSDE(model, data, lr=0.1, noise_batch_size=4, engine="factored")
+    y = _state(sde, 3)
+    s1 = sde.direct_lipschitz(y, per_layer=True)
+    torch.testing.assert_close(sde.direct_lipschitz(y), s1[:, 0] ** 2 * s1[:, 1])
+    z = sde.log_lipschitz(y, per_layer=True)
+    torch.testing.assert_close(sde.lipschitz(y), torch.exp(2 * z[:, 0] + z[:, 1]))
+    # the weight's noise is the total derivative over both uses: per-sample autograd oracle
+    W = model.a.weight
+    Xb, Yb = data[0][:4], data[1][:4]
+    g = torch.stack([torch.autograd.grad(nn.functional.cross_entropy(model(Xb[i:i + 1]), Yb[i:i + 1]), W)[0]
+                     for i in range(4)])
+    est = sde.gradient_fn.per_sample_gradients({k: v[:1] for k, v in sde.params(sde.initial_state(1)).items()},
+                                               (Xb[None], Yb[None]))
+    torch.testing.assert_close(est["a.weight"][0], g)

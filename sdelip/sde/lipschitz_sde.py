@@ -251,9 +251,9 @@ class LipschitzSDE(ParameterSDE):
         return z if per_layer else z.sum(-1)
 
     def log_lipschitz(self, ys: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
-        """The Itô-integrated log K^(ℓ) (..., L), or Z = Σ_ℓ log K^(ℓ) (...)."""
+        """The Itô-integrated log K^(ℓ) (..., L), or Z = Σ_ℓ c_ℓ log K^(ℓ) (...) (c_ℓ: uses of a tied weight)."""
         z = ys[..., self.n_params : self.n_params + self.n_layers]
-        return z if per_layer else z.sum(-1)
+        return z if per_layer else (z * self.uses.to(z)).sum(-1)
 
     def lipschitz(self, ys: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
         """K(t) = exp Z(t) from the Itô-integrated state (Thm 16); per layer K^(ℓ) if asked."""

@@ -222,7 +222,14 @@ class ParameterSDE(nn.Module):
                 traj_chunk=traj_chunk, data_chunk=data_chunk,
             )
             self.M = int(M)
-            self.engine = "factored" if engine == "auto" else engine
+            tied = [layer for layer in self.layers if layer.uses != 1 or layer.aliases]
+            self.engine = ("materialised" if tied else "factored") if engine == "auto" else engine
+            if self.engine == "factored" and tied:
+                t = tied[0]
+                raise ValueError(
+                    f"layer {t.name!r} applies its weight {t.uses} times (modules {(t.name, *t.aliases)}): the factored "
+                    "noise needs each weight used by one call of one module; use engine='materialised' (or 'auto')"
+                )
             if self.engine == "factored":
                 self.factored = FactoredNoise(model, self.layout, self.layers, self.gradient_fn.loss_fn)
             if self.gradient_fn.grad_source == "batch" and compensate_drift_noise:
@@ -287,16 +294,24 @@ class ParameterSDE(nn.Module):
         p = self.params(ys)
         return [p[w].reshape(*ys.shape[:-1], layer.shape[0], -1) for w, layer in zip(self.layout.weight_names, self.layers)]
 
+    @property
+    def uses(self) -> torch.Tensor:
+        """c_ℓ, how many times each layer's weight is applied per forward pass (1 unless tied)."""
+        return torch.tensor([float(layer.uses) for layer in self.layers])
+
     def direct_lipschitz(self, ys: torch.Tensor, per_layer: bool = False) -> torch.Tensor:
-        """K = Π_ℓ σ1(θ^(ℓ)) computed from the simulated parameters (Def 10, Prop 8–9).
+        """K = Π_ℓ σ1(θ^(ℓ))^{c_ℓ} computed from the simulated parameters (Def 10, Prop 8–9).
+
+        A weight applied c_ℓ times per forward pass (tied weights) counts c_ℓ times in the
+        product bound, as in the tracker (docs/tracking.md).
 
         Args:
             ys: states (..., state_size), e.g. sdeint's output (T, n, state_size).
-            per_layer: return the per-layer σ1 as (..., L) instead of their product.
+            per_layer: return the per-layer σ1 as (..., L) instead of the product.
         """
         with torch.no_grad():
             s1 = torch.stack([torch.linalg.svdvals(W)[..., 0] for W in self.weight_matrices(ys)], -1)
-        return s1 if per_layer else s1.prod(-1)
+        return s1 if per_layer else s1.pow(self.uses.to(s1)).prod(-1)
 
     def lipschitz(self, ys: torch.Tensor) -> torch.Tensor:
         """The Lipschitz bound K(t) of states ys; for the parameter SDE, :meth:`direct_lipschitz`."""
