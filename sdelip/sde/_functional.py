@@ -414,34 +414,36 @@ class ModelGradients:
             for k, v in consts.items()
         }
 
-    def expected_gradient(self, params: Dict[str, torch.Tensor], traj_chunk: Optional[int] = None
-                          ) -> Dict[str, torch.Tensor]:
+    def expected_gradient(self, params: Dict[str, torch.Tensor], traj_chunk: Optional[int] = None,
+                          data_chunk: Optional[int] = None) -> Dict[str, torch.Tensor]:
         """∇L at each trajectory's parameters ({name: (n, *shape)}).
 
         ``grad_source="full"``: the mean gradient over the whole training set (the same for
         every evaluation). ``"batch"``: over an independent batch of ``grad_batch_size``
         samples drawn for each trajectory (trajectories stay independent). ``traj_chunk``
-        bounds the trajectories per batched call (the constructor's ``traj_chunk`` wins).
+        bounds the trajectories per batched call (the constructor's ``traj_chunk`` wins),
+        ``data_chunk`` the samples per call (at most the constructor's).
         """
         ref = next(iter(params.values()))
         self._refresh_consts(ref)
         chunk = self.traj_chunk if self.traj_chunk is not None else traj_chunk
+        rows = self.data_chunk if data_chunk is None else max(1, min(int(data_chunk), self.data_chunk))
         if self.grad_source == "full":
             X, Y = self.data.full(device=ref.device, dtype=ref.dtype)
-            return self._mean_gradient(params, X, Y, False, chunk)
+            return self._mean_gradient(params, X, Y, False, chunk, rows)
         n = ref.shape[0]
         X, Y = self.data.sample(self.grad_batch_size, n, device=ref.device, dtype=ref.dtype)
-        return self._mean_gradient(params, X, Y, True, chunk)
+        return self._mean_gradient(params, X, Y, True, chunk, rows)
 
-    def _mean_gradient(self, params, X, Y, batched: bool, chunk: Optional[int]):
+    def _mean_gradient(self, params, X, Y, batched: bool, chunk: Optional[int], rows: int):
         N = X.shape[1] if batched else len(X)
         total = None
-        for s in range(0, N, self.data_chunk):
+        for s in range(0, N, rows):
             if batched:
-                xs, ys = X[:, s : s + self.data_chunk], Y[:, s : s + self.data_chunk]
+                xs, ys = X[:, s : s + rows], Y[:, s : s + rows]
                 g = self._chunked(lambda p, x, y: self._batch_grad_each(p, x, y), params, xs, ys, chunk=chunk)
             else:
-                xs, ys = X[s : s + self.data_chunk], Y[s : s + self.data_chunk]
+                xs, ys = X[s : s + rows], Y[s : s + rows]
                 g = self._chunked(lambda p: self._batch_grad(p, xs, ys), params, chunk=chunk)
             w = ys.shape[-1] / N if batched else len(xs) / N
             total = {k: v * w for k, v in g.items()} if total is None else {k: total[k] + v * w for k, v in g.items()}

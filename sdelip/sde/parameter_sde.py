@@ -319,14 +319,13 @@ class ParameterSDE(nn.Module):
 
     # -- chunks --------------------------------------------------------------------------
     def _chunk_sizes(self, ref: torch.Tensor) -> tuple:
-        """(trajectories per noise pass, per expected-gradient call), from the memory budget.
+        """(trajectories per noise pass, per expected-gradient call, samples per expected-gradient call).
 
-        ``traj_chunk`` fixes both; otherwise the budget (``chunk_bytes``) is divided by an
-        estimate of one trajectory's working memory: its parameters and gradients, and the
-        activations of M noise samples (one data chunk for the expected gradient).
+        ``traj_chunk`` fixes the trajectories; otherwise the budget (``chunk_bytes``) is
+        divided by an estimate of one trajectory's working memory: its parameters and
+        gradients, and the activations of M noise samples (of one data chunk for the
+        expected gradient, whose samples per call are also cut to fit the budget).
         """
-        if self.traj_chunk is not None:
-            return self.traj_chunk, self.traj_chunk
         x1, _ = self.data.example(device=ref.device, dtype=ref.dtype)
         key = (tuple(x1.shape[1:]), ref.dtype, str(ref.device))
         sizes = self._chunks.get(key)
@@ -342,14 +341,16 @@ class ParameterSDE(nn.Module):
             item = ref.element_size()
             P, M = self.n_params, self.M
             N = src.grad_batch_size if src.grad_source == "batch" else len(self.data)
+            rows = max(1, min(N, src.data_chunk, budget // (3 * act * item)))
             per_noise = item * (3 * M * act + 4 * P + (3 * M * P if self.engine == "materialised" else 0))
-            per_drift = item * (3 * min(N, src.data_chunk) * act + 3 * P)
-            sizes = [int(max(1, budget // per)) for per in (per_noise, per_drift)]
+            per_drift = item * (3 * rows * act + 3 * P)
+            chunks = [int(max(1, budget // per)) for per in (per_noise, per_drift)]
             if ref.device.type == "cpu":  # batching trajectories gains nothing once the matrices are this tall
-                rows = (M, min(N, src.data_chunk))
-                sizes = [max(1, min(c, CPU_ROWS_PER_CALL // r)) for c, r in zip(sizes, rows)]
-            sizes = tuple(sizes)
+                chunks = [max(1, min(c, CPU_ROWS_PER_CALL // r)) for c, r in zip(chunks, (M, rows))]
+            sizes = (*chunks, int(rows))
             self._chunks[key] = sizes
+        if self.traj_chunk is not None:
+            return self.traj_chunk, self.traj_chunk, sizes[2]
         return sizes
 
     # -- coefficients --------------------------------------------------------------------
@@ -382,9 +383,9 @@ class ParameterSDE(nn.Module):
             est = self.gradient_fn(params)
             return _Coefficients(t, y, self._drift(theta, est.grad), noise=self._noise_rows(n, est), params=params,
                                  grad=est.grad)
-        noise_chunk, drift_chunk = self._chunk_sizes(theta)
+        noise_chunk, drift_chunk, data_chunk = self._chunk_sizes(theta)
         src = self.gradient_fn
-        grads = src.expected_gradient(params, traj_chunk=drift_chunk)
+        grads = src.expected_gradient(params, traj_chunk=drift_chunk, data_chunk=data_chunk)
         c = _Coefficients(t, y, self._drift(theta, grads), batch=src.noise_batch(n, theta), params=params, grad=grads)
         if self.engine == "materialised":
             per = src.per_sample_gradients(params, c.batch, traj_chunk=noise_chunk)
