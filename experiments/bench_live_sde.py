@@ -143,24 +143,37 @@ def time_config(name: str, device: str, repeats: int) -> dict:
 
 
 def breakdown(sde, y0, device) -> dict:
-    """Seconds of the parts of one LipschitzSDE evaluation: drift and batch, decompositions, the rest."""
-    from sdelip.sde.lipschitz_sde import _decompose_batched
+    """Seconds of the parts of one LipschitzSDE evaluation (f at a fresh state), timed inside that one call:
+    the expected gradient and the batches, the decompositions, and the rest (noise pass, projections, terms)."""
+    import sdelip.sde.lipschitz_sde as lsde
 
-    def timed(fn):
+    spent = {"drift_and_batch": 0.0, "decompositions": 0.0}
+
+    def timed(key, fn):
+        def wrapper(*a, **kw):
+            sync(device)
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            sync(device)
+            spent[key] += time.perf_counter() - t0
+            return out
+        return wrapper
+
+    draw, decompose = sde._draw, lsde._decompose_batched
+    sde._draw = timed("drift_and_batch", draw)
+    lsde._decompose_batched = timed("decompositions", decompose)
+    try:
         sync(device)
         t0 = time.perf_counter()
-        fn()
+        sde.f(-1.0, y0.clone())
         sync(device)
-        return time.perf_counter() - t0
-
-    y = y0.clone()
-    total = timed(lambda: sde.f(-1.0, y))
-    drift = timed(lambda: sde._draw(-1.0, y))
-    Ws = sde.weight_matrices(y[:, : sde.n_params])
-    dec = timed(lambda: [_decompose_batched(W, sde._route(W.shape[1:], y.device), sde.gap_tol) for W in Ws])
-    return {"total": total, "drift_and_batch": drift, "decompositions": dec,
-            "noise_pass_and_terms": total - drift - dec,
-            "routes": [sde._route(W.shape[1:], y.device) for W in Ws]}
+        total = time.perf_counter() - t0
+    finally:
+        del sde._draw
+        lsde._decompose_batched = decompose
+    Ws = sde.weight_matrices(y0[:, : sde.n_params])
+    return {"total": total, **spent, "noise_pass_and_terms": total - sum(spent.values()),
+            "routes": [sde._route(W.shape[1:], y0.device) for W in Ws]}
 
 
 def time_materialised(name: str, device: str, n: int) -> dict:
