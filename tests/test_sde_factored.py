@@ -116,6 +116,8 @@ def test_factored_increments_equal_the_materialised_oracle(kind, cls):
     {"weight_decay": 0.03},
     {"grad_source": "batch", "grad_batch_size": 12},
     {"traj_chunk": 2},
+    {"noise_coupling": "shared"},
+    {"noise_coupling": "shared", "grad_source": "batch", "grad_batch_size": 12, "shared_noise_batch": True},
 ])
 def test_factored_oracle_with_options(options):
     model, data = _case("mlp")
@@ -223,6 +225,70 @@ def test_batch_drift_smaller_than_the_noise_batch_is_refused():
                  compensate_drift_noise=False)
     sde = ParameterSDE(model, data, lr=0.1, noise_batch_size=5, grad_source="batch", grad_batch_size=6, dt=0.05)
     assert sde.noise_scale == pytest.approx(math.sqrt(1 - 0.5 * 5 / 6))
+
+
+@pytest.mark.parametrize("kind", ["conv", "norm"])
+def test_shared_noise_coupling_factored_equals_materialised(kind):
+    model, data = _case(kind)
+    fac, mat = _pair(LipschitzSDE, model, data, noise_coupling="shared")
+    assert fac.brownian_size == fac.M == 5
+    y = _state(fac, 3, seed=2)
+    v = torch.randn(3, fac.brownian_size, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for a, b in zip(fac.f_and_g_prod(0.0, y, v), mat.f_and_g_prod(0.0, y, v)):
+        torch.testing.assert_close(a, b, **TOL)
+    # the dense g (same cached evaluation) times v is the same increment
+    gv = mat.g_prod(0.0, y, v)
+    torch.testing.assert_close(torch.einsum("nsb,nb->ns", mat.g(0.0, y), v), gv, **TOL)
+
+
+def _coupled_step_covariance(coupling: str, n: int = 40_000, M: int = 4, eta: float = 0.5):
+    """One Euler step (dt = η, full-set drift) of n trajectories of a two-layer MLP at one θ:
+    its empirical covariance, Def 4's η² Var[g]/M with the full Var[g] (all layers), and the
+    slice of the first layer's parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    gen = torch.Generator().manual_seed(1)
+    N = 30
+    X = torch.randn(N, 2, generator=gen, dtype=torch.float64)
+    Y = torch.randint(0, 2, (N,), generator=gen)
+    sde = ParameterSDE(model, (X, Y), lr=eta, noise_batch_size=M, grad_source="full", noise_coupling=coupling, seed=2)
+    y = sde.initial_state(n)
+    v = torch.randn(n, sde.brownian_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * eta**0.5
+    f, gv = sde.f_and_g_prod(0.0, y, v)
+    step = f * eta + gv
+    per = []
+    for x, t in zip(X, Y):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[None]), t[None]).backward()
+        per.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    var_g = torch.cov(torch.stack(per).T, correction=0)
+    first = slice(0, 2 * 3 + 3)  # fc1 weight and bias (one noise block)
+    return torch.cov(step.T), eta**2 * var_g / M, first
+
+
+def test_shared_noise_coupling_has_the_full_step_covariance_across_layers():
+    emp, target, first = _coupled_step_covariance("shared")
+    w, Q = torch.linalg.eigh(target)
+    ratio = torch.diagonal(Q.mT @ emp @ Q) / w
+    keep = w > 1e-6 * w.max()
+    assert bool(((ratio[keep] - 1).abs() < 0.06).all()), ratio.tolist()
+    # the cross-layer block is there and matches
+    cross_t, cross_e = target[first, first.stop:], emp[first, first.stop:]
+    assert float(cross_t.abs().max()) > 0.2 * float(target.diagonal().max())
+    assert float((cross_e - cross_t).abs().max()) < 0.06 * float(target.diagonal().max())
+
+
+def test_layer_coupling_has_block_diagonal_step_covariance():
+    """Assumption 3 (the default): the same diagonal blocks, no covariance across layers."""
+    emp, target, first = _coupled_step_covariance("layers")
+    scale = float(target.diagonal().max())
+    assert float(emp[first, first.stop:].abs().max()) < 0.03 * scale
+    assert float(target[first, first.stop:].abs().max()) > 0.2 * scale
+    for blk in (first, slice(first.stop, None)):
+        assert float((emp[blk, blk] - target[blk, blk]).abs().max()) < 0.06 * scale
+    with pytest.raises(ValueError, match="noise_coupling must be 'layers'"):
+        ParameterSDE(nn.Linear(2, 2), (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long)), lr=0.1,
+                     noise_batch_size=2, noise_coupling="full")
 
 
 # -- the dense diffusion ----------------------------------------------------------------

@@ -360,17 +360,17 @@ class LipschitzSDE(ParameterSDE):
 
     def _g_prod(self, c: _Coefficients, y, v, inc):
         out = super()._g_prod(c, y, v, inc)
-        M, P = self.M, self.n_params
+        P = self.n_params
         for i, b in enumerate(self._layer_blocks):
-            vb = v[:, b * M : (b + 1) * M].to(c.lam.dtype)
+            vb = v[:, self.brownian_slice(b)].to(c.lam.dtype)
             out[:, P + i] = (c.lam[:, i] * vb).sum(-1)
         return out
 
     def _g_dense(self, c: _Coefficients, y):
         G = super()._g_dense(c, y)
-        M, P = self.M, self.n_params
+        P = self.n_params
         for i, b in enumerate(self._layer_blocks):
-            G[:, P + i, b * M : (b + 1) * M] = c.lam[:, i]
+            G[:, P + i, self.brownian_slice(b)] = c.lam[:, i]
         return G
 
     @property

@@ -19,6 +19,10 @@ at every trajectory's own parameters at every evaluation:
 Every module that owns trainable parameters is one noise block with its own
 M-dimensional Brownian motion. A tracked layer's bias sits in the block of its weight:
 the same per-sample rows drive weight and bias, which is their exact joint noise.
+``noise_coupling="shared"`` drops Assumption 3 instead: one M-dimensional Brownian
+motion drives every block, so that G·dB = Σ_i c_i (g_i − ḡ) over the whole parameter
+vector and the noise has SGD's full covariance Σ̂ across layers (one mini-batch moves
+all layers at once); the block-diagonal Σ of Assumption 3 is its diagonal blocks.
 
 Two engines evaluate the diffusion (``engine=``):
 
@@ -130,6 +134,10 @@ class ParameterSDE(nn.Module):
         dt: the Euler step the compensation is calibrated for (default η).
         shared_noise_batch: draw one noise mini-batch per evaluation for all
             trajectories instead of one per trajectory.
+        noise_coupling: ``"layers"`` (default): an independent M-dimensional Brownian
+            motion per noise block, block-diagonal noise across layers (Assumption 3);
+            ``"shared"``: one M-dimensional Brownian motion for all blocks, the full
+            covariance of the mini-batch gradient across layers (SGD's own noise).
         weight_decay: λ_wd of SGD's L2 penalty: the drift becomes −(∇L + λ_wd θ).
         seed: seed of the data sampling (:meth:`reseed` restarts it).
         layers: the tracked layers (default :func:`sdelip.tracked_layers`).
@@ -164,6 +172,7 @@ class ParameterSDE(nn.Module):
         compensate_drift_noise: bool = True,
         dt: Optional[float] = None,
         shared_noise_batch: bool = False,
+        noise_coupling: str = "layers",
         weight_decay: float = 0.0,
         seed: int = 0,
         layers: Optional[list] = None,
@@ -194,6 +203,9 @@ class ParameterSDE(nn.Module):
         self.traj_chunk = None if traj_chunk is None else int(traj_chunk)
         self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
         self.dense_diffusion = dense_diffusion
+        if noise_coupling not in ("layers", "shared"):
+            raise ValueError(f"noise_coupling must be 'layers' (Assumption 3) or 'shared', got {noise_coupling!r}")
+        self.noise_coupling = noise_coupling
         engine = str(engine).lower()
         if engine not in ("auto", "factored", "materialised", "materialized"):
             raise ValueError(f"engine must be 'auto', 'factored' or 'materialised', got {engine!r}")
@@ -265,8 +277,14 @@ class ParameterSDE(nn.Module):
 
     @property
     def brownian_size(self) -> int:
-        """Brownian coordinates: one M-dimensional block per noise block (Assumption 3)."""
-        return len(self.layout.blocks) * self.M
+        """Brownian coordinates: one M-dimensional block per noise block (Assumption 3), or M when shared."""
+        return self.M if self.noise_coupling == "shared" else len(self.layout.blocks) * self.M
+
+    def brownian_slice(self, block: int) -> slice:
+        """The Brownian coordinates that drive noise block ``block``."""
+        if self.noise_coupling == "shared":
+            return slice(0, self.M)
+        return slice(block * self.M, (block + 1) * self.M)
 
     @property
     def layer_names(self) -> list:
@@ -423,6 +441,8 @@ class ParameterSDE(nn.Module):
         M = self.M
         w = v.to(dtype).reshape(v.shape[0], -1, M) * self._noise_scale()
         w = w - w.mean(-1, keepdim=True)
+        if self.noise_coupling == "shared":  # one Brownian block drives every noise block
+            return {b: w[:, 0] for b in range(len(self.layout.blocks))}
         return {b: w[:, b] for b in range(w.shape[1])}
 
     def _increments(self, c: _Coefficients, v: torch.Tensor) -> torch.Tensor:
@@ -491,11 +511,9 @@ class ParameterSDE(nn.Module):
         return out
 
     def _g_prod_rows(self, c: _Coefficients, v) -> torch.Tensor:
-        M = self.M
         out = c.noise[0].new_zeros(v.shape[0], self.n_params)
         for spec, E in zip(self.layout.specs, c.noise):
-            b = spec.block
-            vb = v[:, b * M : (b + 1) * M].to(E.dtype)
+            vb = v[:, self.brownian_slice(spec.block)].to(E.dtype)
             out[:, spec.start : spec.stop] = torch.bmm(vb.unsqueeze(1), E).squeeze(1)
         return out
 
@@ -537,11 +555,9 @@ class ParameterSDE(nn.Module):
         return self._g_dense(c, y)
 
     def _g_dense(self, c: _Coefficients, y):
-        M = self.M
         G = y.new_zeros(y.shape[0], y.shape[1], self.brownian_size)
         for spec, E in zip(self.layout.specs, self._dense_rows(c)):
-            b = spec.block
-            G[:, spec.start : spec.stop, b * M : (b + 1) * M] = E.mT
+            G[:, spec.start : spec.stop, self.brownian_slice(spec.block)] = E.mT
         return G
 
     def extra_repr(self) -> str:
