@@ -162,10 +162,10 @@ class SweepOutcome:
     """What :func:`run_sweep` produced.
 
     Attributes:
-        results: task name → :class:`TaskResult`, for every completed task (skipped ones
-            included), in the order of the tasks.
-        failures: task name → :class:`TaskFailure`.
-        skipped: names of the tasks whose record folder was already complete.
+        results: task name (or key) → :class:`TaskResult`, for every completed task
+            (skipped ones included), in the order of the tasks.
+        failures: task name (or key) → :class:`TaskFailure`.
+        skipped: names (or keys) of the tasks whose record folder was already complete.
         seconds: wall time of the sweep.
     """
 
@@ -185,14 +185,39 @@ class SweepOutcome:
 # ---------------------------------------------------------------------------------------
 
 
-def _roots(tasks: Sequence[Task], root) -> dict:
-    """task name → the folder that holds its record folder."""
+def _keyed(tasks) -> list[tuple]:
+    """(key, task) pairs: a list of tasks is keyed by name, a mapping by its keys."""
+    if isinstance(tasks, Mapping):
+        return list(tasks.items())
+    tasks = list(tasks)
+    names = [t.name for t in tasks]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"task names must be unique within a sweep; repeated: {dup}")
+    return [(t.name, t) for t in tasks]
+
+
+def _roots(keyed: Sequence[tuple], root) -> dict:
+    """key → the folder that holds the task's record folder."""
     if isinstance(root, Mapping):
-        missing = [t.name for t in tasks if t.name not in root]
+        missing = [_display(k) for k, _ in keyed if k not in root]
         if missing:
-            raise ValueError(f"root mapping has no folder for tasks {missing}")
-        return {t.name: pathlib.Path(root[t.name]) for t in tasks}
-    return {t.name: pathlib.Path(root) for t in tasks}
+            raise ValueError(f"the root mapping has no folder for tasks {missing}")
+        roots = {k: pathlib.Path(root[k]) for k, _ in keyed}
+    else:
+        roots = {k: pathlib.Path(root) for k, _ in keyed}
+    seen: dict = {}
+    for k, t in keyed:
+        other = seen.setdefault((roots[k], t.id), k)
+        if other != k:
+            raise ValueError(f"tasks {_display(other)!r} and {_display(k)!r} have the same record folder "
+                             f"{roots[k] / t.id} (same fn, name and config under one root)")
+    return roots
+
+
+def _display(key) -> str:
+    """A key as shown in messages: tuples joined with '/'."""
+    return "/".join(map(str, key)) if isinstance(key, tuple) else str(key)
 
 
 def load_result(task: Task, folder: pathlib.Path) -> Optional[TaskResult]:
@@ -423,21 +448,23 @@ def _hms(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def run_sweep(tasks: Iterable[Task], root, *, workers: Optional[int] = None, address: Optional[str] = None,
+def run_sweep(tasks, root, *, workers: Optional[int] = None, address: Optional[str] = None,
               progress: bool = True, fresh: bool = False, threads: Optional[int] = None,
               shared: Optional[bool] = None, python_path: Sequence[Union[str, pathlib.Path]] = (),
               label: str = "sweep") -> SweepOutcome:
     """Run the tasks whose record folder is not complete; returns every task's result.
 
     Args:
-        tasks: the tasks (names unique).
+        tasks: a list of tasks (names unique; results keyed by name), or a mapping key →
+            task (results keyed by key, e.g. ``(experiment, name)`` for one sweep over
+            several experiments; names then need to be unique per root only).
         root: the folder holding the record folders ``<root>/<task.id>/``, or a mapping
-            task name → such a folder (one sweep over several experiments' folders).
+            key → such a folder.
         workers: tasks at a time. ``1`` without ``address`` runs in this process without
             importing Ray; ``None`` means one per core of a local Ray instance (all of a
             cluster's with ``address``).
-        address: a Ray cluster's address (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``);
-            None starts a local instance.
+        address: a Ray cluster's address (``"auto"`` on a node of it, ``"host:6379"``,
+            ``"ray://host:10001"``); None starts a local instance.
         progress: a tqdm bar on a TTY; False (or not a TTY): one line per finished task.
         fresh: ignore complete record folders (run every task again, replacing them).
         threads: ``torch.set_num_threads`` in each task (None: leave the default). Ray
@@ -451,48 +478,41 @@ def run_sweep(tasks: Iterable[Task], root, *, workers: Optional[int] = None, add
 
     Returns:
         :class:`SweepOutcome`. Failures are also written to ``<root>/failures.json``
-        (and that file is removed when a sweep has none).
+        (and that file is removed when a sweep has none there).
 
     Raises:
-        ValueError: duplicate task names, or a bad ``workers``.
+        ValueError: duplicate task names (or record folders), or a bad ``workers``.
         ImportError: Ray is needed (``workers != 1`` or ``address``) but not installed.
     """
-    tasks = list(tasks)
-    names = [t.name for t in tasks]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"task names must be unique within a sweep; repeated: {dup}")
+    keyed = _keyed(tasks)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     start = time.perf_counter()
-    roots = _roots(tasks, root)
+    roots = _roots(keyed, root)
     tokens = _write_tokens(set(roots.values()), shared)
     done: dict = {}
-    todo: list[Task] = []
-    for t in tasks:
-        folder = roots[t.name] / t.id
+    todo: list[tuple] = []
+    for k, t in keyed:
+        folder = roots[k] / t.id
         if fresh and folder.exists():
             shutil.rmtree(folder)
         res = load_result(t, folder)
         if res is not None:
-            done[t.name] = res
+            done[k] = res
         else:
-            todo.append(t)
+            todo.append((k, t))
     skipped = tuple(done)
     if skipped:
-        _say(f"[{label}] {len(skipped)} of {len(tasks)} tasks already complete (skipped); {len(todo)} to run")
+        _say(f"[{label}] {len(skipped)} of {len(keyed)} tasks already complete (skipped); {len(todo)} to run")
     bar = progress and sys.stderr.isatty()
     failures: dict = {}
     if todo:
-        if workers == 1 and address is None:
-            engine = _run_in_process
-        else:
-            engine = _run_on_ray
+        engine = _run_in_process if (workers == 1 and address is None) else _run_on_ray
         engine(todo, roots, tokens, done, failures, workers=workers, address=address, threads=threads,
                bar=bar, label=label, python_path=python_path)
-    _write_failures(tasks, roots, failures)
-    results = {t.name: done[t.name] for t in tasks if t.name in done}
-    return SweepOutcome(results=results, failures={n: failures[n] for n in names if n in failures},
+    _write_failures(keyed, roots, failures)
+    return SweepOutcome(results={k: done[k] for k, _ in keyed if k in done},
+                        failures={k: failures[k] for k, _ in keyed if k in failures},
                         skipped=skipped, seconds=time.perf_counter() - start)
 
 
@@ -514,30 +534,30 @@ def _write_tokens(roots: Iterable[pathlib.Path], shared: Optional[bool]) -> dict
     return tokens
 
 
-def _record(task: Task, root: pathlib.Path, out: dict, done: dict, failures: dict, bar: Progress) -> None:
+def _record(key, task: Task, root: pathlib.Path, out: dict, done: dict, failures: dict, prog: Progress) -> None:
     """Book one finished task: store its returned files, load its result, or note the failure."""
     if out.get("ok"):
         try:
             folder = root / task.id if out.get("written") else _store_returned(task, root, out)
-            done[task.name] = load_result(task, folder)
-            bar.finished(task.name, True, out["seconds"])
+            done[key] = load_result(task, folder)
+            prog.finished(_display(key), True, out["seconds"])
             return
         except Exception as exc:  # noqa: BLE001 - e.g. a full disk on the driver
             out = {"ok": False, "error": f"storing the record folder failed: {type(exc).__name__}: {exc}",
                    "traceback": traceback.format_exc(), "seconds": out.get("seconds", 0.0)}
-    failures[task.name] = TaskFailure(task=task, error=out["error"], traceback=out.get("traceback", ""))
-    bar.finished(task.name, False, out.get("seconds", 0.0), out["error"])
+    failures[key] = TaskFailure(task=task, error=out["error"], traceback=out.get("traceback", ""))
+    prog.finished(_display(key), False, out.get("seconds", 0.0), out["error"])
 
 
 def _run_in_process(todo, roots, tokens, done, failures, *, threads, bar, label, **_) -> None:
     """One task after the other in this process (no Ray)."""
     prog = Progress(len(todo), 1, bar, label)
     try:
-        for t in todo:
+        for k, t in todo:
             prog.submitted()
-            root = roots[t.name]
+            root = roots[k]
             out = execute(t.reference, t.name, t.id, t.config, str(root), tokens[root], threads)
-            _record(t, root, out, done, failures, prog)
+            _record(k, t, root, out, done, failures, prog)
     finally:
         prog.close()
 
@@ -574,34 +594,34 @@ def _run_on_ray(todo, roots, tokens, done, failures, *, workers, address, thread
     prog = Progress(len(todo), capacity, bar, label)
     pending = {}
     try:
-        for t in todo:
-            root = roots[t.name]
+        for k, t in todo:
+            root = roots[k]
             ref = remote.options(num_cpus=1, num_gpus=t.gpus, max_retries=0).remote(
                 t.reference, t.name, t.id, t.config, str(root), tokens[root], threads)
-            pending[ref] = t
+            pending[ref] = (k, t)
         prog.submitted(len(pending))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for r in ready:
-                t = pending.pop(r)
+                k, t = pending.pop(r)
                 try:
                     out = ray.get(r)
                 except Exception as exc:  # noqa: BLE001 - a worker that died (OOM, node loss)
                     out = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": "", "seconds": 0.0}
-                _record(t, roots[t.name], out, done, failures, prog)
+                _record(k, t, roots[k], out, done, failures, prog)
     finally:
         prog.close()
         if started_here:
             ray.shutdown()
 
 
-def _write_failures(tasks: Sequence[Task], roots: dict, failures: dict) -> None:
+def _write_failures(keyed: Sequence[tuple], roots: dict, failures: dict) -> None:
     """``<root>/failures.json`` per root: this sweep's failures there (removed when none)."""
     by_root: dict = {}
-    for t in tasks:
-        by_root.setdefault(roots[t.name], [])
-    for name, f in failures.items():
-        by_root[roots[name]].append({"name": name, "id": f.task.id, "fn": f.task.reference,
+    for k, _ in keyed:
+        by_root.setdefault(roots[k], [])
+    for k, f in failures.items():
+        by_root[roots[k]].append({"name": f.task.name, "id": f.task.id, "fn": f.task.reference,
                                      "config": f.task.config, "error": f.error, "traceback": f.traceback})
     for root, entries in by_root.items():
         path = root / FAILURES_FILE
