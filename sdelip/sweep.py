@@ -583,12 +583,12 @@ def _run_on_ray(todo, roots, tokens, done, failures, *, workers, address, thread
                           "pip install 'sdelip[sweep]' (or use workers=1 for in-process runs)") from exc
     started_here = not ray.is_initialized()
     if started_here:
-        kwargs = dict(runtime_env=_runtime_env(python_path, threads), include_dashboard=False,
-                      log_to_driver=True, configure_logging=False)
-        if address is not None:
-            ray.init(address=address, **kwargs)
+        runtime_env = _runtime_env(python_path, threads)
+        if address is not None:  # a cluster (or a Ray Client address): only what connecting accepts
+            ray.init(address=address, runtime_env=runtime_env)
         else:
-            ray.init(num_cpus=workers or os.cpu_count(), num_gpus=None, **kwargs)
+            ray.init(num_cpus=workers or os.cpu_count(), runtime_env=runtime_env, include_dashboard=False,
+                     configure_logging=False)
     capacity = workers or int(ray.cluster_resources().get("CPU", 1))
     remote = ray.remote(execute)
     prog = Progress(len(todo), capacity, bar, label)
