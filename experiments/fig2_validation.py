@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import Timer, output_dir, parser, pick, single_thread, write_json, write_table  # noqa: E402
+from common import pick, record_path, run_experiment, runtime_note, write_json, write_table  # noqa: E402
 
 
 NAME = "fig2_validation"
@@ -69,40 +69,45 @@ def prediction_errors(pred) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
-    """Run the experiment; returns a dict with the output paths and the summary rows."""
+def runs(s: dict) -> list[tuple]:
+    """(dataset, regularizer, lr, steps, label) of every run: each configuration, then the η check."""
+    out = [(d, reg, s["lr"], s["steps"], reg) for d in s["datasets"] for reg in s["configurations"]]
+    if s.get("eta_check"):
+        c = s["eta_check"]
+        out += [(d, "none", s["lr"] / c, s["steps"] * c, f"none (η/{c}, {c}× steps)") for d in s["datasets"]]
+    return out
+
+
+def tasks(args) -> list:
+    """One tracked training run per (dataset, configuration), and the η-check runs."""
+    from common import task_gpus, train_task
+    from sdelip.sweep import Task
+
+    s = pick(args.scale, **SETTINGS)
+    return [Task(name=f"{dataset}/{label}", fn=train_task, config={"train": dict(
+        model=s["model"], dataset=dataset, data_root=args.data_root, download=args.download, lr=lr,
+        batch_size=s["batch_size"], steps=steps, init_seed=0, sampling_seed=0, regularizer=reg, track=True,
+        track_every=s["track_every"], split=False, max_train_samples=s["max_train_samples"], device=args.device,
+        eval_test=False)}, gpus=task_gpus(args)) for dataset, reg, lr, steps, label in runs(s)]
+
+
+def reduce(args, results: dict, out: Path) -> dict:
+    """Prediction errors per configuration from the records, the figure and the tables."""
     import sdelip.plotting as splot
     from sdelip.prediction import predict
     from sdelip.record import load_record
-    from sdelip.train import TrainConfig, train
 
-    args = parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    out = output_dir(NAME, args)
     s = pick(args.scale, **SETTINGS)
-    single_thread(args)
     rows, preds, sources = [], {}, {}
-    with Timer() as timer:
-        runs = [(d, reg, s["lr"], s["steps"], reg) for d in s["datasets"] for reg in s["configurations"]]
-        if s.get("eta_check"):
-            c = s["eta_check"]
-            runs += [(d, "none", s["lr"] / c, s["steps"] * c, f"none (η/{c}, {c}× steps)") for d in s["datasets"]]
-        for dataset, reg, lr, steps, label in runs:
-            path = out / f"record_{dataset}_{reg}_lr{lr:g}.db"
-            if path.exists():
-                path.unlink()
-            cfg = TrainConfig(model=s["model"], dataset=dataset, data_root=args.data_root, download=args.download,
-                              lr=lr, batch_size=s["batch_size"], steps=steps, init_seed=0,
-                              sampling_seed=0, regularizer=reg, track=True, track_every=s["track_every"],
-                              split=False, record=str(path), max_train_samples=s["max_train_samples"],
-                              device=args.device, eval_test=False)
-            with Timer() as t_run:
-                res = train(cfg, progress=not args.no_progress)
-            pred = predict(load_record(path))
-            preds[(res.data, label)] = pred
-            sources[res.data] = res.data_source
-            rows.append({"data": res.data, "regularizer": label, "lr": lr, "steps": steps,
-                         **prediction_errors(pred),
-                         "final_loss": res.final_loss, "seconds": t_run.seconds})
+    for dataset, reg, lr, steps, label in runs(s):
+        res = results[f"{dataset}/{label}"]
+        v = res.value
+        pred = predict(load_record(record_path(res)))
+        preds[(v["data"], label)] = pred
+        sources[v["data"]] = v["data_source"]
+        rows.append({"data": v["data"], "regularizer": label, "lr": lr, "steps": steps,
+                     **prediction_errors(pred),
+                     "final_loss": v["final_loss"], "seconds": res.seconds})
 
     plt = splot._plt()
     n = len(preds)
@@ -141,12 +146,18 @@ def main(argv=None) -> dict:
         f"Largest error: {worst['regularizer']} on {worst['data']}, max relative error "
         f"{worst['max_rel_error']:.3g} against a change of K of {worst['K_change_over_run']:.3g} over the run.",
         *eta_note,
-        f"Runtime {timer.seconds:.0f} s.",
+        f"{runtime_note(results)}.",
     ]
     csv_path, md_path = write_table(rows, out, title="Fig 2: prediction error of K(t) per regularizer", notes=notes)
-    write_json({"scale": args.scale, "settings": s, "data_sources": sources, "seconds": timer.seconds, "rows": rows},
+    seconds = sum(r.seconds for r in results.values())
+    write_json({"scale": args.scale, "settings": s, "data_sources": sources, "seconds": seconds, "rows": rows},
                out / "summary.json")
-    return {"rows": rows, "figure": fig_path, "csv": csv_path, "md": md_path, "seconds": timer.seconds}
+    return {"rows": rows, "figure": fig_path, "csv": csv_path, "md": md_path, "seconds": seconds}
+
+
+def main(argv=None) -> dict:
+    """Run the experiment (see :func:`common.run_experiment`); returns the output paths and the summary rows."""
+    return run_experiment(NAME, __doc__.splitlines()[0], tasks, reduce, argv)
 
 
 if __name__ == "__main__":

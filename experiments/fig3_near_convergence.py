@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import Timer, output_dir, parser, pick, single_thread, write_json, write_table  # noqa: E402
+from common import pick, record_path, run_experiment, runtime_note, write_json, write_table  # noqa: E402
 
 
 NAME = "fig3_near_convergence"
@@ -68,26 +68,28 @@ def term_stats(rec, widths: np.ndarray, lr: float, mask: np.ndarray, suffix: str
     }
 
 
-def main(argv=None) -> dict:
-    """Run the experiment; returns a dict with the output paths and the summary rows."""
+def tasks(args) -> list:
+    """The one long run, tracked with the Prop 6 split."""
+    from common import task_gpus, train_task
+    from sdelip.sweep import Task
+
+    s = pick(args.scale, **SETTINGS)
+    return [Task(name="run", fn=train_task, config={"train": dict(
+        model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download, lr=s["lr"],
+        batch_size=s["batch_size"], steps=s["steps"], init_seed=0, sampling_seed=0, track=True,
+        track_every=s["track_every"], split=True, max_train_samples=s["max_train_samples"], device=args.device,
+        eval_test=True)}, gpus=task_gpus(args))]
+
+
+def reduce(args, results: dict, out: Path) -> dict:
+    """Per-layer term statistics, the late-window growth, the figure and the tables from the record."""
     import sdelip.plotting as splot
     from sdelip.record import load_record
-    from sdelip.train import TrainConfig, train
 
-    args = parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    out = output_dir(NAME, args)
     s = pick(args.scale, **SETTINGS)
-    single_thread(args)
-    path = out / "record.db"
-    if path.exists():
-        path.unlink()
-    with Timer() as timer:
-        cfg = TrainConfig(model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download,
-                          lr=s["lr"], batch_size=s["batch_size"], steps=s["steps"], init_seed=0, sampling_seed=0,
-                          track=True, track_every=s["track_every"], split=True, record=str(path),
-                          max_train_samples=s["max_train_samples"], device=args.device, eval_test=True)
-        res = train(cfg, progress=not args.no_progress)
-    rec = load_record(path)
+    run = results["run"]
+    res = run.value
+    rec = load_record(record_path(run))
     lr = s["lr"]
     steps = rec["step"].to_numpy()
     widths = row_widths(steps, s["steps"])
@@ -107,7 +109,7 @@ def main(argv=None) -> dict:
     net_late = next(r for r in rows if r["layer"] == "network" and r["window"] == "late half")
     Z = rec["Z"].to_numpy()
     i0 = int(np.flatnonzero(late)[0])
-    Z_end = float(np.log(res.K_final))
+    Z_end = float(np.log(res['K_final']))
     dZ_obs = Z_end - float(Z[i0])
     t_late = (s["steps"] - int(steps[i0])) * lr
     sde_dZ = net_late["int_mu"] + net_late["int_kappa"] - 0.5 * net_late["int_lambda2"]
@@ -120,7 +122,7 @@ def main(argv=None) -> dict:
         "minus_half_int_lambda2_Z": -0.5 * net_late["int_lambda2"], "dZ_sde_sum": sde_dZ,
         "kappa_share_of_dZ": net_late["int_kappa"] / dZ_obs if dZ_obs != 0 else float("nan"),
         "final_train_loss_mean_last10pct": float(loss[-n_tail:].mean()),
-        "K_initial": res.K_initial, "K_final": res.K_final,
+        "K_initial": res['K_initial'], "K_final": res['K_final'],
     }
 
     # Figure: per-layer terms, κ split, K(t) and loss, κ_Z/|μ_Z|.
@@ -149,18 +151,18 @@ def main(argv=None) -> dict:
     ax.set_xlabel("t")
     ax.set_title("κ_Z / |μ_Z| (smoothed)")
     ax.legend(fontsize=8)
-    fig.suptitle(f"Fig 3 — dynamics near convergence ({res.data}; {args.scale} scale)")
+    fig.suptitle(f"Fig 3 — dynamics near convergence ({res['data']}; {args.scale} scale)")
     fig.tight_layout()
     fig_path = splot.save_figure(fig, out / "fig3_near_convergence.png")
 
     net_all = next(r for r in rows if r["layer"] == "network" and r["window"] == "whole run")
     notes = [
-        f"Data: {res.data} — {res.data_source}.",
+        f"Data: {res['data']} — {res['data_source']}.",
         f"Scale: {args.scale}; model {s['model']}, η = {lr}, M = {s['batch_size']}, {s['steps']} steps, no "
         f"regularisation, tracked with schedule {s['track_every']!r} ({len(rec)} rows); means are weighted by the "
         "number of steps each recorded row stands for.",
         f"Final training loss (mean of the last 10% of rows) {growth['final_train_loss_mean_last10pct']:.3g}; "
-        f"train accuracy {res.train_accuracy:.3f}; test accuracy {res.test_accuracy}.",
+        f"train accuracy {res['train_accuracy']:.3f}; test accuracy {res['test_accuracy']}.",
         f"κ_Z / |μ_Z| (means): {net_all['kappa_over_abs_mu']:.3g} over the run, "
         f"{net_late['kappa_over_abs_mu']:.3g} over the late half (paper: about 0.1).",
         f"Covariance share of κ_Z: {net_all['cov_share']:.3f} over the run, {net_late['cov_share']:.3f} late "
@@ -169,14 +171,19 @@ def main(argv=None) -> dict:
         f"per unit t); ∫μ_Z {growth['int_mu_Z']:.4g}, ∫κ_Z {growth['int_kappa_Z']:.4g}, −½∫λ_Z² "
         f"{growth['minus_half_int_lambda2_Z']:.4g} (paper: K keeps growing near convergence).",
         "cov_share = |κ_cov| / (|κ_var| + |κ_cov|) of the means; κ_cov is not sign-definite.",
-        f"Growth numbers: growth.csv / growth.md. Runtime {timer.seconds:.0f} s.",
+        f"Growth numbers: growth.csv / growth.md. {runtime_note(results)}.",
     ]
     write_table([growth], out, stem="growth", title="Fig 3: growth of Z = log K over the late half")
     csv_path, md_path = write_table(rows, out, title="Fig 3: dynamics terms near convergence", notes=notes)
-    write_json({"scale": args.scale, "settings": s, "data": res.data, "data_source": res.data_source,
-                "seconds": timer.seconds, "rows": rows, "growth": growth}, out / "summary.json")
+    write_json({"scale": args.scale, "settings": s, "data": res['data'], "data_source": res['data_source'],
+                "seconds": run.seconds, "rows": rows, "growth": growth}, out / "summary.json")
     return {"rows": rows, "growth": growth, "figure": fig_path, "csv": csv_path, "md": md_path,
-            "seconds": timer.seconds}
+            "seconds": run.seconds}
+
+
+def main(argv=None) -> dict:
+    """Run the experiment (see :func:`common.run_experiment`); returns the output paths and the summary rows."""
+    return run_experiment(NAME, __doc__.splitlines()[0], tasks, reduce, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import Timer, output_dir, parser, pick, single_thread, write_json, write_table  # noqa: E402
+from common import pick, record_path, run_experiment, runtime_note, write_json, write_table  # noqa: E402
 
 
 NAME = "fig4_sampling"
@@ -49,34 +49,32 @@ def checkpoint_steps(record_steps, n: int) -> list[int]:
     return [int(steps[i]) for i in idx]
 
 
-def main(argv=None) -> dict:
-    """Run the experiment; returns a dict with the output paths and the summary rows."""
+def tasks(args) -> list:
+    """One training run per sampling seed (the initialisation seed fixed)."""
+    from common import task_gpus, train_task
+    from sdelip.sweep import Task
+
+    s = pick(args.scale, **SETTINGS)
+    return [Task(name=f"seed={seed}", fn=train_task, config={
+        "train": dict(model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download,
+                      lr=s["lr"], batch_size=s["batch_size"], steps=s["steps"], init_seed=INIT_SEED,
+                      sampling_seed=seed, track=True, track_every=s["track_every"], split=False,
+                      max_train_samples=s["max_train_samples"], device=args.device, eval_test=False),
+        "n_train": True}, gpus=task_gpus(args)) for seed in s["seeds"]]
+
+
+def reduce(args, results: dict, out: Path) -> dict:
+    """The spread of K(t) across seeds at a few steps, the figure and the tables from the records."""
     import sdelip.plotting as splot
     from sdelip.prediction import predict
     from sdelip.record import load_record
-    from sdelip.train import TrainConfig, prepare_data, train
 
-    args = parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    out = output_dir(NAME, args)
     s = pick(args.scale, **SETTINGS)
-    single_thread(args)
-    progress = not args.no_progress
-    records, preds, results = {}, {}, {}
-    with Timer() as timer:
-        for seed in s["seeds"]:
-            path = out / f"record_seed{seed}.db"
-            if path.exists():
-                path.unlink()
-            cfg = TrainConfig(model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download,
-                              lr=s["lr"], batch_size=s["batch_size"], steps=s["steps"], init_seed=INIT_SEED,
-                              sampling_seed=seed, track=True, track_every=s["track_every"], split=False,
-                              record=str(path), max_train_samples=s["max_train_samples"], device=args.device,
-                              eval_test=False)
-            results[seed] = train(cfg, progress=progress)
-            records[seed] = load_record(path)
-            preds[seed] = predict(records[seed])
-    first = results[s["seeds"][0]]
-    n_train = len(prepare_data(cfg))
+    runs = {seed: results[f"seed={seed}"] for seed in s["seeds"]}
+    records = {seed: load_record(record_path(r)) for seed, r in runs.items()}
+    preds = {seed: predict(rec) for seed, rec in records.items()}
+    first = runs[s["seeds"][0]].value
+    n_train = first["n_train"]
 
     # K(t) of every seed on the common recorded steps.
     common = sorted(set.intersection(*(set(r["step"].astype(int)) for r in records.values())))
@@ -117,13 +115,13 @@ def main(argv=None) -> dict:
     axes[1].set_xlabel("t")
     axes[1].set_ylabel("relative spread")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"Fig 4 — sampling trajectories ({first.data}; {args.scale} scale)")
+    fig.suptitle(f"Fig 4 — sampling trajectories ({first['data']}; {args.scale} scale)")
     fig.tight_layout()
     fig_path = splot.save_figure(fig, out / "fig4_sampling.png")
 
     last = rows[-1]
     notes = [
-        f"Data: {first.data} — {first.data_source}.",
+        f"Data: {first['data']} — {first['data_source']}.",
         f"Scale: {args.scale}; model {s['model']}, η = {s['lr']}, M = {s['batch_size']}, {s['steps']} steps, "
         f"init seed {INIT_SEED}, sampling seeds {s['seeds']}, K recorded every {s['track_every']} steps.",
         "sd_K: sample standard deviation across sampling seeds (ddof = 1); cv_sd_over_mean = sd_K / mean_K.",
@@ -136,12 +134,18 @@ def main(argv=None) -> dict:
         "epochs = step · M / training-set size. sdelip.train draws a reshuffled permutation per epoch (mini-batches "
         "without replacement), so at fixed θ an epoch's mini-batch noise sums to zero; Thm 17 assumes independent "
         "mini-batches (see ensemble_validation for an iid-sampling control).",
-        f"Runtime {timer.seconds:.0f} s.",
+        f"{runtime_note(results)}.",
     ]
     csv_path, md_path = write_table(rows, out, title="Fig 4: K(t) across sampling seeds", notes=notes)
-    write_json({"scale": args.scale, "settings": s, "data": first.data, "data_source": first.data_source,
-                "seconds": timer.seconds, "rows": rows}, out / "summary.json")
-    return {"rows": rows, "figure": fig_path, "csv": csv_path, "md": md_path, "seconds": timer.seconds}
+    seconds = sum(r.seconds for r in runs.values())
+    write_json({"scale": args.scale, "settings": s, "data": first["data"], "data_source": first["data_source"],
+                "seconds": seconds, "rows": rows}, out / "summary.json")
+    return {"rows": rows, "figure": fig_path, "csv": csv_path, "md": md_path, "seconds": seconds}
+
+
+def main(argv=None) -> dict:
+    """Run the experiment (see :func:`common.run_experiment`); returns the output paths and the summary rows."""
+    return run_experiment(NAME, __doc__.splitlines()[0], tasks, reduce, argv)
 
 
 if __name__ == "__main__":

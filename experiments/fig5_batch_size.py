@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import Timer, linear_fit, output_dir, parser, pick, single_thread, spearman, write_json, write_table  # noqa: E402
+from common import (  # noqa: E402
+    linear_fit, pick, record_path, run_experiment, runtime_note, spearman, write_json, write_table,
+)
 
 
 NAME = "fig5_batch_size"
@@ -54,51 +56,50 @@ def integrated_diffusion(record, upto_step: int) -> float:
     return float((lam2[keep] * widths[keep]).sum() * lr)
 
 
-def main(argv=None) -> dict:
-    """Run the experiment; returns a dict with the output paths and the summary rows."""
+def tasks(args) -> list:
+    """One training run per (batch size, sampling seed), the initialisation seed fixed."""
+    from common import task_gpus, train_task
+    from sdelip.sweep import Task
+
+    s = pick(args.scale, **SETTINGS)
+    return [Task(name=f"M={M}/seed={seed}", fn=train_task, config={"train": dict(
+        model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download, lr=s["lr"],
+        batch_size=M, steps=s["steps"], init_seed=INIT_SEED, sampling_seed=seed, track=True,
+        track_every=s["track_every"], split=False, max_train_samples=s["max_train_samples"], device=args.device,
+        eval_test=False), "n_train": True}, gpus=task_gpus(args))
+        for M in s["batch_sizes"] for seed in s["seeds"]]
+
+
+def reduce(args, results: dict, out: Path) -> dict:
+    """Var[K(t)] per batch size from the records, the 1/M fits, the figure and the tables."""
     import sdelip.plotting as splot
     from sdelip.record import load_record
-    from sdelip.train import TrainConfig, prepare_data, train
 
-    args = parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    out = output_dir(NAME, args)
     s = pick(args.scale, **SETTINGS)
-    single_thread(args)
-    progress = not args.no_progress
     data = source = None
     detail = []  # one row per (M, fixed step)
-    with Timer() as timer:
-        for M in s["batch_sizes"]:
-            Ks = {st: [] for st in s["fixed_steps"]}
-            ints = {st: [] for st in s["fixed_steps"]}
-            for seed in s["seeds"]:
-                path = out / f"record_M{M}_seed{seed}.db"
-                if path.exists():
-                    path.unlink()
-                cfg = TrainConfig(model=s["model"], dataset=s["dataset"], data_root=args.data_root,
-                                  download=args.download, lr=s["lr"], batch_size=M, steps=s["steps"],
-                                  init_seed=INIT_SEED, sampling_seed=seed, track=True, track_every=s["track_every"],
-                                  split=False, record=str(path), max_train_samples=s["max_train_samples"],
-                                  device=args.device, eval_test=False)
-                res = train(cfg, progress=progress)
-                data, source = res.data, res.data_source
-                n_train = len(prepare_data(cfg))
-                rec = load_record(path).set_index("step", drop=False)
-                for st in s["fixed_steps"]:
-                    if st not in rec.index:
-                        raise ValueError(f"step {st} was not recorded (track_every={s['track_every']})")
-                    Ks[st].append(float(rec.loc[st, "K"]))
-                    ints[st].append(integrated_diffusion(rec, st))
+    for M in s["batch_sizes"]:
+        Ks = {st: [] for st in s["fixed_steps"]}
+        ints = {st: [] for st in s["fixed_steps"]}
+        for seed in s["seeds"]:
+            res = results[f"M={M}/seed={seed}"]
+            data, source, n_train = res.value["data"], res.value["data_source"], res.value["n_train"]
+            rec = load_record(record_path(res)).set_index("step", drop=False)
             for st in s["fixed_steps"]:
-                K = np.asarray(Ks[st])
-                mean, var = float(K.mean()), float(K.var(ddof=1))
-                I = float(np.mean(ints[st]))
-                var_pred = mean ** 2 * float(np.expm1(I))
-                detail.append({"M": M, "step": st, "t": st * s["lr"], "epochs": st * M / n_train,
-                               "n_seeds": len(K), "mean_K": mean,
-                               "var_K_observed": var, "var_K_predicted_thm17": var_pred,
-                               "observed_over_predicted": var / var_pred if var_pred > 0 else float("nan"),
-                               "int_lambda2_Z": I, "C_hat_prop21": M * I})
+                if st not in rec.index:
+                    raise ValueError(f"step {st} was not recorded (track_every={s['track_every']})")
+                Ks[st].append(float(rec.loc[st, "K"]))
+                ints[st].append(integrated_diffusion(rec, st))
+        for st in s["fixed_steps"]:
+            K = np.asarray(Ks[st])
+            mean, var = float(K.mean()), float(K.var(ddof=1))
+            I = float(np.mean(ints[st]))
+            var_pred = mean ** 2 * float(np.expm1(I))
+            detail.append({"M": M, "step": st, "t": st * s["lr"], "epochs": st * M / n_train,
+                           "n_seeds": len(K), "mean_K": mean,
+                           "var_K_observed": var, "var_K_predicted_thm17": var_pred,
+                           "observed_over_predicted": var / var_pred if var_pred > 0 else float("nan"),
+                           "int_lambda2_Z": I, "C_hat_prop21": M * I})
 
     rows = []
     for st in s["fixed_steps"]:
@@ -173,14 +174,20 @@ def main(argv=None) -> dict:
         "epochs (by_batch_size) = step · M / training-set size: sdelip.train reshuffles once per epoch (mini-batches "
         "without replacement), so at fixed θ an epoch's mini-batch noise sums to zero, which Thm 17 / Prop 21 "
         "(independent mini-batches) do not model; compare observed_over_predicted before and after the first epoch.",
-        f"Per-batch-size numbers: by_batch_size.csv / by_batch_size.md. Runtime {timer.seconds:.0f} s.",
+        f"Per-batch-size numbers: by_batch_size.csv / by_batch_size.md. {runtime_note(results)}.",
     ]
     write_table(detail, out, stem="by_batch_size", title="Fig 5: Var[K(t)] per batch size and step")
     csv_path, md_path = write_table(rows, out, title="Fig 5: Var[K(t)] against 1/M (Prop 21)", notes=notes)
-    write_json({"scale": args.scale, "settings": s, "data": data, "data_source": source, "seconds": timer.seconds,
+    seconds = sum(r.seconds for r in results.values())
+    write_json({"scale": args.scale, "settings": s, "data": data, "data_source": source, "seconds": seconds,
                 "rows": rows, "detail": detail}, out / "summary.json")
     return {"rows": rows, "detail": detail, "figure": fig_path, "csv": csv_path, "md": md_path,
-            "seconds": timer.seconds}
+            "seconds": seconds}
+
+
+def main(argv=None) -> dict:
+    """Run the experiment (see :func:`common.run_experiment`); returns the output paths and the summary rows."""
+    return run_experiment(NAME, __doc__.splitlines()[0], tasks, reduce, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -119,35 +118,42 @@ def tracked_columns(ints: dict) -> dict:
             "log_ratio_sde": ints["int_mu_Z"] + ints["int_kappa_Z"] - 0.5 * ints["int_lambda_sq_Z"]}
 
 
-def train_run(cfg: dict, regularizer, seed: int, track: bool, record, args, scale: str):
-    """One MLP run with the sweep's settings; returns the TrainResult.
+def run_task(cfg: dict, regularizer: dict, seed: int, track: bool, args, name: str):
+    """The sweep task of one MLP run with the sweep's settings (record only when tracked).
 
     Args:
         cfg: :func:`settings` output (lr, batch_size, steps, ...).
-        regularizer: a ``RegularizerConfig``.
+        regularizer: ``RegularizerConfig`` fields as a dict.
         seed: used as both the initialisation and the sampling seed.
-        track: attach the tracker.
-        record: path of the record (deleted first if it exists) or None.
-        args: parsed command line (data root, device, progress).
-        scale: the scale name (progress bars only at paper scale).
-    """
-    from sdelip.train import TrainConfig, train
+        track: attach the tracker (and write a record).
+        args: parsed command line (data root, download, device).
+        name: the task's name.
 
-    if record is not None:
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            p = Path(str(record) + suffix)
-            if p.exists():
-                p.unlink()
-    config = TrainConfig(
+    Returns:
+        a :class:`sdelip.sweep.Task` running :func:`common.train_task`.
+    """
+    from sdelip.sweep import Task
+
+    return Task(name=name, fn=common.train_task, config={"train": dict(
         model="mlp", dataset="mnist", data_root=args.data_root, download=args.download,
         lr=cfg["lr"], batch_size=cfg["batch_size"], steps=cfg["steps"], init_seed=seed, sampling_seed=seed,
         regularizer=regularizer, track=track, track_every=cfg["track_every"],
-        record=str(record) if (track and record is not None) else None,
-        max_train_samples=cfg["max_train_samples"], device=args.device, eval_test=cfg["eval_test"],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the MNIST fallback notice is stated in the outputs instead
-        return train(config, progress=(scale == "paper" and not args.no_progress))
+        max_train_samples=cfg["max_train_samples"], device=args.device, eval_test=cfg["eval_test"])},
+        gpus=common.task_gpus(args))
+
+
+def run_row(res, track: bool, total_time: float) -> tuple[dict, dict | None]:
+    """The run-table columns of a finished run, and its tracked integrals (None untracked)."""
+    v = res.value
+    row = {"K0": v["K_initial"], "K_end": v["K_final"], "log_ratio": math.log(v["K_final"] / v["K_initial"]),
+           "train_acc": v["train_accuracy"],
+           "test_acc": v["test_accuracy"] if v["test_accuracy"] is not None else float("nan"),
+           "tracked": track, "seconds": res.seconds}
+    if not track:
+        return row, None
+    ints = integrals(common.record_path(res), total_time)
+    row.update(tracked_columns(ints))
+    return row, ints
 
 
 def verdict(rho_s: float) -> str:
@@ -175,12 +181,12 @@ def legend(ax, fontsize: int = 7) -> None:
         ax.legend(fontsize=fontsize)
 
 
-def data_statement(results) -> str:
-    """'Data: <name> — <source>' for the distinct datasets a list of TrainResults used."""
+def data_statement(values) -> str:
+    """'Data: <name> — <source>' for the distinct datasets of a list of :func:`common.train_task` values."""
     import re
 
-    seen = dict.fromkeys(f"{r.data} — {re.sub(r'; labels uniformly corrupted[^;]*', '', r.data_source)}"
-                         for r in results)
+    seen = dict.fromkeys(f"{v['data']} — {re.sub(r'; labels uniformly corrupted[^;]*', '', v['data_source'])}"
+                         for v in values)
     return "Data: " + " | ".join(seen)
 
 
@@ -189,34 +195,38 @@ def data_statement(results) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def run(args) -> dict:
-    """Train every (noise, ρ, seed); returns the per-run rows and the tracked integrals."""
-    from sdelip.regularizers import RegularizerConfig
+def jobs(cfg: dict) -> list[tuple]:
+    """(noise, ρ, seed, tracked) of every run; ρ = 1 is one noise-free run shared by the noise kinds."""
+    pairs = [("none", 1.0)] + [(noise, rho) for noise in cfg["noises"] for rho in cfg["rhos"] if rho < 1.0]
+    return [(noise, rho, seed, rho in cfg["track_rhos"] and seed in cfg["track_seeds"])
+            for noise, rho in pairs for seed in cfg["seeds"]]
 
+
+def task_name(noise: str, rho: float, seed: int) -> str:
+    """The task's name of a run."""
+    return f"{noise}/rho={rho:g}/seed={seed}"
+
+
+def tasks(args) -> list:
+    """One MLP run per (noise, ρ, seed)."""
     cfg = settings(args.scale)
-    out = common.output_dir(NAME, args)
-    records = out / "records"
-    runs, results, tracked = [], [], {}
-    jobs = [("none", 1.0)] + [(noise, rho) for noise in cfg["noises"] for rho in cfg["rhos"] if rho < 1.0]
-    for noise, rho in jobs:
-        for seed in cfg["seeds"]:
-            track = rho in cfg["track_rhos"] and seed in cfg["track_seeds"]
-            reg = RegularizerConfig(noisy_gradient_rho=rho, noisy_gradient_noise=noise if noise != "none" else "zero")
-            record = records / f"{noise}_rho{rho:g}_seed{seed}.db"
-            with common.Timer() as timer:
-                res = train_run(cfg, reg, seed, track, record, args, args.scale)
-            results.append(res)
-            row = {"noise": noise, "rho": rho, "seed": seed, "K0": res.K_initial, "K_end": res.K_final,
-                   "log_ratio": math.log(res.K_final / res.K_initial), "train_acc": res.train_accuracy,
-                   "test_acc": res.test_accuracy if res.test_accuracy is not None else float("nan"),
-                   "tracked": track, "seconds": timer.seconds}
-            if track:
-                tracked[(noise, rho, seed)] = integrals(record, cfg["steps"] * cfg["lr"])
-                row.update(tracked_columns(tracked[(noise, rho, seed)]))
-            runs.append(row)
-            print(f"[{NAME}] noise={noise:8s} rho={rho:.2f} seed={seed} K0={res.K_initial:.4g} "
-                  f"K_end={res.K_final:.4g} acc={res.train_accuracy:.3f} ({timer.seconds:.1f} s)", flush=True)
-    return {"cfg": cfg, "runs": runs, "results": results, "tracked": tracked, "out": out}
+    return [run_task(cfg, {"noisy_gradient_rho": rho, "noisy_gradient_noise": noise if noise != "none" else "zero"},
+                     seed, track, args, task_name(noise, rho, seed))
+            for noise, rho, seed, track in jobs(cfg)]
+
+
+def collect(args, results: dict) -> dict:
+    """The per-run rows and the tracked integrals of the finished sweep."""
+    cfg = settings(args.scale)
+    runs, values, tracked = [], [], {}
+    for noise, rho, seed, track in jobs(cfg):
+        res = results[task_name(noise, rho, seed)]
+        values.append(res.value)
+        row, ints = run_row(res, track, cfg["steps"] * cfg["lr"])
+        if ints is not None:
+            tracked[(noise, rho, seed)] = ints
+        runs.append({"noise": noise, "rho": rho, "seed": seed, **row})
+    return {"cfg": cfg, "runs": runs, "results": values, "tracked": tracked}
 
 
 def random_walk_K(model, cfg: dict, noise: str) -> float:
@@ -232,6 +242,13 @@ def random_walk_K(model, cfg: dict, noise: str) -> float:
     var = cfg["lr"] ** 2 * cfg["steps"] * NOISE_KINDS[noise]
     return math.prod(math.sqrt(1.0 / (3.0 * n) + var) * (math.sqrt(m) + math.sqrt(n))
                      for m, n in (layer.shape for layer in tracked_layers(model)))
+
+
+def mlp(value: dict):
+    """An MLP with the layer sizes of a run (only its layer shapes are used)."""
+    from sdelip.models import MLP
+
+    return MLP(value["model_sizes"])
 
 
 def summarise(sweep: dict) -> tuple[list[dict], list[dict]]:
@@ -275,7 +292,7 @@ def summarise(sweep: dict) -> tuple[list[dict], list[dict]]:
         violations = sum(1 for a, b in zip(K, K[1:]) if b < a)
         m = {"noise": noise, "spearman_rho_vs_K_end": rho_s, "adjacent_decreases": violations,
              "K_end_at_rho0": K[0], "K_end_at_rho1": K[-1], "verdict": verdict(rho_s)}
-        m["K_rho0_random_walk"] = random_walk_K(sweep["results"][0].model, cfg, noise)
+        m["K_rho0_random_walk"] = random_walk_K(mlp(sweep["results"][0]), cfg, noise)
         if I_mu is not None:  # RMS error of log K_end against Eq. 26
             for key in ("eq26", "eq26_cal"):
                 m[f"rms_log_{key}"] = math.sqrt(sum((math.log(r["K_end"]) - math.log(r[f"K_pred_{key}"])) ** 2
@@ -354,19 +371,16 @@ def plot(rows, sweep, out: Path) -> list[Path]:
     return [Path(save_figure(fig, out / "fig6_noisy_gradient.png"))]
 
 
-def main(argv=None) -> dict:
-    """Run the sweep and write the figure, the tables and ``summary.json``."""
-    args = common.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    out = common.output_dir(NAME, args)
-    args.out = out
-    with common.Timer() as timer:
-        sweep = run(args)
+def reduce(args, results: dict, out: Path) -> dict:
+    """The summary, monotonicity and run tables, the figure and ``summary.json`` from the finished runs."""
+    sweep = collect(args, results)
+    seconds = sum(r.seconds for r in results.values())
     cfg = sweep["cfg"]
     rows, mono = summarise(sweep)
     notes = [
-        f"Scale: {args.scale}; MLP {sweep['results'][0].model.sizes}, plain SGD, η = {cfg['lr']:g}, "
+        f"Scale: {args.scale}; MLP {tuple(sweep['results'][0]['model_sizes'])}, plain SGD, η = {cfg['lr']:g}, "
         f"M = {cfg['batch_size']}, {cfg['steps']} steps, seeds {cfg['seeds']} (init seed = sampling seed); "
-        f"{timer.seconds:.0f} s in all.",
+        f"{seconds:.0f} s of runs in all.",
         data_statement(sweep["results"]),
         "ρ = 1 is one run (no noise) shared by the three noise kinds. K = Π σ1 of the three weight matrices.",
         "Tracked runs (ρ ∈ %s, seeds %s, every %d steps): ∫μ_Z and ∫κ_Z are left Riemann sums over the record; "
@@ -390,11 +404,16 @@ def main(argv=None) -> dict:
     csv_path, md_path = common.write_table(rows, out, stem="summary",
                                            title="Fig 6 / Sec 8.4: K at the end against ρ", notes=notes)
     figs = plot(rows, sweep, out)
-    summary = {"scale": args.scale, "seconds": timer.seconds, "data": data_statement(sweep["results"]),
+    summary = {"scale": args.scale, "seconds": seconds, "data": data_statement(sweep["results"]),
                "monotonicity": mono, "settings": {k: v for k, v in cfg.items()}}
     common.write_json(summary, out / "summary.json")
     print(md_path.read_text())
     return {"summary": summary, "rows": rows, "csv": csv_path, "md": md_path, "figures": figs}
+
+
+def main(argv=None) -> dict:
+    """Run the sweep (see :func:`common.run_experiment`) and write the figure, the tables and ``summary.json``."""
+    return common.run_experiment(NAME, __doc__.splitlines()[0], tasks, reduce, argv)
 
 
 if __name__ == "__main__":

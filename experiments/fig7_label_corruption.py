@@ -58,33 +58,36 @@ def settings(scale: str) -> dict:
     }
 
 
-def run(args) -> dict:
-    """Train every (ε, seed); returns the per-run rows and the tracked integrals."""
-    from sdelip.regularizers import RegularizerConfig
+def jobs(cfg: dict) -> list[tuple]:
+    """(ε, seed, tracked) of every run."""
+    return [(eps, seed, eps in cfg["track_epsilons"] and seed in cfg["track_seeds"])
+            for eps in cfg["epsilons"] for seed in cfg["seeds"]]
 
+
+def task_name(eps: float, seed: int) -> str:
+    """The task's name of a run."""
+    return f"eps={eps:g}/seed={seed}"
+
+
+def tasks(args) -> list:
+    """One MLP run per (ε, seed)."""
     cfg = settings(args.scale)
-    out = common.output_dir(NAME, args)
-    records = out / "records"
-    runs, results, tracked = [], [], {}
-    for eps in cfg["epsilons"]:
-        for seed in cfg["seeds"]:
-            track = eps in cfg["track_epsilons"] and seed in cfg["track_seeds"]
-            record = records / f"eps{eps:g}_seed{seed}.db"
-            with common.Timer() as timer:
-                res = fig6.train_run(cfg, RegularizerConfig(label_corruption=eps), seed, track, record, args,
-                                     args.scale)
-            results.append(res)
-            row = {"eps": eps, "seed": seed, "K0": res.K_initial, "K_end": res.K_final,
-                   "log_ratio": math.log(res.K_final / res.K_initial), "train_acc": res.train_accuracy,
-                   "test_acc": res.test_accuracy if res.test_accuracy is not None else float("nan"),
-                   "tracked": track, "seconds": timer.seconds}
-            if track:
-                tracked[(eps, seed)] = fig6.integrals(record, cfg["steps"] * cfg["lr"])
-                row.update(fig6.tracked_columns(tracked[(eps, seed)]))
-            runs.append(row)
-            print(f"[{NAME}] eps={eps:.2f} seed={seed} K0={res.K_initial:.4g} K_end={res.K_final:.4g} "
-                  f"train_acc={res.train_accuracy:.3f} ({timer.seconds:.1f} s)", flush=True)
-    return {"cfg": cfg, "runs": runs, "results": results, "tracked": tracked, "out": out}
+    return [fig6.run_task(cfg, {"label_corruption": eps}, seed, track, args, task_name(eps, seed))
+            for eps, seed, track in jobs(cfg)]
+
+
+def collect(args, results: dict) -> dict:
+    """The per-run rows and the tracked integrals of the finished sweep."""
+    cfg = settings(args.scale)
+    runs, values, tracked = [], [], {}
+    for eps, seed, track in jobs(cfg):
+        res = results[task_name(eps, seed)]
+        values.append(res.value)
+        row, ints = fig6.run_row(res, track, cfg["steps"] * cfg["lr"])
+        if ints is not None:
+            tracked[(eps, seed)] = ints
+        runs.append({"eps": eps, "seed": seed, **row})
+    return {"cfg": cfg, "runs": runs, "results": values, "tracked": tracked}
 
 
 def fit_exponent(eps, log_ratio, clean: float) -> dict:
@@ -213,21 +216,18 @@ def plot(rows, head, sweep, out: Path) -> list[Path]:
     return [Path(save_figure(fig, out / "fig7_label_corruption.png"))]
 
 
-def main(argv=None) -> dict:
-    """Run the sweep and write the figure, the tables and ``summary.json``."""
-    args = common.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    out = common.output_dir(NAME, args)
-    args.out = out
-    with common.Timer() as timer:
-        sweep = run(args)
+def reduce(args, results: dict, out: Path) -> dict:
+    """The summary and run tables, the figure and ``summary.json`` from the finished runs."""
+    sweep = collect(args, results)
+    seconds = sum(r.seconds for r in results.values())
     cfg = sweep["cfg"]
     rows, head = summarise(sweep)
     fit = head["fit"]
     better = "(1−ε)" if fit["rms_p1"] < fit["rms_p2"] else "(1−ε)²"
     notes = [
-        f"Scale: {args.scale}; MLP {sweep['results'][0].model.sizes}, plain SGD, η = {cfg['lr']:g}, "
+        f"Scale: {args.scale}; MLP {tuple(sweep['results'][0]['model_sizes'])}, plain SGD, η = {cfg['lr']:g}, "
         f"M = {cfg['batch_size']}, {cfg['steps']} steps, seeds {cfg['seeds']} (init seed = sampling seed = "
-        f"corruption seed); {timer.seconds:.0f} s in all.",
+        f"corruption seed); {seconds:.0f} s of runs in all.",
         fig6.data_statement(sweep["results"]),
         "Each training label is redrawn uniformly over the classes with probability ε (fixed per dataset); "
         "test accuracy is on clean labels.",
@@ -258,11 +258,16 @@ def main(argv=None) -> dict:
                                            title="Fig 7 / Sec 8.5: K at the end against label corruption ε",
                                            notes=notes)
     figs = plot(rows, head, sweep, out)
-    summary = {"scale": args.scale, "seconds": timer.seconds, "data": fig6.data_statement(sweep["results"]),
+    summary = {"scale": args.scale, "seconds": seconds, "data": fig6.data_statement(sweep["results"]),
                "headline": head, "settings": cfg}
     common.write_json(summary, out / "summary.json")
     print(md_path.read_text())
     return {"summary": summary, "rows": rows, "csv": csv_path, "md": md_path, "figures": figs}
+
+
+def main(argv=None) -> dict:
+    """Run the sweep (see :func:`common.run_experiment`) and write the figure, the tables and ``summary.json``."""
+    return common.run_experiment(NAME, __doc__.splitlines()[0], tasks, reduce, argv)
 
 
 if __name__ == "__main__":

@@ -169,16 +169,48 @@ def _mean_sd(values) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def run(scale: str) -> tuple[list[dict], list[dict], dict]:
-    """Every (model, scheme, seed); returns (network rows, layer rows, settings)."""
+def schemes(cfg: dict) -> list[tuple]:
+    """(scheme, std) pairs: default, kaiming and normal(s) for each configured s."""
+    return [("default", None), ("kaiming", None)] + [("normal", s) for s in cfg["normal_stds"]]
+
+
+def scheme_label(scheme: str, std) -> str:
+    """``"default"``, ``"kaiming"`` or ``"normal(<s>)"``."""
+    return scheme if std is None else f"normal({std:g})"
+
+
+def measure_task(config: dict, workdir: Path) -> dict:
+    """Sweep task: the per-layer measurements of one (model, scheme) for every seed.
+
+    Args:
+        config: ``{"spec": model spec, "scheme": str, "std": float | None, "seeds": int}``.
+        workdir: unused (nothing is written).
+
+    Returns:
+        ``{"per_seed": [[layer row, ...] per seed]}`` (see :func:`measure`).
+    """
+    model = build(config["spec"])
+    return {"per_seed": [measure(model, config["scheme"], config["std"], seed) for seed in range(config["seeds"])]}
+
+
+def tasks(args) -> list:
+    """One task per (model, scheme)."""
+    from sdelip.sweep import Task
+
+    cfg = settings(args.scale)
+    return [Task(name=f"{model_name}/{scheme_label(scheme, std)}", fn=measure_task,
+                 config={"spec": spec, "scheme": scheme, "std": std, "seeds": cfg["seeds"]})
+            for model_name, spec in cfg["models"].items() for scheme, std in schemes(cfg)]
+
+
+def collect(scale: str, results: dict) -> tuple[list[dict], list[dict], dict]:
+    """Every (model, scheme, seed) from the finished tasks; returns (network rows, layer rows, settings)."""
     cfg = settings(scale)
-    schemes = [("default", None), ("kaiming", None)] + [("normal", s) for s in cfg["normal_stds"]]
     net_rows, layer_rows = [], []
-    for model_name, spec in cfg["models"].items():
-        model = build(spec)
-        for scheme, std in schemes:
-            label = scheme if std is None else f"normal({std:g})"
-            per_seed = [measure(model, scheme, std, seed) for seed in range(cfg["seeds"])]
+    for model_name in cfg["models"]:
+        for scheme, std in schemes(cfg):
+            label = scheme_label(scheme, std)
+            per_seed = results[f"{model_name}/{label}"].value["per_seed"]
             K = [math.prod(r["sigma1"] for r in layers) for layers in per_seed]
             K_pred = math.prod(r["sigma1_pred"] for r in per_seed[0])
             ratio_mean, ratio_sd = _mean_sd([k / K_pred for k in K])
@@ -249,18 +281,16 @@ def plot(net_rows, layer_rows, out: Path) -> list[Path]:
     return paths
 
 
-def main(argv=None) -> dict:
-    """Run the experiment; returns a dict of the headline numbers and output paths."""
-    args = common.parser(NAME, __doc__.splitlines()[0]).parse_args(argv)
-    out = common.output_dir(NAME, args)
-    with common.Timer() as timer:
-        net_rows, layer_rows, cfg = run(args.scale)
+def reduce(args, results: dict, out: Path) -> dict:
+    """The network and per-layer tables, the figure and ``summary.json`` from the finished tasks."""
+    net_rows, layer_rows, cfg = collect(args.scale, results)
+    seconds = sum(r.seconds for r in results.values())
     ratios = [r["ratio_mean"] for r in net_rows]
     layer_ratios = [r["ratio_mean"] for r in layer_rows]
     big = [r for r in layer_rows if min(r["m"], r["n"]) >= 32]
     small = [r for r in layer_rows if min(r["m"], r["n"]) < 32]
     notes = [
-        f"Scale: {args.scale}; {cfg['seeds']} initialisation seeds per (model, scheme); {timer.seconds:.1f} s.",
+        f"Scale: {args.scale}; {cfg['seeds']} initialisation seeds per (model, scheme); {seconds:.1f} s of tasks.",
         "Data: none (K(0) depends only on the layer shapes and the initialisation).",
         "Schemes: default = PyTorch reset_parameters, U(−1/√n, 1/√n), s = 1/√(3n); kaiming = N(0, 2/n); "
         "normal(s) = N(0, s²). n = fan-in (in·kh·kw for Conv2d), m = rows (out channels).",
@@ -282,11 +312,16 @@ def main(argv=None) -> dict:
     csv_path, md_path = common.write_table(net_rows, out, stem="summary",
                                            title="Sec 8.2: K(0) against Π s(√m + √n)", notes=notes)
     figs = plot(net_rows, layer_rows, out)
-    summary = {"scale": args.scale, "seconds": timer.seconds, "ratio_min": min(ratios), "ratio_max": max(ratios),
+    summary = {"scale": args.scale, "seconds": seconds, "ratio_min": min(ratios), "ratio_max": max(ratios),
                "rows": net_rows}
     common.write_json(summary, out / "summary.json")
     print(md_path.read_text())
     return {"summary": summary, "csv": csv_path, "md": md_path, "figures": figs}
+
+
+def main(argv=None) -> dict:
+    """Run the experiment (see :func:`common.run_experiment`); returns the headline numbers and output paths."""
+    return common.run_experiment(NAME, __doc__.splitlines()[0], tasks, reduce, argv)
 
 
 if __name__ == "__main__":

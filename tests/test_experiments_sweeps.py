@@ -125,5 +125,23 @@ def test_run_all_runs_a_script_and_reports_timing(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "[run_all] init_scaling" in proc.stdout and " ok in " in proc.stdout
+    assert "[run_all] init_scaling" in proc.stdout and " ok (runs " in proc.stdout  # reduced after the sweep
+    assert "[run_all] total (wall)" in proc.stdout
     assert (tmp_path / "init_scaling" / "summary.csv").exists()
+
+
+def test_run_all_falls_back_to_a_subprocess_for_a_script_without_tasks(tmp_path, monkeypatch):
+    import importlib.machinery
+    import importlib.util
+    import types
+
+    loader = importlib.machinery.SourceFileLoader("_run_all", str(EXPERIMENTS / "run_all"))
+    run_all = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(run_all)
+    calls = []
+    monkeypatch.setattr(run_all, "load", lambda name: types.SimpleNamespace())  # no tasks/reduce
+    monkeypatch.setattr(run_all.subprocess, "call", lambda cmd, cwd, env: calls.append(cmd) or 0)
+    rc = run_all.main(["--scale", "tiny", "--only", "init_scaling", "--out-root", str(tmp_path), "--threads", "1"])
+    assert rc == 0 and len(calls) == 1
+    assert calls[0][1:] == [str(EXPERIMENTS / "init_scaling.py"), "--tiny", "--out", str(tmp_path / "init_scaling"),
+                            "--no-progress"]
