@@ -68,6 +68,9 @@ def fn_reference(fn: Callable) -> str:
     if not module or "<" in qualname or "." in qualname:
         raise ValueError(f"a task's fn must be a top-level function of an importable module, got {fn!r}")
     file = getattr(sys.modules.get(module), "__file__", None)
+    if file is None and module != "__main__":  # a module executed from its path without registering it
+        code_file = getattr(getattr(fn, "__code__", None), "co_filename", "")
+        file = code_file if code_file.endswith(".py") else None
     if module == "__main__" and not file:
         raise ValueError(f"fn {qualname} is defined in an interactive __main__; put it in a module")
     if file and "." not in module and module != pathlib.Path(file).stem:

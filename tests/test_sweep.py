@@ -71,6 +71,18 @@ def test_task_id_is_stable_and_depends_on_fn_name_and_config(tmp_path):
     assert proc.stdout.strip() == t.id
 
 
+def test_a_script_loaded_under_another_name_is_referenced_by_its_file():
+    """A test loads an experiment from its path as '_experiment_x' without registering it in sys.modules:
+    its task functions are still named by the file's stem, which a worker can import."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_loaded_elsewhere", TESTS / "sweep_tasks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert "_loaded_elsewhere" not in sys.modules
+    assert fn_reference(module.square) == "sweep_tasks:square"
+
+
 def test_bad_tasks_are_refused_with_their_name():
     with pytest.raises(ValueError, match="top-level function"):
         Task(name="l", fn=lambda c, w: {}, config={})
