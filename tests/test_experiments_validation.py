@@ -97,15 +97,71 @@ def test_fig5_batch_size(tmp_path):
 
 
 def test_ensemble_validation(tmp_path):
-    result, rows, md = _run("ensemble_validation", tmp_path)
+    """Real runs, the parameter SDE and the reduced SDE at --tiny, in-process (--workers 1)."""
     module = _load("ensemble_validation")
+    out = tmp_path / "ensemble_validation"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = module.main(["--tiny", "--out", str(out), "--no-progress", "--workers", "1"])
+    tiny = module.SETTINGS["tiny"]
+    assert (out / "ensemble_validation.png").is_file() and (out / "three_way.png").is_file()
+    with open(out / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    md = (out / "summary.md").read_text()
+    assert "Data:" in md and "Scale: tiny" in md
+    # The reduced SDE and its ablations.
     assert {r["sde"] for r in rows} == set(module.VARIANTS)
     full = [r for r in rows if r["sde"] == "full"]
     _finite(full, ["frac_in_95_band", "var_obs_over_sde", "mean_bias_in_sde_sd", "var_ratio_ci_low"])
     for r in rows:
         assert 0 <= float(r["frac_in_95_band"]) <= 1
-        assert int(r["n_sde"]) == module.SETTINGS["tiny"]["n_sde"]
-    # Without the diffusion the simulated band is a single path: zero variance.
-    for r in rows:
-        if r["sde"] == "without diffusion":
+        assert int(r["n_sde"]) == tiny["n_sde"]
+        if r["sde"] == "without diffusion":  # a single path: zero variance
             assert float(r["sd_sde"]) == pytest.approx(0.0, abs=1e-12)
+    # The three-way comparison: every model, scheme and reported step.
+    with open(out / "three_way.csv") as fh:
+        tw = list(csv.DictReader(fh))
+    assert {r["model"] for r in tw} == set(module.MODELS)
+    assert {r["sampling"] for r in tw} == set(module.SCHEMES)
+    steps = {int(r["step"]) for r in tw}
+    assert len(steps) == tiny["n_checkpoints"] and max(steps) == tiny["steps"]
+    _finite(tw, ["mean_K_real", "mean_K_model", "var_K_real", "var_K_model", "var_ratio_K", "mean_logK_model",
+                 "var_logK_model", "coverage_95"])
+    for r in tw:
+        assert 0 <= float(r["coverage_95"]) <= 1
+        n_model = tiny["n_param_sde"] if r["model"].startswith("parameter SDE") else tiny["n_sde"]
+        assert int(r["n_model"]) == n_model and int(r["n_real"]) == tiny["n_runs"]
+    # The parameter SDE read three ways agrees with itself: Π σ1 of the simulated parameters against the
+    # Itô-integrated log K (with the step's O(η) drift) differs by the Euler error only.
+    by = {(r["sampling"], r["model"], int(r["step"])): r for r in tw}
+    for k in steps:
+        direct = float(by[("iid", module.MODELS[0], k)]["mean_logK_model"])
+        ito_sc = float(by[("iid", module.MODELS[2], k)]["mean_logK_model"])
+        assert abs(direct - ito_sc) < 2e-3
+    # Per layer.
+    with open(out / "layers.csv") as fh:
+        layers = list(csv.DictReader(fh))
+    assert len({r["layer"] for r in layers}) == 3
+    _finite(layers, ["mean_logK_real", "mean_logK_sde", "sd_logK_sde"])
+    assert result["three_way"] and result["layers"]
+
+
+def test_bootstrap_var_ratio_covers_the_true_ratio():
+    """Var(a)/Var(b) of Gaussian samples with a true ratio of 4: estimate and interval against the truth."""
+    import numpy as np
+
+    module = _load("ensemble_validation")
+    rng = np.random.default_rng(3)
+    covered, widths = 0, []
+    for _ in range(40):
+        a, b = rng.normal(0, 2, size=(1, 200)), rng.normal(0, 1, size=(1, 200))
+        r, lo, hi = module.bootstrap_var_ratio(a, b, 400, rng)
+        assert lo[0] <= r[0] <= hi[0]
+        covered += lo[0] <= 4.0 <= hi[0]
+        widths.append(hi[0] / lo[0])
+    # 95 % nominal (percentile bootstrap of n = 200 runs a little under); 40 draws: Binomial sd ≈ 3.4 %.
+    assert covered >= 32, covered
+    # With b held fixed the interval is that of Var(a) alone: narrower.
+    a, b = rng.normal(0, 2, size=(1, 200)), rng.normal(0, 1, size=(1, 20_000))
+    r, lo, hi = module.bootstrap_var_ratio(a, b, 400, rng, fixed_b=True)
+    assert abs(r[0] - 4.0) < 1.5 and hi[0] / lo[0] < np.median(widths)
