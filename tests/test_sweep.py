@@ -225,4 +225,4 @@ def test_ray_with_two_workers_gives_the_in_process_results(tmp_path):
     metas = [json.loads((p / RESULT_FILE).read_text()) for p in (ray_out / "records").iterdir()
              if (p / RESULT_FILE).exists()]
     assert all(m["nice"] == os.nice(0) for m in metas)
-    assert len({m["pid"] for m in metas}) >= 1 and not ({m["pid"] for m in metas} & {proc.pid})
+    assert metas and os.getpid() not in {m["pid"] for m in metas}  # the in-process runs have this pid
