@@ -50,6 +50,8 @@ RESULT_FILE = "result.json"
 FAILURES_FILE = "failures.json"
 _STAGING = ".staging"
 _TOKEN_FILE = ".sweep-token"
+#: Ray's setting of its workers' niceness (read from the environment when a local instance starts).
+_RAY_NICENESS = "RAY_worker_niceness"
 
 
 def fn_reference(fn: Callable) -> str:
@@ -232,9 +234,11 @@ def load_result(task: Task, folder: pathlib.Path) -> Optional[TaskResult]:
     return TaskResult(task=task, value=meta["value"], dir=pathlib.Path(folder), seconds=float(meta["seconds"]))
 
 
-def _result_meta(task_name: str, task_id: str, ref: str, config: dict, value, seconds: float) -> dict:
-    return {"name": task_name, "id": task_id, "fn": ref, "config": config, "value": value, "seconds": seconds,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": os.uname().nodename}
+def _result_meta(task_name: str, task_id: str, ref: str, config: dict, out: dict) -> dict:
+    """The contents of ``result.json``: the task, its value, and where and how long it ran."""
+    return {"name": task_name, "id": task_id, "fn": ref, "config": config, "value": out["value"],
+            "seconds": out["seconds"], "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "host": out.get("host"), "pid": out.get("pid"), "nice": out.get("nice")}
 
 
 def _finish(staging: pathlib.Path, final: pathlib.Path, meta: dict) -> None:
@@ -267,12 +271,13 @@ def _clear_stale_staging(root: pathlib.Path, task_id: str) -> None:
 def _call(ref: str, name: str, config: dict, workdir: pathlib.Path) -> dict:
     """Run ``fn(config, workdir)``; returns ``{"ok", "value"|"error"+"traceback", "seconds"}``."""
     start = time.perf_counter()
+    where = {"host": os.uname().nodename, "pid": os.getpid(), "nice": os.nice(0)}
     try:
         value = resolve_reference(ref)(config, workdir)
         json.dumps(value, allow_nan=True)
         if not isinstance(value, dict):
             raise TypeError(f"fn {ref} returned {type(value).__name__}, not a dict")
-        return {"ok": True, "value": value, "seconds": time.perf_counter() - start}
+        return {"ok": True, "value": value, "seconds": time.perf_counter() - start, **where}
     except BaseException as exc:  # noqa: BLE001 - every failure is reported with the task's config
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -340,8 +345,7 @@ def execute(ref: str, name: str, task_id: str, config: dict, root: str, token: O
         shutil.rmtree(workdir, ignore_errors=True)
         return out
     if shared:
-        _finish(workdir, pathlib.Path(root) / task_id,
-                _result_meta(name, task_id, ref, config, out["value"], out["seconds"]))
+        _finish(workdir, pathlib.Path(root) / task_id, _result_meta(name, task_id, ref, config, out))
         out["written"] = True
     else:
         out["files"] = _read_files(workdir)
@@ -354,8 +358,7 @@ def _store_returned(task: Task, root: pathlib.Path, out: dict) -> pathlib.Path:
     staging = _new_staging(root, task.id)
     _write_files(staging, out["files"])
     final = root / task.id
-    _finish(staging, final, _result_meta(task.name, task.id, task.reference, task.config, out["value"],
-                                         out["seconds"]))
+    _finish(staging, final, _result_meta(task.name, task.id, task.reference, task.config, out))
     return final
 
 
@@ -590,6 +593,9 @@ def _run_on_ray(todo, roots, tokens, done, failures, *, workers, address, thread
         if address is not None:  # a cluster (or a Ray Client address): only what connecting accepts
             ray.init(address=address, runtime_env=runtime_env)
         else:
+            # Ray starts its workers at nice 15; next to other jobs at nice 0 (a shared machine) they then
+            # get a small share of the CPU (measured: 1 s tasks took 33 s). Run them at normal priority.
+            os.environ.setdefault(_RAY_NICENESS, "0")
             ray.init(num_cpus=workers or os.cpu_count(), runtime_env=runtime_env, include_dashboard=False,
                      configure_logging=False)
     capacity = workers or int(ray.cluster_resources().get("CPU", 1))

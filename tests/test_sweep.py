@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -232,3 +233,8 @@ def test_ray_with_two_workers_gives_the_in_process_results(tmp_path):
     # the same record folders (ids) as the script alone, each complete
     assert sorted(p.name for p in (ray_out / "records").iterdir() if (p / RESULT_FILE).exists()) == \
         sorted(p.name for p in (local / "records").iterdir() if (p / RESULT_FILE).exists())
+    # run by Ray workers (not the driver), at this process's priority (Ray's own default is nice 15)
+    metas = [json.loads((p / RESULT_FILE).read_text()) for p in (ray_out / "records").iterdir()
+             if (p / RESULT_FILE).exists()]
+    assert all(m["nice"] == os.nice(0) for m in metas)
+    assert metas and os.getpid() not in {m["pid"] for m in metas}  # the in-process runs have this pid
