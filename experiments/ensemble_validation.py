@@ -44,7 +44,7 @@ Tables (``--out``):
 - ``correlations.{csv,md}``: at the last step, every layer's spread of log K^(ℓ) and the
   correlations between layers, for the real ensembles and the SDE(s).
 
-``--shared-noise`` adds n′ trajectories of the parameter SDE with
+``--shared-noise`` adds ``N_SHARED_SDE`` trajectories of the parameter SDE with
 ``noise_coupling="shared"``: one Brownian motion drives every layer, so the noise has the
 full covariance of the mini-batch gradient across layers (Assumption 3 dropped). Real
 SGD moves all layers with one mini-batch; the comparison measures what Assumption 3
@@ -88,6 +88,10 @@ SETTINGS = {
 }
 
 INIT_SEED = 0
+
+#: Trajectories of the parameter SDE with shared noise (``--shared-noise``), per scale (kept out of
+#: SETTINGS, which every task's config holds, so that the flag leaves the other tasks' ids alone).
+N_SHARED_SDE = {"tiny": 4, "quick": 32, "paper": 256}
 
 #: The reduced-SDE variants: name → include_* switches of ReducedLipschitzSDE.
 VARIANTS = {
@@ -317,13 +321,15 @@ def tasks(args) -> list:
     gpus = 1.0 if str(args.device).startswith("cuda") else 0.0
     out = [Task(name=f"{scheme}/seed={seed}", fn=run_real, config={**base, "scheme": scheme, "seed": seed}, gpus=gpus)
            for scheme in SCHEMES for seed in range(1, s["n_runs"] + 1)]
-    sizes = [s["sde_chunk"]] * (s["n_param_sde"] // s["sde_chunk"])
-    if s["n_param_sde"] % s["sde_chunk"]:
-        sizes.append(s["n_param_sde"] % s["sde_chunk"])
-    couplings = ("layers", "shared") if getattr(args, "shared_noise", False) else ("layers",)
+    def sizes(n):
+        return [s["sde_chunk"]] * (n // s["sde_chunk"]) + ([n % s["sde_chunk"]] if n % s["sde_chunk"] else [])
+
+    couplings = {"layers": s["n_param_sde"]}
+    if getattr(args, "shared_noise", False):
+        couplings["shared"] = N_SHARED_SDE[args.scale]
     out += [Task(name=f"{SDE_PREFIX[c]}/chunk={j}", fn=run_parameter_sde,
                  config={**base, "chunk": j, "n": n, "coupling": c}, gpus=gpus)
-            for c in couplings for j, n in enumerate(sizes)]
+            for c, total in couplings.items() for j, n in enumerate(sizes(total))]
     return out
 
 

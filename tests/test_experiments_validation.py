@@ -102,7 +102,7 @@ def test_ensemble_validation(tmp_path):
     out = tmp_path / "ensemble_validation"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = module.main(["--tiny", "--out", str(out), "--no-progress", "--workers", "1"])
+        result = module.main(["--tiny", "--out", str(out), "--no-progress", "--workers", "1", "--shared-noise"])
     tiny = module.SETTINGS["tiny"]
     assert (out / "ensemble_validation.png").is_file() and (out / "three_way.png").is_file()
     with open(out / "summary.csv") as fh:
@@ -121,7 +121,7 @@ def test_ensemble_validation(tmp_path):
     # The three-way comparison: every model, scheme and reported step.
     with open(out / "three_way.csv") as fh:
         tw = list(csv.DictReader(fh))
-    assert {r["model"] for r in tw} == set(module.MODELS)
+    assert {r["model"] for r in tw} == {*module.MODELS, module.SHARED_MODEL}
     assert {r["sampling"] for r in tw} == set(module.SCHEMES)
     steps = {int(r["step"]) for r in tw}
     assert len(steps) == tiny["n_checkpoints"] and max(steps) == tiny["steps"]
@@ -129,7 +129,8 @@ def test_ensemble_validation(tmp_path):
                  "var_logK_model", "coverage_95"])
     for r in tw:
         assert 0 <= float(r["coverage_95"]) <= 1
-        n_model = tiny["n_param_sde"] if r["model"].startswith("parameter SDE") else tiny["n_sde"]
+        n_model = (module.N_SHARED_SDE["tiny"] if r["model"] == module.SHARED_MODEL else
+                   tiny["n_param_sde"] if r["model"].startswith("parameter SDE") else tiny["n_sde"])
         assert int(r["n_model"]) == n_model and int(r["n_real"]) == tiny["n_runs"]
     # The parameter SDE read three ways agrees with itself: Π σ1 of the simulated parameters against the
     # Itô-integrated log K (with the step's O(η) drift) differs by the Euler error only.
@@ -142,7 +143,15 @@ def test_ensemble_validation(tmp_path):
     with open(out / "layers.csv") as fh:
         layers = list(csv.DictReader(fh))
     assert len({r["layer"] for r in layers}) == 3
-    _finite(layers, ["mean_logK_real", "mean_logK_sde", "sd_logK_sde"])
+    _finite(layers, ["mean_logK_real", "mean_logK_sde", "sd_logK_sde", "median_rel_gap_real", "sd_ito_minus_direct"])
+    assert {r["sde_noise"] for r in layers} == {"layers (Assumption 3)", "shared noise"}
+    # Layer correlations: the two real ensembles and the two SDEs, correlations in [-1, 1].
+    with open(out / "correlations.csv") as fh:
+        corr = list(csv.DictReader(fh))
+    assert [r["ensemble"] for r in corr] == ["real SGD, reshuffled", "real SGD, iid", "parameter SDE",
+                                             "parameter SDE, shared noise"]
+    for r in corr:
+        assert all(-1 - 1e-9 <= float(v) <= 1 + 1e-9 for k, v in r.items() if k.startswith("corr/"))
     assert result["three_way"] and result["layers"]
 
 
