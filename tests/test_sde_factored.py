@@ -175,29 +175,35 @@ def test_a_layer_called_twice_is_refused_by_the_factored_engine():
 # -- grad_source="batch": the law of one Euler step ------------------------------------
 
 
-def _step_covariance(compensate: bool, n: int = 40_000, M: int = 4, B: int = 8, eta: float = 0.5):
-    """Empirical covariance of one Euler step (dt = η) of n trajectories at one θ, and Def 4's η² Var[g]/M."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 2)).double()
+def _step_data(N: int = 30):
     gen = torch.Generator().manual_seed(1)
-    N = 30
-    X = torch.randn(N, 2, generator=gen, dtype=torch.float64)
-    Y = torch.randint(0, 2, (N,), generator=gen)
-    sde = ParameterSDE(model, (X, Y), lr=eta, noise_batch_size=M, grad_source="batch", grad_batch_size=B,
-                       compensate_drift_noise=compensate, seed=2)
-    assert sde.noise_scale == (math.sqrt(1 - M / B) if compensate else 1.0)
+    return torch.randn(N, 2, generator=gen, dtype=torch.float64), torch.randint(0, 2, (N,), generator=gen)
+
+
+def _euler_step_and_var_g(sde, model, X, Y, n: int, eta: float):
+    """One Euler step (dt = η) of n trajectories from θ(0), and Var[g] of the N per-sample gradients
+    (autograd, one at a time: the law of a draw with replacement)."""
     y = sde.initial_state(n)
     v = torch.randn(n, sde.brownian_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * eta**0.5
     f, gv = sde.f_and_g_prod(0.0, y, v)
-    step = f * eta + gv
-    # Per-sample gradients of all N samples (autograd, one at a time): Var[g] with replacement.
     per = []
     for x, t in zip(X, Y):
         model.zero_grad()
         nn.functional.cross_entropy(model(x[None]), t[None]).backward()
         per.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
     per = torch.stack(per)
-    var_g = torch.cov(per.T, correction=0)
+    return f * eta + gv, torch.cov(per.T, correction=0), per
+
+
+def _step_covariance(compensate: bool, n: int = 40_000, M: int = 4, B: int = 8, eta: float = 0.5):
+    """Empirical covariance of one Euler step (dt = η) of n trajectories at one θ, and Def 4's η² Var[g]/M."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2)).double()
+    X, Y = _step_data()
+    sde = ParameterSDE(model, (X, Y), lr=eta, noise_batch_size=M, grad_source="batch", grad_batch_size=B,
+                       compensate_drift_noise=compensate, seed=2)
+    assert sde.noise_scale == (math.sqrt(1 - M / B) if compensate else 1.0)
+    step, var_g, per = _euler_step_and_var_g(sde, model, X, Y, n, eta)
     return torch.cov(step.T), eta**2 * var_g / M, per.mean(0), step.mean(0)
 
 
@@ -247,21 +253,9 @@ def _coupled_step_covariance(coupling: str, n: int = 40_000, M: int = 4, eta: fl
     slice of the first layer's parameters."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
-    gen = torch.Generator().manual_seed(1)
-    N = 30
-    X = torch.randn(N, 2, generator=gen, dtype=torch.float64)
-    Y = torch.randint(0, 2, (N,), generator=gen)
+    X, Y = _step_data()
     sde = ParameterSDE(model, (X, Y), lr=eta, noise_batch_size=M, grad_source="full", noise_coupling=coupling, seed=2)
-    y = sde.initial_state(n)
-    v = torch.randn(n, sde.brownian_size, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * eta**0.5
-    f, gv = sde.f_and_g_prod(0.0, y, v)
-    step = f * eta + gv
-    per = []
-    for x, t in zip(X, Y):
-        model.zero_grad()
-        nn.functional.cross_entropy(model(x[None]), t[None]).backward()
-        per.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
-    var_g = torch.cov(torch.stack(per).T, correction=0)
+    step, var_g, _ = _euler_step_and_var_g(sde, model, X, Y, n, eta)
     first = slice(0, 2 * 3 + 3)  # fc1 weight and bias (one noise block)
     return torch.cov(step.T), eta**2 * var_g / M, first
 
