@@ -243,8 +243,8 @@ def run_parameter_sde(config: dict, workdir: Path) -> dict:
     """One chunk of trajectories of the parameter SDE from the runs' initialisation (task).
 
     Euler–Maruyama with dt = η through ``torchsde.sdeint``, one segment of
-    ``direct_every`` steps per call (only the state at the segment's end is kept, so
-    memory stays that of one state). Saves ``workdir/sde.npz`` with, at steps
+    ``direct_every`` steps per call (the segment's states are summarised and dropped,
+    so memory stays that of one segment, not of the whole path). Saves ``workdir/sde.npz`` with, at steps
     0..T, per trajectory and layer: the Itô-integrated log K^(ℓ) including the step
     curvature (``log_K_ito_sc``), the time integral of the step curvature
     (``int_step_curvature``; Itô without it = the difference), and log σ1 of the
