@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import run_experiment, pick, write_json, write_table  # noqa: E402
+from common import pick, run_experiment, task_gpus, write_json, write_table  # noqa: E402
 
 
 NAME = "ensemble_validation"
@@ -203,15 +203,6 @@ def _args_of(config):
     return SimpleNamespace(data_root=config["data_root"], download=config["download"], device=config["device"])
 
 
-def _threads(config) -> None:
-    import os
-
-    import torch
-
-    if config["scale"] != "paper" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-
-
 def run_real(config: dict, workdir: Path) -> dict:
     """One real SGD run (task): the record of every step in ``workdir/record.db``.
 
@@ -222,7 +213,6 @@ def run_real(config: dict, workdir: Path) -> dict:
     from sdelip.record import load_record
     from sdelip.train import prepare_data, train
 
-    _threads(config)
     s, seed, scheme = config["settings"], config["seed"], config["scheme"]
     path = Path(workdir) / "record.db"
     cfg = _config(s, _args_of(config), seed, path)
@@ -261,7 +251,6 @@ def run_parameter_sde(config: dict, workdir: Path) -> dict:
     from sdelip.sde import GridBrownian, LipschitzSDE
     from sdelip.train import prepare_data
 
-    _threads(config)
     s, n, chunk = config["settings"], int(config["n"]), int(config["chunk"])
     T, lr, every = int(s["steps"]), float(s["lr"]), int(s["direct_every"])
     device = torch.device(config["device"])
@@ -318,7 +307,7 @@ def tasks(args) -> list:
     s = pick(args.scale, **SETTINGS)
     base = {"scale": args.scale, "settings": s, "data_root": args.data_root, "download": bool(args.download),
             "device": args.device}
-    gpus = 1.0 if str(args.device).startswith("cuda") else 0.0
+    gpus = task_gpus(args)
     out = [Task(name=f"{scheme}/seed={seed}", fn=run_real, config={**base, "scheme": scheme, "seed": seed}, gpus=gpus)
            for scheme in SCHEMES for seed in range(1, s["n_runs"] + 1)]
     def sizes(n):
