@@ -1,15 +1,22 @@
-"""Which parameters make up the Lipschitz bound K (Prop 8, Prop 9).
+"""Which parameters make up the Lipschitz bound K (Prop 8, Prop 9), found through the layer rules.
 
-The tracked layers are the weights of the ``nn.Linear`` and ``nn.Conv2d`` modules, in
-forward order, named by the module path of their first use. Biases, normalisation
-affine parameters and everything else are not part of θ (Prop 9) and are ignored.
+The tracked layers are the weight matrices that a rule of :mod:`sdelip.rules` names
+(Linear, Conv1d/2d/3d, Embedding, MultiheadAttention's projections) in forward order, and
+with ``unsupported="fallback"`` every other trainable parameter with at least two
+dimensions (tracked exactly by the per-module fallback); with ``unsupported="error"``
+such a parameter is refused by name. A module's ``.weight`` is named by the module path
+of its first use (``"features.0"``), any other weight matrix by its full parameter name
+(``"enc.layers.0.self_attn.in_proj_weight"``). Biases, normalisation affine parameters and
+other vectors are not part of θ (Prop 9); :func:`weight_inventory` lists every parameter
+that is not tracked, and why.
 
 A tracked layer is one weight Parameter θ. Tied weights — several modules holding the
-same Parameter (``b.weight = a.weight``), or one module called several times in a
-forward pass — make one layer applied c > 1 times (:attr:`TrackedLayer.uses`): one
-operator norm σ1(θ), one per-sample gradient (the total derivative over all uses), and
-the factor σ1(θ)^c in the product bound K, since Prop 8 multiplies the norms of the maps
-composed in the forward pass (docs/tracking.md, "Tied weights").
+same Parameter (``b.weight = a.weight``, an embedding tied to the output head), or one
+module called several times in a forward pass — make one layer applied c > 1 times
+(:attr:`TrackedLayer.uses`): one operator norm σ1(θ), one per-sample gradient (the total
+derivative over all uses), and the factor σ1(θ)^c in the product bound K, since Prop 8
+multiplies the norms of the maps composed in the forward pass (docs/tracking.md, "Tied
+weights").
 
 The product bound of Prop 8 assumes a feed-forward chain: it ignores skip
 connections (a residual block x + f(x) has Lipschitz constant up to 1 + Lip(f), not
@@ -26,15 +33,22 @@ import attrs
 import torch
 from torch import nn
 
-from .spectral import weight_matrix
+from . import rules as _rules
+from .rules import FALLBACK, Claim, LayerRule
 
-__all__ = ["TrackedLayer", "tracked_layers", "NoTrackableLayerError"]
+__all__ = ["TrackedLayer", "tracked_layers", "weight_inventory", "LeftOut", "NoTrackableLayerError",
+           "UnsupportedLayerError", "UNSUPPORTED"]
 
-TRACKABLE = (nn.Linear, nn.Conv2d)
+#: What :func:`tracked_layers` does with a weight matrix that no rule names.
+UNSUPPORTED = ("fallback", "error")
 
 
 class NoTrackableLayerError(ValueError):
-    """The model has no nn.Linear or nn.Conv2d weight to track."""
+    """The model has no trainable weight matrix to track."""
+
+
+class UnsupportedLayerError(ValueError):
+    """A trainable weight matrix has no layer rule and ``unsupported="error"`` was asked for."""
 
 
 def _calls_default(layer: "TrackedLayer") -> tuple:
@@ -46,15 +60,23 @@ class TrackedLayer:
     """A weight matrix θ^(ℓ) of the network: one Parameter, applied :attr:`uses` times per forward pass.
 
     Attributes:
-        name: module path of the first module applying θ, e.g. ``"features.0"``.
-        module: that nn.Linear or nn.Conv2d module.
-        shape: (m, n) of the weight matrix (Conv2d: (out, in·kh·kw)).
-        aliases: module paths of the other nn.Linear / nn.Conv2d modules holding the same
-            Parameter (tied weights), in forward order; () for an ordinary layer.
-        calls: how many times each module (``name``, then ``aliases``) applies θ in one
-            forward pass; a module that the counting forward pass did not call counts once,
-            as every tracked module does without one.
+        name: the layer name: the module path of the first module applying θ when θ is
+            its ``.weight`` (``"features.0"``), else the full parameter name
+            (``"enc.layers.0.self_attn.in_proj_weight"``).
+        module: the module whose rule applies θ first (for MultiheadAttention's
+            projections, the attention module).
+        shape: (m, n) of the weight matrix (Conv: (out, in/groups·prod(kernel))).
+        aliases: module paths of the other modules holding the same Parameter (tied
+            weights), in forward order; () for an ordinary layer.
+        calls: how many times each module (``module``, then ``alias_modules``) applies θ in
+            one forward pass; a module that the counting forward pass did not call counts
+            once, as every tracked module does without one.
         alias_modules: the modules named by ``aliases``.
+        attr: θ's attribute path on ``module`` (``"weight"``, ``"in_proj_weight"``,
+            ``"out_proj.weight"``).
+        alias_attrs: θ's attribute path on each alias module.
+        rules: the :class:`~sdelip.rules.LayerRule` of ``module``, then of each alias.
+        module_path: the path of ``module`` (the name of a ``.weight`` layer).
     """
 
     name: str
@@ -63,6 +85,11 @@ class TrackedLayer:
     aliases: tuple = ()
     calls: tuple = attrs.field(default=attrs.Factory(_calls_default, takes_self=True))
     alias_modules: tuple = attrs.field(default=(), eq=False, repr=False)
+    attr: str = "weight"
+    alias_attrs: tuple = attrs.field(default=attrs.Factory(lambda self: ("weight",) * len(self.aliases),
+                                                           takes_self=True), eq=False, repr=False)
+    rules: tuple = attrs.field(default=(), eq=False, repr=False)
+    module_path: Optional[str] = attrs.field(default=None, eq=False, repr=False)
 
     @calls.validator
     def _check_calls(self, attribute, value):
@@ -74,23 +101,53 @@ class TrackedLayer:
         return type(self.module).__name__
 
     @property
+    def rule(self) -> LayerRule:
+        """The rule of the first module applying θ."""
+        return self.rules[0] if self.rules else _rule_or_fallback(self.module, self.attr)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """θ as a Parameter (the tensor the optimizer updates)."""
+        return _rules.base.get_attr(self.module, self.attr)
+
+    @property
     def uses(self) -> int:
         """c, the number of times θ is applied in one forward pass: K contains σ1(θ)^c (Prop 8)."""
         return int(sum(self.calls))
 
     @property
     def module_names(self) -> tuple:
-        """The paths of every module applying θ: ``name``, then the ``aliases``."""
-        return (self.name, *self.aliases)
+        """The paths of every module applying θ: ``module``, then the ``aliases``."""
+        return (self.module_path if self.module_path is not None else self.name, *self.aliases)
 
     @property
     def modules(self) -> tuple:
         """Every module applying θ: ``module``, then the ``alias_modules``."""
         return (self.module, *self.alias_modules)
 
+    @property
+    def users(self) -> tuple:
+        """(module, attribute path, rule) of every module applying θ."""
+        rules = self.rules or tuple(_rule_or_fallback(m, a) for m, a in zip(self.modules, (self.attr, *self.alias_attrs)))
+        return tuple(zip(self.modules, (self.attr, *self.alias_attrs), rules))
+
     def matrix(self) -> torch.Tensor:
-        """The current weight matrix (a view of the module's weight)."""
-        return weight_matrix(self.module.weight)
+        """The current weight matrix (a view of the weight, Prop 9)."""
+        return self.rule.matrix(self.weight)
+
+
+def _rule_or_fallback(module: nn.Module, attr: str) -> LayerRule:
+    rule = _rules.rule_for(module)
+    return rule if rule is not None and attr in rule.weights(module) else FALLBACK
+
+
+@attrs.frozen
+class LeftOut:
+    """A parameter that is not a tracked weight matrix, and why."""
+
+    name: str
+    shape: tuple
+    reason: str
 
 
 def _count_calls(model: nn.Module, found, example_input: torch.Tensor) -> tuple[list[str], dict[str, int]]:
@@ -116,8 +173,119 @@ def _count_calls(model: nn.Module, found, example_input: torch.Tensor) -> tuple[
     return order, calls
 
 
-def tracked_layers(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> list[TrackedLayer]:
-    """The trackable layers of ``model`` in forward order, one per distinct weight Parameter.
+def _all_claims(model: nn.Module, unsupported: str) -> tuple[list[Claim], list[LeftOut]]:
+    """Rule claims, fallback claims for the other weight matrices, and the parameters left out."""
+    if unsupported not in UNSUPPORTED:
+        raise ValueError(f"unsupported must be one of {UNSUPPORTED}, got {unsupported!r}")
+    found = _rules.claims(model)
+    for c in found:
+        c.rule.check_module(c.module, c.path or type(c.module).__name__)
+    claimed = {id(c.parameter) for c in found}
+    for c in found:  # a parametrized weight (computed on access) is made from its parametrization's originals
+        owner, _, last = c.attr.rpartition(".")
+        holder = c.module.get_submodule(owner) if owner else c.module
+        plist = getattr(getattr(holder, "parametrizations", None), last, None)
+        if plist is not None:
+            claimed |= {id(p) for p in plist.parameters()}
+    names = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), pname)
+    covered_by = {}  # parameter → the rule module that covers its owner
+    for c in found:
+        for sub in c.rule.covers(c.module):
+            owner = _rules.base.get_attr(c.module, sub)
+            for p in owner.parameters():
+                covered_by[id(p)] = c
+    left: list[LeftOut] = []
+    seen = set()
+    for path, mod in model.named_modules():
+        rule = _rules.rule_for(mod)
+        for pn, p in mod._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = f"{path}.{pn}" if path else pn
+            if id(p) in claimed:
+                if not p.requires_grad:
+                    left.append(LeftOut(full, tuple(p.shape), "frozen (requires_grad=False)"))
+                continue
+            if (p.ndim < 2 or "bias" in pn) and not (rule is not None and rule.name == "normalization"):
+                why = "a bias, not part of θ (Prop 9)" if "bias" in pn else "a vector (scale/shift), not part of θ (Prop 9)"
+                left.append(LeftOut(full, tuple(p.shape), why))
+                continue
+            if not p.requires_grad:
+                left.append(LeftOut(full, tuple(p.shape), "frozen (requires_grad=False)"))
+                continue
+            if rule is not None or id(p) in covered_by:
+                owner = rule.name if rule is not None else covered_by[id(p)].rule.name
+                why = "an elementwise scale of a normalisation layer, not part of θ (Prop 9)" \
+                    if owner == "normalization" else f"not a weight matrix of the {owner} rule"
+                left.append(LeftOut(full, tuple(p.shape), why))
+                continue
+            if unsupported == "error":
+                raise UnsupportedLayerError(
+                    f"the weight matrix {full!r} {tuple(p.shape)} of {type(mod).__name__} has no layer rule "
+                    "(sdelip.rules); track it exactly with the per-module fallback (unsupported='fallback', the "
+                    "default), freeze it, or add a rule for the module type (docs/tracking.md, 'Adding a layer type')"
+                )
+            found.append(Claim(path, mod, FALLBACK, pn))
+    found = [c for c in found if c.parameter.requires_grad]
+    return found, left
+
+
+def _weight_key(c: Claim) -> tuple:
+    """A weight Parameter's identity; a weight computed on access (parametrizations) is its module's own."""
+    owner, _, last = c.attr.rpartition(".")
+    holder = c.module.get_submodule(owner) if owner else c.module
+    p = holder._parameters.get(last)
+    return ("parameter", id(p)) if p is not None else ("module", id(holder), last)
+
+
+def weight_inventory(model: nn.Module, unsupported: str = "fallback",
+                     example_input: Optional[torch.Tensor] = None) -> tuple[list[TrackedLayer], list[LeftOut]]:
+    """The tracked layers and every parameter left out, with the reason.
+
+    Args:
+        model: any nn.Module.
+        unsupported: ``"fallback"`` (track a weight matrix without a rule by the exact
+            per-module fallback, :mod:`sdelip.rules.fallback`) or ``"error"`` (refuse it
+            by name, :class:`UnsupportedLayerError`).
+        example_input: as in :func:`tracked_layers`.
+    """
+    found, left = _all_claims(model, unsupported)
+    if not found:
+        raise NoTrackableLayerError(
+            f"{type(model).__name__} has no trainable weight matrix (Linear, Conv, Embedding, attention, or any "
+            "parameter with two or more dimensions): nothing to track (the Lipschitz bound K is the product of "
+            "their operator norms, Prop 8–9)"
+        )
+    calls: dict[str, int] = {}
+    if example_input is not None:
+        mods = {}
+        for c in found:
+            mods.setdefault(c.path, c.module)
+        order, calls = _count_calls(model, list(mods.items()), example_input)
+        rank = {name: k for k, name in enumerate(order)}
+        found.sort(key=lambda c: rank.get(c.path, len(rank)))
+    groups: dict[tuple, list[Claim]] = {}  # claims of one weight Parameter, in forward order
+    for c in found:
+        groups.setdefault(_weight_key(c), []).append(c)
+    layers = []
+    for group in groups.values():
+        first, rest = group[0], group[1:]
+        W = first.rule.matrix(first.parameter)
+        layers.append(TrackedLayer(
+            name=first.layer_name, module=first.module, shape=tuple(W.shape),
+            aliases=tuple(c.path for c in rest), calls=tuple(max(1, calls.get(c.path, 1)) for c in group),
+            alias_modules=tuple(c.module for c in rest), attr=first.attr,
+            alias_attrs=tuple(c.attr for c in rest), rules=tuple(c.rule for c in group), module_path=first.path,
+        ))
+    return layers, left
+
+
+def tracked_layers(model: nn.Module, example_input: Optional[torch.Tensor] = None,
+                   unsupported: str = "fallback") -> list[TrackedLayer]:
+    """The tracked layers of ``model`` in forward order, one per distinct weight Parameter.
 
     Args:
         model: any nn.Module.
@@ -126,36 +294,13 @@ def tracked_layers(model: nn.Module, example_input: Optional[torch.Tensor] = Non
             (:attr:`TrackedLayer.calls`); otherwise the registration order is used, which
             is the forward order for nn.Sequential-style models, and every module is
             assumed to be called once.
+        unsupported: ``"fallback"`` or ``"error"`` for a weight matrix without a rule
+            (:func:`weight_inventory`).
 
     Raises:
-        NoTrackableLayerError: no nn.Linear / nn.Conv2d with a weight.
+        NoTrackableLayerError: no trainable weight matrix.
+        UnsupportedLayerError: a weight matrix without a rule, with ``unsupported="error"``.
+        ValueError: a module configured so that no exact per-sample gradient exists
+            (e.g. an Embedding with ``scale_grad_by_freq=True``), named.
     """
-    found = [
-        (name, mod)
-        for name, mod in model.named_modules()
-        if isinstance(mod, TRACKABLE) and isinstance(getattr(mod, "weight", None), torch.Tensor)
-        and mod.weight.requires_grad
-    ]
-    if not found:
-        raise NoTrackableLayerError(
-            f"{type(model).__name__} has no trainable nn.Linear or nn.Conv2d weight: nothing to track "
-            "(the Lipschitz bound K is the product of their operator norms, Prop 8–9)"
-        )
-    calls: dict[str, int] = {}
-    if example_input is not None:
-        order, calls = _count_calls(model, found, example_input)
-        rank = {name: k for k, name in enumerate(order)}
-        found.sort(key=lambda nm: rank.get(nm[0], len(rank)))
-    groups: dict[tuple, list] = {}  # modules sharing one weight Parameter, in forward order
-    for name, mod in found:
-        p = mod._parameters.get("weight")  # a weight computed on access (parametrizations) is its module's own
-        groups.setdefault(("parameter", id(p)) if p is not None else ("module", id(mod)), []).append((name, mod))
-    layers = []
-    for group in groups.values():
-        (name, mod), rest = group[0], group[1:]
-        layers.append(TrackedLayer(
-            name=name, module=mod, shape=tuple(weight_matrix(mod.weight).shape),
-            aliases=tuple(n for n, _ in rest), calls=tuple(max(1, calls.get(n, 1)) for n, _ in group),
-            alias_modules=tuple(m for _, m in rest),
-        ))
-    return layers
+    return weight_inventory(model, unsupported, example_input)[0]

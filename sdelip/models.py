@@ -152,8 +152,15 @@ def _as_generator(generator: GeneratorLike) -> Optional[torch.Generator]:
     raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
 
 
+def _weight_claims(model: nn.Module):
+    """The weight matrices the layer rules name (:func:`sdelip.rules.claims`)."""
+    from .rules import claims
+
+    return claims(model)
+
+
 def _weight_modules(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return list({id(c.module): c.module for c in _weight_claims(model)}.values())
 
 
 def init_weights(
@@ -162,7 +169,7 @@ def init_weights(
     std: Optional[float] = None,
     generator: GeneratorLike = None,
 ) -> nn.Module:
-    """Re-initialise the Linear and Conv2d layers of ``model`` in place (Sec 8.2).
+    """Re-initialise the weight matrices of ``model`` that the layer rules name, in place (Sec 8.2).
 
     Schemes:
 
@@ -171,8 +178,8 @@ def init_weights(
     * ``"kaiming"``: weights N(0, s²) with s = √(2/n) (He et al., 2015), biases zero.
     * ``"normal"``: weights N(0, std²), biases zero.
 
-    Here n is the fan-in: ``in_features`` for Linear, ``in_channels/groups · kh · kw``
-    for Conv2d (the column count of the reshaped kernel). Sec 8.2 predicts
+    Here n is the fan-in: the column count of the weight matrix θ (``in_features`` for
+    Linear, ``in_channels/groups · prod(kernel)`` for a convolution). Sec 8.2 predicts
     σ1 ≈ s (√m + √n) for each layer. Other modules (BatchNorm) are left untouched.
 
     Args:
@@ -214,10 +221,10 @@ def init_weights(
         return model
 
     with torch.no_grad():
-        for m in modules:
-            w = m.weight
+        for c in _weight_claims(model):
+            w = c.parameter
             if scheme == "kaiming":
-                fan_in = w[0].numel()
+                fan_in = c.rule.matrix(w).shape[1]
                 s = math.sqrt(2.0 / fan_in)
             else:
                 s = float(std)
@@ -225,8 +232,11 @@ def init_weights(
                 w.shape, dtype=w.dtype
             )
             w.copy_(draw.mul_(s))
-            if m.bias is not None:
-                m.bias.zero_()
+            owner, _, last = c.attr.rpartition(".")
+            holder = c.module.get_submodule(owner) if owner else c.module
+            bias = getattr(holder, last.replace("weight", "bias"), None)
+            if isinstance(bias, torch.Tensor):
+                bias.zero_()
     return model
 
 

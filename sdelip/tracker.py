@@ -59,8 +59,8 @@ from .engines import (
     resolve_engine_name,
 )
 from .engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
-from .layers import TrackedLayer, tracked_layers
-from .probes import conv_operator_norm, lipschitz_lower_bound
+from .layers import LeftOut, TrackedLayer, weight_inventory
+from .probes import lipschitz_lower_bound
 from .record import RecordWriter, StepRecord, load_record
 from .schedule import Schedule, as_schedule
 from .spectral import DEFAULT_GAP_TOL, decompose
@@ -100,9 +100,13 @@ class Tracker:
     """Measure the Lipschitz dynamics (Thm 14–15) of a model during ordinary SGD training.
 
     Args:
-        model: the network. Its nn.Linear and nn.Conv2d weights (forward order, module
-            paths as names) are the tracked layers θ^(ℓ); Conv2d as the (out, in·kh·kw)
-            matrix. Biases and normalisation parameters are trained but not tracked.
+        model: the network. Its weight matrices, found through the layer rules
+            (:mod:`sdelip.rules`: Linear, Conv1d/2d/3d, Embedding, MultiheadAttention's
+            projections; the per-module fallback for any other trainable parameter of two
+            or more dimensions), in forward order, are the tracked layers θ^(ℓ)
+            (:func:`sdelip.layers.weight_inventory`; names: a ``.weight`` by its module
+            path, other weights by their parameter name). Biases and normalisation
+            parameters are trained but not tracked; :attr:`left_out` lists them.
         optimizer: the optimizer stepping the model; η and the weight decay are read from
             the param group of each tracked weight at every step. None needs ``lr``.
         record: path of the SQLite record (:mod:`sdelip.record`), or None to keep the
@@ -152,11 +156,17 @@ class Tracker:
             terms; the per-sample statistics run inside the backward with the training's
             threads). None keeps the current setting; 1 avoids the busy-waiting slowdowns
             of multi-threaded small linear algebra on a machine shared with other jobs.
+        unsupported: a trainable weight matrix without a layer rule is tracked exactly by
+            the per-module fallback (``"fallback"``, per-sample gradients of that module
+            alone by ``torch.func``) or refused at construction with its name
+            (``"error"``, :class:`~sdelip.layers.UnsupportedLayerError`).
 
     Attributes:
         step: the number of :meth:`backward` calls so far (the next step's index k).
         t: the SDE time of the next step, Σ_{j<k} η_j.
         layers: the tracked layers.
+        left_out: every parameter that is not tracked, with the reason
+            (:class:`~sdelip.layers.LeftOut`; also in the record's metadata).
         engine: the :class:`~sdelip.engines.Engine` in use (``engine.name``).
         history: the tracked steps' :class:`~sdelip.record.StepRecord` when ``record`` is None.
         last: the most recent :class:`~sdelip.record.StepRecord`.
@@ -187,6 +197,7 @@ class Tracker:
         seed: Optional[int] = None,
         start_step: int = 0,
         threads: Optional[int] = None,
+        unsupported: str = "fallback",
         _record_mode: Optional[str] = None,
     ):
         if not isinstance(model, nn.Module):
@@ -199,7 +210,10 @@ class Tracker:
             raise ValueError(f"probe_every must be a positive integer or None, got {probe_every!r}")
         self.model = model
         self.optimizer = optimizer
-        self.layers: list[TrackedLayer] = tracked_layers(model, example_input)
+        self.unsupported = unsupported
+        self.layers: list[TrackedLayer]
+        self.left_out: list[LeftOut]
+        self.layers, self.left_out = weight_inventory(model, unsupported, example_input)
         self.schedule: Schedule = as_schedule(schedule)
         self.split = bool(split)
         self.extra_noise_var = float(extra_noise_var)
@@ -250,20 +264,23 @@ class Tracker:
         self.engine.arm(self.schedule(self.step))
 
         # -- hooks: input checks and conv input shapes ------------------------------------------
-        ref = self.layers[0].module.weight
+        ref = self.layers[0].weight
         self._ref_dtype, self._ref_device = ref.dtype, ref.device
         if check_inputs:
             self._hooks.append(model.register_forward_pre_hook(self._check_inputs_hook, with_kwargs=True))
         for layer in self.layers:
-            if isinstance(layer.module, nn.Conv2d):
+            if layer.rule.has_operator_norm_probe(layer.module):
                 self._hooks.append(layer.module.register_forward_hook(self._shape_hook(layer.name)))
         # -- hooks: how many times each tracked module is called in one forward pass --------------
         self._uses_counted = example_input is not None
         self._calls: dict[str, int] = {}
         self._hooks.append(model.register_forward_pre_hook(self._reset_calls))
+        counted = {}
         for layer in self.layers:
             for mname, mod in zip(layer.module_names, layer.modules):
-                self._hooks.append(mod.register_forward_hook(self._count_call(mname)))
+                counted.setdefault(mname, mod)
+        for mname, mod in counted.items():
+            self._hooks.append(mod.register_forward_hook(self._count_call(mname)))
         self._hooks.append(model.register_forward_hook(self._check_uses))
 
         # -- record ---------------------------------------------------------------------------
@@ -304,7 +321,7 @@ class Tracker:
             for p in g["params"]:
                 where[id(p)] = gi
         for layer in self.layers:
-            gi = where.get(id(layer.module.weight))
+            gi = where.get(id(layer.weight))
             if gi is None:
                 raise ValueError(
                     f"the weight of layer {layer.name!r} is not optimised by the optimizer: the tracked layers "
@@ -361,7 +378,7 @@ class Tracker:
 
     def _build_metadata(self, user: Optional[Mapping[str, Any]], seed: Optional[int]) -> dict:
         model = self.model
-        ref = self.layers[0].module.weight
+        ref = self.layers[0].weight
         opt = self.optimizer
         opt_meta = None
         if opt is not None:
@@ -380,6 +397,8 @@ class Tracker:
             "model_summary": repr(model),
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
             "layers": [_layer_metadata(l) for l in self.layers],
+            "left_out": [{"name": o.name, "shape": list(o.shape), "reason": o.reason} for o in self.left_out],
+            "unsupported": self.unsupported,
             "lr": lr0,
             "weight_decay": wds,
             "optimizer": opt_meta,
@@ -431,7 +450,7 @@ class Tracker:
 
     def _shape_hook(self, name: str):
         def hook(module, inputs, output):
-            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim == 4:
+            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim >= 2:
                 self._input_shapes[name] = tuple(inputs[0].shape[1:])
         return hook
 
@@ -689,9 +708,11 @@ class Tracker:
         out = {}
         gen = torch.Generator().manual_seed(1234567 + step)
         for layer in self.layers:
-            if isinstance(layer.module, nn.Conv2d) and layer.name in self._input_shapes:
-                res = conv_operator_norm(layer.module, self._input_shapes[layer.name],
-                                         init=self._probe_vectors.get(layer.name), generator=gen)
+            if layer.name in self._input_shapes:
+                res = layer.rule.operator_norm_probe(layer.module, self._input_shapes[layer.name],
+                                                     init=self._probe_vectors.get(layer.name), generator=gen)
+                if res is None:
+                    continue
                 self._probe_vectors[layer.name] = res.vector.detach().cpu()
                 out[f"conv_opnorm/{layer.name}"] = float(res.norm)
         if self.probe_input is not None:
@@ -904,6 +925,8 @@ def _times(n: int) -> str:
 def _layer_metadata(layer: TrackedLayer) -> dict:
     """A layer's entry in the record metadata; tied weights add their uses and the other modules."""
     out = {"name": layer.name, "kind": layer.kind, "shape": list(layer.shape)}
+    if layer.attr != "weight" or layer.rule.name == "fallback":
+        out.update(parameter=layer.attr, rule=layer.rule.name)
     if layer.uses > 1:
         out.update(uses=layer.uses, aliases=list(layer.aliases), calls=list(layer.calls))
     return out

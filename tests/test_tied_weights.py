@@ -216,9 +216,9 @@ def test_terms_match_per_sample_autograd_and_dense_power_oracle(engine, model_na
 @pytest.mark.parametrize("grouped_from", [0, 10**9])
 def test_factored_tied_convs_both_per_sample_routes(grouped_from, monkeypatch):
     """The per-sample conv gradients of each use by grouped convolutions and by unfold + bmm."""
-    from sdelip.engines import factored
+    from sdelip.rules import conv
 
-    monkeypatch.setattr(factored, "GROUPED_CONV_MIN_POSITIONS", grouped_from)
+    monkeypatch.setattr(conv, "GROUPED_CONV_MIN_POSITIONS", grouped_from)
     torch.manual_seed(3)
     model = TiedConvs().to(DT)
     x, y = make_data((2, 5, 5), seed=3)
@@ -305,7 +305,7 @@ def test_a_module_called_more_often_than_counted_is_an_error(engine):
 
 
 def test_weight_tied_to_an_embedding_is_the_total_derivative():
-    """lm_head.weight = embed.weight: one θ; the factored engine cannot see the embedding's use."""
+    """lm_head.weight = embed.weight: one θ whose per-sample gradient sums the embedding's and the head's use."""
 
     class LM(nn.Module):
         def __init__(self):
@@ -322,17 +322,16 @@ def test_weight_tied_to_an_embedding_is_the_total_derivative():
     model = LM().to(DT)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randint(0, 6, (8,), generator=g), torch.randint(0, 6, (8,), generator=g)
-    with pytest.raises(EngineNotApplicableError, match=r"layer 'head' is also held by 'embed' \(Embedding\)"):
-        Tracker(copy.deepcopy(model), None, lr=LR, engine="factored")
-    assert resolve_engine_name(model, "auto") == "coupled"
+    # the embedding has a rule now: one θ used by both modules, the factored engine sums both uses
+    assert resolve_engine_name(model, "auto") == "factored"
     m = copy.deepcopy(model)
-    grads = per_sample_grads(m, x, y, {"head": m.head.weight})["head"]
-    want = layer_terms(weight_matrix(m.head.weight).detach(), grads, LR)
-    for engine in ("auto", "materialised"):
+    grads = per_sample_grads(m, x, y, {"embed": m.embed.weight})["embed"]
+    want = layer_terms(weight_matrix(m.embed.weight).detach(), grads, LR)
+    for engine in ("auto", "factored", "coupled", "materialised"):
         row, tr = tracked_step(model, x, y, engine)
-        assert tr.engine.name in ("coupled", "materialised") and [l.uses for l in tr.layers] == [1, 1]
+        assert [(l.name, l.aliases, l.uses) for l in tr.layers] == [("embed", ("head",), 2), ("hidden", (), 1)]
         for q in ("drift", "noise_curvature", "noise_curvature_var", "diffusion_sq"):
-            assert_close(row[f"{q}/head"], float(getattr(want, q)), f"{engine} {q}/head")
+            assert_close(row[f"{q}/embed"], float(getattr(want, q)), f"{engine} {q}/embed")
 
 
 def test_record_metadata_and_consumers_of_a_tied_model(tmp_path):

@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import ClassVar, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, ClassVar, Mapping, Optional, Sequence
 
 import attrs
 import torch
 from torch import nn
 
-from .._checks import NonFiniteError
-from ..layers import TrackedLayer
+from .._checks import NonFiniteError  # noqa: F401  (re-exported)
+from ..statistics import EngineError, LayerStatistics, StatisticsAccumulator
+
+if TYPE_CHECKING:  # the layers import the rules, which import these containers
+    from ..layers import TrackedLayer
 
 __all__ = [
     "LayerStatistics",
@@ -56,10 +59,6 @@ DEFAULT_CHUNK_BYTES = 8 * 2**20
 VECTORISED_CHUNK_BYTES = 32 * 2**20
 
 
-class EngineError(RuntimeError):
-    """An engine could not compute the per-sample statistics of a step."""
-
-
 class EngineNotApplicableError(ValueError):
     """The requested engine does not apply to this model (e.g. factored with BatchNorm)."""
 
@@ -70,105 +69,6 @@ class WeightUsesError(EngineError):
     The product bound K contains σ1(θ)^c for a weight applied c times (Prop 8), so the
     number of uses must be known and the same in every forward pass.
     """
-
-
-@attrs.define
-class LayerStatistics:
-    """Per-sample statistics of one layer on one mini-batch (THEORY.md §6).
-
-    Attributes:
-        M: the batch size.
-        Gv: (M, m) the projections g_i v1.
-        Gtu: (M, n) the projections g_iᵀ u1.
-        sum_g: (m, n) Σ_i g_i, or None when the split was not requested.
-        sum_sq: (m, n) Σ_i g_i ∘ g_i, or None.
-    """
-
-    M: int
-    Gv: torch.Tensor
-    Gtu: torch.Tensor
-    sum_g: Optional[torch.Tensor] = None
-    sum_sq: Optional[torch.Tensor] = None
-
-    def mean(self) -> Optional[torch.Tensor]:
-        """ḡ, the mini-batch mean gradient (m, n)."""
-        return None if self.sum_g is None else self.sum_g / self.M
-
-    def noise_var(self) -> Optional[torch.Tensor]:
-        """diag Σ̂ = Σ_i (g_i − ḡ)² / (M(M − 1)) as an (m, n) matrix (Prop 5, Prop 6)."""
-        if self.sum_sq is None or self.sum_g is None:
-            return None
-        M = self.M
-        out = torch.addcmul(self.sum_sq, self.sum_g, self.sum_g, value=-1.0 / M)
-        return out.mul_(1.0 / (M * (M - 1))).clamp_min_(0.0)
-
-    def check_finite(self, name: str, step: Optional[int]) -> None:
-        """Raise :class:`NonFiniteError` naming the layer and step if any statistic is NaN/Inf."""
-        for label, x in (("g_i v1", self.Gv), ("g_iᵀ u1", self.Gtu), ("Σ g_i", self.sum_g), ("Σ g_i²", self.sum_sq)):
-            # a NaN or Inf anywhere makes the sum non-finite: one reduction on the good path
-            if x is not None and not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
-                n_bad = int((~torch.isfinite(x)).sum())
-                at = f" at step {step}" if step is not None else ""
-                raise NonFiniteError(
-                    f"the per-sample gradients of layer {name!r}{at} are not finite: {n_bad} NaN/Inf value(s) in "
-                    f"the statistic {label} (a NaN or Inf gradient flowed back into this layer)"
-                )
-
-    def scale_(self, s: float) -> "LayerStatistics":
-        """Multiply the per-sample gradients by ``s`` (undoes the 1/M of a mean-reduced backward)."""
-        self.Gv.mul_(s)
-        self.Gtu.mul_(s)
-        if self.sum_g is not None:
-            self.sum_g.mul_(s)
-        if self.sum_sq is not None:
-            self.sum_sq.mul_(s * s)
-        return self
-
-
-class StatisticsAccumulator:
-    """Builds :class:`LayerStatistics` chunk by chunk without keeping per-sample gradients.
-
-    Args:
-        M: batch size.
-        shape: (m, n) of the weight matrix.
-        u1, v1: the top singular vectors of θ.
-        split: also accumulate Σ g_i and Σ g_i ∘ g_i.
-    """
-
-    def __init__(self, M: int, shape: tuple[int, int], u1: torch.Tensor, v1: torch.Tensor, split: bool):
-        m, n = shape
-        self.M, self.u1, self.v1, self.split = M, u1, v1, split
-        kw = dict(dtype=u1.dtype, device=u1.device)
-        self.Gv = torch.empty(M, m, **kw)
-        self.Gtu = torch.empty(M, n, **kw)
-        self.sum_g = torch.zeros(m, n, **kw) if split else None
-        self.sum_sq = torch.zeros(m, n, **kw) if split else None
-
-    def add_per_sample(self, start: int, G: torch.Tensor, overwrite: bool = False) -> None:
-        """Add the materialised per-sample gradients G (c, m, n) of samples start..start+c−1.
-
-        Args:
-            start: index of the first sample of the chunk.
-            G: the per-sample gradients of this layer's weight.
-            overwrite: G belongs to the caller alone and may be squared in place (saves a
-                copy of the chunk); otherwise G is left unchanged.
-        """
-        c = G.shape[0]
-        converted = G.dtype != self.u1.dtype
-        G = G.to(self.u1.dtype)
-        torch.matmul(G, self.v1, out=self.Gv[start : start + c])
-        torch.matmul(G.mT, self.u1, out=self.Gtu[start : start + c])
-        if self.split:
-            self.sum_g += G.sum(0)
-            self.sum_sq += (G.square_() if overwrite or converted else G.square()).sum(0)
-
-    def add_projections(self, start: int, Gv: torch.Tensor, Gtu: torch.Tensor) -> None:
-        c = Gv.shape[0]
-        self.Gv[start : start + c] = Gv
-        self.Gtu[start : start + c] = Gtu
-
-    def result(self) -> LayerStatistics:
-        return LayerStatistics(self.M, self.Gv, self.Gtu, self.sum_g, self.sum_sq)
 
 
 def coupling_modules(model: nn.Module) -> list[str]:
@@ -187,12 +87,13 @@ def coupling_modules(model: nn.Module) -> list[str]:
     return out
 
 
-def untracked_weight_users(model: nn.Module, layers: Optional[Sequence[TrackedLayer]] = None) -> dict[str, list[str]]:
-    """Modules other than the tracked Linear/Conv2d modules that hold a tracked weight.
+def untracked_weight_users(model: nn.Module, layers: Optional[Sequence["TrackedLayer"]] = None) -> dict[str, list[str]]:
+    """Modules holding a tracked weight that none of the layer's rules watches for it.
 
-    A weight tied to, say, an nn.Embedding (``lm_head.weight = embed.weight``) is one θ
-    whose per-sample gradient is the total derivative over every use, including the
-    embedding's; the hooks of the factored engine see only the Linear/Conv2d uses.
+    Every module holding a weight matrix normally has a rule claiming it (or the
+    per-module fallback), so the weight's uses are all reported; a module holding it
+    under another name (a custom module keeping a reference to another module's weight)
+    would apply it unseen.
 
     Args:
         model: the network.
@@ -203,6 +104,7 @@ def untracked_weight_users(model: nn.Module, layers: Optional[Sequence[TrackedLa
         that have some).
     """
     from ..layers import tracked_layers
+    from ..rules.base import get_attr as _get_attr
 
     if layers is None:
         try:
@@ -211,8 +113,11 @@ def untracked_weight_users(model: nn.Module, layers: Optional[Sequence[TrackedLa
             return {}
     out: dict[str, list[str]] = {}
     for layer in layers:
-        own = {id(m) for m in layer.modules}
-        w = layer.module.weight
+        own = set()
+        for module, attr, _ in layer.users:  # the module applying θ and the submodule holding it
+            owner = attr.rpartition(".")[0]
+            own |= {id(module), id(_get_attr(module, owner) if owner else module)}
+        w = layer.weight
         users = [name or type(mod).__name__ for name, mod in model.named_modules()
                  if id(mod) not in own and any(p is w for p in mod._parameters.values())]
         if users:
@@ -240,7 +145,7 @@ class Engine(abc.ABC):
     def __init__(
         self,
         model: nn.Module,
-        layers: Sequence[TrackedLayer],
+        layers: Sequence["TrackedLayer"],
         split: bool = True,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ):

@@ -49,7 +49,7 @@ class CoupledEngine(Engine):
     def backward(self, losses, directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch=None,
                  step: Optional[int] = None) -> dict[str, LayerStatistics]:
         M = losses.shape[0]
-        weights = [layer.module.weight for layer in self.layers]
+        weights = [layer.weight for layer in self.layers]
         accs = {}
         for layer in self.layers:
             u1, v1 = directions[layer.name]

@@ -1,50 +1,36 @@
 """The factored engine: per-sample statistics from the hooks of the user's own backward.
 
-For a Linear layer the per-sample gradient is g_i = δ_i x_iᵀ, with x_i the layer input
-and δ_i = ∂ℓ_i/∂(output_i); with a sequence or spatial axis p, g_i = Σ_p δ_ip x_ipᵀ. For
-Conv2d the x_ip are the unfolded input patches (in·kh·kw) and δ_ip the output gradients
-at position p (THEORY.md §6). A forward hook keeps a reference to x (autograd keeps it
-anyway for the weight gradient) and a tensor hook on the output receives δ during the
-step's ordinary backward of ``losses.mean()``, which hands it δ_i / M — the engine
-multiplies back by M. Dropout needs no special care: the hooks see the very forward
-pass whose masks produced the loss.
+Every tracked weight is applied by a module whose rule (:mod:`sdelip.rules`) reports each
+application in the step's forward pass as a use (input x, output). A tensor hook on the
+output receives δ = ∂ℓ/∂output during the tracker's own backward of ``losses.mean()``
+(δ_i / M, multiplied back by M), and the rule computes the THEORY.md §6 statistics from
+(x, δ) without per-sample gradients of the network: g_i = Σ_p δ_ip x_ipᵀ for linear
+maps, patches for convolutions, sparse rows for embeddings, the functional Q/K/V and
+output projections inside attention. Dropout needs no care: the hooks see the very
+forward pass whose masks produced the loss.
 
-Linear, no position axis — O(M(m + n)) memory, no per-sample matrix at all:
+Nothing is guessed and nothing is silent:
 
-    g_i v1 = δ_i (x_i · v1),   g_iᵀ u1 = x_i (δ_i · u1),
-    Σ_i g_i = δᵀ x,            Σ_i g_i ∘ g_i = (δ ∘ δ)ᵀ (x ∘ x).
+- **Batch axis.** A use's rule lists the axes that may carry the M samples (leading axes
+  of size M). With one, it is used; with several (a sequence-first (T, M, d) activation
+  with T = M) a one-time structural probe decides — the gradient of one sample's loss
+  alone is non-zero at one index of the batch axis only — and the answer is cached per
+  layer, use and shape; with none, or when the probe cannot tell, an
+  :class:`~sdelip.rules.BatchAxisError` names the layer and the step.
+- **Other backward passes.** Only the tracker's own backward delivers δ: an
+  ``autograd.grad(..., retain_graph=True)`` of the user before ``tracker.backward``
+  (gradient-norm logging) leaves the captured inputs in place.
+- **Hidden uses.** After the backward, the hooks' Σ_i g_iᵀ u1 is checked against the
+  weight gradient the same backward accumulated (M · ∇θ mean ℓ, projected): a weight
+  also applied where no rule sees it (``F.linear(x, layer.weight)`` in the user's
+  forward) raises an :class:`EngineError` naming the layer and step instead of
+  recording a partial or zero gradient.
 
-Conv2d (and Linear with a position axis) — the projections need only the patches:
-
-    g_i v1 = Σ_p δ_ip (x_ip · v1),   g_iᵀ u1 = Σ_p x_ip (δ_ip · u1),
-
-computed by two thin convolutions (large feature maps) or from the unfolded patches.
-The diagonal of Σ̂ needs Σ_i g_i ∘ g_i, for which the per-sample gradients of that one
-layer are formed — by a grouped convolution backward in which the samples are the
-groups (feature maps of at least :data:`GROUPED_CONV_MIN_POSITIONS` positions), else by
-unfold + batched matrix product — a chunk of samples at a time (memory bounded by
-``chunk_bytes``), reduced and dropped. Grouped, strided, dilated and padded
-convolutions (any padding mode) are supported.
-
-Σ_i g_i is M times the weight gradient that the same backward accumulates; it is read
-from ``weight.grad`` (minus what was there before) unless a hook on the weight or a
-second module sharing it could make the two differ, in which case the engine computes it.
-
-The hook runs inside autograd's backward, right after δ of the layer is computed, and
-releases its reference to the layer input, so the extra memory is one chunk.
-
-Tied weights (one Parameter applied c > 1 times, by several modules or by one module
-called several times) are the position-axis case once more: g_i = Σ_uses δ_i,use x_i,useᵀ.
-The projections g_i v1 and g_iᵀ u1 are additive over the uses, Σ_i g_i ∘ g_i is not, so
-the hook keeps each use's (x, δ) and the layer's statistics are computed once the
-backward has returned (:func:`multi_use_statistics`), from per-sample gradients of that
-one layer summed over the uses, a chunk of samples at a time. Until then the inputs of
-every use stay in memory (autograd keeps them until the weight gradient anyway).
-
-The engine sees a weight only through the forward hooks of the tracked modules holding
-it: a weight that another kind of module also holds (an nn.Embedding tied to the output
-layer) is refused (:meth:`FactoredEngine.check_applicable`), and a functional use such as
-``F.linear(x, layer.weight)`` outside the module is not seen at all.
+A weight applied several times (tied weights, a module called several times, the
+query/key-value slices of attention's packed projection) sums its uses:
+g_i = Σ_uses g_i,use. Projections and Σ_i g_i add up; Σ_i g_i ∘ g_i adds up only for
+uses on disjoint rows, else the per-sample gradients of that one layer, summed over the
+uses, are formed a chunk of samples at a time (``chunk_bytes``).
 """
 
 from __future__ import annotations
@@ -53,343 +39,79 @@ import functools
 from typing import Mapping, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..layers import TrackedLayer
-from ..spectral import weight_matrix
-from .base import (
-    DEFAULT_CHUNK_BYTES,
-    Engine,
-    EngineError,
-    EngineNotApplicableError,
-    LayerStatistics,
-    StatisticsAccumulator,
-    untracked_weight_users,
-)
+from ..rules import BatchAxisError, Use, probe_batch_axis
+from ..rules.conv import GROUPED_CONV_MIN_POSITIONS  # noqa: F401  (re-exported)
+from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
+from ..statistics import EngineError, LayerStatistics, StatisticsAccumulator
+from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users
 
-__all__ = [
-    "FactoredEngine",
-    "linear_statistics",
-    "sequence_linear_statistics",
-    "patch_statistics",
-    "conv2d_statistics",
-    "module_statistics",
-    "multi_use_statistics",
-    "per_sample_weight_grads",
-]
+__all__ = ["FactoredEngine", "combine_uses", "linear_statistics", "sequence_linear_statistics", "patch_statistics"]
 
 
-def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool,
-                      with_sum_g: bool = True) -> LayerStatistics:
-    """Statistics of a Linear layer from inputs x (M, n) and output gradients δ (M, m).
-
-    g_i = δ_i x_iᵀ; nothing of size M·m·n is formed. ``with_sum_g=False`` leaves Σ g_i
-    to the caller (it is M times the weight gradient of the mean loss).
-    """
-    M = x.shape[0]
-    xv = x @ v1  # (M,)
-    du = delta @ u1  # (M,)
-    Gv = delta * xv[:, None]
-    Gtu = x * du[:, None]
-    sum_g = sum_sq = None
-    if split:
-        if with_sum_g:
-            sum_g = delta.mT @ x
-        sum_sq = delta.square().mT @ x.square()
-    return LayerStatistics(M, Gv, Gtu, sum_g, sum_sq)
+def _rows(use: Use, m: int) -> slice:
+    return use.rows if use.rows is not None else slice(0, m)
 
 
-def patch_statistics(
-    Xt: torch.Tensor,
-    Dt: torch.Tensor,
-    u1: torch.Tensor,
-    v1: torch.Tensor,
-    split: bool,
-    groups: int = 1,
-    out: Optional[dict] = None,
-    start: int = 0,
-) -> None:
-    """Accumulate statistics of g_i = Σ_p δ_ip x_ipᵀ for a chunk of samples.
+def _disjoint(uses, m: int) -> bool:
+    spans = sorted((_rows(u, m).start, _rows(u, m).stop) for u in uses)
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
+def combine_uses(uses, M: int, u1: torch.Tensor, v1: torch.Tensor, split: bool, chunk_bytes: int,
+                 with_sum_g: bool = True) -> LayerStatistics:
+    """Statistics of g_i = Σ_uses g_i,use, each use on its rows of the weight matrix.
 
     Args:
-        Xt: (c, g·Kg, P) patches, channels first (the layout of ``F.unfold``).
-        Dt: (c, g·Og, P) output gradients.
-        u1: (g·Og,) and v1: (Kg,) the top singular pair of the (O, Kg) weight matrix.
-        split: also accumulate Σ g_i and Σ g_i ∘ g_i.
-        groups: g, the number of convolution groups (block structure of g_i).
-        out: dict with preallocated ``Gv`` (M, O), ``Gtu`` (M, Kg) and, with split,
-            ``sum_g``, ``sum_sq`` (O, Kg), updated in place.
-        start: index of the chunk's first sample.
-    """
-    c, K, P = Xt.shape
-    O = Dt.shape[1]
-    g = groups
-    Kg, Og = K // g, O // g
-    if g > 1:
-        Xt = Xt.reshape(c * g, Kg, P)
-        Dt = Dt.reshape(c * g, Og, P)
-    # Projections from the patches cost P·(Kg + Og) per sample, from the per-sample gradient Og·Kg.
-    from_patches = not split or P * (Kg + Og) < Og * Kg
-    if split:
-        G = torch.bmm(Dt, Xt.mT)  # (c·g, Og, Kg): the per-sample gradients of this chunk
-        if g > 1:
-            G = G.reshape(c, O, Kg)
-        if not from_patches:
-            torch.matmul(G, v1, out=out["Gv"][start : start + c])
-            torch.matmul(G.mT, u1, out=out["Gtu"][start : start + c])
-        if "sum_g" in out:
-            out["sum_g"] += G.sum(0)
-        out["sum_sq"] += G.square_().sum(0)
-        del G
-    if from_patches:
-        xv = torch.matmul(Xt.mT, v1)  # (c·g, P)
-        Gv = torch.bmm(Dt, xv.unsqueeze(-1)).squeeze(-1)  # (c·g, Og)
-        out["Gv"][start : start + c] = Gv.reshape(c, O)
-        du = (Dt.reshape(c, g, Og, P) * u1.reshape(1, g, Og, 1)).sum(2).reshape(c * g, P)
-        Gtu = torch.bmm(Xt, du.unsqueeze(-1)).squeeze(-1)  # (c·g, Kg)
-        out["Gtu"][start : start + c] = Gtu.reshape(c, g, Kg).sum(1)
-
-
-def _padded(module: nn.Conv2d, x: torch.Tensor):
-    """x padded as the module pads it, and the padding left for the convolution itself."""
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        pads = module._reversed_padding_repeated_twice
-        if any(pads):
-            x = F.pad(x, pads, mode=mode)
-        return x, (0, 0)
-    return x, module.padding
-
-
-def _conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """F.unfold of x with the module's geometry: (c, in·kh·kw, P)."""
-    x, padding = _padded(module, x)
-    return F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
-
-
-def per_sample_conv2d_grads(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients g_i = Σ_p δ_ip x_ipᵀ of a Conv2d, shape (c, out, in/groups·kh·kw).
-
-    The c samples become the groups of one grouped convolution (c·groups groups), whose
-    weight gradient is computed by the convolution backward kernel without unfolding.
-    """
-    c = x.shape[0]
-    x, padding = _padded(module, x)
-    C, O, g = module.in_channels, module.out_channels, module.groups
-    kh, kw = module.kernel_size
-    G = torch.ops.aten.convolution_backward(
-        delta.reshape(1, c * O, *delta.shape[2:]),
-        x.reshape(1, c * C, *x.shape[2:]),
-        torch.empty(c * O, C // g, kh, kw, dtype=x.dtype, device=x.device),
-        None, module.stride, padding, module.dilation, False, (0, 0), c * g, (False, True, False),
-    )[1]
-    return G.reshape(c, O, (C // g) * kh * kw)
-
-
-def conv2d_projections(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor,
-                       v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """g_i v1 and g_iᵀ u1 of a Conv2d by two thin convolutions, without unfolding.
-
-    g_i v1 = Σ_p δ_ip (x_ip · v1): x_ip · v1 is the convolution of x with the filter v1;
-    g_iᵀ u1 = Σ_p x_ip (δ_ip · u1): the weight gradient of a one-output-channel convolution
-    (per sample and group) against the output gradient projected on u1.
-    """
-    c = x.shape[0]
-    x, padding = _padded(module, x)
-    C, O, g = module.in_channels, module.out_channels, module.groups
-    kh, kw = module.kernel_size
-    Og = O // g
-    filt = v1.to(x.dtype).reshape(1, C // g, kh, kw).expand(g, C // g, kh, kw).contiguous()
-    xv = F.conv2d(x, filt, None, module.stride, padding, module.dilation, g)  # (c, g, H', W')
-    P = delta.shape[2] * delta.shape[3]
-    D = delta.reshape(c, g, Og, P)
-    Gv = (D * xv.reshape(c, g, 1, P)).sum(-1).reshape(c, O)
-    du = (D * u1.to(delta.dtype).reshape(1, g, Og, 1)).sum(2)  # (c, g, P)
-    Gtu = torch.ops.aten.convolution_backward(
-        du.reshape(1, c * g, *delta.shape[2:]),
-        x.reshape(1, c * C, *x.shape[2:]),
-        torch.empty(c * g, C // g, kh, kw, dtype=x.dtype, device=x.device),
-        None, module.stride, padding, module.dilation, False, (0, 0), c * g, (False, True, False),
-    )[1]
-    return Gv, Gtu.reshape(c, g, -1).sum(1)
-
-
-#: Below this many output positions the per-sample gradients of a Conv2d are formed by
-#: unfolding and a batched matrix product; from it on by a grouped convolution backward
-#: (faster for large feature maps, much slower for small ones on CPU).
-GROUPED_CONV_MIN_POSITIONS = 64
-
-
-def conv2d_statistics(
-    module: nn.Conv2d,
-    x: torch.Tensor,
-    delta: torch.Tensor,
-    u1: torch.Tensor,
-    v1: torch.Tensor,
-    split: bool,
-    chunk_bytes: int,
-    with_sum_g: bool = True,
-) -> LayerStatistics:
-    """Statistics of a Conv2d layer from its input x (M, C, H, W) and output gradient δ (M, O, H', W').
-
-    With the split, the per-sample gradients of one chunk of samples at a time are formed
-    (by a grouped convolution backward for feature maps of at least
-    :data:`GROUPED_CONV_MIN_POSITIONS` positions, else by unfold + batched matmul) and
-    reduced; without it only the patch projections are computed.
-    """
-    M, O = delta.shape[0], delta.shape[1]
-    P = delta.shape[2] * delta.shape[3]
-    K = v1.shape[0] * module.groups
-    Kg = v1.shape[0]
-    elem = x.element_size()
-    grouped = P >= GROUPED_CONV_MIN_POSITIONS
-    if grouped:  # the chunk's gradients, plus room for the kernel's copies of its input and output gradient
-        per_sample = elem * ((2 * O * Kg if split else 0) + 2 * x[0].numel() + 2 * delta[0].numel())
-    else:
-        per_sample = elem * (2 * K * P + (O * Kg if split else 0) + O * P)
-    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
-    kw = dict(dtype=u1.dtype, device=u1.device)
-    out = {"Gv": torch.empty(M, O, **kw), "Gtu": torch.empty(M, Kg, **kw)}
-    if split:
-        if with_sum_g:
-            out["sum_g"] = torch.zeros(O, Kg, **kw)
-        out["sum_sq"] = torch.zeros(O, Kg, **kw)
-    for s in range(0, M, c):
-        e = min(M, s + c)
-        if grouped and not split:
-            Gv, Gtu = conv2d_projections(module, x[s:e], delta[s:e], u1, v1)
-            out["Gv"][s:e] = Gv
-            out["Gtu"][s:e] = Gtu
-            continue
-        if grouped:
-            G = per_sample_conv2d_grads(module, x[s:e], delta[s:e]).to(u1.dtype)
-            torch.matmul(G, v1, out=out["Gv"][s:e])
-            torch.matmul(G.mT, u1, out=out["Gtu"][s:e])
-            if "sum_g" in out:
-                out["sum_g"] += G.sum(0)
-            out["sum_sq"] += G.square_().sum(0)
-            del G
-            continue
-        Xt = _conv_patches(module, x[s:e]).to(u1.dtype)
-        if Xt.shape[2] != P:
-            raise EngineError(
-                f"unfolded input of Conv2d has {Xt.shape[2]} positions but its output gradient has {P}; "
-                "the layer's input is not the tensor passed to its forward"
-            )
-        Dt = delta[s:e].reshape(e - s, O, P).to(u1.dtype)
-        patch_statistics(Xt, Dt, u1, v1, split, module.groups, out, s)
-        del Xt
-    return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
-
-
-def sequence_linear_statistics(
-    x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool, chunk_bytes: int,
-    with_sum_g: bool = True,
-) -> LayerStatistics:
-    """Statistics of a Linear layer applied along extra axes: x (M, …, n), δ (M, …, m)."""
-    M, n, m = x.shape[0], x.shape[-1], delta.shape[-1]
-    X = x.reshape(M, -1, n)
-    D = delta.reshape(M, -1, m)
-    P = X.shape[1]
-    per_sample = x.element_size() * (P * (n + m) + (m * n if split else 0))
-    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
-    kw = dict(dtype=u1.dtype, device=u1.device)
-    out = {"Gv": torch.empty(M, m, **kw), "Gtu": torch.empty(M, n, **kw)}
-    if split:
-        if with_sum_g:
-            out["sum_g"] = torch.zeros(m, n, **kw)
-        out["sum_sq"] = torch.zeros(m, n, **kw)
-    for s in range(0, M, c):
-        e = min(M, s + c)
-        patch_statistics(X[s:e].mT, D[s:e].mT, u1, v1, split, 1, out, s)
-    return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
-
-
-def module_statistics(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor,
-                      split: bool, chunk_bytes: int, with_sum_g: bool = True) -> LayerStatistics:
-    """Statistics of one use of a Linear or Conv2d ``module`` from its input x and output gradient δ.
-
-    Dispatches to :func:`conv2d_statistics`, :func:`linear_statistics` (x of shape (M, n))
-    or :func:`sequence_linear_statistics` (x of shape (M, …, n)).
-    """
-    if isinstance(module, nn.Conv2d):
-        if x.ndim != 4:
-            raise EngineError(f"Conv2d layer needs a batched 4-d input, got shape {tuple(x.shape)}")
-        return conv2d_statistics(module, x, delta, u1, v1, split, chunk_bytes, with_sum_g)
-    if x.ndim == 2:
-        return linear_statistics(x.to(u1.dtype), delta.to(u1.dtype), u1, v1, split, with_sum_g)
-    return sequence_linear_statistics(x, delta, u1, v1, split, chunk_bytes, with_sum_g)
-
-
-def per_sample_weight_grads(module: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients g_i = Σ_p δ_ip x_ipᵀ of one use of a Linear or Conv2d, shape (c, m, n).
-
-    Conv2d: by a grouped convolution backward for feature maps of at least
-    :data:`GROUPED_CONV_MIN_POSITIONS` positions, else by unfold + batched matmul; Linear:
-    a batched matmul over the positions of x (M, …, n) and δ (M, …, m).
-    """
-    c = x.shape[0]
-    if isinstance(module, nn.Conv2d):
-        P = delta.shape[2] * delta.shape[3]
-        if P >= GROUPED_CONV_MIN_POSITIONS:
-            return per_sample_conv2d_grads(module, x, delta)
-        g, O = module.groups, delta.shape[1]
-        Xt = _conv_patches(module, x)
-        if Xt.shape[2] != P:
-            raise EngineError(
-                f"unfolded input of Conv2d has {Xt.shape[2]} positions but its output gradient has {P}; "
-                "the layer's input is not the tensor passed to its forward"
-            )
-        Dt = delta.reshape(c, O, P)
-        return torch.bmm(Dt.reshape(c * g, O // g, P), Xt.reshape(c * g, -1, P).mT).reshape(c, O, -1)
-    n, m = x.shape[-1], delta.shape[-1]
-    return delta.reshape(c, -1, m).mT @ x.reshape(c, -1, n)
-
-
-def multi_use_statistics(
-    uses, u1: torch.Tensor, v1: torch.Tensor, split: bool, chunk_bytes: int,
-) -> LayerStatistics:
-    """Statistics of a weight applied several times: g_i = Σ_uses δ_i,use x_i,useᵀ.
-
-    Args:
-        uses: (module, x, δ) of every use of the weight, x and δ batch-first with M samples.
+        uses: the :class:`~sdelip.rules.Use` of one weight in one forward pass, with δ
+            and the batch axis set.
+        M: the number of samples.
         u1, v1: the top singular pair of the weight matrix.
-        split: also Σ g_i and Σ g_i ∘ g_i; these need the per-sample gradients of the
-            layer summed over the uses, formed a chunk of samples at a time
-            (:func:`per_sample_weight_grads`). Without the split only the projections are
-            computed, use by use, and added.
-        chunk_bytes: memory budget of one chunk.
+        split: also Σ g_i and Σ g_i ∘ g_i.
+        chunk_bytes: memory budget of one chunk of per-sample gradients.
+        with_sum_g: compute Σ g_i (else left to the caller).
     """
-    M = uses[0][1].shape[0]
-    if not split:
-        parts = [module_statistics(mod, x, d, u1, v1, False, chunk_bytes) for mod, x, d in uses]
-        return LayerStatistics(M, sum(p.Gv for p in parts), sum(p.Gtu for p in parts))
     m, n = u1.shape[0], v1.shape[0]
+    if len(uses) == 1 and uses[0].rows is None:
+        return uses[0].rule.statistics(uses[0], u1, v1, split, chunk_bytes, with_sum_g)
+    kw = dict(dtype=u1.dtype, device=u1.device)
+    if not split or _disjoint(uses, m):
+        out = LayerStatistics(M, torch.zeros(M, m, **kw), torch.zeros(M, n, **kw),
+                              torch.zeros(m, n, **kw) if split and with_sum_g else None,
+                              torch.zeros(m, n, **kw) if split else None)
+        for use in uses:
+            r = _rows(use, m)
+            st = use.rule.statistics(use, u1[r], v1, split, chunk_bytes, with_sum_g)
+            out.Gv[:, r] += st.Gv
+            out.Gtu += st.Gtu
+            if out.sum_g is not None:
+                out.sum_g[r] += st.sum_g
+            if out.sum_sq is not None:
+                out.sum_sq[r] += st.sum_sq
+        return out
     acc = StatisticsAccumulator(M, (m, n), u1, v1, split=True)
-    elem = max(uses[0][1].element_size(), u1.element_size())
-    per_sample = elem * (2 * m * n + sum(2 * (x[0].numel() + d[0].numel()) for _, x, d in uses))
-    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
+    c = int(max(1, min(M, chunk_bytes // max(1, 2 * m * n * u1.element_size() * len(uses)))))
     for s in range(0, M, c):
         e = min(M, s + c)
-        G = None
-        for mod, x, d in uses:
-            g = per_sample_weight_grads(mod, x[s:e], d[s:e]).to(u1.dtype)
-            G = g if G is None else G.add_(g)
+        G = torch.zeros(e - s, m, n, **kw)
+        for use in uses:
+            G[:, _rows(use, m)] += use.rule.per_sample_grads(use, s, e).to(u1.dtype)
         acc.add_per_sample(s, G, overwrite=True)
         del G
     return acc.result()
 
 
-class FactoredEngine(Engine):
-    """Per-sample statistics from forward/backward hooks, without per-sample gradients (THEORY.md §6).
+def _first(t):
+    return t[0] if isinstance(t, (tuple, list)) else t
 
-    Applies to nn.Linear and nn.Conv2d layers of a model whose samples are independent
-    (no BatchNorm normalising with batch statistics), called with batch-first inputs. A
-    layer applied more than once (:attr:`~sdelip.layers.TrackedLayer.uses` > 1: tied
-    weights, or a module called several times) has its statistics computed after the
-    backward from every use (:func:`multi_use_statistics`); a layer with one use must be
-    called once per forward pass.
+
+class FactoredEngine(Engine):
+    """Per-sample statistics from the layer rules' hooks, without per-sample gradients (THEORY.md §6).
+
+    Applies to every weight a rule names (:mod:`sdelip.rules`; the per-module fallback for
+    the others) in a model whose samples are independent (no BatchNorm normalising with
+    batch statistics).
     """
 
     name = "factored"
@@ -398,31 +120,66 @@ class FactoredEngine(Engine):
         super().__init__(model, layers, split, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
         self._handles: list = []
         self._capture = False
-        self._captured: set[str] = set()
         self._ctx: Optional[dict] = None
+        self._uses: dict[str, list[Use]] = {}
         self._stats: dict[str, LayerStatistics] = {}
-        self._pending: dict[str, list] = {}  # layer name → (module, x, δ) of each use, for layers used > once
-        self._modules = {layer.name: layer.module for layer in self.layers}
-        # Weights used by exactly one module of the model: their .grad is this layer's Σ g_i / M.
-        owners: dict[int, int] = {}
-        for mod in model.modules():
-            for p in mod._parameters.values():
-                if p is not None:
-                    owners[id(p)] = owners.get(id(p), 0) + 1
-        self._grad_ok = {layer.name for layer in self.layers if owners.get(id(layer.module.weight), 0) == 1}
+        self._owner: dict[tuple, object] = {}
+        self._paths = {id(m): (p or type(m).__name__) for p, m in model.named_modules()}
+        self._axis_cache: dict[tuple, int] = {}
+        for layer in self.layers:
+            for module, attr, _ in layer.users:
+                self._owner[(id(module), attr)] = layer
+
+    # -- the sink the rules report to -----------------------------------------------------------
+    @property
+    def capturing(self) -> bool:
+        return self._capture
+
+    def name_of(self, module: nn.Module) -> str:
+        return self._paths.get(id(module), type(module).__name__)
+
+    def report(self, use: Use) -> None:
+        layer = self._owner.get((id(use.module), use.attr))
+        if layer is None or not self._capture:
+            return
+        self._uses.setdefault(layer.name, []).append(use)
+        outs = use.output if isinstance(use.output, tuple) else (use.output,)
+        if isinstance(use.output, tuple):
+            use.delta = [None] * len(outs)
+        for k, out in enumerate(outs):
+            out.register_hook(functools.partial(self._grad_hook, layer, use, k))
+
+    def _grad_hook(self, layer, use: Use, k: int, grad: torch.Tensor):
+        ctx = self._ctx
+        if ctx is None or use.x is None:  # a backward that is not the tracker's (the user's own, the probe)
+            return None
+        if isinstance(use.delta, list):
+            use.delta[k] = grad.detach()
+            return None
+        use.delta = use.rule.delta_view(use, grad.detach())
+        uses = self._uses.get(layer.name, ())
+        if layer.uses == 1 and len(uses) == 1 and use.rows is None and use.batch_axis is not None:
+            # the only use of the weight: its statistics now, so that x and δ are freed on schedule
+            u1, v1 = ctx["directions"][layer.name]
+            with torch.no_grad():
+                st = use.rule.statistics(use, u1, v1, self.split, self.chunk_bytes,
+                                         layer.name not in ctx["sum_g_from_grad"])
+                st.scale_(float(ctx["scale"]))
+                st.check_finite(layer.name, ctx["step"])
+            self._stats[layer.name] = st
+            use.release()
+        return None
 
     def check_applicable(self) -> None:
-        """Also refuse a tracked weight held by a module whose uses the hooks cannot see."""
+        """Also refuse a tracked weight held by a module that no rule watches for it."""
         super().check_applicable()
         hidden = untracked_weight_users(self.model, self.layers)
         if hidden:
-            kinds = {name or type(mod).__name__: type(mod).__name__ for name, mod in self.model.named_modules()}
-            desc = "; ".join(
-                f"the weight of layer {name!r} is also held by {', '.join(f'{u!r} ({kinds[u]})' for u in users)}"
-                for name, users in hidden.items())
+            desc = "; ".join(f"the weight of layer {name!r} is also held by {', '.join(map(repr, users))}"
+                             for name, users in hidden.items())
             raise EngineNotApplicableError(
                 f"{desc}: its per-sample gradient is the total derivative over every use, and the factored engine "
-                "sees only the uses by nn.Linear/nn.Conv2d modules; use engine='materialised' (with loss_fn) or "
+                "sees only the uses its layer rules report; use engine='materialised' (with loss_fn) or "
                 "engine='coupled' (engine='auto' picks coupled)"
             )
 
@@ -430,9 +187,19 @@ class FactoredEngine(Engine):
     def attach(self) -> None:
         if self._handles:
             return
+        per_module: dict[int, tuple] = {}
         for layer in self.layers:
-            for module in layer.modules:
-                self._handles.append(module.register_forward_hook(functools.partial(self._forward_hook, layer)))
+            for module, attr, rule in layer.users:
+                entry = per_module.setdefault(id(module), (module, rule, []))
+                if attr not in entry[2]:
+                    entry[2].append(attr)
+        for module, rule, attrs_ in per_module.values():
+            self._handles.extend(rule.attach(module, attrs_, self))
+        self._handles.append(self.model.register_forward_pre_hook(self._new_forward))
+
+    def _new_forward(self, module, args) -> None:
+        if self._capture and torch.is_grad_enabled():
+            self._uses = {}
 
     def detach(self) -> None:
         for h in self._handles:
@@ -441,63 +208,52 @@ class FactoredEngine(Engine):
 
     def arm(self, capture: bool) -> None:
         self._capture = bool(capture)
-        self._captured = set()
+        self._uses = {}
 
-    def _forward_hook(self, layer: TrackedLayer, module, inputs, output) -> None:
-        if not self._capture or not torch.is_grad_enabled():
-            return
-        if not isinstance(output, torch.Tensor) or not output.requires_grad or not inputs:
-            return
-        x = inputs[0]
-        if not isinstance(x, torch.Tensor):
-            return
-        self._captured.add(layer.name)
-        # The hook lives as long as the graph (the caller holds the losses); the input is
-        # held in a list that the hook empties, so that autograd frees it on schedule.
-        output.register_hook(functools.partial(self._grad_hook, layer, module, [x.detach()]))
+    # -- batch axes ---------------------------------------------------------------------------
+    def _resolve_batch_axes(self, losses: torch.Tensor, M: int, step) -> None:
+        unresolved = []
+        for name, uses in self._uses.items():
+            for k, use in enumerate(uses):
+                cands = use.rule.batch_axes(use, M)
+                shape = tuple(_first(use.output).shape)
+                if len(cands) == 1:
+                    use.batch_axis = cands[0]
+                elif not cands:
+                    raise BatchAxisError(
+                        f"layer {name!r} at step {step}: none of the axes of its input {_shape(use.x)} has the "
+                        f"M = {M} samples of the step's per-sample losses; the tracker needs one loss per sample "
+                        "and the samples on one axis of every tracked layer's input"
+                    )
+                elif (name, k, shape) in self._axis_cache:
+                    use.batch_axis = self._axis_cache[(name, k, shape)]
+                else:
+                    unresolved.append((name, k, shape, use, cands))
+        if unresolved:
+            self._probe(losses, unresolved, M, step)
 
-    def _grad_hook(self, layer: TrackedLayer, module: nn.Module, holder: list, grad: torch.Tensor):
-        x = holder.pop() if holder else None
-        ctx = self._ctx
-        if ctx is None or x is None:  # a backward that is not the tracker's (e.g. the user's own)
-            return None
-        name = layer.name
-        M = ctx["M"]
-        if x.shape[0] != M or grad.shape[0] != M:
-            raise EngineError(
-                f"layer {name!r} saw a batch of {x.shape[0]} samples at step {ctx['step']}, but {M} per-sample "
-                "losses were passed; the factored engine needs batch-first inputs with one loss per sample"
-            )
-        if isinstance(module, nn.Conv2d) and x.ndim != 4:
-            raise EngineError(f"Conv2d layer {name!r} needs a batched 4-d input, got shape {tuple(x.shape)}")
-        if layer.uses > 1:  # g_i sums over the uses: the statistics are computed after the backward
-            self._pending.setdefault(name, []).append((module, x, grad.detach()))
-            return None
-        if name in self._stats:
-            raise EngineError(
-                f"layer {name!r} was called more than once in the forward pass of step {ctx['step']} "
-                "(shared weights); the factored engine needs one call per layer and step: use "
-                "engine='materialised' or engine='coupled'"
-            )
-        u1, v1 = ctx["directions"][name]
-        with torch.no_grad():
-            own = name not in ctx["sum_g_from_grad"]  # else Σ g_i = M · weight.grad, read after the backward
-            stats = module_statistics(module, x, grad, u1, v1, self.split, self.chunk_bytes, own)
-            stats.scale_(float(ctx["scale"]))
-            stats.check_finite(name, ctx["step"])
-        self._stats[name] = stats
-        return None
-
-    def _multi_use_stats(self, ctx: dict) -> None:
-        """The statistics of the layers used more than once, from the uses kept by the hooks."""
-        pending, self._pending = self._pending, {}
-        with torch.no_grad():
-            for name, uses in pending.items():
-                u1, v1 = ctx["directions"][name]
-                stats = multi_use_statistics(uses, u1, v1, self.split, self.chunk_bytes)
-                stats.scale_(float(ctx["scale"]))
-                stats.check_finite(name, ctx["step"])
-                self._stats[name] = stats
+    def _probe(self, losses, unresolved, M: int, step) -> None:
+        """One-time structural probe: the gradient of one sample's loss alone shows which axis holds the samples."""
+        for j in dict.fromkeys((0, M - 1, M // 2)):
+            outs = [_first(u[3].output) for u in unresolved]
+            grads = torch.autograd.grad(losses[j], outs, retain_graph=True, allow_unused=True)
+            left = []
+            for (name, k, shape, use, cands), g in zip(unresolved, grads):
+                good = probe_batch_axis(None if g is None else use.rule.delta_view(use, g), cands, j, None)
+                if len(good) == 1:
+                    use.batch_axis = good[0]
+                    self._axis_cache[(name, k, shape)] = good[0]
+                else:
+                    left.append((name, k, shape, use, cands))
+            unresolved = left
+            if not unresolved:
+                return
+        name, _, shape, use, cands = unresolved[0]
+        raise BatchAxisError(
+            f"layer {name!r} at step {step}: its input {_shape(use.x)} has the M = {M} samples on more than one "
+            f"candidate axis {cands}, and the gradient of single samples' losses did not tell them apart (the "
+            "samples may be mixed along every axis); use engine='materialised' with a batch-first model"
+        )
 
     # -- step -------------------------------------------------------------------------------
     def backward(
@@ -508,52 +264,99 @@ class FactoredEngine(Engine):
         step: Optional[int] = None,
     ) -> dict[str, LayerStatistics]:
         M = losses.shape[0]
-        if not self._captured:
+        if not self._uses:
             raise EngineError(
                 f"no forward pass of the tracked layers was recorded for step {step}: create the Tracker before "
                 "the step's forward pass, run the forward with gradients enabled, and call tracker.backward "
                 "once per forward"
             )
         self._stats = {}
-        self._pending = {}
-        # Σ_i g_i is M times the weight gradient the backward accumulates anyway, unless hooks
-        # on the weight or sharing with another module could make the two differ.
-        from_grad, before = set(), {}
-        if self.split:
-            for layer in self.layers:
-                w = layer.module.weight
-                if layer.name in self._grad_ok and not getattr(w, "_backward_hooks", None) \
-                        and not getattr(w, "_post_accumulate_grad_hooks", None):
-                    from_grad.add(layer.name)
-                    before[layer.name] = None if w.grad is None else w.grad.detach().clone()
-        # losses.mean() hands the hooks δ_i / M; the statistics are rescaled by M (THEORY.md §1).
+        self._resolve_batch_axes(losses, M, step)
+        # Σ_i g_i is M times the weight gradient the backward accumulates; the same gradient checks
+        # that the hooks saw every use of the weight (a hook on the weight could make them differ).
+        checked, before = set(), {}
+        for layer in self.layers:
+            w = layer.weight
+            if w.is_leaf and not getattr(w, "_backward_hooks", None) \
+                    and not getattr(w, "_post_accumulate_grad_hooks", None):
+                checked.add(layer.name)
+                before[layer.name] = None if w.grad is None else _dense(w.grad).clone()
+        from_grad = checked if self.split else set()
         ctx = {"M": M, "directions": directions, "step": step, "scale": M, "sum_g_from_grad": from_grad}
         self._ctx = ctx
         try:
             losses.mean().backward()
-            self._multi_use_stats(ctx)
         finally:
             self._ctx = None
-            self._captured = set()
-            self._pending = {}
-        for name in from_grad:
-            st = self._stats.get(name)
-            if st is None:
-                continue
-            w = self._modules[name].weight
-            g = w.grad.detach() if before[name] is None else w.grad.detach() - before[name]
-            st.sum_g = weight_matrix(g).to(st.Gv.dtype) * M
+        uses, self._uses = self._uses, {}
+        with torch.no_grad():
+            for name, layer_uses in uses.items():
+                if name in self._stats:
+                    continue
+                live = [u for u in layer_uses if _has_delta(u)]
+                if not live:
+                    continue
+                for u in live:
+                    if isinstance(u.delta, list):
+                        u.delta = [torch.zeros_like(o) if d is None else d for o, d in zip(u.output, u.delta)]
+                u1, v1 = directions[name]
+                st = combine_uses(live, M, u1, v1, self.split, self.chunk_bytes, name not in from_grad)
+                st.scale_(float(M))
+                st.check_finite(name, step)
+                self._stats[name] = st
+                for u in layer_uses:
+                    u.release()
         out = {}
         for layer in self.layers:
+            u1, v1 = directions[layer.name]
             st = self._stats.get(layer.name)
-            if st is None:  # the layer was not called, or the loss does not depend on it: g_i = 0
-                u1, v1 = directions[layer.name]
+            if st is None:  # not applied in this forward, or the loss does not depend on it: g_i = 0
                 m, n = u1.shape[0], v1.shape[0]
                 z = dict(dtype=u1.dtype, device=u1.device)
                 st = LayerStatistics(
                     M, torch.zeros(M, m, **z), torch.zeros(M, n, **z),
                     torch.zeros(m, n, **z) if self.split else None, torch.zeros(m, n, **z) if self.split else None,
                 )
+            if layer.name in checked:
+                w = layer.weight
+                g = torch.zeros_like(w) if w.grad is None else _dense(w.grad).detach()
+                if before[layer.name] is not None:
+                    g = g - before[layer.name]
+                G = layer.rule.matrix(g).to(u1.dtype) * M
+                self._check_hidden_uses(layer.name, st, G, u1, step)
+                if layer.name in from_grad:
+                    st.sum_g = G
             out[layer.name] = st
         self._stats = {}
         return out
+
+    @staticmethod
+    def _check_hidden_uses(name: str, st: LayerStatistics, G: torch.Tensor, u1: torch.Tensor, step) -> None:
+        """Σ_i g_iᵀ u1 from the hooks must equal (M ∇θ mean ℓ)ᵀ u1 from the same backward."""
+        seen = st.Gtu.sum(0)
+        total = G.mT @ u1
+        diff = float((seen - total).norm())
+        scale = max(float(seen.norm()), float(total.norm()))
+        rtol = 1e-6 if u1.dtype == torch.float64 else 1e-3
+        if diff > rtol * scale + 1e-30:
+            raise EngineError(
+                f"layer {name!r} at step {step}: the per-sample gradients seen by its rule's hooks sum to "
+                f"‖Σ g_iᵀu1‖ = {float(seen.norm()):.6g}, but the weight gradient of the same backward gives "
+                f"{float(total.norm()):.6g}: the weight is also applied where no layer rule sees it (e.g. "
+                "F.linear(x, module.weight) in the forward, or a module type whose rule does not watch that call); "
+                "use engine='materialised' (with loss_fn) or engine='coupled'"
+            )
+
+
+def _has_delta(use: Use) -> bool:
+    if isinstance(use.delta, list):
+        return any(d is not None for d in use.delta)
+    return use.delta is not None
+
+
+def _dense(g: torch.Tensor) -> torch.Tensor:
+    return g.to_dense() if g.is_sparse else g
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else "(call arguments)"

@@ -61,7 +61,7 @@ class MaterialisedEngine(Engine):
         names = {id(p): n for n, p in model.named_parameters()}
         self._pnames = {}
         for layer in self.layers:
-            pname = names.get(id(layer.module.weight))
+            pname = names.get(id(layer.weight))
             if pname is None:
                 raise ValueError(f"the weight of layer {layer.name!r} is not a parameter of the model")
             self._pnames[layer.name] = pname

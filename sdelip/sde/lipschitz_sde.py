@@ -33,7 +33,6 @@ from torch.func import vmap
 from .._checks import check_gap
 from ..dynamics import terms_from_projections
 from ..engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
-from ..engines.factored import conv2d_statistics, linear_statistics, sequence_linear_statistics
 from ..engines.base import DEFAULT_CHUNK_BYTES
 from ..spectral import SpectralDecomposition, decompose, hessian_quadform_from_projections
 from .parameter_sde import ParameterSDE, _Coefficients
@@ -129,29 +128,12 @@ def _gradient_quadform_batched(dec: _Decomposition, gv: torch.Tensor, gtu: torch
     return torch.stack(out)
 
 
-_linear_projections = vmap(lambda x, d, u, v: _pair(linear_statistics(x, d, u, v, False)))
-
-
-def _pair(stats):
-    return stats.Gv, stats.Gtu
-
-
-def _layer_projections(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor):
-    """g_i v1 and g_iᵀ u1 of a chunk of trajectories, (c, M, m) and (c, M, k), by the factored engine's rules.
+def _layer_projections(layer, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor):
+    """g_i v1 and g_iᵀ u1 of a chunk of trajectories, (c, M, m) and (c, M, k), by the layer's rule.
 
     x (c, M, …) are the layer's inputs and δ (c, M, …) its per-sample output gradients.
     """
-    if isinstance(module, nn.Linear) and x.ndim == 3:
-        return _linear_projections(x, delta, u1, v1)
-    out = []
-    for xj, dj, uj, vj in zip(x, delta, u1, v1):
-        if isinstance(module, nn.Conv2d):
-            st = conv2d_statistics(module, xj, dj, uj, vj, False, DEFAULT_CHUNK_BYTES)
-        else:
-            st = sequence_linear_statistics(xj, dj, uj, vj, False, DEFAULT_CHUNK_BYTES)
-        out.append(_pair(st))
-    Gv, Gtu = zip(*out)
-    return torch.stack(Gv), torch.stack(Gtu)
+    return layer.rule.trajectory_projections(layer.module, layer.attr, x, delta, u1, v1, DEFAULT_CHUNK_BYTES)
 
 
 class LipschitzSDE(ParameterSDE):
@@ -293,7 +275,7 @@ class LipschitzSDE(ParameterSDE):
             def on_chunk(sl, xs, deltas):
                 for i, (layer, d) in enumerate(zip(self.layers, decs)):
                     Gv[i][sl], Gtu[i][sl] = _layer_projections(
-                        layer.module, xs[layer.name], deltas[layer.name], d.u1[sl], d.v1[sl])
+                        layer, xs[layer.name], deltas[layer.name], d.u1[sl], d.v1[sl])
 
             inc = self._factored_pass(c, v, capture=True, on_chunk=on_chunk)[1]
         log_drift, lam, terms = [], [], {k: [] for k in TERM_NAMES}

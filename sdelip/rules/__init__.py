@@ -1,0 +1,51 @@
+"""Layer rules in one registry: which weight matrices a module holds and their per-sample statistics.
+
+One module per layer family, each registering its rule with :func:`register_rule`:
+
+==================  =========================================  =======================================
+module              rule                                       weight matrices θ^(ℓ)
+==================  =========================================  =======================================
+``linear``          :class:`~sdelip.rules.linear.LinearRule`   nn.Linear on any leading axes
+``conv``            :class:`~sdelip.rules.conv.ConvRule`       nn.Conv1d/2d/3d (stride, dilation,
+                                                               padding, groups, depthwise)
+``embedding``       :class:`~sdelip.rules.embedding.           nn.Embedding (padding_idx; sparse
+                    EmbeddingRule`                             per-sample gradients)
+``attention``       :class:`~sdelip.rules.attention.           nn.MultiheadAttention: in_proj_weight
+                    MultiheadAttentionRule`                    (or q/k/v_proj_weight), out_proj
+``fallback``        :data:`~sdelip.rules.fallback.FALLBACK`    any other weight matrix: exact
+                                                               per-sample gradients of its module
+==================  =========================================  =======================================
+
+Adding a layer type is one new module here (a :class:`LayerRule` subclass decorated with
+``@register_rule(MyModule)``), imported below, and its oracle test (docs/tracking.md).
+"""
+
+from .base import (
+    BatchAxisError,
+    Claim,
+    LayerRule,
+    RuleError,
+    Use,
+    claims,
+    probe_batch_axis,
+    register_rule,
+    registered_rules,
+    rule_for,
+)
+from . import linear, conv, embedding, attention, normalization  # noqa: E402,F401  (registration)
+from .fallback import FALLBACK, FallbackRule
+
+__all__ = [
+    "LayerRule",
+    "Use",
+    "Claim",
+    "RuleError",
+    "BatchAxisError",
+    "register_rule",
+    "rule_for",
+    "registered_rules",
+    "claims",
+    "probe_batch_axis",
+    "FALLBACK",
+    "FallbackRule",
+]

@@ -1,0 +1,159 @@
+"""nn.MultiheadAttention: the Q/K/V projections and the output projection, applied functionally.
+
+``nn.MultiheadAttention`` (and so every ``nn.TransformerEncoderLayer`` / ``DecoderLayer``)
+never calls a submodule: ``F.multi_head_attention_forward`` applies ``in_proj_weight``
+(or ``q/k/v_proj_weight`` when kdim/vdim differ from the embedding dimension) and
+``out_proj.weight`` with ``F.linear``, on slices of the packed weight where query, key and
+value differ. The rule tracks
+
+- ``in_proj_weight`` (3E × E, the stacked W_q; W_k; W_v) as one layer named
+  ``<path>.in_proj_weight``, or ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``
+  as three layers;
+- ``out_proj.weight`` (E × E) as the layer ``<path>.out_proj``.
+
+During a tracked forward of the module, the calls of ``torch.nn.functional.linear`` are
+watched (the name is rebound for the duration of that module's forward only, and only
+when the tracker captures the step): a call whose weight is a watched weight, or a row
+slice of it, is reported as a linear use of those rows, with its input and output. Each
+use is then an ordinary linear map of the factored engine (:mod:`sdelip.rules.linear`):
+g_i = Σ_p δ_ip x_ipᵀ on its rows. Inside the function the activations are sequence-first,
+(L, N, E); the output projection's input is the flattened (L·N, E), which the rule views
+as (L, N, E). Dropout on the attention weights needs no care: the hooks see the very
+forward pass whose masks produced the loss.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..statistics import EngineError, LayerStatistics
+from .base import LayerRule, Use, get_attr, register_rule
+from .linear import linear_per_sample_grads, linear_use_statistics
+
+__all__ = ["MultiheadAttentionRule"]
+
+
+class _LinearWatch:
+    """Rebinds ``torch.nn.functional.linear`` while at least one watched module's forward runs."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._active: list[dict] = []  # stack of watch entries of the forwards in progress
+        self._original = None
+
+    def push(self, entry: dict) -> None:
+        with self._lock:
+            if not self._active:
+                self._original = F.linear
+                F.linear = self._linear
+            self._active.append(entry)
+
+    def pop(self, entry: dict) -> None:
+        with self._lock:
+            if entry in self._active:
+                self._active.remove(entry)
+            if not self._active and self._original is not None:
+                F.linear = self._original
+                self._original = None
+
+    def _linear(self, input, weight, bias=None):
+        out = self._original(input, weight, bias)
+        for entry in reversed(self._active):
+            hit = _match(entry["weights"], weight)
+            if hit is not None:
+                attr, rows = hit
+                entry["report"](entry, attr, input, out, rows)
+                break
+        return out
+
+
+def _match(weights: dict, w: torch.Tensor):
+    """(attr, rows) when w is a watched weight or a row slice of one, else None."""
+    for attr, p in weights.items():
+        if w is p:
+            return attr, None
+        base = w._base
+        if base is not None and base is p and w.ndim == 2 and w.stride() == p.stride():
+            r0 = (w.storage_offset() - p.storage_offset()) // p.stride(0)
+            return attr, slice(r0, r0 + w.shape[0])
+    return None
+
+
+_WATCH = _LinearWatch()
+
+
+@register_rule(nn.MultiheadAttention)
+class MultiheadAttentionRule(LayerRule):
+    """Tracks ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight`` of nn.MultiheadAttention."""
+
+    name = "attention"
+
+    def weights(self, module: nn.MultiheadAttention) -> list[str]:
+        if module._qkv_same_embed_dim:
+            names = ["in_proj_weight"]
+        else:
+            names = ["q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        return [n for n in names if isinstance(getattr(module, n, None), torch.Tensor)] + ["out_proj.weight"]
+
+    def covers(self, module) -> list[str]:
+        return ["out_proj"]
+
+    def attach(self, module, attrs_, sink) -> list:
+        weights = {a: get_attr(module, a) for a in attrs_}
+
+        def pre(mod, args, kwargs):
+            if not sink.capturing or not torch.is_grad_enabled():
+                return None
+            query = args[0] if args else kwargs.get("query")
+            if not isinstance(query, torch.Tensor):
+                return None
+            if query.ndim != 3:
+                raise EngineError(
+                    f"{sink.name_of(mod)!r} (MultiheadAttention) was called on an unbatched query of shape "
+                    f"{tuple(query.shape)}; the tracker needs the samples of the step in one batched call"
+                )
+            L = query.shape[1] if mod.batch_first else query.shape[0]
+            N = query.shape[0] if mod.batch_first else query.shape[1]
+            entry = {"module": mod, "weights": weights, "L": L, "N": N, "report": self._reporter(sink)}
+            mod.__dict__["_sdelip_watch"] = entry
+            _WATCH.push(entry)
+            return None
+
+        def post(mod, args, kwargs, output):
+            entry = mod.__dict__.pop("_sdelip_watch", None)
+            if entry is not None:
+                _WATCH.pop(entry)
+            return None
+
+        return [module.register_forward_pre_hook(pre, with_kwargs=True),
+                module.register_forward_hook(post, with_kwargs=True, always_call=True)]
+
+    def _reporter(self, sink):
+        def report(entry, attr, x, out, rows):
+            L, N = entry["L"], entry["N"]
+            if x.ndim == 2 and x.shape[0] == L * N:  # the output projection's flattened (L·N, E) input
+                x = x.view(L, N, x.shape[-1])
+                extra = {"view": (L, N)}
+            else:
+                extra = None
+            sink.report(Use(self, entry["module"], attr, x, out, rows=rows, extra=extra))
+        return report
+
+    def delta_view(self, use: Use, delta: torch.Tensor) -> torch.Tensor:
+        if use.extra and "view" in use.extra:
+            L, N = use.extra["view"]
+            return delta.view(L, N, delta.shape[-1])
+        return delta
+
+    def statistics(self, use: Use, u1, v1, split, chunk_bytes, with_sum_g=True) -> LayerStatistics:
+        x, d = self.batch_first(use)
+        return linear_use_statistics(x, d, u1, v1, split, chunk_bytes, with_sum_g)
+
+    def per_sample_grads(self, use: Use, start: int, stop: int) -> torch.Tensor:
+        x, d = self.batch_first(use)
+        return linear_per_sample_grads(x[start:stop], d[start:stop])

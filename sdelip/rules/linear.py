@@ -1,0 +1,160 @@
+"""nn.Linear: g_i = Σ_p δ_ip x_ipᵀ over any leading axes (THEORY.md §6).
+
+Without a position axis, nothing of size M·m·n is formed:
+
+    g_i v1 = δ_i (x_i · v1),   g_iᵀ u1 = x_i (δ_i · u1),
+    Σ_i g_i = δᵀ x,            Σ_i g_i ∘ g_i = (δ ∘ δ)ᵀ (x ∘ x).
+
+With position axes (sequences, a Linear on (M, T, d) or, sequence-first, (T, M, d)) the
+projections need only the positions, and Σ_i g_i ∘ g_i the per-sample gradients of this
+one layer, a chunk of samples at a time (:func:`patch_statistics`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..statistics import LayerStatistics
+from .base import LayerRule, Use, register_rule
+
+__all__ = ["LinearRule", "linear_statistics", "sequence_linear_statistics", "patch_statistics",
+           "linear_use_statistics"]
+
+
+def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool,
+                      with_sum_g: bool = True) -> LayerStatistics:
+    """Statistics of a Linear layer from inputs x (M, n) and output gradients δ (M, m).
+
+    g_i = δ_i x_iᵀ; nothing of size M·m·n is formed. ``with_sum_g=False`` leaves Σ g_i
+    to the caller (it is M times the weight gradient of the mean loss).
+    """
+    M = x.shape[0]
+    xv = x @ v1  # (M,)
+    du = delta @ u1  # (M,)
+    Gv = delta * xv[:, None]
+    Gtu = x * du[:, None]
+    sum_g = sum_sq = None
+    if split:
+        if with_sum_g:
+            sum_g = delta.mT @ x
+        sum_sq = delta.square().mT @ x.square()
+    return LayerStatistics(M, Gv, Gtu, sum_g, sum_sq)
+
+
+def patch_statistics(
+    Xt: torch.Tensor,
+    Dt: torch.Tensor,
+    u1: torch.Tensor,
+    v1: torch.Tensor,
+    split: bool,
+    groups: int = 1,
+    out: Optional[dict] = None,
+    start: int = 0,
+) -> None:
+    """Accumulate statistics of g_i = Σ_p δ_ip x_ipᵀ for a chunk of samples.
+
+    Args:
+        Xt: (c, g·Kg, P) patches, channels first (the layout of ``F.unfold``).
+        Dt: (c, g·Og, P) output gradients.
+        u1: (g·Og,) and v1: (Kg,) the top singular pair of the (O, Kg) weight matrix.
+        split: also accumulate Σ g_i and Σ g_i ∘ g_i.
+        groups: g, the number of convolution groups (block structure of g_i).
+        out: dict with preallocated ``Gv`` (M, O), ``Gtu`` (M, Kg) and, with split,
+            ``sum_g``, ``sum_sq`` (O, Kg), updated in place.
+        start: index of the chunk's first sample.
+    """
+    c, K, P = Xt.shape
+    O = Dt.shape[1]
+    g = groups
+    Kg, Og = K // g, O // g
+    if g > 1:
+        Xt = Xt.reshape(c * g, Kg, P)
+        Dt = Dt.reshape(c * g, Og, P)
+    # Projections from the patches cost P·(Kg + Og) per sample, from the per-sample gradient Og·Kg.
+    from_patches = not split or P * (Kg + Og) < Og * Kg
+    if split:
+        G = torch.bmm(Dt, Xt.mT)  # (c·g, Og, Kg): the per-sample gradients of this chunk
+        if g > 1:
+            G = G.reshape(c, O, Kg)
+        if not from_patches:
+            torch.matmul(G, v1, out=out["Gv"][start : start + c])
+            torch.matmul(G.mT, u1, out=out["Gtu"][start : start + c])
+        if "sum_g" in out:
+            out["sum_g"] += G.sum(0)
+        out["sum_sq"] += G.square_().sum(0)
+        del G
+    if from_patches:
+        xv = torch.matmul(Xt.mT, v1)  # (c·g, P)
+        Gv = torch.bmm(Dt, xv.unsqueeze(-1)).squeeze(-1)  # (c·g, Og)
+        out["Gv"][start : start + c] = Gv.reshape(c, O)
+        du = (Dt.reshape(c, g, Og, P) * u1.reshape(1, g, Og, 1)).sum(2).reshape(c * g, P)
+        Gtu = torch.bmm(Xt, du.unsqueeze(-1)).squeeze(-1)  # (c·g, Kg)
+        out["Gtu"][start : start + c] = Gtu.reshape(c, g, Kg).sum(1)
+
+
+def sequence_linear_statistics(
+    x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool, chunk_bytes: int,
+    with_sum_g: bool = True,
+) -> LayerStatistics:
+    """Statistics of a Linear layer applied along extra axes: x (M, …, n), δ (M, …, m)."""
+    M, n, m = x.shape[0], x.shape[-1], delta.shape[-1]
+    X = x.reshape(M, -1, n)
+    D = delta.reshape(M, -1, m)
+    P = X.shape[1]
+    per_sample = x.element_size() * (P * (n + m) + (m * n if split else 0))
+    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
+    kw = dict(dtype=u1.dtype, device=u1.device)
+    out = {"Gv": torch.empty(M, m, **kw), "Gtu": torch.empty(M, n, **kw)}
+    if split:
+        if with_sum_g:
+            out["sum_g"] = torch.zeros(m, n, **kw)
+        out["sum_sq"] = torch.zeros(m, n, **kw)
+    for s in range(0, M, c):
+        e = min(M, s + c)
+        patch_statistics(X[s:e].mT, D[s:e].mT, u1, v1, split, 1, out, s)
+    return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
+
+
+def linear_use_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool,
+                          chunk_bytes: int, with_sum_g: bool = True) -> LayerStatistics:
+    """Statistics of a linear map applied to batch-first x (M, …, n) with output gradient δ (M, …, m)."""
+    if x.ndim == 2:
+        return linear_statistics(x.to(u1.dtype), delta.to(u1.dtype), u1, v1, split, with_sum_g)
+    return sequence_linear_statistics(x, delta, u1, v1, split, chunk_bytes, with_sum_g)
+
+
+def linear_per_sample_grads(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """g_i = Σ_p δ_ip x_ipᵀ of batch-first x (c, …, n) and δ (c, …, m): shape (c, m, n)."""
+    c, n, m = x.shape[0], x.shape[-1], delta.shape[-1]
+    return delta.reshape(c, -1, m).mT @ x.reshape(c, -1, n)
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    """nn.Linear (and subclasses) applied to inputs with any leading axes; θ is the (out, in) weight."""
+
+    name = "linear"
+    sde_factored = True
+
+    def statistics(self, use: Use, u1, v1, split, chunk_bytes, with_sum_g=True) -> LayerStatistics:
+        x, d = self.batch_first(use)
+        return linear_use_statistics(x, d, u1, v1, split, chunk_bytes, with_sum_g)
+
+    def per_sample_grads(self, use: Use, start: int, stop: int) -> torch.Tensor:
+        x, d = self.batch_first(use)
+        return linear_per_sample_grads(x[start:stop], d[start:stop])
+
+    def trajectory_projections(self, module, attr, x, delta, u1, v1, chunk_bytes):
+        if x.ndim == 3:  # (c, M, n): one vmap over the trajectories
+            return _linear_projections(x, delta, u1, v1)
+        return super().trajectory_projections(module, attr, x, delta, u1, v1, chunk_bytes)
+
+
+def _pair(stats):
+    return stats.Gv, stats.Gtu
+
+
+_linear_projections = torch.vmap(lambda x, d, u, v: _pair(linear_statistics(x, d, u, v, False)))
