@@ -287,6 +287,15 @@ def cmd_info(args) -> int:
         print("  layers:")
         for layer in layers:
             print(f"    {layer}")
+    left = meta.get("left_out")
+    if left:
+        by_reason: dict = {}
+        for o in left:
+            by_reason.setdefault(o["reason"], []).append(o["name"])
+        print(f"  left out ({len(left)} parameters, not tracked):")
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:8]) + (f", … {len(names) - 8} more" if len(names) > 8 else "")
+            print(f"    {reason}: {shown}")
     steps = record["step"]
     print(f"  rows: {len(record)} (steps {int(steps.iloc[0])}..{int(steps.iloc[-1])})")
     print()

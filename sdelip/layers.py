@@ -218,7 +218,7 @@ def _all_claims(model: nn.Module, unsupported: str) -> tuple[list[Claim], list[L
                 continue
             if rule is not None or id(p) in covered_by:
                 owner = rule.name if rule is not None else covered_by[id(p)].rule.name
-                why = "an elementwise scale of a normalisation layer, not part of θ (Prop 9)" \
+                why = "an elementwise scale or shift of a normalisation layer, not part of θ (Prop 9)" \
                     if owner == "normalization" else f"not a weight matrix of the {owner} rule"
                 left.append(LeftOut(full, tuple(p.shape), why))
                 continue

@@ -106,6 +106,17 @@ def _first(t):
     return t[0] if isinstance(t, (tuple, list)) else t
 
 
+def _first_view(use: Use, g: torch.Tensor) -> torch.Tensor:
+    return g if isinstance(use.output, tuple) else use.rule.delta_view(use, g)
+
+
+#: ``Use.batch_axis`` of a use whose output does not carry the samples on one axis: its
+#: per-sample output gradients come from a batched backward (:meth:`FactoredEngine._general_deltas`).
+GENERAL = -1
+#: ... and once they are in place (x expanded over the samples, δ per sample, batch axis 0).
+GENERAL_DONE = -2
+
+
 class FactoredEngine(Engine):
     """Per-sample statistics from the layer rules' hooks, without per-sample gradients (THEORY.md §6).
 
@@ -153,12 +164,15 @@ class FactoredEngine(Engine):
         ctx = self._ctx
         if ctx is None or use.x is None:  # a backward that is not the tracker's (the user's own, the probe)
             return None
+        if use.batch_axis == GENERAL_DONE:  # per-sample output gradients already computed
+            return None
         if isinstance(use.delta, list):
             use.delta[k] = grad.detach()
             return None
         use.delta = use.rule.delta_view(use, grad.detach())
         uses = self._uses.get(layer.name, ())
-        if layer.uses == 1 and len(uses) == 1 and use.rows is None and use.batch_axis is not None:
+        if layer.uses == 1 and len(uses) == 1 and use.rows is None and use.batch_axis is not None \
+                and use.batch_axis >= 0:
             # the only use of the weight: its statistics now, so that x and δ are freed on schedule
             u1, v1 = ctx["directions"][layer.name]
             with torch.no_grad():
@@ -212,48 +226,76 @@ class FactoredEngine(Engine):
 
     # -- batch axes ---------------------------------------------------------------------------
     def _resolve_batch_axes(self, losses: torch.Tensor, M: int, step) -> None:
+        """Decide for every use how its per-sample output gradients are obtained (module docstring)."""
         unresolved = []
         for name, uses in self._uses.items():
             for k, use in enumerate(uses):
-                cands = use.rule.batch_axes(use, M)
-                shape = tuple(_first(use.output).shape)
-                if len(cands) == 1:
-                    use.batch_axis = cands[0]
-                elif not cands:
-                    raise BatchAxisError(
-                        f"layer {name!r} at step {step}: none of the axes of its input {_shape(use.x)} has the "
-                        f"M = {M} samples of the step's per-sample losses; the tracker needs one loss per sample "
-                        "and the samples on one axis of every tracked layer's input"
-                    )
-                elif (name, k, shape) in self._axis_cache:
-                    use.batch_axis = self._axis_cache[(name, k, shape)]
+                key = (name, k, tuple(_first(use.output).shape))
+                cached = self._axis_cache.get(key)
+                if cached is not None:
+                    use.batch_axis = cached
                 else:
-                    unresolved.append((name, k, shape, use, cands))
+                    unresolved.append((key, use, use.rule.batch_axes(use, M)))
         if unresolved:
             self._probe(losses, unresolved, M, step)
+        general = [(name, u) for name, uses in self._uses.items() for u in uses if u.batch_axis == GENERAL]
+        if general:
+            self._general_deltas(losses, general, M, step)
 
     def _probe(self, losses, unresolved, M: int, step) -> None:
-        """One-time structural probe: the gradient of one sample's loss alone shows which axis holds the samples."""
+        """One-time structural probe: the gradient of one sample's loss alone shows which axis holds the samples.
+
+        A candidate axis a is confirmed when ∂ℓ_j/∂output is non-zero at index j of axis a
+        only. When the gradient of ℓ_j is non-zero elsewhere on every candidate (a tensor
+        shared by all samples, such as a positional embedding of ``arange(T)``, or samples
+        flattened together), the use is computed in the general way: per-sample output
+        gradients by a batched backward. Cached per layer, use and output shape.
+        """
         for j in dict.fromkeys((0, M - 1, M // 2)):
-            outs = [_first(u[3].output) for u in unresolved]
+            outs = [_first(use.output) for _, use, _ in unresolved]
             grads = torch.autograd.grad(losses[j], outs, retain_graph=True, allow_unused=True)
             left = []
-            for (name, k, shape, use, cands), g in zip(unresolved, grads):
-                good = probe_batch_axis(None if g is None else use.rule.delta_view(use, g), cands, j, None)
-                if len(good) == 1:
-                    use.batch_axis = good[0]
-                    self._axis_cache[(name, k, shape)] = good[0]
-                else:
-                    left.append((name, k, shape, use, cands))
+            for (key, use, cands), g in zip(unresolved, grads):
+                g = None if g is None else _first_view(use, g)
+                if g is None or not bool((g != 0).any()):
+                    left.append((key, use, cands))  # this sample's loss does not reach the use: ask another
+                    continue
+                good = probe_batch_axis(g, cands, j, None)
+                if len(good) > 1:
+                    left.append((key, use, good))
+                    continue
+                use.batch_axis = good[0] if good else GENERAL
+                self._axis_cache[key] = use.batch_axis
             unresolved = left
             if not unresolved:
                 return
-        name, _, shape, use, cands = unresolved[0]
-        raise BatchAxisError(
-            f"layer {name!r} at step {step}: its input {_shape(use.x)} has the M = {M} samples on more than one "
-            f"candidate axis {cands}, and the gradient of single samples' losses did not tell them apart (the "
-            "samples may be mixed along every axis); use engine='materialised' with a batch-first model"
-        )
+        for key, use, cands in unresolved:  # the probe could not tell: exact in the general way, asked again next step
+            use.batch_axis = GENERAL
+
+    def _general_deltas(self, losses, general, M: int, step) -> None:
+        """Per-sample output gradients ∂(ℓ_i/M)/∂output of uses whose output does not carry the samples on one axis."""
+        for name, use in general:
+            if not use.rule.supports_general:
+                raise BatchAxisError(
+                    f"layer {name!r} at step {step}: its {use.rule.name} rule needs the M = {M} samples on one axis "
+                    f"of its input {_shape(use.x)}, but the gradient of a single sample's loss spreads over every "
+                    "candidate axis (samples flattened together or mixed); use engine='materialised'"
+                )
+        outs = [_first(use.output) for _, use in general]
+        eye = torch.eye(M, dtype=losses.dtype, device=losses.device) / M
+        try:
+            deltas = torch.autograd.grad(losses, outs, grad_outputs=eye, retain_graph=True, allow_unused=True,
+                                         is_grads_batched=True)
+        except RuntimeError:  # an operation without a batching rule: one backward per sample
+            per = [torch.autograd.grad(losses[i] / M, outs, retain_graph=True, allow_unused=True) for i in range(M)]
+            deltas = [None if all(p[k] is None for p in per) else
+                      torch.stack([torch.zeros_like(o) if p[k] is None else p[k] for p in per])
+                      for k, o in enumerate(outs)]
+        for (name, use), D in zip(general, deltas):
+            if D is None:
+                use.release()
+                continue
+            use.rule.expand_general(use, D.detach(), M)
 
     # -- step -------------------------------------------------------------------------------
     def backward(

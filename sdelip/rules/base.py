@@ -174,8 +174,24 @@ class LayerRule(abc.ABC):
 
     def batch_first(self, use: Use) -> tuple[torch.Tensor, torch.Tensor]:
         """x and δ with the batch axis moved to the front."""
-        a = use.batch_axis or 0
+        a = use.batch_axis if use.batch_axis is not None and use.batch_axis >= 0 else 0
         return use.x.movedim(a, 0), use.delta.movedim(a, 0)
+
+    #: Whether :meth:`expand_general` applies: the use is a linear map of a tensor shared
+    #: by the samples (x without a batch axis), so per-sample output gradients suffice.
+    supports_general: ClassVar[bool] = True
+
+    def expand_general(self, use: Use, D: torch.Tensor, M: int) -> None:
+        """Per-sample output gradients D (M, *output) of a use whose x is shared by the samples.
+
+        g_i = Σ_p D_ip x_pᵀ: x is expanded over the samples (a view) and δ set per sample,
+        so that :meth:`statistics` applies unchanged with the batch on axis 0.
+        """
+        x = use.x
+        feat = x.shape[:-1] if x.is_floating_point() else x.shape
+        use.x = x.unsqueeze(0).expand(M, *x.shape)
+        use.delta = D.reshape(M, *feat, D.shape[-1])
+        use.batch_axis = -2  # factored.GENERAL_DONE
 
     # -- per-sample statistics ---------------------------------------------------------------
     @abc.abstractmethod

@@ -231,6 +231,7 @@ class ConvRule(LayerRule):
 
     name = "conv"
     sde_factored = True
+    supports_general = False
 
     def check_module(self, module, path):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):  # pragma: no cover - not registered

@@ -35,6 +35,7 @@ class FallbackRule(LayerRule):
     """Exact per-sample gradients of one module's weight by ``torch.func`` (not registered by type)."""
 
     name = "fallback"
+    supports_general = False
 
     def weights(self, module: nn.Module) -> list[str]:
         return [n for n, p in module._parameters.items() if p is not None and p.ndim >= 2]
@@ -71,7 +72,7 @@ class FallbackRule(LayerRule):
         return [a for a in range(out.ndim) if out.shape[a] == M]
 
     def batch_first(self, use: Use):
-        if use.batch_axis not in (None, 0):
+        if use.batch_axis is not None and use.batch_axis != 0:
             raise EngineError(
                 f"the per-module fallback needs the samples on axis 0 of {type(use.module).__name__}'s outputs, but "
                 f"they are on axis {use.batch_axis} (e.g. a sequence-first input); use batch_first=True or "
