@@ -111,6 +111,12 @@ class TrackedLayer:
         return _rules.base.get_attr(self.module, self.attr)
 
     @property
+    def parameter_name(self) -> str:
+        """θ's full parameter name in the model (``"fc1.weight"``, ``"enc.layers.0.self_attn.in_proj_weight"``)."""
+        path = self.module_path if self.module_path is not None else self.name
+        return f"{path}.{self.attr}" if path else self.attr
+
+    @property
     def uses(self) -> int:
         """c, the number of times θ is applied in one forward pass: K contains σ1(θ)^c (Prop 8)."""
         return int(sum(self.calls))

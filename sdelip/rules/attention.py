@@ -35,7 +35,7 @@ from ..statistics import EngineError, LayerStatistics
 from .base import LayerRule, Use, get_attr, register_rule
 from .linear import linear_per_sample_grads, linear_use_statistics
 
-__all__ = ["MultiheadAttentionRule"]
+__all__ = ["MultiheadAttentionRule", "vmap_safe_attention"]
 
 
 class _LinearWatch:
@@ -85,6 +85,61 @@ def _match(weights: dict, w: torch.Tensor):
 
 
 _WATCH = _LinearWatch()
+
+
+def _attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention written out, with out-of-place dropout (vmap draws per-sample masks)."""
+    L, S = query.shape[-2], key.shape[-2]
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        rep = query.shape[-3] // key.shape[-3]
+        key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+    s = (1.0 / query.shape[-1] ** 0.5) if scale is None else scale
+    scores = (query @ key.transpose(-2, -1)) * s
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    weights = torch.softmax(scores, -1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p, training=True)
+    return weights @ value
+
+
+class vmap_safe_attention:
+    """Context: attention dropout that ``vmap(randomness="different")`` can draw per sample.
+
+    ``F.scaled_dot_product_attention`` draws its dropout mask in place, which vmap refuses
+    for one sample's unbatched tensors, and its fused CPU kernels have no batching rule
+    (vmap falls back to a slow loop); inside this context it is computed by the same
+    formula written out, with an out-of-place ``F.dropout`` (the SDE systems evaluate
+    per-sample losses this way, :mod:`sdelip.sde`).
+    """
+
+    _depth = 0
+    _original = None
+    _lock = threading.Lock()
+
+    def __enter__(self):
+        cls = type(self)
+        with cls._lock:
+            if cls._depth == 0:
+                cls._original = F.scaled_dot_product_attention
+                F.scaled_dot_product_attention = cls._sdpa
+            cls._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        cls = type(self)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                F.scaled_dot_product_attention = cls._original
+        return False
+
+    @staticmethod
+    def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        return _attention_math(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
 
 @register_rule(nn.MultiheadAttention)

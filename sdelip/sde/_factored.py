@@ -39,6 +39,7 @@ from torch.func import functional_call, vjp, vmap
 
 from ..engines import EngineError
 from ..layers import TrackedLayer
+from ..rules.attention import vmap_safe_attention
 from ._functional import ParamLayout
 
 __all__ = ["FactoredNoise"]
@@ -183,7 +184,8 @@ class FactoredNoise:
 
         in_xy = None if shared_batch else 0
         w_dims = None if weights is None else 0
-        return vmap(one, in_dims=(0, in_xy, in_xy, w_dims), randomness="different")(params, X, Y, weights)
+        with vmap_safe_attention():
+            return vmap(one, in_dims=(0, in_xy, in_xy, w_dims), randomness="different")(params, X, Y, weights)
 
 
 @contextlib.contextmanager

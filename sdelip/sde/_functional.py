@@ -29,6 +29,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..layers import TrackedLayer
+from ..rules.attention import vmap_safe_attention
 
 __all__ = ["ParamSpec", "ParamBlock", "ParamLayout", "DataSource", "GradientEstimate", "ModelGradients",
            "activation_numel"]
@@ -64,7 +65,7 @@ class ParamBlock:
         module: module path ('' for the root module).
         params: the names of its trainable parameters.
         start, stop: the block's contiguous slice of the flattened state.
-        layer: index into the tracked layers if the module is a tracked layer, else None.
+        layer: index of the (first) tracked layer whose weight the module holds, else None.
     """
 
     module: str
@@ -93,8 +94,11 @@ class ParamLayout:
         for name, p in trainable:
             owner = name.rsplit(".", 1)[0] if "." in name else ""
             owners.setdefault(owner, []).append((name, p))
-        layer_index = {layer.name: i for i, layer in enumerate(layers)}
-        self.weight_names = [(f"{layer.name}." if layer.name else "") + "weight" for layer in layers]
+        self.weight_names = [layer.parameter_name for layer in layers]
+        owner_of = {wn: (wn.rsplit(".", 1)[0] if "." in wn else "") for wn in self.weight_names}
+        layer_index: Dict[str, int] = {}
+        for i, wn in enumerate(self.weight_names):
+            layer_index.setdefault(owner_of[wn], i)
         specs, blocks, offset = [], [], 0
         for owner, plist in owners.items():
             start = offset
@@ -108,6 +112,9 @@ class ParamLayout:
                 raise ValueError(f"tracked weight {wn!r} is not a trainable parameter of the model")
         self.specs: list = specs
         self.blocks: list = blocks
+        block_of = {owner: b for b, owner in enumerate(owners)}
+        #: the noise block of each tracked layer (the block of the module holding its weight)
+        self.layer_blocks: list = [block_of[owner_of[wn]] for wn in self.weight_names]
         self.size: int = offset
         self._by_name = {s.name: s for s in specs}
         self.frozen = {name: p for name, p in model.named_parameters() if not p.requires_grad}
@@ -475,12 +482,13 @@ class ModelGradients:
     def _chunked(self, fn, params, *batched, chunk: Optional[int] = None):
         n = next(iter(params.values())).shape[0]
         c = chunk
-        if c is None or c >= n:
-            return fn(params, *batched)
-        outs = []
-        for s in range(0, n, c):
-            p = {k: v[s : s + c] for k, v in params.items()}
-            outs.append(fn(p, *(b[s : s + c] for b in batched)))
+        with vmap_safe_attention():  # attention dropout drawn per sample under vmap
+            if c is None or c >= n:
+                return fn(params, *batched)
+            outs = []
+            for s in range(0, n, c):
+                p = {k: v[s : s + c] for k, v in params.items()}
+                outs.append(fn(p, *(b[s : s + c] for b in batched)))
         return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
     def __call__(self, params: Dict[str, torch.Tensor]) -> GradientEstimate:

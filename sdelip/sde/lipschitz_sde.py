@@ -334,11 +334,7 @@ class LipschitzSDE(ParameterSDE):
             warned.add(name)
 
     def _block_of_layer(self):
-        idx = {}
-        for b, block in enumerate(self.layout.blocks):
-            if block.layer is not None:
-                idx[block.layer] = b
-        return [idx[i] for i in range(self.n_layers)]
+        return list(self.layout.layer_blocks)
 
     def _g_prod(self, c: _Coefficients, y, v, inc):
         out = super()._g_prod(c, y, v, inc)

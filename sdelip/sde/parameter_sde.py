@@ -235,12 +235,20 @@ class ParameterSDE(nn.Module):
             )
             self.M = int(M)
             tied = [layer for layer in self.layers if layer.uses != 1 or layer.aliases]
-            self.engine = ("materialised" if tied else "factored") if engine == "auto" else engine
+            # the factored noise runs each tracked module's own forward: rules that apply .weight in it
+            other = [layer for layer in self.layers if not layer.rule.sde_factored or layer.attr != "weight"]
+            self.engine = ("materialised" if tied or other else "factored") if engine == "auto" else engine
             if self.engine == "factored" and tied:
                 t = tied[0]
                 raise ValueError(
                     f"layer {t.name!r} applies its weight {t.uses} times (modules {(t.name, *t.aliases)}): the factored "
                     "noise needs each weight used by one call of one module; use engine='materialised' (or 'auto')"
+                )
+            if self.engine == "factored" and other:
+                t = other[0]
+                raise ValueError(
+                    f"layer {t.name!r} ({t.kind}, rule {t.rule.name!r}) is not applied as its module's .weight by the "
+                    "module's own forward, which the factored noise needs; use engine='materialised' (or 'auto')"
                 )
             if self.engine == "factored":
                 self.factored = FactoredNoise(model, self.layout, self.layers, self.gradient_fn.loss_fn)
