@@ -55,14 +55,47 @@ from sdelip.tracker import Tracker  # noqa: E402
 CONFIGS = {
     "mlp": {"model": "mlp", "dataset": "mnist-embedded", "batch_size": 128, "lr": 0.01},
     "convnet": {"model": "convnet", "dataset": "cifar-standin", "batch_size": 256, "lr": 1e-3},
+    # issue #17: a 4-layer d = 128 transformer classifier on random tokens (M = 32, T = 32), position
+    # indices expanded over the batch (the factored path) or a broadcast (T, d) position table (the
+    # general path: per-sample output gradients by a batched backward), and torchvision's resnet18 in
+    # eval mode on 3×32×32 inputs (M = 64)
+    "transformer": {"model": "transformer", "dataset": "tokens", "batch_size": 32, "lr": 0.01, "T": 32},
+    "transformer-broadcast-pos": {"model": "transformer", "dataset": "tokens", "batch_size": 32, "lr": 0.01,
+                                  "T": 32, "broadcast_positions": True},
+    "resnet18": {"model": "resnet18", "dataset": "cifar-standin", "batch_size": 64, "lr": 0.01},
 }
 
 
+class TransformerClassifier(torch.nn.Module):
+    """Token and position embeddings, a TransformerEncoder (pre-norm, GELU), mean pooling, a linear head."""
+
+    def __init__(self, vocab=1000, d=128, heads=4, layers=4, T=32, classes=10, broadcast_positions=False):
+        super().__init__()
+        nn = torch.nn
+        self.broadcast_positions = broadcast_positions
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(T, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.1, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens):
+        M, T = tokens.shape
+        positions = torch.arange(T, device=tokens.device)
+        if not self.broadcast_positions:
+            positions = positions.expand(M, T)
+        return self.head(self.enc(self.tok(tokens) + self.pos(positions)).mean(1))
+
+
 def batches(cfg: dict, n: int, seed: int = 0) -> list:
-    info = load_dataset(cfg["dataset"])
-    ds = info.dataset
     g = torch.Generator().manual_seed(seed)
     M = cfg["batch_size"]
+    if cfg["dataset"] == "tokens":
+        return [(torch.randint(0, 1000, (M, cfg["T"]), generator=g), torch.randint(0, 10, (M,), generator=g))
+                for _ in range(n)]
+    info = load_dataset(cfg["dataset"])
+    ds = info.dataset
     out = []
     for _ in range(n):
         idx = torch.randint(0, len(ds), (M,), generator=g).tolist()
@@ -74,8 +107,17 @@ def batches(cfg: dict, n: int, seed: int = 0) -> list:
 
 
 def make(cfg: dict, seed: int = 0):
-    info_shape = (1, 28, 28) if cfg["model"] == "mlp" else (3, 32, 32)
-    model = build_model(cfg["model"], input_shape=info_shape, seed=seed)
+    if cfg["model"] == "transformer":
+        torch.manual_seed(seed)
+        model = TransformerClassifier(T=cfg["T"], broadcast_positions=cfg.get("broadcast_positions", False))
+    elif cfg["model"] == "resnet18":
+        import torchvision
+
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet18(num_classes=10).eval()  # BatchNorm with running statistics
+    else:
+        info_shape = (1, 28, 28) if cfg["model"] == "mlp" else (3, 32, 32)
+        model = build_model(cfg["model"], input_shape=info_shape, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
     return model, opt
 
@@ -154,6 +196,78 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
     for tr in trackers.values():
         tr.close()
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def breakdown(name: str, steps: int, warmup: int, decomposition: str) -> dict:
+    """Where a tracked step's time goes: the tracker's parts timed inside real steps (wrapped calls)."""
+    import contextlib
+
+    from sdelip import rules
+    from sdelip.engines.factored import FactoredEngine
+    from sdelip.record import RecordWriter
+
+    cfg = CONFIGS[name]
+    data = batches(cfg, 8)
+    model, opt = make(cfg)
+    tmp = tempfile.mkdtemp(prefix="bench_breakdown_")
+    tracker = make_tracker(model, opt, "factored", os.path.join(tmp, f"{name}.db"), decomposition)
+    acc: dict = {}
+    on = [False]
+
+    def timed(owner, attr, label):
+        fn = getattr(owner, attr)
+
+        def wrapper(*a, **kw):
+            if not on[0]:
+                return fn(*a, **kw)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
+        return fn, wrapper
+
+    patches = [
+        (type(tracker), "_decompose_all", "decompositions (Lemma 12-13)"),
+        (FactoredEngine, "backward", "engine backward (total)"),
+        (FactoredEngine, "_resolve_batch_axes", "batch-axis probe + general per-sample deltas"),
+        (FactoredEngine, "_check_hidden_uses", "hidden-use check"),
+        (type(tracker), "_all_terms", "Thm 14 terms"),
+        (RecordWriter, "write", "record write"),
+    ]
+    for rule in {type(r) for r in rules.registered_rules().values()} | {rules.FallbackRule}:
+        patches.append((rule, "statistics", "rule statistics (THEORY.md §6)"))
+        patches.append((rule, "per_sample_grads", "rule statistics (THEORY.md §6)"))
+    saved = []
+    for owner, attr, label in patches:
+        if attr in vars(owner):
+            fn, wrapper = timed(owner, attr, label)
+            saved.append((owner, attr, fn))
+            setattr(owner, attr, wrapper)
+    total = 0.0
+    try:
+        for k in range(warmup + steps):
+            x, y = data[k % len(data)]
+            on[0] = k >= warmup
+            if on[0] and k == warmup:
+                acc.clear()
+            t0 = time.perf_counter()
+            tracked_step(tracker, model, opt, x, y)
+            if on[0]:
+                total += time.perf_counter() - t0
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+        with contextlib.suppress(Exception):
+            tracker.close()
+    out = {k: v / steps for k, v in acc.items()}
+    inner = sum(out.get(k, 0.0) for k in ("rule statistics (THEORY.md §6)", "hidden-use check",
+                                           "batch-axis probe + general per-sample deltas"))
+    out["autograd backward with hooks"] = out.pop("engine backward (total)", 0.0) - inner
+    out["tracked step (total)"] = total / steps
+    out["forward, optimizer step, rest"] = out["tracked step (total)"] - sum(
+        v for k, v in out.items() if k != "tracked step (total)")
+    return out
 
 
 def _status_kib(field: str) -> int:
@@ -244,7 +358,8 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["mlp", "convnet"], choices=sorted(CONFIGS))
+    ap.add_argument("--models", nargs="+", default=["mlp", "convnet", "transformer", "resnet18"],
+                    choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 40 MLP, 12 ConvNet)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true", help="skip the materialised engine")
@@ -258,6 +373,7 @@ def main(argv=None) -> int:
     ap.add_argument("--default-malloc", action="store_true",
                     help="measure memory with glibc's default (dynamic) mmap threshold")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--breakdown", action="store_true", help="also time the tracker's parts inside tracked steps")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (memory is measured on CPU only)")
     ap.add_argument("--_memory-child", nargs=5, metavar=("MODEL", "ENGINE", "STEPS", "DECOMP", "THREADS"),
                     help=argparse.SUPPRESS)
@@ -302,6 +418,13 @@ def main(argv=None) -> int:
                              f"{inc_p / 1024:.0f} MiB = {inc_e / inc_p:.2f})")
         parts.append(f"tracked/plain = {t[main_variant] / t['plain']:.2f}")
         print(", ".join(parts), flush=True)
+        if args.breakdown:
+            b = breakdown(name, steps, args.warmup, args.decomposition)
+            res["breakdown_s"] = b
+            tot = b["tracked step (total)"]
+            print(f"  {name} where the time goes (ms per tracked step, share of it): " + "; ".join(
+                f"{k} {v * 1e3:.1f} ({v / tot:.0%})" for k, v in sorted(b.items(), key=lambda kv: -kv[1])
+                if k != "tracked step (total)") + f"; total {tot * 1e3:.1f}", flush=True)
         results["models"][name] = res
     print(f"# load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results["load_end"] = os.getloadavg()

@@ -3,8 +3,9 @@
 =================  ==========================================================  ===========================
 engine             how                                                         applies to
 =================  ==========================================================  ===========================
-``factored``       hooks on the step's own forward/backward; no per-sample     Linear, Conv2d, independent
-                   gradient of Linear layers, per-layer chunks for Conv2d      samples (the default)
+``factored``       the layer rules' hooks on the step's own forward/backward   every rule of sdelip.rules,
+                   (:mod:`sdelip.rules`); no per-sample gradient of the        independent samples (the
+                   network                                                     default)
 ``materialised``   ``torch.func.vmap`` over samples (the paper's approach)     any model, independent
                                                                                samples; the oracle
 ``coupled``        batched VJPs of the per-sample losses through the graph     any model, incl. BatchNorm
@@ -12,8 +13,8 @@ engine             how                                                         a
 =================  ==========================================================  ===========================
 
 :func:`resolve_engine_name` resolves ``"auto"``: coupled when a BatchNorm normalises with
-batch statistics or a tracked weight is also held by a module the factored engine's hooks
-cannot see (e.g. an nn.Embedding tied to the output layer), factored otherwise.
+batch statistics or a tracked weight is also held by a module that no rule watches for it,
+factored otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .base import (
     untracked_weight_users,
 )
 from .coupled import CoupledEngine
-from .factored import FactoredEngine
+from .factored import FactoredEngine, SharedTensorWarning
 from .materialised import MaterialisedEngine
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "StatisticsAccumulator",
     "WeightUsesError",
     "FactoredEngine",
+    "SharedTensorWarning",
     "MaterialisedEngine",
     "CoupledEngine",
     "ENGINES",
@@ -64,7 +66,7 @@ def resolve_engine_name(model, requested: str = "auto") -> str:
     """The engine to use: ``requested``, or for ``"auto"`` factored unless the model needs coupled.
 
     ``"auto"`` gives coupled when samples are coupled (:func:`coupling_modules`) or a
-    tracked weight is also held by a module that is not a tracked Linear/Conv2d
+    tracked weight is also held by a module that no rule watches for it
     (:func:`untracked_weight_users`), factored otherwise.
     """
     if isinstance(requested, type) and issubclass(requested, Engine):

@@ -36,6 +36,7 @@ uses, are formed a chunk of samples at a time (``chunk_bytes``).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Mapping, Optional
 
 import torch
@@ -47,7 +48,11 @@ from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_
 from ..statistics import EngineError, LayerStatistics, StatisticsAccumulator
 from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users
 
-__all__ = ["FactoredEngine", "combine_uses", "linear_statistics", "sequence_linear_statistics", "patch_statistics"]
+__all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "linear_statistics", "sequence_linear_statistics", "patch_statistics"]
+
+
+class SharedTensorWarning(UserWarning):
+    """A tracked layer's output does not carry the samples on one axis: exact, but a batched backward per step."""
 
 
 def _rows(use: Use, m: int) -> slice:
@@ -137,6 +142,7 @@ class FactoredEngine(Engine):
         self._owner: dict[tuple, object] = {}
         self._paths = {id(m): (p or type(m).__name__) for p, m in model.named_modules()}
         self._axis_cache: dict[tuple, int] = {}
+        self._warned_general: set = set()
         for layer in self.layers:
             for module, attr, _ in layer.users:
                 self._owner[(id(module), attr)] = layer
@@ -240,6 +246,18 @@ class FactoredEngine(Engine):
             self._probe(losses, unresolved, M, step)
         general = [(name, u) for name, uses in self._uses.items() for u in uses if u.batch_axis == GENERAL]
         if general:
+            for name, use in general:
+                if name not in self._warned_general:
+                    self._warned_general.add(name)
+                    warnings.warn(
+                        f"layer {name!r}: its output at step {step} does not carry the M = {M} samples on one axis "
+                        f"(shape {tuple(_first(use.output).shape)}: a tensor shared by every sample, such as a "
+                        "position table applied to arange(T), or samples flattened together); its per-sample "
+                        "gradients are exact but need a batched backward, about M times the cost of the layer's "
+                        "backward. Expand the input over the batch (e.g. pos(arange(T).expand(M, T))) for the "
+                        "factored path",
+                        SharedTensorWarning, stacklevel=4,
+                    )
             self._general_deltas(losses, general, M, step)
 
     def _probe(self, losses, unresolved, M: int, step) -> None:
@@ -372,8 +390,7 @@ class FactoredEngine(Engine):
         self._stats = {}
         return out
 
-    @staticmethod
-    def _check_hidden_uses(name: str, st: LayerStatistics, G: torch.Tensor, u1: torch.Tensor, step) -> None:
+    def _check_hidden_uses(self, name: str, st: LayerStatistics, G: torch.Tensor, u1: torch.Tensor, step) -> None:
         """Σ_i g_iᵀ u1 from the hooks must equal (M ∇θ mean ℓ)ᵀ u1 from the same backward."""
         seen = st.Gtu.sum(0)
         total = G.mT @ u1
