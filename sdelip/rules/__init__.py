@@ -17,8 +17,13 @@ module              rule                                       weight matrices Î
 ==================  =========================================  =======================================
 
 Adding a layer type is one new module here (a :class:`LayerRule` subclass decorated with
-``@register_rule(MyModule)``), imported below, and its oracle test (docs/tracking.md).
+``@register_rule(MyModule)``; every module of this package is imported, so nothing else
+changes) and its oracle test (docs/tracking.md, "Adding a layer type"). A rule defined
+in user code registers the same way.
 """
+
+import importlib
+import pkgutil
 
 from .base import (
     BatchAxisError,
@@ -32,8 +37,11 @@ from .base import (
     registered_rules,
     rule_for,
 )
-from . import linear, conv, embedding, attention, normalization  # noqa: E402,F401  (registration)
 from .fallback import FALLBACK, FallbackRule
+
+for _info in pkgutil.iter_modules(__path__):  # every rule module registers itself on import
+    importlib.import_module(f"{__name__}.{_info.name}")
+del _info
 
 __all__ = [
     "LayerRule",
