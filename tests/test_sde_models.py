@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import torchsde
 from torch import nn
 
+from sdelip.engines import EngineError
 from sdelip.sde import DataSource, GridBrownian, LipschitzSDE, time_grid
 from sdelip.tracker import Tracker
 
@@ -147,3 +148,37 @@ def test_transformer_with_dropout_simulates_with_sdeint():
     torch.testing.assert_close(K_ito[0], K_direct[0])
     assert float((K_ito[-1] - K_ito[0]).abs().min()) > 0  # every trajectory moved
     assert bool((sde.terms(dt, ys[1])["diffusion_sq"] > 0).all())
+
+
+class SeqFirst(nn.Module):
+    """A Linear applied to sequence-first (T, M, d) activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):  # x (M, T, 3)
+        h = torch.tanh(self.a(x.transpose(0, 1))).cumsum(0)
+        return self.b(h).mean(0)
+
+
+@pytest.mark.parametrize("T", [4, 5])  # T = 4 = M: the sizes cannot tell the axes apart
+def test_sequence_first_layers_take_the_materialised_engine(T):
+    torch.manual_seed(3)
+    model = SeqFirst().double()
+    g = torch.Generator().manual_seed(4)
+    data = (torch.randn(20, T, 3, generator=g, dtype=DT), torch.randint(0, 3, (20,), generator=g))
+    kw = dict(lr=0.1, noise_batch_size=4, seed=5)
+    assert LipschitzSDE(model, data, **kw).engine == "materialised"
+    msg = r"layer 'a': its input has shape \(%d, 1, 3\) for one sample and \(%d, 2, 3\) for two" % (T, T)
+    with pytest.raises(EngineError, match=msg):
+        LipschitzSDE(model, data, engine="factored", **kw)
+    # the materialised terms equal the tracker's (which probes the batch axis) on the same batch
+    sde = LipschitzSDE(model, data, **kw)
+    terms = sde.terms(0.0, sde.initial_state(1))
+    Xb, Yb = DataSource(data, seed=5).sample(4, 1)
+    m = copy.deepcopy(model)
+    row = Tracker(m, None, lr=0.1).backward(F.cross_entropy(m(Xb[0]), Yb[0], reduction="none")).as_row()
+    for l, name in enumerate(sde.layer_names):
+        torch.testing.assert_close(terms["diffusion_sq"][0, l].item(), row[f"diffusion_sq/{name}"], rtol=1e-9, atol=0)

@@ -106,6 +106,49 @@ class FactoredNoise:
         self._out_shapes[key] = shapes
         return shapes
 
+    def check_layout(self, x: torch.Tensor) -> None:
+        """Refuse a tracked module whose input or output does not carry the samples on axis 0.
+
+        The factored noise adds its probes to each tracked module's output with the
+        samples first. Two forward passes of the model (no grad, eval mode), on one sample
+        and on two, show the layout structurally: axis 0 of every tracked module's input
+        and output must have the batch's size in both and the other axes must not change
+        (a sequence-first activation (T, M, d), a tensor shared by all samples or samples
+        flattened together fail it).
+
+        Raises:
+            EngineError: naming the first module that fails, with both shapes.
+        """
+        seen: Dict[str, list] = {name: [] for name in self._modules}
+
+        def record(name):
+            def hook(mod, inp, out):
+                first = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
+                seen[name].append((None if first is None else tuple(first.shape),
+                                   tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+            return hook
+
+        was = self.model.training
+        self.model.eval()
+        try:
+            with _hooks({n: record(n) for n in self._modules}, self._modules), torch.no_grad():
+                for B in (1, 2):
+                    self.model(x[:1].expand(B, *x.shape[1:]))
+        finally:
+            self.model.train(was)
+        for name, calls in seen.items():
+            if len(calls) != 2:
+                continue  # not called once per forward: output_shapes names it
+            (i1, o1), (i2, o2) = calls
+            for what, a, b in (("input", i1, i2), ("output", o1, o2)):
+                if a is None or b is None or a[0] != 1 or b[0] != 2 or a[1:] != b[1:]:
+                    raise EngineError(
+                        f"layer {name!r}: its {what} has shape {a} for one sample and {b} for two, so the samples "
+                        "are not on its axis 0 (a sequence-first activation, a tensor shared by all samples, or "
+                        "samples flattened together); the factored noise needs batch-first layers: use "
+                        "engine='materialised' (engine='auto' picks it)"
+                    )
+
     # -- the pass ------------------------------------------------------------------------
     def __call__(
         self,

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive
+from ..engines import EngineError
 from ..layers import TrackedLayer, tracked_layers
 from ..spectral import DEFAULT_GAP_TOL
 from ._factored import FactoredNoise
@@ -252,6 +253,13 @@ class ParameterSDE(nn.Module):
                 )
             if self.engine == "factored":
                 self.factored = FactoredNoise(model, self.layout, self.layers, self.gradient_fn.loss_fn)
+                try:  # the samples on axis 0 of every tracked module, or the materialised engine
+                    ref = next(p for p in model.parameters() if p.requires_grad)
+                    self.factored.check_layout(self.data.example(device=ref.device, dtype=ref.dtype)[0])
+                except EngineError:
+                    if engine != "auto":
+                        raise
+                    self.engine, self.factored = "materialised", None
             if self.gradient_fn.grad_source == "batch" and compensate_drift_noise:
                 self.noise_scale = self._drift_noise_compensation(self.gradient_fn.grad_batch_size)
         if self.M < 2:
