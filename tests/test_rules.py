@@ -68,6 +68,18 @@ def check(model, inputs, targets, loss=CE, names=None, rtol=1e-10, **kw):
     if names is not None:
         assert [l.name for l in tr.layers] == names
     assert set(want) == {l.name for l in tr.layers}
+    # every trainable weight matrix of the model is tracked, or left out as a normalisation scale, by name
+    tracked_params = set()
+    for l in tr.layers:
+        for module, attr, _ in l.users:
+            tracked_params.add(id(module.get_submodule(attr.rpartition(".")[0]) if "." in attr else module))
+    names = {l.parameter_name for l in tr.layers}
+    left = {o["name"]: o["reason"] for o in tr.metadata["left_out"]}
+    for pname, p in model.named_parameters():
+        if p.ndim >= 2 and pname not in names:
+            assert "normalisation" in left.get(pname, ""), f"{pname} {tuple(p.shape)} is neither tracked nor listed"
+        if p.ndim < 2:
+            assert pname in left, f"{pname} is not listed as left out"
     for name, t in want.items():
         pairs = {"K": t.sigma1, "drift": t.drift, "noise_curvature": t.noise_curvature,
                  "diffusion_sq": t.diffusion_sq, "gap": t.gap, "noise_curvature_var": t.noise_curvature_var,
@@ -473,7 +485,7 @@ def test_conv_rule_against_autograd(nd, groups, k, stride, dilation, padding, mo
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
     conv = conv_cls(2 * groups, 2 * groups, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
                     padding_mode=mode).to(DT)
-    size = (5,) * nd if nd < 3 else (4, 5, 4)
+    size = (6,) * nd if nd < 3 else (5, 6, 5)  # at least the dilated kernel (5)
     model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(2), _Mean(), nn.Linear(2 * groups, 3)).to(DT)
     g = torch.Generator().manual_seed(nd * 100 + k)
     x = torch.randn(M, 2 * groups, *size, generator=g, dtype=DT)
