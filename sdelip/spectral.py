@@ -109,6 +109,18 @@ class SpectralDecomposition:
             return torch.ones((), dtype=self.S.dtype, device=self.S.device)
         return (self.S[0] - self.S[1]) / self.S[0]
 
+    def terms(self, Gv: torch.Tensor, Gtu: torch.Tensor, lr: float, *, noise_var=None, weight_decay: float = 0.0,
+              extra_noise_var: float = 0.0, diffusion_split: bool = False):
+        """Thm 14 terms from the projections (:func:`sdelip.dynamics.terms_from_projections`)."""
+        from .dynamics import terms_from_projections  # dynamics builds on this module
+
+        return terms_from_projections(self, Gv, Gtu, lr, noise_var=noise_var, weight_decay=weight_decay,
+                                      extra_noise_var=extra_noise_var, diffusion_split=diffusion_split)
+
+    def hessian_quadform(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """gᵀ H g of one matrix g from a = g v1 and b = gᵀ u1 (Lemma 13)."""
+        return hessian_quadform_from_projections(self, a, b)
+
     def hessian_weights(self) -> torch.Tensor:
         """w_k = 1/(σ1² − σk²) for k ≥ 2 and w_1 = 0 (Lemma 13), shape (p,).
 

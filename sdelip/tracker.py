@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ._checks import NonFiniteError, check_finite
-from .dynamics import LayerTerms, network_terms, repeated_use_terms, terms_from_projections
+from .dynamics import LayerTerms, network_terms, repeated_use_terms
 from .engines import (
     Engine,
     EngineNotApplicableError,
@@ -58,12 +58,12 @@ from .engines import (
     make_engine,
     resolve_engine_name,
 )
-from .engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
+from .curvature import decompose_layer
 from .layers import LeftOut, TrackedLayer, weight_inventory
 from .probes import lipschitz_lower_bound
 from .record import RecordWriter, StepRecord, load_record
 from .schedule import Schedule, as_schedule
-from .spectral import DEFAULT_GAP_TOL, decompose
+from .spectral import DEFAULT_GAP_TOL
 
 __all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "CHECKPOINT_FORMAT"]
 
@@ -127,7 +127,7 @@ class Tracker:
             needs it (and ``batch=`` in :meth:`backward`).
         decomposition: how the operator-norm derivatives (Lemma 12–13) are evaluated:
             ``"fast"`` (default; the top two eigenpairs and the resolvent of the smaller
-            Gram matrix, :mod:`sdelip.engines.curvature` — same numbers as the SVD route,
+            Gram matrix, :mod:`sdelip.curvature` — same numbers as the SVD route,
             several times cheaper on CPU; falls back to ``"svd"`` for a degenerate
             spectrum), ``"svd"`` (full thin SVD, :func:`sdelip.spectral.decompose`) or
             ``"gram"`` (full eigendecomposition of the smaller Gram matrix). The Gram
@@ -646,15 +646,8 @@ class Tracker:
             if W.dtype in (torch.float16, torch.bfloat16):  # no eigensolvers in half precision
                 W = W.float()
             check_finite(W, "the weight matrix", layer.name, step)
-            d = None
-            if self.decomposition == "fast":
-                d = gram_curvature(W, self.gap_tol)
-            if d is None:  # "svd"/"gram", or a degenerate spectrum: the SVD route clamps, warns, flags
-                d = decompose(
-                    W, method="gram" if self.decomposition == "gram" else "svd", gap_tol=self.gap_tol,
-                    on_degenerate=self.on_degenerate, name=layer.name, step=step,
-                )
-            decomps[layer.name] = d
+            decomps[layer.name] = decompose_layer(W, self.decomposition, self.gap_tol, self.on_degenerate,
+                                                  name=layer.name, step=step)
         return decomps
 
     def _all_terms(self, decomps, stats, lr, wds, step) -> dict:
@@ -663,11 +656,8 @@ class Tracker:
             st = stats[layer.name]
             d = decomps[layer.name]
             noise_var = st.noise_var() if self.split else None
-            terms_fn = fast_layer_terms if isinstance(d, GramCurvature) else terms_from_projections
-            tt = terms_fn(
-                d, st.Gv, st.Gtu, lr, noise_var=noise_var, weight_decay=wds[layer.name],
-                extra_noise_var=self.extra_noise_var, diffusion_split=layer.uses > 1,
-            )
+            tt = d.terms(st.Gv, st.Gtu, lr, noise_var=noise_var, weight_decay=wds[layer.name],
+                         extra_noise_var=self.extra_noise_var, diffusion_split=layer.uses > 1)
             self._check_terms(tt, layer.name, step)
             terms[layer.name] = tt
         return terms

@@ -25,10 +25,8 @@ they obtain them; on models where several apply they return the same numbers:
 from __future__ import annotations
 
 import abc
-import math
 from typing import TYPE_CHECKING, ClassVar, Mapping, Optional, Sequence
 
-import attrs
 import torch
 from torch import nn
 

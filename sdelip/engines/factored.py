@@ -43,7 +43,6 @@ import torch
 from torch import nn
 
 from ..rules import BatchAxisError, Use, probe_batch_axis
-from ..rules.conv import GROUPED_CONV_MIN_POSITIONS  # noqa: F401  (re-exported)
 from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
 from ..statistics import EngineError, LayerStatistics, StatisticsAccumulator
 from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users

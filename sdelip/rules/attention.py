@@ -25,7 +25,6 @@ forward pass whose masks produced the loss.
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -22,19 +22,16 @@ pathwise test of the Itô calculus; dropping κ or the −½‖λ‖² correctio
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional
 
 import attrs
 import torch
-from torch import nn
 from torch.func import vmap
 
 from .._checks import check_gap
-from ..dynamics import terms_from_projections
-from ..engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
+from ..curvature import decompose_layer
 from ..engines.base import DEFAULT_CHUNK_BYTES
-from ..spectral import SpectralDecomposition, decompose, hessian_quadform_from_projections
+from ..spectral import SpectralDecomposition
 from .parameter_sde import ParameterSDE, _Coefficients
 
 __all__ = ["LipschitzSDE"]
@@ -75,13 +72,10 @@ def _decompose_batched(W: torch.Tensor, route: str, gap_tol: float) -> _Decompos
         V = Vh.mT
         gap = (S[..., 0] - S[..., 1]) / S[..., 0] if S.shape[-1] > 1 else torch.ones_like(S[..., 0])
         return _Decomposition(S[..., 0], U[..., 0], V[..., 0], gap, svd=(U, S, V))
-    curv = []
-    for Wj in W.detach():
-        c = gram_curvature(Wj, gap_tol)
-        curv.append(c if c is not None else decompose(Wj, "svd", gap_tol=gap_tol, on_degenerate="ignore"))
+    curv = [decompose_layer(Wj, "fast", gap_tol, on_degenerate="ignore") for Wj in W.detach()]
     stack = lambda f: torch.stack([f(c) for c in curv])  # noqa: E731
     return _Decomposition(
-        stack(lambda c: c.sigma1 if isinstance(c, GramCurvature) else c.S[0]),
+        stack(lambda c: c.sigma1),
         stack(lambda c: c.u1), stack(lambda c: c.v1), stack(lambda c: torch.as_tensor(c.gap, dtype=W.dtype)),
         curvature=curv,
     )
@@ -93,19 +87,19 @@ def _layer_terms_batched(dec: _Decomposition, Gv, Gtu, grad_proj, lr, weight_dec
     Gv (n, M, m) and Gtu (n, M, k) are the projections g_i v1 and g_iᵀ u1 of the noise
     mini-batch; grad_proj (n,) is u1ᵀ ∇L v1 of the expected gradient. κ and ‖λ‖² come from
     :func:`sdelip.dynamics.terms_from_projections` (SVD route) or the tracker's
-    :func:`sdelip.engines.curvature.fast_layer_terms` (Gram route), which agree.
+    :func:`sdelip.curvature.fast_layer_terms` (Gram route), which agree.
     """
     mu = -grad_proj / dec.s1 - weight_decay
     if dec.svd is not None:
         def one(U, S, V, Gv, Gtu):
-            t = terms_from_projections(SpectralDecomposition(U=U, S=S, V=V, gap_tol=gap_tol), Gv, Gtu, lr)
+            t = SpectralDecomposition(U=U, S=S, V=V, gap_tol=gap_tol).terms(Gv, Gtu, lr)
             return t.noise_curvature, t.diffusion_sq
 
         kappa, lam2 = vmap(one)(*dec.svd, Gv, Gtu)
         return mu, kappa, lam2
     out = []
     for c, gv, gtu in zip(dec.curvature, Gv, Gtu):
-        t = fast_layer_terms(c, gv, gtu, lr) if isinstance(c, GramCurvature) else terms_from_projections(c, gv, gtu, lr)
+        t = c.terms(gv, gtu, lr)
         out.append(torch.stack([t.noise_curvature, t.diffusion_sq]))
     kappa, lam2 = torch.stack(out).unbind(1)
     return mu, kappa, lam2
@@ -115,17 +109,10 @@ def _gradient_quadform_batched(dec: _Decomposition, gv: torch.Tensor, gtu: torch
     """∇Lᵀ H ∇L per trajectory (n,), from gv = ∇L v1 (n, m) and gtu = ∇Lᵀ u1 (n, k) (Lemma 13)."""
     if dec.svd is not None:
         def one(U, S, V, a, b):
-            return hessian_quadform_from_projections(SpectralDecomposition(U=U, S=S, V=V), a, b)
+            return SpectralDecomposition(U=U, S=S, V=V).hessian_quadform(a, b)
 
         return vmap(one)(*dec.svd, gv, gtu)
-    out = []
-    for c, a, b in zip(dec.curvature, gv, gtu):
-        if isinstance(c, GramCurvature):
-            A, B = (b, a) if c.transposed else (a, b)
-            out.append(c.hessian_quadform_sum(A[None], B[None]))
-        else:
-            out.append(hessian_quadform_from_projections(c, a, b))
-    return torch.stack(out)
+    return torch.stack([c.hessian_quadform(a, b) for c, a, b in zip(dec.curvature, gv, gtu)])
 
 
 def _layer_projections(layer, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor):
