@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from ._checks import _finite
 from .config import RegularizerConfig
 

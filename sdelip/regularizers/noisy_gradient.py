@@ -6,6 +6,7 @@ import math
 from typing import Iterable, Optional, Sequence
 
 import torch
+
 from ._checks import NOISE_KINDS, _finite
 from .config import RegularizerConfig
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterable, Optional
 
 import torch
+
 from ._checks import _finite
 from .config import RegularizerConfig
 
