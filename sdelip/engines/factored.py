@@ -43,11 +43,13 @@ import torch
 from torch import nn
 
 from ..rules import BatchAxisError, Use, probe_batch_axis
+from ..rules.base import GENERAL, GENERAL_DONE
 from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
 from ..statistics import EngineError, LayerStatistics, StatisticsAccumulator
 from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users
 
-__all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "linear_statistics", "sequence_linear_statistics", "patch_statistics"]
+__all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "linear_statistics",
+           "sequence_linear_statistics", "patch_statistics"]
 
 
 class SharedTensorWarning(UserWarning):
@@ -112,13 +114,6 @@ def _first(t):
 
 def _first_view(use: Use, g: torch.Tensor) -> torch.Tensor:
     return g if isinstance(use.output, tuple) else use.rule.delta_view(use, g)
-
-
-#: ``Use.batch_axis`` of a use whose output does not carry the samples on one axis: its
-#: per-sample output gradients come from a batched backward (:meth:`FactoredEngine._general_deltas`).
-GENERAL = -1
-#: ... and once they are in place (x expanded over the samples, δ per sample, batch axis 0).
-GENERAL_DONE = -2
 
 
 class FactoredEngine(Engine):

@@ -36,7 +36,17 @@ __all__ = [
     "claims",
     "RuleError",
     "BatchAxisError",
+    "GENERAL",
+    "GENERAL_DONE",
 ]
+
+
+#: ``Use.batch_axis`` of a use whose output does not carry the samples on one axis (a tensor
+#: shared by every sample, samples flattened together): its per-sample output gradients come
+#: from a batched backward (:meth:`sdelip.engines.FactoredEngine`).
+GENERAL = -1
+#: ... once they are in place (x expanded over the samples, δ per sample, samples on axis 0).
+GENERAL_DONE = -2
 
 
 class RuleError(RuntimeError):
@@ -191,7 +201,7 @@ class LayerRule(abc.ABC):
         feat = x.shape[:-1] if x.is_floating_point() else x.shape
         use.x = x.unsqueeze(0).expand(M, *x.shape)
         use.delta = D.reshape(M, *feat, D.shape[-1])
-        use.batch_axis = -2  # factored.GENERAL_DONE
+        use.batch_axis = GENERAL_DONE
 
     # -- per-sample statistics ---------------------------------------------------------------
     @abc.abstractmethod
