@@ -107,6 +107,7 @@ def prediction_summary(record, pred, at_steps: Optional[Sequence[int]] = None) -
 def terms_summary(record) -> list[dict]:
     """Per-layer time averages of μ, κ, ‖λ‖² and the covariance share of κ."""
     from .plotting import layer_label, layer_names
+    from .terms import term
 
     rows = []
     for name in layer_names(record) + ["network"]:
@@ -114,10 +115,10 @@ def terms_summary(record) -> list[dict]:
             key = f"{term}_Z" if name == "network" else f"{term}/{name}"
             return record[key] if key in record else None
 
-        mu, kappa, lam = col("drift"), col("noise_curvature"), col("diffusion_sq")
-        row = {"layer": name if name == "network" else layer_label(record, name), "mean mu": float(mu.mean()),
-               "mean kappa": float(kappa.mean()),
-               "mean lambda^2": float(lam.mean())}
+        row = {"layer": name if name == "network" else layer_label(record, name)}
+        for t in (term("drift"), term("noise_curvature"), term("diffusion_sq")):
+            row[f"mean {t.ascii}"] = float(col(t.column).mean())
+        kappa = col("noise_curvature")
         if name != "network":
             cov = record.get(f"noise_curvature_cov/{name}")
             row["K first"] = float(record[f"K/{name}"].iloc[0])

@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .terms import TERMS
+
 __all__ = [
     "layer_names",
     "layer_label",
@@ -89,11 +91,7 @@ def plot_prediction(pred, ax=None, title: Optional[str] = None, band_sd: float =
     return fig, ax
 
 
-_TERM_LABELS = {
-    "drift": "μ (optimization drift)",
-    "noise_curvature": "κ (noise curvature)",
-    "diffusion_sq": "‖λ‖² (diffusion)",
-}
+_TERM_LABELS = {t.column: t.label for t in TERMS}
 
 
 def plot_terms(record, terms: Sequence[str] = ("drift", "noise_curvature", "diffusion_sq"), axes=None,

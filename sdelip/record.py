@@ -39,6 +39,8 @@ import attrs
 import numpy as np
 import pandas as pd
 
+from .terms import layer_columns, network_columns
+
 __all__ = [
     "LAYER_QUANTITIES",
     "NETWORK_QUANTITIES",
@@ -56,28 +58,10 @@ __all__ = [
 
 #: Per-layer columns of :func:`load_record`, written ``<quantity>/<layer>``. ``K`` is the
 #: layer's operator norm K^(ℓ) = σ1 (Prop 9); the others are the Thm 14 terms and the
-#: relative spectral gap (σ1 − σ2)/σ1 (Assumption 11).
-LAYER_QUANTITIES = (
-    "K",
-    "drift",
-    "noise_curvature",
-    "noise_curvature_var",
-    "noise_curvature_cov",
-    "diffusion_sq",
-    "gap",
-    "step_curvature",
-)
+#: relative spectral gap (σ1 − σ2)/σ1 (Assumption 11). Derived from :data:`sdelip.terms.TERMS`.
+LAYER_QUANTITIES = layer_columns()
 #: Network columns (Thm 15): Z = Σ log σ1, K = e^Z, μ_Z, κ_Z, λ_Z², and the Prop 6 split of κ_Z.
-NETWORK_QUANTITIES = (
-    "Z",
-    "K",
-    "drift_Z",
-    "noise_curvature_Z",
-    "diffusion_sq_Z",
-    "noise_curvature_var_Z",
-    "noise_curvature_cov_Z",
-    "step_curvature_Z",
-)
+NETWORK_QUANTITIES = network_columns()
 
 _LAYER_DB_COLUMNS = LAYER_QUANTITIES + ("degenerate",)
 #: Columns added after the first schema; older records lack them (read as NULL, added on append).
@@ -92,14 +76,12 @@ CREATE TABLE IF NOT EXISTS layers (
 );
 CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY, t REAL NOT NULL, lr REAL NOT NULL, loss REAL, batch_size INTEGER,
-    Z REAL, K REAL, drift_Z REAL, noise_curvature_Z REAL, diffusion_sq_Z REAL,
-    noise_curvature_var_Z REAL, noise_curvature_cov_Z REAL, step_curvature_Z REAL,
+    """ + ", ".join(f"{c} REAL" for c in NETWORK_QUANTITIES) + """,
     degenerate INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS layer_steps (
     step INTEGER NOT NULL, layer INTEGER NOT NULL,
-    K REAL, drift REAL, noise_curvature REAL, noise_curvature_var REAL, noise_curvature_cov REAL,
-    diffusion_sq REAL, gap REAL, step_curvature REAL, degenerate INTEGER NOT NULL DEFAULT 0,
+    """ + ", ".join(f"{c} REAL" for c in LAYER_QUANTITIES) + """, degenerate INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (step, layer)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS probes (

@@ -64,6 +64,7 @@ from .probes import lipschitz_lower_bound
 from .record import RecordWriter, StepRecord, load_record
 from .schedule import Schedule, as_schedule
 from .spectral import DEFAULT_GAP_TOL
+from .terms import TERMS, network_columns
 
 __all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "CHECKPOINT_FORMAT"]
 
@@ -668,18 +669,9 @@ class Tracker:
         layer_rows = {}
         for layer in self.layers:
             q = terms[layer.name].as_dict()
-            layer_rows[layer.name] = {
-                "K": q["sigma1"], "drift": q["drift"], "noise_curvature": q["noise_curvature"],
-                "noise_curvature_var": q["noise_curvature_var"], "noise_curvature_cov": q["noise_curvature_cov"],
-                "diffusion_sq": q["diffusion_sq"], "gap": q["gap"], "step_curvature": q["step_curvature"],
-                "degenerate": bool(q["degenerate"]),
-            }
-        network = {
-            "Z": net.Z, "K": net.K, "drift_Z": net.drift_Z, "noise_curvature_Z": net.noise_curvature_Z,
-            "diffusion_sq_Z": net.diffusion_sq_Z, "noise_curvature_var_Z": net.noise_curvature_var_Z,
-            "noise_curvature_cov_Z": net.noise_curvature_cov_Z,
-            "step_curvature_Z": net.step_curvature_Z,
-        }
+            layer_rows[layer.name] = {t.column: q[t.name] for t in TERMS}
+            layer_rows[layer.name]["degenerate"] = bool(q["degenerate"])
+        network = {c: getattr(net, c) for c in network_columns()}
         loss = float(losses.detach().double().mean())
         return StepRecord(
             step=step, t=float(self.t), lr=lr, loss=loss, batch_size=M, layers=layer_rows, network=network,

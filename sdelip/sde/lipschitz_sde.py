@@ -32,14 +32,15 @@ from .._checks import check_gap
 from ..curvature import decompose_layer
 from ..engines.base import DEFAULT_CHUNK_BYTES
 from ..spectral import SpectralDecomposition
+from ..terms import INTEGRABLE_TERMS, SDE_TERMS
 from .parameter_sde import ParameterSDE, _Coefficients
 
 __all__ = ["LipschitzSDE"]
 
-#: The names of the per-layer terms returned by :meth:`LipschitzSDE.terms`.
-TERM_NAMES = ("sigma1", "drift", "noise_curvature", "diffusion_sq")
+#: The names of the per-layer terms returned by :meth:`LipschitzSDE.terms` (:data:`sdelip.terms.TERMS`).
+TERM_NAMES = SDE_TERMS
 #: Terms whose integrals ``integrate=`` can carry in the state.
-INTEGRABLE = ("drift", "noise_curvature", "diffusion_sq", "step_curvature")
+INTEGRABLE = INTEGRABLE_TERMS
 #: Smallest min(m, n) for which the per-trajectory Gram route beats a batched SVD on CPU
 #: (measured on the development machine, one thread: 2.1 vs 2.6 ms at 64 × 288, 59 vs
 #: 219 ms at 512 × 784; 1.5 vs 1.0 ms at 32 × 64).

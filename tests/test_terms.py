@@ -1,0 +1,56 @@
+"""The term specification (sdelip.terms) is the one source of the record schema, the rows and the SDE names."""
+
+import sqlite3
+
+import attrs
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdelip import terms as T
+from sdelip.dynamics import LayerTerms, NetworkTerms
+from sdelip.record import LAYER_QUANTITIES, NETWORK_QUANTITIES
+from sdelip.sde.lipschitz_sde import INTEGRABLE, TERM_NAMES
+from sdelip.tracker import Tracker
+
+
+def test_every_term_is_a_field_of_the_dynamics_records():
+    layer_fields = {f.name for f in attrs.fields(LayerTerms)}
+    net_fields = {f.name for f in attrs.fields(NetworkTerms)}
+    for t in T.TERMS:
+        assert t.name in layer_fields, t
+        assert t.network is None or t.network in net_fields, t
+    assert set(T.network_columns()) == net_fields
+    ranks = [t.network_rank for t in T.TERMS if t.network]
+    assert len(set(ranks)) == len(ranks)
+
+
+def test_record_schema_rows_and_sde_names_derive_from_the_spec(tmp_path):
+    assert LAYER_QUANTITIES == tuple(t.column for t in T.TERMS)
+    assert NETWORK_QUANTITIES == ("Z", "K", "drift_Z", "noise_curvature_Z", "diffusion_sq_Z", "noise_curvature_var_Z",
+                                  "noise_curvature_cov_Z", "step_curvature_Z")
+    assert TERM_NAMES == ("sigma1", "drift", "noise_curvature", "diffusion_sq")
+    assert INTEGRABLE == ("drift", "noise_curvature", "diffusion_sq", "step_curvature")
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    path = tmp_path / "r.db"
+    with Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), record=path) as tr:
+        x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+        row = tr.backward(F.cross_entropy(model(x), y, reduction="none")).as_row()
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        cols = {r[1] for r in con.execute("PRAGMA table_info(layer_steps)")}
+        net = {r[1] for r in con.execute("PRAGMA table_info(steps)")}
+    finally:
+        con.close()
+    assert set(LAYER_QUANTITIES) <= cols and set(NETWORK_QUANTITIES) <= net
+    for t in T.TERMS:
+        assert f"{t.column}/0" in row and f"{t.column}/2" in row
+        if t.network:
+            assert t.network in row
+
+
+def test_term_lookup():
+    assert T.term("K").name == "sigma1" and T.term("drift").symbol == "μ"
+    with pytest.raises(KeyError, match="no term 'mu'"):
+        T.term("mu")
