@@ -199,11 +199,20 @@ def cli_option(option: str, value) -> str:
     return f"{flag} {value}"
 
 
+def default_checkpoint(record) -> Path:
+    """The checkpoint ``sdelip track`` keeps beside a record by default: ``<record>.ckpt``."""
+    record = Path(record)
+    return record.with_name(record.name + ".ckpt")
+
+
 def cmd_track(args) -> int:
     from .train import ResumeError, train
 
     record = Path(args.record)
-    record.parent.mkdir(parents=True, exist_ok=True)
+    if args.no_checkpoint:
+        args.checkpoint = None
+    elif args.checkpoint is None:
+        args.checkpoint = str(default_checkpoint(record))
     try:
         result = train(_train_config(args, str(record)), progress=not args.no_progress)
     except ResumeError as exc:
@@ -214,6 +223,8 @@ def cmd_track(args) -> int:
           f"train accuracy {result.train_accuracy:.3f} over all steps"
           + (f", test accuracy {result.test_accuracy:.3f}" if result.test_accuracy is not None else ""))
     print(f"K: {result.K_initial:.4g} -> {result.K_final:.4g}; record: {record}")
+    if result.checkpoints:
+        print(f"checkpoint: {args.checkpoint} ({result.checkpoints} written, {result.checkpoint_seconds:.2f} s)")
     return 0
 
 
@@ -398,8 +409,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--probe-every", type=int, default=None,
                    help="every N steps also record exact conv norms and an empirical Lipschitz lower bound")
     t.add_argument("--checkpoint", default=None,
-                   help="checkpoint file; an existing one is resumed, with the same options as the run that wrote it")
-    t.add_argument("--checkpoint-every", type=int, default=None, help="write the checkpoint every N steps")
+                   help="checkpoint file (default: RECORD.ckpt beside the record); an existing one is resumed, with "
+                        "the same options as the run that wrote it, so rerunning a killed command continues it")
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write the checkpoint every N steps (default: automatically, as often as keeps the time "
+                        "spent on checkpoints under 2.5%% of the run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -430,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true",
                     help="start a new run: replace an existing record and checkpoint")
     tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--no-checkpoint", action="store_true",
+                    help="write no checkpoint (a killed run then cannot be continued)")
     _add_training_options(tr)
     tr.set_defaults(func=cmd_track)
 

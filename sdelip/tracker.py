@@ -60,6 +60,7 @@ from .engines import (
 )
 from .engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
 from .layers import TrackedLayer, tracked_layers
+from .checkpoint import load_checkpoint, save_checkpoint
 from .probes import conv_operator_norm, lipschitz_lower_bound
 from .record import RecordWriter, StepRecord, load_record
 from .schedule import Schedule, as_schedule
@@ -67,7 +68,7 @@ from .spectral import DEFAULT_GAP_TOL, decompose
 
 __all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = "sdelip-checkpoint-1"
+CHECKPOINT_FORMAT = "sdelip-checkpoint-2"  # -2: data only (weights_only loading)
 
 
 class NotPlainSGDWarning(UserWarning):
@@ -188,6 +189,7 @@ class Tracker:
         start_step: int = 0,
         threads: Optional[int] = None,
         _record_mode: Optional[str] = None,
+        _record_lock=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -281,6 +283,7 @@ class Tracker:
                     self._metadata,
                     mode=mode,
                     durability=durability,
+                    lock=_record_lock,
                 )
             except BaseException:
                 self._remove_hooks()
@@ -723,6 +726,16 @@ class Tracker:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __deepcopy__(self, memo) -> "Tracker":
+        """The tracker itself: it is the one writer of its record, not copied with the model.
+
+        ``copy.deepcopy(model)`` (EMA weights, best-model snapshots) copies the model's hooks,
+        which refer to the tracker; the copy's hooks refer to this same tracker. Forward
+        passes of the copy without gradients (the usual use) are not seen by the tracker.
+        """
+        memo[id(self)] = self
+        return self
+
     def __del__(self):  # pragma: no cover - best effort
         try:
             if not self._closed and self.writer is not None:
@@ -748,7 +761,7 @@ class Tracker:
             "layers": [l.name for l in self.layers],
             "options": self._options(),
             "probe_vectors": {k: v.clone() for k, v in self._probe_vectors.items()},
-            "history": list(self.history) if self.record_path is None else None,
+            "history": [_step_record_data(r) for r in self.history] if self.record_path is None else None,
         }
 
     def _options(self) -> dict:
@@ -787,6 +800,7 @@ class Tracker:
             self.writer.truncate(self.step)
         hist = state.get("history")
         if hist is not None and self.record_path is None:
+            hist = [StepRecord(**r) if isinstance(r, Mapping) else r for r in hist]
             self.history = [r for r in hist if r.step < self.step]
             self.last = self.history[-1] if self.history else None
         self.engine.arm(self.schedule(self.step))
@@ -802,30 +816,25 @@ class Tracker:
             path: checkpoint file.
             generators: torch.Generators the loop draws from (e.g. a DataLoader's or a
                 sampler's generator); restored in the same order by :meth:`restore`.
-            extra: any picklable object saved alongside (e.g. the epoch and batch index).
+            extra: data saved alongside (e.g. the epoch and batch index): tensors, dicts,
+                lists, tuples, str, int, float, bool, None. Checkpoints hold data only, so
+                that loading one never runs code (:mod:`sdelip.checkpoint`).
+
+        Raises:
+            TypeError: ``extra`` holds another kind of object.
+            sdelip.checkpoint.CheckpointWriteError: the write failed (e.g. the disk is
+                full); the previous checkpoint is intact and no ``.tmp`` file is left.
         """
         state = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "tracker": self.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": _rng_state(),
             "generators": [g.get_state() for g in generators],
             "extra": extra,
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_checkpoint(path, state)
 
     def restore(self, path: Union[str, os.PathLike, Mapping], generators: Sequence[torch.Generator] = ()) -> Any:
         """Load a :meth:`checkpoint` into this tracker, its model, optimizer and the RNGs.
@@ -841,12 +850,7 @@ class Tracker:
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        _set_rng_state(state["rng"])
         saved = state["generators"]
         if len(saved) != len(generators):
             raise ValueError(f"the checkpoint holds {len(saved)} generator state(s), {len(generators)} generator(s) given")
@@ -897,6 +901,18 @@ class Tracker:
         return tracker
 
 
+def _step_record_data(rec: StepRecord) -> dict:
+    """A :class:`StepRecord` as plain containers (for a data-only checkpoint)."""
+    def plain(v):
+        return v.item() if isinstance(v, np.generic) else v
+
+    return {"step": int(rec.step), "t": float(rec.t), "lr": float(rec.lr), "loss": plain(rec.loss),
+            "batch_size": int(rec.batch_size),
+            "layers": {k: {kk: plain(vv) for kk, vv in v.items()} for k, v in rec.layers.items()},
+            "network": {k: plain(v) for k, v in rec.network.items()}, "degenerate": bool(rec.degenerate),
+            "probes": None if rec.probes is None else {k: plain(v) for k, v in rec.probes.items()}}
+
+
 def _times(n: int) -> str:
     return f"{n} time" if n == 1 else f"{n} times"
 
@@ -909,10 +925,31 @@ def _layer_metadata(layer: TrackedLayer) -> dict:
     return out
 
 
+def _rng_state() -> dict:
+    """The global RNG states as tensors and plain containers (no pickled objects)."""
+    key, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": {"key": str(key), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": list(mt), "gauss": gauss},
+    }
+
+
+def _set_rng_state(rng: Mapping[str, Any]) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
+
 def _load_checkpoint(path) -> dict:
     if isinstance(path, Mapping):
         return dict(path)
-    state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states are not tensors: trusted files only
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not an sdelip tracker checkpoint")
-    return state
+    return load_checkpoint(path, (CHECKPOINT_FORMAT,), what="an sdelip tracker checkpoint")
