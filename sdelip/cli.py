@@ -1,4 +1,4 @@
-"""The ``sdelip`` command line: ``demo``, ``track``, ``predict``, ``simulate``, ``plot``, ``info``.
+"""The ``sdelip`` command line: ``demo``, ``track``, ``predict``, ``simulate``, ``plot``, ``info``, ``copy``.
 
 Run ``sdelip <command> --help`` for each command's options. Errors are printed as one
 message (``sdelip: error: ...``) with exit status 2; ``--traceback`` shows the full
@@ -305,6 +305,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_copy(args) -> int:
+    from .record import copy_record
+
+    out = copy_record(args.record, args.dest)
+    print(f"record copied to {out} (one self-contained file)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .plotting import save_figure, summary_figure
     from .prediction import predict
@@ -474,6 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("record")
     inf.add_argument("--json", action="store_true", help="metadata as JSON")
     inf.set_defaults(func=cmd_info)
+
+    cp = sub.add_parser("copy", help="copy a record, also one still being written, into one self-contained file",
+                        description="Copy a record with SQLite's online backup API: a consistent snapshot of its "
+                                    "committed steps (those still in its -wal file included) as one file. Safe while "
+                                    "the run is writing; the source is only read.")
+    cp.add_argument("record")
+    cp.add_argument("dest", help="the copy (must not exist)")
+    cp.set_defaults(func=cmd_copy)
     return p
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -124,7 +125,8 @@ class TrainConfig:
             None (default): automatically, before the first step, at the end, and in
             between as often as keeps the measured time spent writing checkpoints under
             :data:`CHECKPOINT_BUDGET` (2.5 %) of the run's time, at most every
-            :data:`CHECKPOINT_MIN_INTERVAL_S` seconds.
+            :data:`CHECKPOINT_MIN_INTERVAL_S` seconds (the environment variable
+            ``SDELIP_CHECKPOINT_MIN_INTERVAL_S`` overrides that minimum).
         max_train_samples: use a fixed random subset of N training samples (quick runs;
             drawn with seed 0, independent of the run's seeds, so every class appears).
         device: ``"cpu"`` or ``"cuda"``.
@@ -510,7 +512,8 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
         tracker = Tracker(model, optimizer, record=config.record, engine=config.engine, schedule=config.track_every,
                           split=config.split, metadata=metadata, decomposition=config.decomposition,
                           example_input=example[:2].to(device=device, dtype=dtype),
-                          probe_every=config.probe_every, start_step=start_step, _record_lock=lock)
+                          probe_every=config.probe_every, start_step=start_step, _record_lock=lock,
+                          overwrite=resume_state is not None and start_step == 0)  # resumed at 0: start over
         if noisy is not None:
             tracker.extra_noise_var = noisy.noise_variance
 
@@ -522,6 +525,7 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
                    dynamic_ncols=True)
     loss_value, correct, seen = summary["loss"], summary["correct"], summary["seen"]
     n_ckpt, ckpt_seconds, last_cost = 0, 0.0, 0.0
+    min_interval = float(os.environ.get("SDELIP_CHECKPOINT_MIN_INTERVAL_S", CHECKPOINT_MIN_INTERVAL_S))
     if ckpt is not None and resume_state is None:  # a killed run can always be continued from here
         last_cost = _save_checkpoint(ckpt, config, model, optimizer, start_step, K_initial, loss_value, correct, seen)
         n_ckpt, ckpt_seconds = 1, last_cost
@@ -552,8 +556,7 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
                 if config.checkpoint_every:
                     due = (step + 1) % config.checkpoint_every == 0
                 else:  # automatic: keep the measured cost under CHECKPOINT_BUDGET of the run's time
-                    due = time.perf_counter() - last_saved >= max(CHECKPOINT_MIN_INTERVAL_S,
-                                                                  last_cost / CHECKPOINT_BUDGET)
+                    due = time.perf_counter() - last_saved >= max(min_interval, last_cost / CHECKPOINT_BUDGET)
                 if due:
                     last_cost = _save_checkpoint(ckpt, config, model, optimizer, step + 1, K_initial, loss_value,
                                                  correct, seen)

@@ -156,3 +156,205 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
         with pytest.raises(RecordLockedError):  # and two Trackers in one process exclude each other too
             Tracker(model, opt, record=rec, overwrite=True)
     assert not (tmp_path / "r.db.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. the plain rerun of a killed `sdelip track` continues it; a full disk during a checkpoint
+def _rows(rec) -> int:
+    try:
+        con = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
+        try:
+            return con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def test_kill_9_then_the_same_command_continues_the_run(tmp_path):
+    steps = 60
+    args = ["track", "--record", tmp_path / "r.db", "--steps", steps, "--lr", "0.05", *TINY]
+    env = {**ENV, "SDELIP_CHECKPOINT_MIN_INTERVAL_S": "0.3"}  # the default (2 s) would need a longer run
+    proc = subprocess.Popen([sys.executable, "-m", "sdelip", *map(str, args)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+
+    def checkpointed() -> int:
+        try:
+            return int(torch.load(tmp_path / "r.db.ckpt", weights_only=True)["step"])
+        except Exception:  # not written yet, or being replaced
+            return 0
+
+    # kill -9 once it has written 19 rows and an automatic checkpoint after step 0
+    while (_rows(tmp_path / "r.db") < 19 or checkpointed() == 0) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _rows(tmp_path / "r.db")
+    assert 19 <= killed_at < steps, (killed_at, proc.stderr.read())
+    assert (tmp_path / "r.db.ckpt").exists() and not (tmp_path / "r.db.ckpt.tmp").exists()
+    res = _sdelip(*args)  # the very same command
+    assert res.returncode == 0, res.stderr
+    assert "resumed at step" in res.stdout
+    # the record is the uninterrupted run's, bit for bit; the rows past the checkpoint were replaced
+    assert main(["track", "--record", str(tmp_path / "ref.db"), "--steps", str(steps), "--lr", "0.05", *TINY]) == 0
+    assert records_equal(tmp_path / "r.db", tmp_path / "ref.db")
+    assert load_metadata(tmp_path / "r.db")["resumed_at"]
+    # closed: one self-contained file, no log, no lock
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("r.db")) == ["r.db", "r.db.ckpt"]
+
+
+@contextlib.contextmanager
+def _tmpfs(size: str):
+    folder = Path(tempfile.mkdtemp(prefix="sdelip-tmpfs-"))
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if res.returncode != 0:
+        folder.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()}): needs root with CAP_SYS_ADMIN")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+        folder.rmdir()
+
+
+def test_disk_full_while_writing_a_checkpoint(tmp_path):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt)
+    _steps(tr, model, opt, 2)
+    with _tmpfs("256k") as disk:
+        ckpt = disk / "c.pt"
+        tr.checkpoint(ckpt)  # a small one fits
+        before = ckpt.read_bytes()
+        with pytest.raises(CheckpointWriteError, match=r"c\.pt.* failed: the disk holding .* is full .*unchanged"):
+            tr.checkpoint(ckpt, extra={"big": torch.zeros(300_000)})  # 1.2 MB does not
+        assert sorted(p.name for p in disk.iterdir()) == ["c.pt"]  # no .tmp left behind
+        assert ckpt.read_bytes() == before
+        with pytest.raises(CheckpointWriteError, match="is full"):
+            save_checkpoint(disk / "other.pt", {"format": "x", "w": torch.zeros(300_000)})
+        assert sorted(p.name for p in disk.iterdir()) == ["c.pt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. a closed record is one file; readers only read (read-only mounts, users who may not write the folder)
+@contextlib.contextmanager
+def _read_only_view(folder: Path):
+    """(how, path, run) with ``path`` a read-only view of ``folder`` and ``run(code)`` a reader process there.
+
+    A read-only bind mount where mounting is allowed; else, as root, the reader runs as
+    ``nobody`` on a chmod 555 copy; else (not root) a chmod 555 folder binds the reader.
+    """
+    view = Path(tempfile.mkdtemp(prefix="sdelip-ro-"))
+    os.chmod(view, 0o755)
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(view)], capture_output=True).returncode == 0
+    if mounted and subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], capture_output=True).returncode:
+        subprocess.run(["umount", str(view)])
+        mounted = False
+    user = None
+    if not mounted:
+        shutil.rmtree(view)
+        shutil.copytree(folder, view)
+        for p in view.iterdir():
+            os.chmod(p, 0o444)
+        os.chmod(view, 0o555)
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("nobody").pw_uid
+
+    def run(code: str):
+        def drop():
+            if user is not None:
+                os.setgid(user)
+                os.setuid(user)
+        return subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                              preexec_fn=drop, cwd="/")
+
+    how = "read-only bind mount" if mounted else ("user nobody, chmod 555" if user is not None else "chmod 555")
+    try:
+        yield how, view, run
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(view)], check=True)
+            view.rmdir()
+        else:
+            os.chmod(view, 0o755)
+            shutil.rmtree(view)
+
+
+READ = "from sdelip.record import load_record; import sys; print(len(load_record(sys.argv[1] if len(sys.argv) > 1 " \
+       "else {path!r})))"
+
+
+def _write_record(path: Path, n: int, close: bool = True):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt, record=path)
+    _steps(tr, model, opt, n)
+    if close:
+        tr.close()
+    return tr
+
+
+def test_closed_record_is_one_file_readable_read_only(tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    _write_record(folder / "r.db", 5)
+    assert sorted(p.name for p in folder.iterdir()) == ["r.db"]  # no -wal, -shm or lock file
+    shutil.copy(folder / "r.db", tmp_path / "copy.db")  # the file alone holds every row
+    assert len(load_record(tmp_path / "copy.db")) == 5
+    with _read_only_view(folder) as (how, view, run):
+        res = run(READ.format(path=str(view / "r.db")))
+        assert res.returncode == 0 and res.stdout.strip() == "5", (how, res.stderr)
+        res = run(f"from sdelip.cli import main; raise SystemExit(main(['info', {str(view / 'r.db')!r}]))")
+        assert res.returncode == 0 and "rows: 5" in res.stdout, (how, res.stderr)
+        # writing there is refused with a message naming the folder
+        res = run("import torch; from torch import nn; from sdelip.tracker import Tracker; "
+                  "m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)); "
+                  f"Tracker(m, torch.optim.SGD(m.parameters(), lr=0.1), record={str(view / 'new.db')!r})")
+        assert res.returncode != 0 and "is the folder" in res.stderr and "writable" in res.stderr, (how, res.stderr)
+
+
+KILLED = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch, torch.nn.functional as F
+    from torch import nn
+    from sdelip.tracker import Tracker
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt, record=sys.argv[1])
+    for k in range(7):
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        opt.zero_grad(); tr.backward(F.cross_entropy(model(x), y, reduction="none")); opt.step()
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_killed_record_reads_read_only_and_copies_to_one_file(tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED)
+    res = subprocess.run([sys.executable, str(script), str(folder / "r.db")], env=ENV, capture_output=True)
+    assert res.returncode == -signal.SIGKILL
+    assert (folder / "r.db-wal").exists()  # the rows sit in the log
+    with _read_only_view(folder) as (how, view, run):
+        res = run(READ.format(path=str(view / "r.db")))
+        assert res.returncode == 0 and res.stdout.strip() == "7", (how, res.stderr)
+    # `sdelip copy` makes one self-contained file of it (also while a writer is running)
+    assert main(["copy", str(folder / "r.db"), str(tmp_path / "snap.db")]) == 0
+    assert not (tmp_path / "snap.db-wal").exists()
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copy(tmp_path / "snap.db", only / "snap.db")
+    assert len(load_record(only / "snap.db")) == 7
+    assert main(["copy", str(folder / "r.db"), str(tmp_path / "snap.db")]) == 2  # never overwrites
+
+
+def test_live_record_copy_while_writing(tmp_path):
+    tr = _write_record(tmp_path / "live.db", 4, close=False)
+    copy_record(tmp_path / "live.db", tmp_path / "snap.db")
+    assert len(load_record(tmp_path / "snap.db")) == 4
+    tr.close()
