@@ -50,13 +50,32 @@ def _markdown_table(rows) -> str:
     return "\n".join(out) + "\n"
 
 
-def _load(record_path):
+def _load(record_path, need_rows: bool = True):
     from .record import load_record
 
     path = Path(record_path)
     if not path.exists():
         raise FileNotFoundError(f"no record at {path}: create one with `sdelip track --record {path}`")
-    return load_record(path)
+    record = load_record(path)
+    if need_rows and record.empty:
+        raise ValueError(f"the record {str(path)!r} holds no steps yet (0 rows): nothing to predict, simulate or plot")
+    return record
+
+
+def _check_output(path) -> Path:
+    """An output file's folder must exist and be writable: checked before any work is done."""
+    import os
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise IsADirectoryError(f"the output {str(path)!r} is a directory; give a file name")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the folder {str(folder)!r} of the output {str(path)!r} does not exist; create it "
+                                "first (sdelip does not create folders for output files)")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"the folder {str(folder)!r} of the output {str(path)!r} is not writable")
+    return path
 
 
 def _metadata(record_path) -> dict:
@@ -231,10 +250,11 @@ def cmd_track(args) -> int:
 def cmd_predict(args) -> int:
     from .prediction import predict
 
+    if args.csv:
+        _check_output(args.csv)
     record = _load(args.record)
     pred = predict(record)
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         pred.to_csv(args.csv, index=False)
         print(f"prediction written to {args.csv}")
     _print_table(prediction_summary(record, pred))
@@ -244,6 +264,8 @@ def cmd_predict(args) -> int:
 def cmd_simulate(args) -> int:
     import numpy as np
 
+    if args.csv:
+        _check_output(args.csv)
     record = _load(args.record)
     lr = _lr_of(args.record, record)
     sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
@@ -270,20 +292,19 @@ def cmd_plot(args) -> int:
     from .plotting import save_figure, summary_figure
     from .prediction import predict
 
+    out = _check_output(args.out or Path(args.record).with_suffix(".png"))
     record = _load(args.record)
     pred = predict(record)
     sim = None
     if args.simulate:
         sim = _simulate(record, _lr_of(args.record, record), args.simulate, 0, "cpu", False)
-    out = Path(args.out or Path(args.record).with_suffix(".png"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_figure(summary_figure(record, pred, simulation=sim, title=str(args.record), smooth=args.smooth), out)
     print(f"figure written to {out}")
     return 0
 
 
 def cmd_info(args) -> int:
-    record = _load(args.record)
+    record = _load(args.record, need_rows=False)
     meta = _metadata(args.record)
     if args.json:
         print(json.dumps({"metadata": meta, "rows": len(record)}, indent=2, default=str))
@@ -299,6 +320,9 @@ def cmd_info(args) -> int:
         for layer in layers:
             print(f"    {layer}")
     steps = record["step"]
+    if record.empty:
+        print("  rows: 0 (no step recorded yet)")
+        return 0
     print(f"  rows: {len(record)} (steps {int(steps.iloc[0])}..{int(steps.iloc[-1])})")
     print()
     _print_table(terms_summary(record))

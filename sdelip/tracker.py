@@ -291,8 +291,55 @@ class Tracker:
             if mode == "append":  # the record's metadata is the run's: keep it (batch size, earlier resumes)
                 self._metadata = {**self._metadata, **self.writer.metadata()}
             if start_step and _record_mode is None:
-                self.writer.truncate(start_step)
+                try:
+                    self._check_continuation(start_step)
+                except BaseException:
+                    self.close()
+                    raise
+                dropped = self.writer.truncate(start_step)
+                if dropped:
+                    warnings.warn(f"the record {str(self.record_path)!r} held {dropped} row(s) from step {start_step} "
+                                  "on; they are replaced by the continued run", stacklevel=2)
                 self._note_resumed(start_step)
+
+    def _check_continuation(self, start_step: int) -> None:
+        """``start_step`` on an existing record continues that run: same options, one η, no gap.
+
+        Raises:
+            ValueError: the record was written with other tracker options (each named with
+                both values), with another learning rate (t = kη needs one η), or ends
+                before the last tracked step preceding ``start_step`` (a gap).
+        """
+        import pandas as pd
+
+        from .record import load_record as _load
+
+        meta = self.writer.metadata()
+        where = f"Tracker(start_step={start_step}) on the record {str(self.record_path)!r}"
+        rows = _load(self.record_path)
+        if rows.empty:
+            return
+        now = {**self._options(), "lr": self._hyperparameters(start_step)[0]}
+        now.pop("uses", None)
+        changed = [f"{k}={now[k]!r} here, {k}={meta[k]!r} in the record" for k in now
+                   if k in meta and meta[k] != now[k]]
+        lrs = sorted(set(rows["lr"].tolist()))
+        if lrs != [now["lr"]] and "lr" not in [c.split("=")[0] for c in changed]:
+            changed.append(f"lr={now['lr']!r} here, lr={lrs if len(lrs) > 1 else lrs[0]!r} in the record's rows")
+        if changed:
+            raise ValueError(
+                f"{where}: the record was written with other options: " + "; ".join(changed) + ". A continued run "
+                "keeps the record's configuration (start_step sets t = start_step·η for one constant η); write a "
+                "new record for a new configuration"
+            )
+        last = int(pd.to_numeric(rows["step"]).max())
+        expected = next((s for s in range(start_step - 1, -1, -1) if self.schedule(s)), None)
+        if expected is not None and last < expected:
+            raise ValueError(
+                f"{where}: the record ends at step {last}, but this schedule tracks step {expected} before "
+                f"{start_step}: steps {last + 1}..{start_step - 1} would be missing. Continue from step "
+                f"{last + 1} (or from a checkpoint, Tracker.resume)"
+            )
 
     # ------------------------------------------------------------------------------------------
     # setup helpers

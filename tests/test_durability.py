@@ -358,3 +358,95 @@ def test_live_record_copy_while_writing(tmp_path):
     copy_record(tmp_path / "live.db", tmp_path / "snap.db")
     assert len(load_record(tmp_path / "snap.db")) == 4
     tr.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. start_step continues only the same run; a foreign SQLite file is never written
+def test_start_step_refuses_changed_options_and_gaps(tmp_path):
+    rec = tmp_path / "r.db"
+    _write_record(rec, 5)
+    model = _model()
+    cases = [
+        (dict(lr=0.2), r"lr=0.2 here, lr=0.1 in the record"),
+        (dict(schedule=2), r"schedule='every 2 steps' here, schedule='every step' in the record"),
+        (dict(engine="materialised", loss_fn=lambda o, y: F.cross_entropy(o, y, reduction="none")),
+         r"engine='materialised' here, engine='factored' in the record"),
+        (dict(start_step=9), r"record ends at step 4, .* steps 5\.\.8 would be missing"),
+    ]
+    for kw, msg in cases:
+        lr = kw.pop("lr", 0.1)
+        kw.setdefault("start_step", 3)
+        with pytest.raises(ValueError, match=msg):
+            Tracker(model, torch.optim.SGD(model.parameters(), lr=lr), record=rec, **kw)
+    assert load_record(rec)["step"].tolist() == [0, 1, 2, 3, 4]  # untouched
+    # the same configuration continues, replacing the later rows with a notice
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"held 2 row\(s\) from step 3 on; they are replaced"):
+        tr = Tracker(model, opt, record=rec, start_step=3)
+    _steps(tr, model, opt, 3)
+    tr.close()
+    assert load_record(rec)["step"].tolist() == list(range(6))
+
+
+def test_foreign_and_damaged_files_are_never_written(tmp_path):
+    foreign = tmp_path / "other.sqlite"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE customers (id INTEGER, name TEXT)")
+    con.execute("INSERT INTO customers VALUES (1, 'x')")
+    con.commit()
+    con.close()
+    before = foreign.read_bytes()
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(os.urandom(5000))
+    model = _model()
+    for path, msg in ((foreign, r"other\.sqlite.* is an SQLite database of another program, .*customers"),
+                      (junk, r"junk\.db.* is not an sdelip record: it is not an SQLite database")):
+        for kw in ({}, {"overwrite": True}):
+            with pytest.raises(NotARecordError, match=msg):
+                Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), record=path, **kw)
+    assert foreign.read_bytes() == before and not Path(str(foreign) + "-wal").exists()
+    with sqlite3.connect(foreign) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.db", "other.sqlite"]  # no lock files left
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. clear messages naming the path
+def test_files_that_are_not_records_are_named(tmp_path, capsys):
+    good = tmp_path / "good.db"
+    _write_record(good, 30)
+    data = good.read_bytes()
+    (tmp_path / "cut.db").write_bytes(data[: len(data) // 3])
+    (tmp_path / "junk.db").write_bytes(os.urandom(3000))
+    (tmp_path / "empty.db").write_bytes(b"")
+    (tmp_path / "folder.db").mkdir()
+    expected = {"cut.db": "not a readable sdelip record", "junk.db": "not an SQLite database",
+                "empty.db": "empty file", "folder.db": "is a directory"}
+    for name, what in expected.items():
+        for cmd in ("info", "predict", "simulate"):
+            assert main([cmd, str(tmp_path / name), "--no-progress"] if cmd == "simulate"
+                        else [cmd, str(tmp_path / name)]) == 2
+            err = capsys.readouterr().err
+            assert name in err and what in err, (cmd, name, err)
+    # a record without rows
+    model = _model()
+    Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), record=tmp_path / "zero.db").close()
+    assert main(["info", str(tmp_path / "zero.db")]) == 0
+    assert "rows: 0 (no step recorded yet)" in capsys.readouterr().out
+    for cmd in ("predict", "simulate", "plot"):
+        assert main([cmd, str(tmp_path / "zero.db")]) == 2
+        err = capsys.readouterr().err
+        assert "zero.db" in err and "holds no steps" in err, (cmd, err)
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
+    good = tmp_path / "good.db"
+    _write_record(good, 6)
+    start = time.perf_counter()
+    assert main(["simulate", str(good), "--csv", "/missing/dir/x.csv", "-n", "200000", "--no-progress"]) == 2
+    assert time.perf_counter() - start < 5  # refused before the simulation
+    assert "/missing/dir" in capsys.readouterr().err
+    assert main(["plot", str(good), "--out", "/missing/dir/x.png"]) == 2
+    assert "/missing/dir" in capsys.readouterr().err and not Path("/missing").exists()
+    assert main(["predict", str(good), "--csv", "/missing/dir/x.csv"]) == 2
+    assert "/missing/dir" in capsys.readouterr().err
