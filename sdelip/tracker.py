@@ -648,7 +648,10 @@ class Tracker:
         with self._thread_limit():
             decomps = self._decompose_all(step)
         directions = {name: (d.u1, d.v1) for name, d in decomps.items()}
-        stats = self.engine.backward(losses, directions, batch=batch, step=step)
+        try:
+            stats = self.engine.backward(losses, directions, batch=batch, step=step)
+        except NonFiniteError as exc:
+            raise self._explain_overflow(exc, losses) from None
         with self._thread_limit():
             terms = self._all_terms(decomps, stats, lr, wds, step)
         return self._step_record(terms, losses, step, M, lr)
@@ -669,6 +672,26 @@ class Tracker:
                 torch.set_num_threads(old)
 
         return limit()
+
+    def _explain_overflow(self, exc: NonFiniteError, losses) -> NonFiniteError:
+        """Say when a non-finite statistic is an overflow of the tracker's own sum of squares.
+
+        Σ g_i² squares the per-sample gradients: in float32 it overflows (max ≈ 3.4e38) once
+        a per-sample gradient entry exceeds ≈ 1.8e19, although the gradients, the losses and
+        the plain backward are all finite (e.g. inputs scaled by 1e20).
+        """
+        if "Σ g_i²" not in str(exc) or self._ref_dtype == torch.float64:
+            return exc
+        big = float(losses.detach().abs().max())
+        fmax = torch.finfo(self._ref_dtype).max
+        text = str(exc).replace(" (a NaN or Inf gradient flowed back into this layer)", "")
+        return NonFiniteError(
+            f"{text}. The losses are finite (largest {big:.3g}): most likely the tracker's own sum of squared "
+            f"per-sample gradients Σ g_i² overflowed; it exceeds the largest {str(self._ref_dtype).replace('torch.', '')}"
+            f" number ({fmax:.3g}) once a per-sample gradient entry exceeds {fmax ** 0.5:.3g}, while the gradients "
+            "and the plain backward can still be finite. Track in float64 (model.double() and double inputs) or "
+            "rescale the inputs"
+        )
 
     def _decompose_all(self, step: int) -> dict:
         decomps = {}

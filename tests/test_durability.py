@@ -450,3 +450,23 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
     assert "/missing/dir" in capsys.readouterr().err and not Path("/missing").exists()
     assert main(["predict", str(good), "--csv", "/missing/dir/x.csv"]) == 2
     assert "/missing/dir" in capsys.readouterr().err
+
+
+def test_overflow_of_the_trackers_own_sums_is_said(tmp_path):
+    from sdelip._checks import NonFiniteError
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-40)
+    tr = Tracker(model, opt)
+    x, y = torch.randn(8, 6, generator=torch.Generator().manual_seed(0)) * 1e20, torch.randint(0, 3, (8,))
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    assert bool(torch.isfinite(losses).all())
+    with pytest.raises(NonFiniteError, match=r"(?s)losses are finite .*Σ g_i² overflowed.*float32.*float64"):
+        tr.backward(losses)
+    tr.close()
+    # in float64 the same step is tracked
+    model = _model().double()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-40)
+    tr = Tracker(model, opt)
+    rec = tr.backward(F.cross_entropy(model(x.double()), y, reduction="none"))
+    assert rec is not None and all(torch.isfinite(torch.tensor(v)) for v in rec.network.values() if v is not None)
