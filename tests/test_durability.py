@@ -470,3 +470,34 @@ def test_overflow_of_the_trackers_own_sums_is_said(tmp_path):
     tr = Tracker(model, opt)
     rec = tr.backward(F.cross_entropy(model(x.double()), y, reduction="none"))
     assert rec is not None and all(torch.isfinite(torch.tensor(v)) for v in rec.network.values() if v is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. a damaged task folder of a sweep is run again, and named
+def test_sweep_reruns_damaged_tasks_and_names_them(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import sweep_tasks
+
+    from sdelip.sweep import Task, run_sweep
+
+    log, root = tmp_path / "calls.log", tmp_path / "sweep"
+    tasks = [Task(name=f"x={x}", fn=sweep_tasks.with_record, config={"x": x, "log": str(log)}) for x in (1, 2, 3, 4)]
+    first = run_sweep(tasks, root, workers=1, progress=False)
+    assert first.ok
+    d = {t.name: root / t.id for t in tasks}
+    (d["x=1"] / "result.json").write_text("")  # empty
+    text = (d["x=2"] / "result.json").read_text()
+    (d["x=2"] / "result.json").write_text(text[: len(text) // 2])  # truncated
+    db = (d["x=3"] / "record.db").read_bytes()
+    (d["x=3"] / "record.db").write_bytes(db[: len(db) // 2])  # a truncated record of a complete task
+    capsys.readouterr()
+    again = run_sweep(tasks, root, workers=1, progress=False)
+    err = capsys.readouterr().err
+    assert again.ok and again.skipped == ("x=4",)
+    assert [int(v) for v in log.read_text().split()] == [1, 2, 3, 4, 1, 2, 3]
+    for name, what in (("x=1", "result.json is empty or truncated"), ("x=2", "result.json is empty or truncated"),
+                       ("x=3", "record.db is damaged")):
+        line = next(ln for ln in err.splitlines() if f"task {name!r}" in ln)
+        assert what in line and "running it again" in line, line
+    assert {k: r.value for k, r in again.results.items()} == {f"x={x}": {"y": x * x} for x in (1, 2, 3, 4)}
+    assert len(sqlite3.connect(d["x=3"] / "record.db").execute("SELECT * FROM steps").fetchall()) == 200
