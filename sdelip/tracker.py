@@ -66,13 +66,22 @@ from .record import RecordWriter, StepRecord, load_record
 from .schedule import Schedule, as_schedule
 from .spectral import DEFAULT_GAP_TOL, decompose
 
-__all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "CHECKPOINT_FORMAT"]
+__all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "SmallBatchWarning", "GradientAccumulationError",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "sdelip-checkpoint-2"  # -2: data only (weights_only loading)
 
 
 class NotPlainSGDWarning(UserWarning):
     """The optimizer is not plain SGD (momentum, Nesterov, Adam, …): Thm 14 assumes plain SGD."""
+
+
+class SmallBatchWarning(UserWarning):
+    """A tracked step has a mini-batch of one sample: it is not tracked (Prop 5 needs M ≥ 2)."""
+
+
+class GradientAccumulationError(RuntimeError):
+    """Several :meth:`Tracker.backward` calls per optimizer step (gradient accumulation)."""
 
 
 class InputMismatchError(TypeError):
@@ -267,6 +276,10 @@ class Tracker:
             for mname, mod in zip(layer.module_names, layer.modules):
                 self._hooks.append(mod.register_forward_hook(self._count_call(mname)))
         self._hooks.append(model.register_forward_hook(self._check_uses))
+        # -- one backward per optimizer step (gradient accumulation is refused) -------------------
+        self._backwards_since_step = 0
+        if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
+            self._hooks.append(optimizer.register_step_post_hook(self._optimizer_stepped))
 
         # -- record ---------------------------------------------------------------------------
         self.record_path = None if record is None else Path(record)
@@ -537,7 +550,7 @@ class Tracker:
 
         Args:
             losses: (M,) per-sample losses ℓ_i of the loss being optimised
-                (``reduction="none"``), M ≥ 2 on tracked steps.
+                (``reduction="none"``); a tracked step needs M ≥ 2 (else it is skipped).
             batch: ``(inputs, targets)``, needed only by the materialised engine.
 
         Returns:
@@ -545,7 +558,11 @@ class Tracker:
             tracked step, else None.
 
         Raises:
-            ValueError: a scalar or mis-shaped loss, M = 1 on a tracked step.
+            ValueError: a scalar or mis-shaped loss.
+            GradientAccumulationError: a second call without ``optimizer.step()`` in between.
+
+        A tracked step with M = 1 (e.g. the last batch of an epoch) is not tracked: it
+        gives a :class:`SmallBatchWarning` and the plain backward.
             NonFiniteError: NaN/Inf in a loss, a per-sample gradient or a term (the message
                 names the step and layer; nothing is written for this step).
         """
@@ -555,6 +572,15 @@ class Tracker:
         self._check_losses(losses, step)
         M = int(losses.shape[0])
         tracked = bool(self.schedule(step))
+        self._check_one_backward_per_step(step)
+        if tracked and M < 2:
+            warnings.warn(
+                f"step {step} has a mini-batch of M = {M} sample (e.g. the last batch of an epoch with "
+                "drop_last=False): it is not tracked, since the gradient-noise estimator (Prop 5) divides by M − 1; "
+                "the backward is the plain one and the run goes on. DataLoader(..., drop_last=True) avoids such "
+                "batches", SmallBatchWarning, stacklevel=2,
+            )
+            tracked = False
         lr, wds = self._hyperparameters(step)
         rec = None
         if tracked:
@@ -581,8 +607,32 @@ class Tracker:
             self.writer.write_probes(step, probes)
         self._advance_time(step, lr)
         self.step = step + 1
+        self._backwards_since_step += 1
         self.engine.arm(self.schedule(self.step))
         return rec
+
+    def _optimizer_stepped(self, *args) -> None:
+        self._backwards_since_step = 0
+
+    def _check_one_backward_per_step(self, step: int) -> None:
+        """One :meth:`backward` per ``optimizer.step()``: gradient accumulation is refused.
+
+        The SDE time advances by η per backward (one SGD update, Def 4). Several backward
+        calls per optimizer step (gradient accumulation over micro-batches) would count
+        each micro-batch as an SGD step and measure the noise of a micro-batch, not of
+        the update actually applied.
+        """
+        if self.optimizer is None:
+            return
+        if self._backwards_since_step >= 1:
+            raise GradientAccumulationError(
+                f"tracker.backward was called again at step {step} without optimizer.step() after the previous "
+                "call: gradient accumulation (several backward passes per optimizer step) is not supported, since "
+                "the tracker counts every backward as one SGD step of the SDE time (Def 4) and measures the noise "
+                "of its mini-batch. Run all the samples of the update through one forward pass and pass their "
+                "per-sample losses in one call, tracker.backward(losses), with optimizer.step() after each call; "
+                "when one update's batch does not fit in memory, track a run with a smaller batch instead"
+            )
 
     def _advance_time(self, step: int, lr: float) -> None:
         # t_{k+1} = t_k + η_k, computed as t_anchor + (k + 1 − k_anchor)·η while η is constant, so
@@ -874,6 +924,7 @@ class Tracker:
             self.history = [r for r in hist if r.step < self.step]
             self.last = self.history[-1] if self.history else None
         self.engine.arm(self.schedule(self.step))
+        self._backwards_since_step = 0
 
     def checkpoint(self, path: Union[str, os.PathLike], generators: Sequence[torch.Generator] = (),
                    extra: Any = None) -> None:

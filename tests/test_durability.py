@@ -501,3 +501,50 @@ def test_sweep_reruns_damaged_tasks_and_names_them(tmp_path, capsys):
         assert what in line and "running it again" in line, line
     assert {k: r.value for k, r in again.results.items()} == {f"x={x}": {"y": x * x} for x in (1, 2, 3, 4)}
     assert len(sqlite3.connect(d["x=3"] / "record.db").execute("SELECT * FROM steps").fetchall()) == 200
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. everyday workflows: deepcopy with a tracker attached, a last batch of 1, gradient accumulation
+def test_deepcopy_of_a_tracked_model_and_a_last_batch_of_one(tmp_path):
+    from sdelip.tracker import SmallBatchWarning
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt, record=tmp_path / "r.db")
+    _steps(tr, model, opt, 2)
+    ema = copy.deepcopy(model)  # EMA weights / best-model snapshot
+    assert ema is not model and all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters()))
+    with torch.no_grad():
+        ema(torch.randn(4, 6))
+        for pe, p in zip(ema.parameters(), model.parameters()):
+            pe.mul_(0.9).add_(p, alpha=0.1)
+    _steps(tr, model, opt, 2)
+    # the last batch of an epoch holds one sample: not tracked, with a notice; the run goes on
+    x, y = torch.randn(1, 6), torch.randint(0, 3, (1,))
+    opt.zero_grad()
+    with pytest.warns(SmallBatchWarning, match="step 4 has a mini-batch of M = 1"):
+        assert tr.backward(F.cross_entropy(model(x), y, reduction="none")) is None
+    opt.step()
+    _steps(tr, model, opt, 1)
+    tr.close()
+    assert load_record(tmp_path / "r.db")["step"].tolist() == [0, 1, 2, 3, 5]
+    assert copy.deepcopy(model) is not None  # also after close
+
+
+def test_gradient_accumulation_is_refused_with_the_way_out():
+    from sdelip.tracker import GradientAccumulationError
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt.zero_grad()
+    tr.backward(F.cross_entropy(model(x[:8]), y[:8], reduction="none"))
+    with pytest.raises(GradientAccumulationError, match=r"step 1 without optimizer.step\(\).*one forward pass"):
+        tr.backward(F.cross_entropy(model(x[8:]), y[8:], reduction="none"))
+    opt.step()
+    assert tr.step == 1
+    opt.zero_grad()  # the way out: the whole update's samples in one forward pass and one call
+    tr.backward(F.cross_entropy(model(x), y, reduction="none"))
+    opt.step()
+    assert tr.step == 2 and tr.last.batch_size == 16
