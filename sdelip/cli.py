@@ -62,6 +62,26 @@ def _load(record_path, need_rows: bool = True):
     return record
 
 
+def _degenerate(record, include: bool, what: str):
+    """Report the record's degenerate steps and return the record ``what`` uses (module prediction)."""
+    from .prediction import degenerate_steps, drop_degenerate
+
+    bad = degenerate_steps(record)
+    if not bad:
+        return record
+    shown = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
+    head = (f"{len(bad)} of {len(record)} steps are degenerate (a layer's top singular value repeated, spectral gap "
+            f"below gap_tol, Assumption 11; steps {shown}): ")
+    if include:
+        print(f"sdelip: notice: {head}their coefficients, undefined by the theory, are used by {what} as recorded "
+              "(--include-degenerate)", file=sys.stderr)
+        return record
+    print(f"sdelip: notice: {head}their coefficients are undefined by the theory and are not used by {what}: a "
+          "leading one is dropped, a later one holds the previous step's coefficients (--include-degenerate uses "
+          "them)", file=sys.stderr)
+    return drop_degenerate(record)
+
+
 def _check_output(path) -> Path:
     """An output file's folder must exist and be writable: checked before any work is done."""
     import os
@@ -253,7 +273,8 @@ def cmd_predict(args) -> int:
     if args.csv:
         _check_output(args.csv)
     record = _load(args.record)
-    pred = predict(record)
+    _degenerate(record, args.include_degenerate, "the prediction")
+    pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
     if args.csv:
         pred.to_csv(args.csv, index=False)
         print(f"prediction written to {args.csv}")
@@ -268,6 +289,7 @@ def cmd_simulate(args) -> int:
         _check_output(args.csv)
     record = _load(args.record)
     lr = _lr_of(args.record, record)
+    record = _degenerate(record, args.include_degenerate, "the simulation")
     sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
     rows = []
     t = np.asarray(sim["t"])
@@ -294,10 +316,11 @@ def cmd_plot(args) -> int:
 
     out = _check_output(args.out or Path(args.record).with_suffix(".png"))
     record = _load(args.record)
-    pred = predict(record)
+    used = _degenerate(record, args.include_degenerate, "the prediction and the simulation")
+    pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
     sim = None
     if args.simulate:
-        sim = _simulate(record, _lr_of(args.record, record), args.simulate, 0, "cpu", False)
+        sim = _simulate(used, _lr_of(args.record, record), args.simulate, 0, "cpu", False)
     save_figure(summary_figure(record, pred, simulation=sim, title=str(args.record), smooth=args.smooth), out)
     print(f"figure written to {out}")
     return 0
@@ -324,6 +347,19 @@ def cmd_info(args) -> int:
         print("  rows: 0 (no step recorded yet)")
         return 0
     print(f"  rows: {len(record)} (steps {int(steps.iloc[0])}..{int(steps.iloc[-1])})")
+    from .prediction import degenerate_steps
+
+    bad = degenerate_steps(record)
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
+        print(f"  degenerate steps: {len(bad)} ({shown}): a layer's top singular value repeated (Assumption 11), "
+              "their terms are undefined by the theory")
+        if not args.include_degenerate:
+            if len(bad) == len(record):
+                print("  every step is degenerate: no averages (--include-degenerate shows them)")
+                return 0
+            print("  the averages below leave them out (--include-degenerate includes them)")
+            record = record[~record["step"].isin(bad)].reset_index(drop=True)
     print()
     _print_table(terms_summary(record))
     return 0
@@ -357,7 +393,8 @@ def cmd_demo(args) -> int:
     record = _load(record_path)
     pred = predict(record)
     print(f"[2/3] simulating {args.trajectories} trajectories of the reduced SDE (Thm 15) from the record")
-    sim = _simulate(record, args.lr, args.trajectories, args.seed, "cpu", not args.no_progress)
+    sim = _simulate(_degenerate(record, False, "the simulation"), args.lr, args.trajectories, args.seed, "cpu",
+                    not args.no_progress)
     print("[3/3] writing the figure and the tables")
     fig_path = save_figure(
         summary_figure(record, pred, simulation=sim,
@@ -484,6 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="Thm 16–17 prediction vs observation from a record")
     pr.add_argument("record")
     pr.add_argument("--csv", default=None, help="write the full prediction table here")
+    pr.add_argument("--include-degenerate", action="store_true",
+                    help="use the terms of degenerate steps (repeated top singular value) in the prediction")
     pr.set_defaults(func=cmd_predict)
 
     si = sub.add_parser("simulate", help="Monte Carlo of the reduced Z-SDE with a record's coefficients")
@@ -493,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--device", default="cpu")
     si.add_argument("--csv", default=None, help="write mean, variance and quantiles over time here")
     si.add_argument("--no-progress", action="store_true")
+    si.add_argument("--include-degenerate", action="store_true",
+                    help="use the terms of degenerate steps (repeated top singular value) in the simulation")
     si.set_defaults(func=cmd_simulate)
 
     pl = sub.add_parser("plot", help="figure from a record (prediction, terms, κ split)")
@@ -500,11 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="PNG path (default: next to the record)")
     pl.add_argument("--simulate", type=int, default=0, metavar="N", help="add an SDE band from N trajectories")
     pl.add_argument("--smooth", type=int, default=1, help="moving-average window for the terms")
+    pl.add_argument("--include-degenerate", action="store_true",
+                    help="use the terms of degenerate steps (repeated top singular value) in the prediction and the simulation")
     pl.set_defaults(func=cmd_plot)
 
     inf = sub.add_parser("info", help="a record's metadata and a summary of its terms")
     inf.add_argument("record")
     inf.add_argument("--json", action="store_true", help="metadata as JSON")
+    inf.add_argument("--include-degenerate", action="store_true",
+                    help="use the terms of degenerate steps (repeated top singular value) in the averages")
     inf.set_defaults(func=cmd_info)
 
     cp = sub.add_parser("copy", help="copy a record, also one still being written, into one self-contained file",
