@@ -201,8 +201,19 @@ def _train_config(args, record: Optional[str]):
         decomposition=args.decomposition, probe_every=args.probe_every, record=record,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         max_train_samples=args.max_train_samples, device=args.device, dtype=args.dtype,
-        overwrite=getattr(args, "overwrite", False),
+        overwrite=getattr(args, "overwrite", False), threads=args.threads,
     )
+
+
+THREADS_HELP = ("torch CPU threads (default: the cores idle when the run starts, at least 1; OMP_NUM_THREADS wins "
+                "when set)")
+
+
+def _threads(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be at least 1, got {value}")
+    return n
 
 
 def _schedule(value: str):
@@ -290,7 +301,10 @@ def cmd_simulate(args) -> int:
     record = _load(args.record)
     lr = _lr_of(args.record, record)
     record = _degenerate(record, args.include_degenerate, "the simulation")
-    sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
+    from .threads import use_threads
+
+    with use_threads(args.threads):
+        sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
     rows = []
     t = np.asarray(sim["t"])
     for q in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -388,7 +402,7 @@ def cmd_demo(args) -> int:
           f"lr {args.lr}, batch {args.batch_size}")
     config = TrainConfig(model="mlp", dataset="mnist", data_root=args.data_root, lr=args.lr,
                          batch_size=args.batch_size, steps=args.steps, init_seed=args.seed,
-                         sampling_seed=args.seed, record=str(record_path), track=True)
+                         sampling_seed=args.seed, record=str(record_path), track=True, threads=args.threads)
     result = train(config, progress=not args.no_progress)
     record = _load(record_path)
     pred = predict(record)
@@ -468,6 +482,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                             "autoaugment", "fgsm"], help="a Table 3 configuration")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
     t = p.add_argument_group("tracking")
     t.add_argument("--track-every", default="1", help="track every N steps, or 'log' (logarithmic schedule)")
     t.add_argument("--engine", default="auto", choices=["auto", "factored", "materialised", "coupled"],
@@ -505,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--data-root", default=None, help="MNIST folder; the bundled digits are used if absent")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
     d.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("track", help="train with live tracking into a record",
@@ -532,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--device", default="cpu")
     si.add_argument("--csv", default=None, help="write mean, variance and quantiles over time here")
     si.add_argument("--no-progress", action="store_true")
+    si.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
     si.add_argument("--include-degenerate", action="store_true",
                     help="use the terms of degenerate steps (repeated top singular value) in the simulation")
     si.set_defaults(func=cmd_simulate)

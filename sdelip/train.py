@@ -35,6 +35,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tmp_path
 from .data import DatasetInfo, load_dataset
 from .models import build_model
+from .threads import use_threads
 from .regularizers import (
     NoisyGradient,
     RegularizerConfig,
@@ -58,7 +59,7 @@ __all__ = [
 
 #: TrainConfig fields that may change when a run is resumed: they do not change its numbers.
 RESUME_FREE_OPTIONS = ("data_root", "download", "steps", "record", "checkpoint", "checkpoint_every", "eval_test",
-                       "overwrite")
+                       "overwrite", "threads")
 CHECKPOINT_FORMAT = "sdelip-train-checkpoint-3"  # -3: data only, options as JSON (sdelip.checkpoint)
 #: With ``checkpoint_every=None`` checkpoints are written as often as keeps their measured
 #: cost under this share of the run's time (and at most every CHECKPOINT_MIN_INTERVAL_S).
@@ -133,6 +134,9 @@ class TrainConfig:
         dtype: ``"float32"`` or ``"float64"``.
         eval_test: evaluate test accuracy at the end.
         overwrite: start a new run: delete an existing record and checkpoint first.
+        threads: torch CPU threads for the run; None (default): the idle cores when the
+            run starts, at least 1 (:func:`sdelip.threads.default_threads`; an explicit
+            ``OMP_NUM_THREADS`` wins).
     """
 
     model: str = "mlp"
@@ -162,6 +166,7 @@ class TrainConfig:
     dtype: str = "float32"
     eval_test: bool = True
     overwrite: bool = False
+    threads: Optional[int] = None
 
     def __attrs_post_init__(self):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -465,7 +470,8 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
 
         lock = RecordLock(config.record)  # one writer per record, held until the tracker closes it
     try:
-        return _train(config, progress, callback, lock, t_start, dtype, device)
+        with use_threads(config.threads):
+            return _train(config, progress, callback, lock, t_start, dtype, device)
     finally:
         if lock is not None:
             lock.release()

@@ -589,3 +589,34 @@ def test_degenerate_steps_are_reported_and_kept_out(tmp_path, capsys):
             assert "not used by the simulation" in text
             k = [ln for ln in out.out.splitlines() if ln.strip()][-1].split()  # last row: t, E[K] ...
             assert float(k[1]) < 10 * df["K"].max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. threads: --threads, and a default that uses only the idle cores
+def test_default_threads_use_the_idle_cores(monkeypatch):
+    from sdelip.threads import default_threads, use_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert default_threads(load=0.1, cores=8) == 8  # quiet
+    assert default_threads(load=2.2, cores=8) == 6
+    assert default_threads(load=2.4, cores=2) == 1  # two busy processes on two cores
+    assert default_threads(load=9.0, cores=4) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an explicit choice wins
+    assert default_threads(load=9.0, cores=4) == 3
+    monkeypatch.undo()
+    before = torch.get_num_threads()
+    with use_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="positive integer"):
+        with use_threads(0):
+            pass
+
+
+def test_track_threads_flag(tmp_path, capsys):
+    assert main(["track", "--record", str(tmp_path / "r.db"), "--steps", "2", "--threads", "1", *TINY]) == 0
+    assert load_metadata(tmp_path / "r.db")["torch_threads"] == 1
+    with pytest.raises(SystemExit):
+        main(["track", "--record", str(tmp_path / "s.db"), "--threads", "0", *TINY])
+    assert "--threads must be at least 1" in capsys.readouterr().err
