@@ -129,9 +129,11 @@ def save_checkpoint(path: Union[str, os.PathLike], state: Mapping[str, Any]) -> 
             pass
         if not isinstance(exc, (OSError, RuntimeError)):
             raise
+        why = _why(exc, path)
+        code = errno.ENOSPC if "is full" in why else (getattr(exc, "errno", None) or errno.EIO)
         raise CheckpointWriteError(
-            getattr(exc, "errno", None) or errno.EIO,
-            f"writing the checkpoint {str(path)!r} failed: {_why(exc, path)}; the previous checkpoint there (if "
+            code,
+            f"writing the checkpoint {str(path)!r} failed: {why}; the previous checkpoint there (if "
             f"any) is unchanged and the temporary file {str(tmp)!r} was removed",
         ) from exc
 

@@ -234,6 +234,11 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path):
         with pytest.raises(CheckpointWriteError, match="is full"):
             save_checkpoint(disk / "other.pt", {"format": "x", "w": torch.zeros(300_000)})
         assert sorted(p.name for p in disk.iterdir()) == ["c.pt"]
+        # sdelip track with its checkpoint on the full disk (the MLP's is about 2 MB): a clear error
+        err = _sdelip("track", "--record", tmp_path / "r.db", "--checkpoint", disk / "run.ckpt", "--steps", "3",
+                      *TINY).stderr
+        assert "run.ckpt" in err and "is full" in err and "Traceback" not in err, err
+        assert sorted(p.name for p in disk.iterdir()) == ["c.pt"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
