@@ -21,14 +21,18 @@ import errno
 import json
 import os
 import pickle
+import random
 import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Union
 
+import numpy as np
 import torch
 
 __all__ = [
+    "rng_state",
+    "set_rng_state",
     "CheckpointError",
     "UnsafeCheckpointError",
     "CheckpointWriteError",
@@ -208,3 +212,28 @@ def dumps(obj: Any) -> str:
 def loads(text: str) -> Any:
     """The metadata stored by :func:`dumps`."""
     return json.loads(text)
+
+
+def rng_state() -> dict:
+    """The global RNG states as tensors and plain containers (no pickled objects)."""
+    key, keys, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+        "numpy": {"key": str(key), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": list(mt), "gauss": gauss},
+    }
+
+
+def set_rng_state(rng: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_state`."""
+    torch.set_rng_state(rng["torch"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    py = rng["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))

@@ -39,7 +39,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -60,7 +59,7 @@ from .engines import (
 )
 from .engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
 from .layers import TrackedLayer, tracked_layers
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .probes import conv_operator_norm, lipschitz_lower_bound
 from .record import RecordWriter, StepRecord, load_record
 from .schedule import Schedule, as_schedule
@@ -951,7 +950,7 @@ class Tracker:
             "model": self.model.state_dict(),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "tracker": self.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "generators": [g.get_state() for g in generators],
             "extra": extra,
         }
@@ -971,7 +970,7 @@ class Tracker:
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         saved = state["generators"]
         if len(saved) != len(generators):
             raise ValueError(f"the checkpoint holds {len(saved)} generator state(s), {len(generators)} generator(s) given")
@@ -1044,30 +1043,6 @@ def _layer_metadata(layer: TrackedLayer) -> dict:
     if layer.uses > 1:
         out.update(uses=layer.uses, aliases=list(layer.aliases), calls=list(layer.calls))
     return out
-
-
-def _rng_state() -> dict:
-    """The global RNG states as tensors and plain containers (no pickled objects)."""
-    key, keys, pos, has_gauss, cached = np.random.get_state()
-    version, mt, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": {"key": str(key), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": int(version), "state": list(mt), "gauss": gauss},
-    }
-
-
-def _set_rng_state(rng: Mapping[str, Any]) -> None:
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    n = rng["numpy"]
-    np.random.set_state((n["key"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    py = rng["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
 
 
 def _load_checkpoint(path) -> dict:
