@@ -218,8 +218,9 @@ class RecordWriter:
             power loss; one fsync per step).
 
         lock: a :class:`~sdelip.record_lock.RecordLock` on ``path`` already held by the
-            caller, handed over to the writer (released by :meth:`close`); by default the
-            writer takes it.
+            caller, who keeps it (and releases it) after the writer closes, e.g. to write a
+            final checkpoint; by default the writer takes the lock and :meth:`close`
+            releases it.
 
     Raises:
         RecordExistsError: ``mode="new"`` and the file already holds steps.
@@ -245,6 +246,7 @@ class RecordWriter:
             raise ValueError(f"durability must be 'process' or 'power', got {durability!r}")
         self.path = Path(path)
         self._con = None
+        self._owns_lock = lock is None
         self._lock = lock if lock is not None else RecordLock(self.path)  # one writer per record
         try:
             check_record_file(self.path, for_writing=True)
@@ -397,7 +399,7 @@ class RecordWriter:
             self._con.close()
             self._con = None
         lock, self._lock = getattr(self, "_lock", None), None
-        if lock is not None:
+        if lock is not None and getattr(self, "_owns_lock", True):
             lock.release()
 
     @property

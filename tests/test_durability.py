@@ -628,3 +628,29 @@ def test_track_threads_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["track", "--record", str(tmp_path / "s.db"), "--threads", "0", *TINY])
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_train_holds_the_record_until_its_final_checkpoint_is_written(tmp_path, monkeypatch):
+    import importlib
+
+    from sdelip.record_lock import RecordLock
+
+    train_mod = importlib.import_module("sdelip.train")  # the module (sdelip.train is also the function)
+
+    rec, seen = tmp_path / "r.db", []
+    real = train_mod._save_checkpoint
+
+    def save(path, config, *args):
+        try:
+            RecordLock(rec).release()
+            seen.append("free")
+        except RecordLockedError:
+            seen.append("held")
+        return real(path, config, *args)
+
+    monkeypatch.setattr(train_mod, "_save_checkpoint", save)
+    cfg = train_mod.TrainConfig(model="mlp", dataset="mnist-embedded", batch_size=8, steps=3, max_train_samples=64,
+                                eval_test=False, record=str(rec), checkpoint=str(tmp_path / "c.pt"))
+    train_mod.train(cfg, progress=False)
+    assert seen and set(seen) == {"held"}  # the first, the periodic and the final checkpoint
+    assert not (tmp_path / "r.db.lock").exists()
