@@ -249,6 +249,7 @@ def damage(folder: pathlib.Path) -> Optional[str]:
     or corrupted record fails it).
     """
     import sqlite3
+    from urllib.parse import quote
 
     folder = pathlib.Path(folder)
     try:
@@ -259,7 +260,7 @@ def damage(folder: pathlib.Path) -> Optional[str]:
         return f"{folder / RESULT_FILE} is empty or truncated ({type(exc).__name__}: {exc})"
     for db in sorted(folder.rglob("*.db")):
         try:
-            con = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True)
+            con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True)
             try:
                 ok = con.execute("PRAGMA quick_check").fetchone()[0]
             finally:
