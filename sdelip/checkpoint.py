@@ -58,6 +58,9 @@ class UnsafeCheckpointError(CheckpointError):
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed (disk full, no permission, …); the previous one is intact."""
 
+    def __str__(self) -> str:  # the message alone, without "[Errno N]"
+        return str(self.strerror)
+
 
 def tmp_path(path: Union[str, os.PathLike]) -> Path:
     """The temporary file a checkpoint is written to before the rename: ``<path>.tmp``."""

@@ -65,15 +65,15 @@ class RecordLock:
         try:
             self.record.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise type(exc)(exc.errno, f"cannot create the folder {str(self.record.parent)!r} of the record "
-                                       f"{str(self.record)!r}: {exc.strerror}") from None
+            raise _os_error(exc, f"cannot create the folder {str(self.record.parent)!r} of the record "
+                                 f"{str(self.record)!r}: {exc.strerror}") from None
         for _ in range(100):
             try:
                 fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise type(exc)(exc.errno, f"cannot write the record {str(self.record)!r}: creating its lock file "
-                                           f"{str(self.path)!r} failed ({exc.strerror}); is the folder "
-                                           f"{str(self.record.parent)!r} writable?") from None
+                raise _os_error(exc, f"cannot write the record {str(self.record)!r}: creating its lock file "
+                                     f"{str(self.path)!r} failed ({exc.strerror}); is the folder "
+                                     f"{str(self.record.parent)!r} writable?") from None
             if fcntl is None:  # pragma: no cover
                 self._fd = fd
                 return
@@ -144,6 +144,13 @@ class RecordLock:
             self.release()
         except Exception:
             pass
+
+
+def _os_error(exc: OSError, message: str) -> OSError:
+    """An OSError of the same type and errno whose text is ``message`` alone (no "[Errno N]" prefix)."""
+    err = type(exc)(message)
+    err.errno = exc.errno  # (strerror left unset, so that str(err) is the message)
+    return err
 
 
 def _read_holder(fd: int) -> str:
