@@ -419,11 +419,27 @@ _RECORD_TABLES = {"meta", "layers", "steps", "layer_steps", "probes"}
 
 
 def _ro_connect(path: Path) -> sqlite3.Connection:
-    """A read-only connection (``file:…?mode=ro``): works on read-only files, folders and mounts."""
+    """A read-only connection (``file:…?mode=ro``): works on read-only files, folders and mounts.
+
+    A database left in WAL mode without its ``-shm`` file (a record of an older sdelip, or
+    one whose writer exited without ``close()``) cannot be opened with ``mode=ro`` where
+    the ``-shm`` cannot be created (a read-only folder or mount). With no ``-wal`` file
+    beside it all its rows are in the file itself, and nobody can be writing it there, so
+    it is then opened as ``immutable``.
+    """
     from urllib.parse import quote
 
-    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro"
-    return sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30.0)
+    path = Path(path).resolve()
+    uri = f"file:{quote(str(path))}"
+    con = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, timeout=30.0)
+    try:
+        con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return con
+    except sqlite3.OperationalError:
+        con.close()
+        if Path(str(path) + "-wal").exists() or os.access(path.parent, os.W_OK):
+            raise
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None, timeout=30.0)
 
 
 def check_record_file(path: Union[str, os.PathLike], for_writing: bool = False) -> None:

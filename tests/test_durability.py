@@ -310,9 +310,14 @@ def test_closed_record_is_one_file_readable_read_only(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["r.db"]  # no -wal, -shm or lock file
     shutil.copy(folder / "r.db", tmp_path / "copy.db")  # the file alone holds every row
     assert len(load_record(tmp_path / "copy.db")) == 5
+    # a record left in WAL mode by an older sdelip (or a writer that exited without close())
+    shutil.copy(folder / "r.db", folder / "old.db")
+    with contextlib.closing(sqlite3.connect(folder / "old.db")) as con:
+        con.execute("PRAGMA journal_mode=WAL")
+    assert sorted(p.name for p in folder.iterdir()) == ["old.db", "r.db"]
     with _read_only_view(folder) as (how, view, run):
-        res = run(READ.format(path=str(view / "r.db")))
-        assert res.returncode == 0 and res.stdout.strip() == "5", (how, res.stderr)
+        res = run(READ.format(path=str(view / "r.db")) + "; print(len(load_record(" + repr(str(view / "old.db")) + ")))")
+        assert res.returncode == 0 and res.stdout.split() == ["5", "5"], (how, res.stderr)
         res = run(f"from sdelip.cli import main; raise SystemExit(main(['info', {str(view / 'r.db')!r}]))")
         assert res.returncode == 0 and "rows: 5" in res.stdout, (how, res.stderr)
         # writing there is refused with a message naming the folder
