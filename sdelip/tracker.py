@@ -60,6 +60,13 @@ from .engines import (
 from .engines.curvature import GramCurvature, fast_layer_terms, gram_curvature
 from .layers import TrackedLayer, tracked_layers
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .tracker_safety import (
+    GradientAccumulationError,
+    SmallBatchWarning,
+    accumulation_message,
+    check_continuation,
+    explain_overflow,
+)
 from .probes import conv_operator_norm, lipschitz_lower_bound
 from .record import RecordWriter, StepRecord, load_record
 from .schedule import Schedule, as_schedule
@@ -73,14 +80,6 @@ CHECKPOINT_FORMAT = "sdelip-checkpoint-2"  # -2: data only (weights_only loading
 
 class NotPlainSGDWarning(UserWarning):
     """The optimizer is not plain SGD (momentum, Nesterov, Adam, …): Thm 14 assumes plain SGD."""
-
-
-class SmallBatchWarning(UserWarning):
-    """A tracked step has a mini-batch of one sample: it is not tracked (Prop 5 needs M ≥ 2)."""
-
-
-class GradientAccumulationError(RuntimeError):
-    """Several :meth:`Tracker.backward` calls per optimizer step (gradient accumulation)."""
 
 
 class InputMismatchError(TypeError):
@@ -304,7 +303,7 @@ class Tracker:
                 self._metadata = {**self._metadata, **self.writer.metadata()}
             if start_step and _record_mode is None:
                 try:
-                    self._check_continuation(start_step)
+                    check_continuation(self, start_step)
                 except BaseException:
                     self.close()
                     raise
@@ -313,45 +312,6 @@ class Tracker:
                     warnings.warn(f"the record {str(self.record_path)!r} held {dropped} row(s) from step {start_step} "
                                   "on; they are replaced by the continued run", stacklevel=2)
                 self._note_resumed(start_step)
-
-    def _check_continuation(self, start_step: int) -> None:
-        """``start_step`` on an existing record continues that run: same options, one η, no gap.
-
-        Raises:
-            ValueError: the record was written with other tracker options (each named with
-                both values), with another learning rate (t = kη needs one η), or ends
-                before the last tracked step preceding ``start_step`` (a gap).
-        """
-        import pandas as pd
-
-        from .record import load_record as _load
-
-        meta = self.writer.metadata()
-        where = f"Tracker(start_step={start_step}) on the record {str(self.record_path)!r}"
-        rows = _load(self.record_path)
-        if rows.empty:
-            return
-        now = {**self._options(), "lr": self._hyperparameters(start_step)[0]}
-        now.pop("uses", None)
-        changed = [f"{k}={now[k]!r} here, {k}={meta[k]!r} in the record" for k in now
-                   if k in meta and meta[k] != now[k]]
-        lrs = sorted(set(rows["lr"].tolist()))
-        if lrs != [now["lr"]] and "lr" not in [c.split("=")[0] for c in changed]:
-            changed.append(f"lr={now['lr']!r} here, lr={lrs if len(lrs) > 1 else lrs[0]!r} in the record's rows")
-        if changed:
-            raise ValueError(
-                f"{where}: the record was written with other options: " + "; ".join(changed) + ". A continued run "
-                "keeps the record's configuration (start_step sets t = start_step·η for one constant η); write a "
-                "new record for a new configuration"
-            )
-        last = int(pd.to_numeric(rows["step"]).max())
-        expected = next((s for s in range(start_step - 1, -1, -1) if self.schedule(s)), None)
-        if expected is not None and last < expected:
-            raise ValueError(
-                f"{where}: the record ends at step {last}, but this schedule tracks step {expected} before "
-                f"{start_step}: steps {last + 1}..{start_step - 1} would be missing. Continue from step "
-                f"{last + 1} (or from a checkpoint, Tracker.resume)"
-            )
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
@@ -624,14 +584,7 @@ class Tracker:
         if self.optimizer is None:
             return
         if self._backwards_since_step >= 1:
-            raise GradientAccumulationError(
-                f"tracker.backward was called again at step {step} without optimizer.step() after the previous "
-                "call: gradient accumulation (several backward passes per optimizer step) is not supported, since "
-                "the tracker counts every backward as one SGD step of the SDE time (Def 4) and measures the noise "
-                "of its mini-batch. Run all the samples of the update through one forward pass and pass their "
-                "per-sample losses in one call, tracker.backward(losses), with optimizer.step() after each call; "
-                "when one update's batch does not fit in memory, track a run with a smaller batch instead"
-            )
+            raise GradientAccumulationError(accumulation_message(step))
 
     def _advance_time(self, step: int, lr: float) -> None:
         # t_{k+1} = t_k + η_k, computed as t_anchor + (k + 1 − k_anchor)·η while η is constant, so
@@ -700,7 +653,7 @@ class Tracker:
         try:
             stats = self.engine.backward(losses, directions, batch=batch, step=step)
         except NonFiniteError as exc:
-            raise self._explain_overflow(exc, losses) from None
+            raise explain_overflow(exc, losses, self._ref_dtype) from None
         with self._thread_limit():
             terms = self._all_terms(decomps, stats, lr, wds, step)
         return self._step_record(terms, losses, step, M, lr)
@@ -721,26 +674,6 @@ class Tracker:
                 torch.set_num_threads(old)
 
         return limit()
-
-    def _explain_overflow(self, exc: NonFiniteError, losses) -> NonFiniteError:
-        """Say when a non-finite statistic is an overflow of the tracker's own sum of squares.
-
-        Σ g_i² squares the per-sample gradients: in float32 it overflows (max ≈ 3.4e38) once
-        a per-sample gradient entry exceeds ≈ 1.8e19, although the gradients, the losses and
-        the plain backward are all finite (e.g. inputs scaled by 1e20).
-        """
-        if "Σ g_i²" not in str(exc) or self._ref_dtype == torch.float64:
-            return exc
-        big = float(losses.detach().abs().max())
-        fmax = torch.finfo(self._ref_dtype).max
-        text = str(exc).replace(" (a NaN or Inf gradient flowed back into this layer)", "")
-        return NonFiniteError(
-            f"{text}. The losses are finite (largest {big:.3g}): most likely the tracker's own sum of squared "
-            f"per-sample gradients Σ g_i² overflowed; it exceeds the largest {str(self._ref_dtype).replace('torch.', '')}"
-            f" number ({fmax:.3g}) once a per-sample gradient entry exceeds {fmax ** 0.5:.3g}, while the gradients "
-            "and the plain backward can still be finite. Track in float64 (model.double() and double inputs) or "
-            "rescale the inputs"
-        )
 
     def _decompose_all(self, step: int) -> dict:
         decomps = {}
