@@ -50,6 +50,7 @@ __all__ = [
     "NotARecordError",
     "RecordLockedError",
     "check_record_file",
+    "record_steps",
     "copy_record",
     "load_record",
     "load_metadata",
@@ -554,6 +555,14 @@ def copy_record(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> P
             out.close()
     os.replace(tmp, dst)
     return dst
+
+
+def record_steps(path) -> dict:
+    """Cheap facts about a record's rows: ``rows``, ``last_step`` (None when empty) and ``lrs`` (sorted)."""
+    with _Reading(path) as con:
+        rows, last = con.execute("SELECT COUNT(*), MAX(step) FROM steps").fetchone()
+        lrs = sorted(r[0] for r in con.execute("SELECT DISTINCT lr FROM steps"))
+    return {"rows": int(rows), "last_step": None if last is None else int(last), "lrs": lrs}
 
 
 def load_layers(path) -> list[tuple[str, str, tuple[int, int]]]:

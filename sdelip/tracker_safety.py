@@ -8,11 +8,10 @@ sums is explained (:func:`explain_overflow`), and the refusal of gradient accumu
 
 from __future__ import annotations
 
-import pandas as pd
 import torch
 
 from ._checks import NonFiniteError
-from .record import load_record
+from .record import record_steps
 
 __all__ = ["SmallBatchWarning", "GradientAccumulationError", "check_continuation", "explain_overflow",
            "accumulation_message"]
@@ -48,14 +47,14 @@ def check_continuation(tracker, start_step: int) -> None:
     """
     meta = tracker.writer.metadata()
     where = f"Tracker(start_step={start_step}) on the record {str(tracker.record_path)!r}"
-    rows = load_record(tracker.record_path)
-    if rows.empty:
+    rows = record_steps(tracker.record_path)
+    if not rows["rows"]:
         return
     now = {**tracker._options(), "lr": tracker._hyperparameters(start_step)[0]}
     now.pop("uses", None)
     changed = [f"{k}={now[k]!r} here, {k}={meta[k]!r} in the record" for k in now
                if k in meta and meta[k] != now[k]]
-    lrs = sorted(set(rows["lr"].tolist()))
+    lrs = rows["lrs"]
     if lrs != [now["lr"]] and "lr" not in [c.split("=")[0] for c in changed]:
         changed.append(f"lr={now['lr']!r} here, lr={lrs if len(lrs) > 1 else lrs[0]!r} in the record's rows")
     if changed:
@@ -64,7 +63,7 @@ def check_continuation(tracker, start_step: int) -> None:
             "keeps the record's configuration (start_step sets t = start_step·η for one constant η); write a "
             "new record for a new configuration"
         )
-    last = int(pd.to_numeric(rows["step"]).max())
+    last = rows["last_step"]
     expected = next((s for s in range(start_step - 1, -1, -1) if tracker.schedule(s)), None)
     if expected is not None and last < expected:
         raise ValueError(

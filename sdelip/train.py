@@ -389,9 +389,9 @@ def _remove_run(config: TrainConfig) -> None:
 
 
 def _rows(record: Path) -> int:
-    from .record import load_record
+    from .record import record_steps
 
-    return len(load_record(record))
+    return record_steps(record)["rows"]
 
 
 def _resume_state(config: TrainConfig, device) -> Optional[dict]:
