@@ -14,6 +14,13 @@ default, ``synchronous=NORMAL``) a committed step survives the death of the proc
 power loss, at the price of one fsync per step (about 3.5 ms on the development machine,
 more than a plain MLP step).
 
+A record has one writer (:mod:`sdelip.record_lock`: a second one is refused, naming the
+holder). Closing the writer folds the log into the file and switches the journal mode to
+``DELETE``, so a closed record is the single file. Readers open it read-only
+(``mode=ro``), also on read-only mounts; :func:`copy_record` copies a record that is still
+being written. Files that are not records (directories, random bytes, damaged or foreign
+SQLite databases) are refused by name (:class:`NotARecordError`), and never written.
+
 Tables::
 
     meta(key, value)                 run metadata, JSON values
