@@ -1,4 +1,4 @@
-"""The ``sdelip`` command line: ``demo``, ``track``, ``predict``, ``simulate``, ``plot``, ``info``.
+"""The ``sdelip`` command line: ``demo``, ``track``, ``predict``, ``simulate``, ``plot``, ``info``, ``copy``.
 
 Run ``sdelip <command> --help`` for each command's options. Errors are printed as one
 message (``sdelip: error: ...``) with exit status 2; ``--traceback`` shows the full
@@ -50,13 +50,52 @@ def _markdown_table(rows) -> str:
     return "\n".join(out) + "\n"
 
 
-def _load(record_path):
+def _load(record_path, need_rows: bool = True):
     from .record import load_record
 
     path = Path(record_path)
     if not path.exists():
         raise FileNotFoundError(f"no record at {path}: create one with `sdelip track --record {path}`")
-    return load_record(path)
+    record = load_record(path)
+    if need_rows and record.empty:
+        raise ValueError(f"the record {str(path)!r} holds no steps yet (0 rows): nothing to predict, simulate or plot")
+    return record
+
+
+def _degenerate(record, include: bool, what: str):
+    """Report the record's degenerate steps and return the record ``what`` uses (module prediction)."""
+    from .prediction import degenerate_steps, drop_degenerate
+
+    bad = degenerate_steps(record)
+    if not bad:
+        return record
+    shown = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
+    head = (f"{len(bad)} of {len(record)} steps are degenerate (a layer's top singular value repeated, spectral gap "
+            f"below gap_tol, Assumption 11; steps {shown}): ")
+    if include:
+        print(f"sdelip: notice: {head}their coefficients, undefined by the theory, are used by {what} as recorded "
+              "(--include-degenerate)", file=sys.stderr)
+        return record
+    print(f"sdelip: notice: {head}their coefficients are undefined by the theory and are not used by {what}: a "
+          "leading one is dropped, a later one holds the previous step's coefficients (--include-degenerate uses "
+          "them)", file=sys.stderr)
+    return drop_degenerate(record)
+
+
+def _check_output(path) -> Path:
+    """An output file's folder must exist and be writable: checked before any work is done."""
+    import os
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise IsADirectoryError(f"the output {str(path)!r} is a directory; give a file name")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"the folder {str(folder)!r} of the output {str(path)!r} does not exist; create it "
+                                "first (sdelip does not create folders for output files)")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"the folder {str(folder)!r} of the output {str(path)!r} is not writable")
+    return path
 
 
 def _metadata(record_path) -> dict:
@@ -163,8 +202,19 @@ def _train_config(args, record: Optional[str]):
         decomposition=args.decomposition, probe_every=args.probe_every, record=record,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         max_train_samples=args.max_train_samples, device=args.device, dtype=args.dtype,
-        overwrite=getattr(args, "overwrite", False),
+        overwrite=getattr(args, "overwrite", False), threads=args.threads,
     )
+
+
+THREADS_HELP = ("torch CPU threads (default: the cores idle when the run starts, at least 1; OMP_NUM_THREADS wins "
+                "when set)")
+
+
+def _threads(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be at least 1, got {value}")
+    return n
 
 
 def _schedule(value: str):
@@ -200,11 +250,20 @@ def cli_option(option: str, value) -> str:
     return f"{flag} {value}"
 
 
+def default_checkpoint(record) -> Path:
+    """The checkpoint ``sdelip track`` keeps beside a record by default: ``<record>.ckpt``."""
+    record = Path(record)
+    return record.with_name(record.name + ".ckpt")
+
+
 def cmd_track(args) -> int:
     from .train import ResumeError, train
 
     record = Path(args.record)
-    record.parent.mkdir(parents=True, exist_ok=True)
+    if args.no_checkpoint:
+        args.checkpoint = None
+    elif args.checkpoint is None:
+        args.checkpoint = str(default_checkpoint(record))
     try:
         result = train(_train_config(args, str(record)), progress=not args.no_progress)
     except ResumeError as exc:
@@ -215,16 +274,20 @@ def cmd_track(args) -> int:
           f"train accuracy {result.train_accuracy:.3f} over all steps"
           + (f", test accuracy {result.test_accuracy:.3f}" if result.test_accuracy is not None else ""))
     print(f"K: {result.K_initial:.4g} -> {result.K_final:.4g}; record: {record}")
+    if result.checkpoints:
+        print(f"checkpoint: {args.checkpoint} ({result.checkpoints} written, {result.checkpoint_seconds:.2f} s)")
     return 0
 
 
 def cmd_predict(args) -> int:
     from .prediction import predict
 
-    record = _load(args.record)
-    pred = predict(record)
     if args.csv:
-        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        _check_output(args.csv)
+    record = _load(args.record)
+    _degenerate(record, args.include_degenerate, "the prediction")
+    pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
+    if args.csv:
         pred.to_csv(args.csv, index=False)
         print(f"prediction written to {args.csv}")
     _print_table(prediction_summary(record, pred))
@@ -234,9 +297,15 @@ def cmd_predict(args) -> int:
 def cmd_simulate(args) -> int:
     import numpy as np
 
+    if args.csv:
+        _check_output(args.csv)
     record = _load(args.record)
     lr = _lr_of(args.record, record)
-    sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
+    record = _degenerate(record, args.include_degenerate, "the simulation")
+    from .threads import use_threads
+
+    with use_threads(args.threads):
+        sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
     rows = []
     t = np.asarray(sim["t"])
     for q in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -260,20 +329,20 @@ def cmd_plot(args) -> int:
     from .plotting import save_figure, summary_figure
     from .prediction import predict
 
+    out = _check_output(args.out or Path(args.record).with_suffix(".png"))
     record = _load(args.record)
-    pred = predict(record)
+    used = _degenerate(record, args.include_degenerate, "the prediction and the simulation")
+    pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
     sim = None
     if args.simulate:
-        sim = _simulate(record, _lr_of(args.record, record), args.simulate, 0, "cpu", False)
-    out = Path(args.out or Path(args.record).with_suffix(".png"))
-    out.parent.mkdir(parents=True, exist_ok=True)
+        sim = _simulate(used, _lr_of(args.record, record), args.simulate, 0, "cpu", False)
     save_figure(summary_figure(record, pred, simulation=sim, title=str(args.record), smooth=args.smooth), out)
     print(f"figure written to {out}")
     return 0
 
 
 def cmd_info(args) -> int:
-    record = _load(args.record)
+    record = _load(args.record, need_rows=False)
     meta = _metadata(args.record)
     if args.json:
         print(json.dumps({"metadata": meta, "rows": len(record)}, indent=2, default=str))
@@ -298,9 +367,33 @@ def cmd_info(args) -> int:
             shown = ", ".join(names[:8]) + (f", … {len(names) - 8} more" if len(names) > 8 else "")
             print(f"    {reason}: {shown}")
     steps = record["step"]
+    if record.empty:
+        print("  rows: 0 (no step recorded yet)")
+        return 0
     print(f"  rows: {len(record)} (steps {int(steps.iloc[0])}..{int(steps.iloc[-1])})")
+    from .prediction import degenerate_steps
+
+    bad = degenerate_steps(record)
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
+        print(f"  degenerate steps: {len(bad)} ({shown}): a layer's top singular value repeated (Assumption 11), "
+              "their terms are undefined by the theory")
+        if not args.include_degenerate:
+            if len(bad) == len(record):
+                print("  every step is degenerate: no averages (--include-degenerate shows them)")
+                return 0
+            print("  the averages below leave them out (--include-degenerate includes them)")
+            record = record[~record["step"].isin(bad)].reset_index(drop=True)
     print()
     _print_table(terms_summary(record))
+    return 0
+
+
+def cmd_copy(args) -> int:
+    from .record import copy_record
+
+    out = copy_record(args.record, args.dest)
+    print(f"record copied to {out} (one self-contained file)")
     return 0
 
 
@@ -319,12 +412,13 @@ def cmd_demo(args) -> int:
           f"lr {args.lr}, batch {args.batch_size}")
     config = TrainConfig(model="mlp", dataset="mnist", data_root=args.data_root, lr=args.lr,
                          batch_size=args.batch_size, steps=args.steps, init_seed=args.seed,
-                         sampling_seed=args.seed, record=str(record_path), track=True)
+                         sampling_seed=args.seed, record=str(record_path), track=True, threads=args.threads)
     result = train(config, progress=not args.no_progress)
     record = _load(record_path)
     pred = predict(record)
     print(f"[2/3] simulating {args.trajectories} trajectories of the reduced SDE (Thm 15) from the record")
-    sim = _simulate(record, args.lr, args.trajectories, args.seed, "cpu", not args.no_progress)
+    sim = _simulate(_degenerate(record, False, "the simulation"), args.lr, args.trajectories, args.seed, "cpu",
+                    not args.no_progress)
     print("[3/3] writing the figure and the tables")
     fig_path = save_figure(
         summary_figure(record, pred, simulation=sim,
@@ -398,6 +492,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                             "autoaugment", "fgsm"], help="a Table 3 configuration")
     s.add_argument("--device", default="cpu", help="cpu or cuda")
     s.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    s.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
     t = p.add_argument_group("tracking")
     t.add_argument("--track-every", default="1", help="track every N steps, or 'log' (logarithmic schedule)")
     t.add_argument("--engine", default="auto", choices=["auto", "factored", "materialised", "coupled"],
@@ -408,8 +503,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--probe-every", type=int, default=None,
                    help="every N steps also record exact conv norms and an empirical Lipschitz lower bound")
     t.add_argument("--checkpoint", default=None,
-                   help="checkpoint file; an existing one is resumed, with the same options as the run that wrote it")
-    t.add_argument("--checkpoint-every", type=int, default=None, help="write the checkpoint every N steps")
+                   help="checkpoint file (default: RECORD.ckpt beside the record); an existing one is resumed, with "
+                        "the same options as the run that wrote it, so rerunning a killed command continues it")
+    t.add_argument("--checkpoint-every", type=int, default=None,
+                   help="write the checkpoint every N steps (default: automatically, as often as keeps the time "
+                        "spent on checkpoints under 2.5%% of the run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -432,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--data-root", default=None, help="MNIST folder; the bundled digits are used if absent")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
     d.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("track", help="train with live tracking into a record",
@@ -440,12 +539,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true",
                     help="start a new run: replace an existing record and checkpoint")
     tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--no-checkpoint", action="store_true",
+                    help="write no checkpoint (a killed run then cannot be continued)")
     _add_training_options(tr)
     tr.set_defaults(func=cmd_track)
 
     pr = sub.add_parser("predict", help="Thm 16–17 prediction vs observation from a record")
     pr.add_argument("record")
     pr.add_argument("--csv", default=None, help="write the full prediction table here")
+    pr.add_argument("--include-degenerate", action="store_true",
+                    help="use the terms of degenerate steps (repeated top singular value) in the prediction")
     pr.set_defaults(func=cmd_predict)
 
     si = sub.add_parser("simulate", help="Monte Carlo of the reduced Z-SDE with a record's coefficients")
@@ -455,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--device", default="cpu")
     si.add_argument("--csv", default=None, help="write mean, variance and quantiles over time here")
     si.add_argument("--no-progress", action="store_true")
+    si.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
+    si.add_argument("--include-degenerate", action="store_true",
+                    help="use the terms of degenerate steps (repeated top singular value) in the simulation")
     si.set_defaults(func=cmd_simulate)
 
     pl = sub.add_parser("plot", help="figure from a record (prediction, terms, κ split)")
@@ -462,12 +568,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default=None, help="PNG path (default: next to the record)")
     pl.add_argument("--simulate", type=int, default=0, metavar="N", help="add an SDE band from N trajectories")
     pl.add_argument("--smooth", type=int, default=1, help="moving-average window for the terms")
+    pl.add_argument("--include-degenerate", action="store_true",
+                    help="use the terms of degenerate steps (repeated top singular value) in the prediction and the simulation")
     pl.set_defaults(func=cmd_plot)
 
     inf = sub.add_parser("info", help="a record's metadata and a summary of its terms")
     inf.add_argument("record")
     inf.add_argument("--json", action="store_true", help="metadata as JSON")
+    inf.add_argument("--include-degenerate", action="store_true",
+                    help="use the terms of degenerate steps (repeated top singular value) in the averages")
     inf.set_defaults(func=cmd_info)
+
+    cp = sub.add_parser("copy", help="copy a record, also one still being written, into one self-contained file",
+                        description="Copy a record with SQLite's online backup API: a consistent snapshot of its "
+                                    "committed steps (those still in its -wal file included) as one file. Safe while "
+                                    "the run is writing; the source is only read.")
+    cp.add_argument("record")
+    cp.add_argument("dest", help="the copy (must not exist)")
+    cp.set_defaults(func=cmd_copy)
     return p
 
 

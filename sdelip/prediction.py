@@ -18,6 +18,17 @@ exact only if the coefficients change little between tracked steps.
 Thm 17 is exact when the coefficients are deterministic functions of time; measured along
 one run they are one realisation, so the moments describe runs whose coefficients follow
 this one's.
+
+Degenerate steps. A step is flagged ``degenerate`` when a layer's top singular value was
+(nearly) repeated, relative gap below ``gap_tol`` (Assumption 11 violated, e.g. an
+orthogonal initialisation). There σ1 is not differentiable and the Lemma 12–13 terms
+carry 1/(σ1² − σ2²): κ and the Hessian terms of such a step are not defined by the
+theory and their numbers (clamped gaps) can be orders of magnitude off. By default
+(:func:`drop_degenerate`) they never drive a prediction or a simulation: leading
+degenerate rows are dropped (the prediction starts at the first regular step, from the K
+observed there) and the coefficients of a later degenerate step are replaced by those of
+the previous regular step, exactly as a sparse schedule holds a tracked step's
+coefficients until the next one. ``degenerate="include"`` uses them as recorded.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ import pandas as pd
 from .dynamics import lipschitz_moments
 from .record import load_record
 
-__all__ = ["predict", "PREDICTION_COLUMNS"]
+__all__ = ["predict", "drop_degenerate", "degenerate_steps", "PREDICTION_COLUMNS"]
 
 #: Columns of :func:`predict`'s DataFrame.
 PREDICTION_COLUMNS = (
@@ -45,10 +56,58 @@ PREDICTION_COLUMNS = (
     "K_std",
     "Z_mean",
     "Z_std",
+    "degenerate",
 )
 
 
-def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[int] = None) -> pd.DataFrame:
+def degenerate_steps(df: pd.DataFrame) -> list[int]:
+    """The steps of a record flagged degenerate (a layer's σ1 (nearly) repeated, Assumption 11)."""
+    if "degenerate" not in df.columns or df.empty:
+        return []
+    flag = df["degenerate"].fillna(False).astype(bool).to_numpy()
+    return [int(s) for s in df["step"].to_numpy()[flag]]
+
+
+def _is_coefficient(col: str) -> bool:
+    base = col.split("/", 1)[0]
+    return base.rstrip("Z").rstrip("_") in ("drift", "noise_curvature", "noise_curvature_var", "noise_curvature_cov",
+                                            "diffusion_sq", "step_curvature")
+
+
+def drop_degenerate(df: pd.DataFrame) -> pd.DataFrame:
+    """The record with its degenerate steps kept out of the coefficients (module docstring).
+
+    Leading degenerate rows are dropped; a later degenerate row keeps its observed K and Z
+    but takes the Thm 14–15 coefficients (drift, noise curvature and its split, diffusion,
+    step curvature; network and per layer) of the previous regular row.
+
+    Raises:
+        ValueError: every step is degenerate.
+    """
+    bad = set(degenerate_steps(df))
+    if not bad:
+        return df
+    df = df.sort_values("step").reset_index(drop=True)
+    flag = df["step"].isin(bad).to_numpy()
+    if flag.all():
+        raise ValueError(f"every step of the record ({len(df)}) is degenerate (a layer's top singular value "
+                         "repeated, Assumption 11): its coefficients are undefined; pass degenerate='include' "
+                         "(--include-degenerate) to use them anyway")
+    first = int(np.argmin(flag))
+    df = df.iloc[first:].reset_index(drop=True)
+    flag = flag[first:]
+    cols = [c for c in df.columns if _is_coefficient(c)]
+    if flag.any():
+        df = df.copy()
+        block = df[cols].mask(pd.Series(flag, index=df.index), np.nan)
+        # forward fill from the previous regular row only (NaNs recorded on regular rows stay NaN)
+        group = np.cumsum(~flag)
+        df[cols] = block.groupby(group).transform("first")
+    return df
+
+
+def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[int] = None,
+            degenerate: str = "exclude") -> pd.DataFrame:
     """The Thm 16 path and the Thm 17 mean and spread of K(t) from a record.
 
     Args:
@@ -56,10 +115,15 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
             the columns step, t, Z, K, drift_Z, noise_curvature_Z, diffusion_sq_Z).
         start_step: start the prediction at this tracked step (default: the first row);
             Z(0) and K(0) are the observed values there.
+        degenerate: ``"exclude"`` (default): degenerate steps never drive the prediction
+            (:func:`drop_degenerate`); ``"include"``: use their coefficients as recorded.
+            The output's ``degenerate`` column flags them and ``out.attrs["degenerate_steps"]``
+            lists every flagged step of the record.
 
     Returns:
         DataFrame with one row per tracked step from the start: step, t, K_observed,
-        Z_observed, Z_path, K_path, K_mean, K_std, Z_mean, Z_std, and, when the record has
+        Z_observed, Z_path, K_path, K_mean, K_std, Z_mean, Z_std, degenerate (the step is
+        flagged; its coefficients were held from the previous step unless included), and, when the record has
         ``step_curvature_Z``, K_mean_discrete: the Thm 17 mean with the O(η) drift of the
         discrete step, (η/2σ1)∇LᵀH∇L per layer, added (not in the paper; THEORY.md §4).
 
@@ -71,7 +135,12 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise ValueError(f"the record lacks the column(s) {missing} needed for the prediction")
+    if degenerate not in ("exclude", "include"):
+        raise ValueError(f"degenerate must be 'exclude' or 'include', got {degenerate!r}")
     df = df.sort_values("step")
+    flagged = degenerate_steps(df)
+    if degenerate == "exclude":
+        df = drop_degenerate(df)
     if start_step is not None:
         df = df[df["step"] >= int(start_step)]
     if len(df) == 0:
@@ -100,6 +169,7 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
             "K_std": mom.std_K,
             "Z_mean": mom.mean_Z,
             "Z_std": np.sqrt(mom.var_Z),
+            "degenerate": df["step"].isin(flagged).to_numpy(),
         }
     )
     if "step_curvature_Z" in df.columns:
@@ -107,4 +177,6 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
         # E[K] ≈ K0 exp ∫(μ_Z + κ_Z + step_curvature_Z). NaN where a record predates the column.
         sc = df["step_curvature_Z"].to_numpy(dtype=np.float64)[:-1]
         out["K_mean_discrete"] = mom.mean_K * np.exp(np.concatenate([[0.0], np.cumsum(sc * dt)]))
+    out.attrs["degenerate_steps"] = flagged
+    out.attrs["degenerate_policy"] = degenerate
     return out

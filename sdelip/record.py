@@ -14,6 +14,13 @@ default, ``synchronous=NORMAL``) a committed step survives the death of the proc
 power loss, at the price of one fsync per step (about 3.5 ms on the development machine,
 more than a plain MLP step).
 
+A record has one writer (:mod:`sdelip.record_lock`: a second one is refused, naming the
+holder). Closing the writer folds the log into the file and switches the journal mode to
+``DELETE``, so a closed record is the single file. Readers open it read-only
+(``mode=ro``), also on read-only mounts; :func:`copy_record` copies a record that is still
+being written. Files that are not records (directories, random bytes, damaged or foreign
+SQLite databases) are refused by name (:class:`NotARecordError`), and never written.
+
 Tables::
 
     meta(key, value)                 run metadata, JSON values
@@ -39,6 +46,7 @@ import attrs
 import numpy as np
 import pandas as pd
 
+from .record_lock import RecordLock, RecordLockedError
 from .terms import layer_columns, network_columns
 
 __all__ = [
@@ -47,6 +55,11 @@ __all__ = [
     "StepRecord",
     "RecordWriter",
     "RecordExistsError",
+    "NotARecordError",
+    "RecordLockedError",
+    "check_record_file",
+    "record_steps",
+    "copy_record",
     "load_record",
     "load_metadata",
     "load_probes",
@@ -92,6 +105,10 @@ CREATE TABLE IF NOT EXISTS probes (
 
 class RecordExistsError(FileExistsError):
     """The record file already holds steps and neither append nor overwrite was asked for."""
+
+
+class NotARecordError(ValueError):
+    """A path is not an sdelip record: a directory, not an SQLite file, another program's database, or damaged."""
 
 
 def remove_record(path: Union[str, os.PathLike]) -> None:
@@ -189,8 +206,17 @@ class RecordWriter:
             process being killed) or ``"power"`` (``synchronous=FULL``: also survives
             power loss; one fsync per step).
 
+        lock: a :class:`~sdelip.record_lock.RecordLock` on ``path`` already held by the
+            caller, who keeps it (and releases it) after the writer closes, e.g. to write a
+            final checkpoint; by default the writer takes the lock and :meth:`close`
+            releases it.
+
     Raises:
         RecordExistsError: ``mode="new"`` and the file already holds steps.
+        RecordLockedError: another writer holds the record (named in the message).
+        NotARecordError: the path is a directory, not an SQLite file, or an SQLite
+            database of another program (also with ``mode="overwrite"``: only records
+            are replaced).
         ValueError: ``mode="append"`` and the layers differ from the record's.
     """
 
@@ -201,58 +227,64 @@ class RecordWriter:
         metadata: Optional[Mapping[str, Any]] = None,
         mode: str = "new",
         durability: str = "process",
+        lock: Optional[RecordLock] = None,
     ):
         if mode not in ("new", "append", "overwrite"):
             raise ValueError(f"mode must be 'new', 'append' or 'overwrite', got {mode!r}")
         if durability not in ("process", "power"):
             raise ValueError(f"durability must be 'process' or 'power', got {durability!r}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if mode == "overwrite":
-            remove_record(self.path)
-        self._con = _connect(self.path)
-        con = self._con
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute(f"PRAGMA synchronous={'FULL' if durability == 'power' else 'NORMAL'}")
-        con.executescript(_SCHEMA)
-        for table, cols in _ADDED_COLUMNS.items():
-            for col in set(cols) - _table_columns(con, table):
-                con.execute(f"ALTER TABLE {table} ADD COLUMN {col} REAL")
-        if "uses" not in _table_columns(con, "layers"):  # records written before tied weights were counted
-            con.execute("ALTER TABLE layers ADD COLUMN uses INTEGER NOT NULL DEFAULT 1")
-        layers = [tuple(layer) if len(layer) == 4 else (*layer, 1) for layer in layers]
-        self.layer_names = [name for name, _, _, _ in layers]
-        existing = con.execute("SELECT name, kind, m, n, uses FROM layers ORDER BY idx").fetchall()
-        n_steps = con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
-        if mode == "new" and n_steps > 0:
-            con.close()
-            raise RecordExistsError(
-                f"record {str(self.path)!r} already holds {n_steps} step(s); pass overwrite=True to start a new "
-                "record there, or resume the run from a checkpoint (Tracker.resume) to continue it"
-            )
-        wanted = [(name, kind, int(shape[0]), int(shape[1]), int(uses)) for name, kind, shape, uses in layers]
-        if existing and [tuple(r) for r in existing] != wanted:
-            if mode == "append" or n_steps > 0:
-                con.close()
-
-                def desc(rows):
-                    return [(r[0], (r[2], r[3])) + ((f"{r[4]} uses",) if r[4] != 1 else ()) for r in rows]
-
-                raise ValueError(
-                    f"record {str(self.path)!r} tracks layers {desc(existing)}, not {desc(wanted)}"
+        self._con = None
+        self._owns_lock = lock is None
+        self._lock = lock if lock is not None else RecordLock(self.path)  # one writer per record
+        try:
+            check_record_file(self.path, for_writing=True)
+            if mode == "overwrite":
+                remove_record(self.path)
+            self._con = _connect(self.path)
+            con = self._con
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute(f"PRAGMA synchronous={'FULL' if durability == 'power' else 'NORMAL'}")
+            con.executescript(_SCHEMA)
+            for table, cols in _ADDED_COLUMNS.items():
+                for col in set(cols) - _table_columns(con, table):
+                    con.execute(f"ALTER TABLE {table} ADD COLUMN {col} REAL")
+            if "uses" not in _table_columns(con, "layers"):  # records written before tied weights were counted
+                con.execute("ALTER TABLE layers ADD COLUMN uses INTEGER NOT NULL DEFAULT 1")
+            layers = [tuple(layer) if len(layer) == 4 else (*layer, 1) for layer in layers]
+            self.layer_names = [name for name, _, _, _ in layers]
+            existing = con.execute("SELECT name, kind, m, n, uses FROM layers ORDER BY idx").fetchall()
+            n_steps = con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+            if mode == "new" and n_steps > 0:
+                raise RecordExistsError(
+                    f"record {str(self.path)!r} already holds {n_steps} step(s); pass overwrite=True to start a new "
+                    "record there, or resume the run from a checkpoint (Tracker.resume) to continue it"
                 )
-        con.execute("BEGIN")
-        if not existing or [tuple(r) for r in existing] != wanted:
-            con.execute("DELETE FROM layers")
-            con.executemany(
-                "INSERT INTO layers (idx, name, kind, m, n, uses) VALUES (?, ?, ?, ?, ?, ?)",
-                [(i, *w) for i, w in enumerate(wanted)],
-            )
-        if mode != "append":
-            con.execute("DELETE FROM meta")
-        if metadata:
-            self._put_meta(metadata, overwrite=(mode != "append"))
-        con.execute("COMMIT")
+            wanted = [(name, kind, int(shape[0]), int(shape[1]), int(uses)) for name, kind, shape, uses in layers]
+            if existing and [tuple(r) for r in existing] != wanted:
+                if mode == "append" or n_steps > 0:
+
+                    def desc(rows):
+                        return [(r[0], (r[2], r[3])) + ((f"{r[4]} uses",) if r[4] != 1 else ()) for r in rows]
+
+                    raise ValueError(
+                        f"record {str(self.path)!r} tracks layers {desc(existing)}, not {desc(wanted)}"
+                    )
+            con.execute("BEGIN")
+            if not existing or [tuple(r) for r in existing] != wanted:
+                con.execute("DELETE FROM layers")
+                con.executemany(
+                    "INSERT INTO layers (idx, name, kind, m, n, uses) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(i, *w) for i, w in enumerate(wanted)],
+                )
+            if mode != "append":
+                con.execute("DELETE FROM meta")
+            if metadata:
+                self._put_meta(metadata, overwrite=(mode != "append"))
+            con.execute("COMMIT")
+        except BaseException:
+            self._release()
+            raise
         self._layer_idx = {name: i for i, name in enumerate(self.layer_names)}
 
     # -- metadata ---------------------------------------------------------------------------
@@ -335,15 +367,29 @@ class RecordWriter:
         return int(n)
 
     def close(self) -> None:
-        """Checkpoint the write-ahead log into the main file and close."""
+        """Make the record one self-contained file, close it and release the writer's lock.
+
+        The write-ahead log is checkpointed into the main file and the journal mode is
+        switched back to ``DELETE``, so the closed record is the single file ``path``
+        (no ``-wal``/``-shm``): it can be copied alone and read on a read-only mount.
+        """
         if self._con is None:
+            self._release()
             return
         try:
             self._con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error:  # pragma: no cover - a concurrent reader may hold the log
+            self._con.execute("PRAGMA journal_mode=DELETE")
+        except sqlite3.Error:  # pragma: no cover - a concurrent reader holds the log: it stays in WAL mode
             pass
-        self._con.close()
-        self._con = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None and getattr(self, "_owns_lock", True):
+            lock.release()
 
     @property
     def closed(self) -> bool:
@@ -357,21 +403,160 @@ class RecordWriter:
 
 
 # -- reading ------------------------------------------------------------------------------------
-def _open_for_reading(path) -> sqlite3.Connection:
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_RECORD_TABLES = {"meta", "layers", "steps", "layer_steps", "probes"}
+
+
+def _ro_connect(path: Path) -> sqlite3.Connection:
+    """A read-only connection (``file:…?mode=ro``): works on read-only files, folders and mounts.
+
+    A database left in WAL mode without its ``-shm`` file (a record of an older sdelip, or
+    one whose writer exited without ``close()``) cannot be opened with ``mode=ro`` where
+    the ``-shm`` cannot be created (a read-only folder or mount). With no ``-wal`` file
+    beside it all its rows are in the file itself, and nobody can be writing it there, so
+    it is then opened as ``immutable``.
+    """
+    from urllib.parse import quote
+
+    path = Path(path).resolve()
+    uri = f"file:{quote(str(path))}"
+    con = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, timeout=30.0)
+    try:
+        con.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return con
+    except sqlite3.OperationalError:
+        con.close()
+        if Path(str(path) + "-wal").exists() or os.access(path.parent, os.W_OK):
+            raise
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None, timeout=30.0)
+
+
+def check_record_file(path: Union[str, os.PathLike], for_writing: bool = False) -> None:
+    """Check that ``path`` is an sdelip record (or, for writing, may become one).
+
+    For writing, a missing or empty file is fine. Otherwise the file must be an SQLite
+    database holding only the record's tables.
+
+    Raises:
+        FileNotFoundError: reading, and there is no file.
+        NotARecordError: a directory, a file that is not an SQLite database (random
+            bytes, a truncated header), a damaged database, or another program's
+            database; the message names the path and what is wrong.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise NotARecordError(f"{str(p)!r} is a directory, not an sdelip record (a record is one SQLite file)")
     if not p.exists():
+        if for_writing:
+            return
         raise FileNotFoundError(f"no record at {str(p)!r}")
-    # A normal (read-write) connection lets SQLite recover a write-ahead log left by a killed writer.
-    return _connect(p)
+    size = p.stat().st_size
+    if size == 0:
+        if for_writing:
+            return
+        raise NotARecordError(f"{str(p)!r} is an empty file, not an sdelip record")
+    with open(p, "rb") as f:
+        head = f.read(len(_SQLITE_HEADER))
+    if head != _SQLITE_HEADER:
+        raise NotARecordError(
+            f"{str(p)!r} is not an sdelip record: it is not an SQLite database ({size} bytes starting {head[:8]!r})"
+            + ("; refusing to write into it, delete it or choose another path" if for_writing else "")
+        )
+    try:
+        con = _ro_connect(p)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise NotARecordError(f"{str(p)!r} is not a readable sdelip record: {exc} (a truncated or damaged file?)") \
+            from None
+    foreign = tables - _RECORD_TABLES
+    if foreign or (tables and not {"meta", "layers", "steps"} <= tables):
+        raise NotARecordError(
+            f"{str(p)!r} is an SQLite database of another program, not an sdelip record (tables "
+            f"{sorted(tables)})" + ("; refusing to write into it or replace it, choose another path"
+                                    if for_writing else "")
+        )
+    if not tables and not for_writing:
+        raise NotARecordError(f"{str(p)!r} is an empty SQLite database, not an sdelip record")
+
+
+def _open_for_reading(path) -> sqlite3.Connection:
+    """A read-only connection to a checked record.
+
+    Readers never write: they open the file with ``mode=ro``, so a record can be read on
+    a read-only mount or by a user who may not write its folder. A record still being
+    written (or left by a killed writer) is in WAL mode; its committed rows in the
+    ``-wal`` file are read as long as the ``-wal``/``-shm`` files are readable.
+    """
+    p = Path(path)
+    check_record_file(p)
+    return _ro_connect(p)
+
+
+class _Reading:
+    """``with _Reading(path) as con``: a read-only connection; SQLite errors name the path."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.con = _open_for_reading(self.path)
+        return self.con
+
+    def __exit__(self, typ, exc, tb):
+        self.con.close()
+        if isinstance(exc, pd.errors.DatabaseError) and isinstance(exc.__cause__ or exc.__context__,
+                                                                    sqlite3.DatabaseError):
+            exc = exc.__cause__ or exc.__context__
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.OperationalError):
+            raise NotARecordError(f"{str(self.path)!r} is not a readable sdelip record: {exc} (a truncated or "
+                                  "damaged file?)") from None
+        if isinstance(exc, sqlite3.OperationalError):
+            raise NotARecordError(f"reading the record {str(self.path)!r} failed: {exc}") from None
+        return False
+
+
+def copy_record(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> Path:
+    """Copy a record, also one that is still being written, into one self-contained file.
+
+    Uses SQLite's online backup API: the copy is a consistent snapshot of the committed
+    steps (those still in the source's ``-wal`` file included), written to ``dst`` in
+    ``DELETE`` journal mode, i.e. the single file ``dst``. The source is opened
+    read-only and its writer is not disturbed. ``dst`` must not exist.
+
+    Raises:
+        FileExistsError: ``dst`` exists.
+        NotARecordError: ``src`` is not a record.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise FileExistsError(f"{str(dst)!r} exists; copy_record does not overwrite")
+    tmp = dst.with_name(dst.name + ".tmp")
+    with _Reading(src) as con:
+        out = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            con.backup(out)
+            out.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            out.close()
+    os.replace(tmp, dst)
+    return dst
+
+
+def record_steps(path) -> dict:
+    """Cheap facts about a record's rows: ``rows``, ``last_step`` (None when empty) and ``lrs`` (sorted)."""
+    with _Reading(path) as con:
+        rows, last = con.execute("SELECT COUNT(*), MAX(step) FROM steps").fetchone()
+        lrs = sorted(r[0] for r in con.execute("SELECT DISTINCT lr FROM steps"))
+    return {"rows": int(rows), "last_step": None if last is None else int(last), "lrs": lrs}
 
 
 def load_layers(path) -> list[tuple[str, str, tuple[int, int]]]:
     """The tracked layers of a record: (name, kind, (m, n)) in forward order."""
-    con = _open_for_reading(path)
-    try:
+    with _Reading(path) as con:
         return [(n, k, (m, nn)) for n, k, m, nn in con.execute("SELECT name, kind, m, n FROM layers ORDER BY idx")]
-    finally:
-        con.close()
 
 
 def _layer_uses(con: sqlite3.Connection) -> dict[str, int]:
@@ -382,29 +567,20 @@ def _layer_uses(con: sqlite3.Connection) -> dict[str, int]:
 
 def load_layer_uses(path) -> dict[str, int]:
     """How many times each tracked layer's weight is applied per forward pass (1 unless tied)."""
-    con = _open_for_reading(path)
-    try:
+    with _Reading(path) as con:
         return _layer_uses(con)
-    finally:
-        con.close()
 
 
 def load_metadata(path) -> dict:
     """The run metadata of a record (model summary, layer shapes, η, M, engine, seed, versions…)."""
-    con = _open_for_reading(path)
-    try:
+    with _Reading(path) as con:
         return {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
-    finally:
-        con.close()
 
 
 def load_probes(path) -> pd.DataFrame:
     """Every probe value of a record as a wide DataFrame indexed by step (columns: probe names)."""
-    con = _open_for_reading(path)
-    try:
+    with _Reading(path) as con:
         long = pd.read_sql_query("SELECT step, name, value FROM probes ORDER BY step", con)
-    finally:
-        con.close()
     if long.empty:
         return pd.DataFrame({"step": pd.Series([], dtype="int64")})
     wide = long.pivot(index="step", columns="name", values="value").reset_index()
@@ -437,8 +613,7 @@ def load_record(path) -> pd.DataFrame:
     Only tracked steps are rows. Reading while a run is writing is safe; after a crash
     the rows are exactly the committed steps.
     """
-    con = _open_for_reading(path)
-    try:
+    with _Reading(path) as con:
         uses = _layer_uses(con)
         layers = list(uses)
         have_steps, have_layers = _table_columns(con, "steps"), _table_columns(con, "layer_steps")
@@ -451,8 +626,6 @@ def load_record(path) -> pd.DataFrame:
             con,
         )
         probes = pd.read_sql_query("SELECT step, name, value FROM probes ORDER BY step", con)
-    finally:
-        con.close()
     for c in NETWORK_QUANTITIES + ("t", "lr", "loss"):
         steps[c] = steps[c].astype("float64")
     steps["degenerate"] = steps["degenerate"].astype(bool)

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import attrs
 
-__all__ = ["Task", "TaskResult", "TaskFailure", "SweepOutcome", "run_sweep", "fn_reference", "load_result",
+__all__ = ["Task", "TaskResult", "TaskFailure", "SweepOutcome", "run_sweep", "fn_reference", "load_result", "damage",
            "RESULT_FILE", "FAILURES_FILE"]
 
 #: The file that marks a record folder as complete (written last).
@@ -226,12 +226,50 @@ def _display(key) -> str:
 
 
 def load_result(task: Task, folder: pathlib.Path) -> Optional[TaskResult]:
-    """The :class:`TaskResult` of a complete record folder, or None when it is not complete."""
+    """The :class:`TaskResult` of a complete record folder, or None when it is not complete.
+
+    Raises:
+        ValueError: ``result.json`` is empty, truncated or lacks the value (named in the message).
+    """
     path = pathlib.Path(folder) / RESULT_FILE
     if not path.is_file():
         return None
-    meta = json.loads(path.read_text())
-    return TaskResult(task=task, value=meta["value"], dir=pathlib.Path(folder), seconds=float(meta["seconds"]))
+    try:
+        meta = json.loads(path.read_text())
+        return TaskResult(task=task, value=meta["value"], dir=pathlib.Path(folder), seconds=float(meta["seconds"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
+
+
+def damage(folder: pathlib.Path) -> Optional[str]:
+    """What is wrong with a record folder that has a ``result.json``, or None when it is sound.
+
+    Checks that ``result.json`` parses with a value, and that every SQLite file in the
+    folder (``*.db``, e.g. a tracker record) passes SQLite's ``quick_check`` (a truncated
+    or corrupted record fails it).
+    """
+    import sqlite3
+    from urllib.parse import quote
+
+    folder = pathlib.Path(folder)
+    try:
+        meta = json.loads((folder / RESULT_FILE).read_text())
+        if not isinstance(meta, dict) or "value" not in meta or "seconds" not in meta:
+            return f"{folder / RESULT_FILE} lacks the task's value"
+    except (OSError, ValueError) as exc:
+        return f"{folder / RESULT_FILE} is empty or truncated ({type(exc).__name__}: {exc})"
+    for db in sorted(folder.rglob("*.db")):
+        try:
+            con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True)
+            try:
+                ok = con.execute("PRAGMA quick_check").fetchone()[0]
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            ok = str(exc)
+        if ok != "ok":
+            return f"{db} is damaged ({ok})"
+    return None
 
 
 def _result_meta(task_name: str, task_id: str, ref: str, config: dict, out: dict) -> dict:
@@ -502,6 +540,11 @@ def run_sweep(tasks, root, *, workers: Optional[int] = None, address: Optional[s
         folder = roots[k] / t.id
         if fresh and folder.exists():
             shutil.rmtree(folder)
+        if (folder / RESULT_FILE).is_file():
+            problem = damage(folder)
+            if problem is not None:  # re-run it: _finish replaces the folder
+                _say(f"[{label}] task {_display(k)!r} (id {t.id}) is damaged: {problem}; running it again")
+                (folder / RESULT_FILE).unlink(missing_ok=True)
         res = load_result(t, folder)
         if res is not None:
             done[k] = res

@@ -39,7 +39,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import random
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -58,17 +57,26 @@ from .engines import (
     make_engine,
     resolve_engine_name,
 )
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .curvature import decompose_layer
 from .layers import LeftOut, TrackedLayer, weight_inventory
 from .probes import lipschitz_lower_bound
+from .tracker_safety import (
+    GradientAccumulationError,
+    SmallBatchWarning,
+    accumulation_message,
+    check_continuation,
+    explain_overflow,
+)
 from .record import RecordWriter, StepRecord, load_record
 from .schedule import Schedule, as_schedule
 from .spectral import DEFAULT_GAP_TOL
 from .terms import TERMS, network_columns
 
-__all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "CHECKPOINT_FORMAT"]
+__all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "SmallBatchWarning", "GradientAccumulationError",
+           "CHECKPOINT_FORMAT"]
 
-CHECKPOINT_FORMAT = "sdelip-checkpoint-1"
+CHECKPOINT_FORMAT = "sdelip-checkpoint-2"  # -2: data only (weights_only loading)
 
 
 class NotPlainSGDWarning(UserWarning):
@@ -200,6 +208,7 @@ class Tracker:
         threads: Optional[int] = None,
         unsupported: str = "fallback",
         _record_mode: Optional[str] = None,
+        _record_lock=None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -283,6 +292,10 @@ class Tracker:
         for mname, mod in counted.items():
             self._hooks.append(mod.register_forward_hook(self._count_call(mname)))
         self._hooks.append(model.register_forward_hook(self._check_uses))
+        # -- one backward per optimizer step (gradient accumulation is refused) -------------------
+        self._backwards_since_step = 0
+        if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
+            self._hooks.append(optimizer.register_step_post_hook(self._optimizer_stepped))
 
         # -- record ---------------------------------------------------------------------------
         self.record_path = None if record is None else Path(record)
@@ -299,6 +312,7 @@ class Tracker:
                     self._metadata,
                     mode=mode,
                     durability=durability,
+                    lock=_record_lock,
                 )
             except BaseException:
                 self._remove_hooks()
@@ -306,7 +320,15 @@ class Tracker:
             if mode == "append":  # the record's metadata is the run's: keep it (batch size, earlier resumes)
                 self._metadata = {**self._metadata, **self.writer.metadata()}
             if start_step and _record_mode is None:
-                self.writer.truncate(start_step)
+                try:
+                    check_continuation(self, start_step)
+                except BaseException:
+                    self.close()
+                    raise
+                dropped = self.writer.truncate(start_step)
+                if dropped:
+                    warnings.warn(f"the record {str(self.record_path)!r} held {dropped} row(s) from step {start_step} "
+                                  "on; they are replaced by the continued run", stacklevel=2)
                 self._note_resumed(start_step)
 
     # ------------------------------------------------------------------------------------------
@@ -507,7 +529,7 @@ class Tracker:
 
         Args:
             losses: (M,) per-sample losses ℓ_i of the loss being optimised
-                (``reduction="none"``), M ≥ 2 on tracked steps.
+                (``reduction="none"``); a tracked step needs M ≥ 2 (else it is skipped).
             batch: ``(inputs, targets)``, needed only by the materialised engine.
 
         Returns:
@@ -515,9 +537,13 @@ class Tracker:
             tracked step, else None.
 
         Raises:
-            ValueError: a scalar or mis-shaped loss, M = 1 on a tracked step.
+            ValueError: a scalar or mis-shaped loss.
+            GradientAccumulationError: a second call without ``optimizer.step()`` in between.
             NonFiniteError: NaN/Inf in a loss, a per-sample gradient or a term (the message
                 names the step and layer; nothing is written for this step).
+
+        A tracked step with M = 1 (e.g. the last batch of an epoch) is not tracked: it
+        gives a :class:`SmallBatchWarning` and the plain backward.
         """
         if self._closed:
             raise RuntimeError("the tracker is closed")
@@ -525,6 +551,15 @@ class Tracker:
         self._check_losses(losses, step)
         M = int(losses.shape[0])
         tracked = bool(self.schedule(step))
+        self._check_one_backward_per_step(step)
+        if tracked and M < 2:
+            warnings.warn(
+                f"step {step} has a mini-batch of M = {M} sample (e.g. the last batch of an epoch with "
+                "drop_last=False): it is not tracked, since the gradient-noise estimator (Prop 5) divides by M − 1; "
+                "the backward is the plain one and the run goes on. DataLoader(..., drop_last=True) avoids such "
+                "batches", SmallBatchWarning, stacklevel=2,
+            )
+            tracked = False
         lr, wds = self._hyperparameters(step)
         rec = None
         if tracked:
@@ -551,8 +586,25 @@ class Tracker:
             self.writer.write_probes(step, probes)
         self._advance_time(step, lr)
         self.step = step + 1
+        self._backwards_since_step += 1
         self.engine.arm(self.schedule(self.step))
         return rec
+
+    def _optimizer_stepped(self, *args) -> None:
+        self._backwards_since_step = 0
+
+    def _check_one_backward_per_step(self, step: int) -> None:
+        """One :meth:`backward` per ``optimizer.step()``: gradient accumulation is refused.
+
+        The SDE time advances by η per backward (one SGD update, Def 4). Several backward
+        calls per optimizer step (gradient accumulation over micro-batches) would count
+        each micro-batch as an SGD step and measure the noise of a micro-batch, not of
+        the update actually applied.
+        """
+        if self.optimizer is None:
+            return
+        if self._backwards_since_step >= 1:
+            raise GradientAccumulationError(accumulation_message(step))
 
     def _advance_time(self, step: int, lr: float) -> None:
         # t_{k+1} = t_k + η_k, computed as t_anchor + (k + 1 − k_anchor)·η while η is constant, so
@@ -618,7 +670,10 @@ class Tracker:
         with self._thread_limit():
             decomps = self._decompose_all(step)
         directions = {name: (d.u1, d.v1) for name, d in decomps.items()}
-        stats = self.engine.backward(losses, directions, batch=batch, step=step)
+        try:
+            stats = self.engine.backward(losses, directions, batch=batch, step=step)
+        except NonFiniteError as exc:
+            raise explain_overflow(exc, losses, self._ref_dtype) from None
         with self._thread_limit():
             terms = self._all_terms(decomps, stats, lr, wds, step)
         return self._step_record(terms, losses, step, M, lr)
@@ -726,6 +781,16 @@ class Tracker:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __deepcopy__(self, memo) -> "Tracker":
+        """The tracker itself: it is the one writer of its record, not copied with the model.
+
+        ``copy.deepcopy(model)`` (EMA weights, best-model snapshots) copies the model's hooks,
+        which refer to the tracker; the copy's hooks refer to this same tracker. Forward
+        passes of the copy without gradients (the usual use) are not seen by the tracker.
+        """
+        memo[id(self)] = self
+        return self
+
     def __del__(self):  # pragma: no cover - best effort
         try:
             if not self._closed and self.writer is not None:
@@ -751,7 +816,7 @@ class Tracker:
             "layers": [l.name for l in self.layers],
             "options": self._options(),
             "probe_vectors": {k: v.clone() for k, v in self._probe_vectors.items()},
-            "history": list(self.history) if self.record_path is None else None,
+            "history": [_step_record_data(r) for r in self.history] if self.record_path is None else None,
         }
 
     def _options(self) -> dict:
@@ -790,9 +855,11 @@ class Tracker:
             self.writer.truncate(self.step)
         hist = state.get("history")
         if hist is not None and self.record_path is None:
+            hist = [StepRecord(**r) if isinstance(r, Mapping) else r for r in hist]
             self.history = [r for r in hist if r.step < self.step]
             self.last = self.history[-1] if self.history else None
         self.engine.arm(self.schedule(self.step))
+        self._backwards_since_step = 0
 
     def checkpoint(self, path: Union[str, os.PathLike], generators: Sequence[torch.Generator] = (),
                    extra: Any = None) -> None:
@@ -805,30 +872,25 @@ class Tracker:
             path: checkpoint file.
             generators: torch.Generators the loop draws from (e.g. a DataLoader's or a
                 sampler's generator); restored in the same order by :meth:`restore`.
-            extra: any picklable object saved alongside (e.g. the epoch and batch index).
+            extra: data saved alongside (e.g. the epoch and batch index): tensors, dicts,
+                lists, tuples, str, int, float, bool, None. Checkpoints hold data only, so
+                that loading one never runs code (:mod:`sdelip.checkpoint`).
+
+        Raises:
+            TypeError: ``extra`` holds another kind of object.
+            sdelip.checkpoint.CheckpointWriteError: the write failed (e.g. the disk is
+                full); the previous checkpoint is intact and no ``.tmp`` file is left.
         """
         state = {
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "tracker": self.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
+            "rng": rng_state(),
             "generators": [g.get_state() for g in generators],
             "extra": extra,
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_checkpoint(path, state)
 
     def restore(self, path: Union[str, os.PathLike, Mapping], generators: Sequence[torch.Generator] = ()) -> Any:
         """Load a :meth:`checkpoint` into this tracker, its model, optimizer and the RNGs.
@@ -844,12 +906,7 @@ class Tracker:
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None and state["optimizer"] is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        set_rng_state(state["rng"])
         saved = state["generators"]
         if len(saved) != len(generators):
             raise ValueError(f"the checkpoint holds {len(saved)} generator state(s), {len(generators)} generator(s) given")
@@ -900,6 +957,18 @@ class Tracker:
         return tracker
 
 
+def _step_record_data(rec: StepRecord) -> dict:
+    """A :class:`StepRecord` as plain containers (for a data-only checkpoint)."""
+    def plain(v):
+        return v.item() if isinstance(v, np.generic) else v
+
+    return {"step": int(rec.step), "t": float(rec.t), "lr": float(rec.lr), "loss": plain(rec.loss),
+            "batch_size": int(rec.batch_size),
+            "layers": {k: {kk: plain(vv) for kk, vv in v.items()} for k, v in rec.layers.items()},
+            "network": {k: plain(v) for k, v in rec.network.items()}, "degenerate": bool(rec.degenerate),
+            "probes": None if rec.probes is None else {k: plain(v) for k, v in rec.probes.items()}}
+
+
 def _times(n: int) -> str:
     return f"{n} time" if n == 1 else f"{n} times"
 
@@ -917,7 +986,4 @@ def _layer_metadata(layer: TrackedLayer) -> dict:
 def _load_checkpoint(path) -> dict:
     if isinstance(path, Mapping):
         return dict(path)
-    state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states are not tensors: trusted files only
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not an sdelip tracker checkpoint")
-    return state
+    return load_checkpoint(path, (CHECKPOINT_FORMAT,), what="an sdelip tracker checkpoint")

@@ -22,7 +22,9 @@ carries the running loss and accuracy, so the result describes the whole run.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -30,8 +32,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 import attrs
 import torch
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tmp_path
 from .data import DatasetInfo, load_dataset
 from .models import build_model
+from .threads import use_threads
 from .regularizers import (
     NoisyGradient,
     RegularizerConfig,
@@ -55,8 +59,12 @@ __all__ = [
 
 #: TrainConfig fields that may change when a run is resumed: they do not change its numbers.
 RESUME_FREE_OPTIONS = ("data_root", "download", "steps", "record", "checkpoint", "checkpoint_every", "eval_test",
-                       "overwrite")
-CHECKPOINT_FORMAT = "sdelip-train-checkpoint-2"
+                       "overwrite", "threads")
+CHECKPOINT_FORMAT = "sdelip-train-checkpoint-3"  # -3: data only, options as JSON (sdelip.checkpoint)
+#: With ``checkpoint_every=None`` checkpoints are written as often as keeps their measured
+#: cost under this share of the run's time (and at most every CHECKPOINT_MIN_INTERVAL_S).
+CHECKPOINT_BUDGET = 0.025
+CHECKPOINT_MIN_INTERVAL_S = 2.0
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -108,16 +116,27 @@ class TrainConfig:
         probe_every: every N steps also record exact conv norms and an empirical
             lower bound of the Lipschitz constant (None: never).
         record: path of the SQLite record (None: no record on disk).
-        checkpoint: path of the checkpoint file (None: no checkpoints). An existing one is
-            resumed: the run continues from its step with the same options (see
-            :class:`ResumeError`) and appends to the record.
-        checkpoint_every: write the checkpoint every N steps (and at the end).
+        checkpoint: path of the checkpoint file (None: no checkpoints; ``sdelip track``
+            defaults to ``<record>.ckpt``). An existing one is resumed: the run continues
+            from its step with the same options (see :class:`ResumeError`), the record's
+            rows from that step on (written after the checkpoint by a killed run) are
+            replaced, and the run appends to the record. The file holds data only
+            (:mod:`sdelip.checkpoint`).
+        checkpoint_every: write the checkpoint every N steps (and at the start and the end).
+            None (default): automatically, before the first step, at the end, and in
+            between as often as keeps the measured time spent writing checkpoints under
+            :data:`CHECKPOINT_BUDGET` (2.5 %) of the run's time, at most every
+            :data:`CHECKPOINT_MIN_INTERVAL_S` seconds (the environment variable
+            ``SDELIP_CHECKPOINT_MIN_INTERVAL_S`` overrides that minimum).
         max_train_samples: use a fixed random subset of N training samples (quick runs;
             drawn with seed 0, independent of the run's seeds, so every class appears).
         device: ``"cpu"`` or ``"cuda"``.
         dtype: ``"float32"`` or ``"float64"``.
         eval_test: evaluate test accuracy at the end.
         overwrite: start a new run: delete an existing record and checkpoint first.
+        threads: torch CPU threads for the run; None (default): the idle cores when the
+            run starts, at least 1 (:func:`sdelip.threads.default_threads`; an explicit
+            ``OMP_NUM_THREADS`` wins).
     """
 
     model: str = "mlp"
@@ -147,6 +166,7 @@ class TrainConfig:
     dtype: str = "float32"
     eval_test: bool = True
     overwrite: bool = False
+    threads: Optional[int] = None
 
     def __attrs_post_init__(self):
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -228,7 +248,9 @@ class TrainResult:
 
     ``final_loss`` is the loss of the last step, ``train_accuracy`` the accuracy over every
     step's mini-batch, for the whole run also when it was resumed (``resumed_at``: the step
-    this call started from, None for a run from step 0).
+    this call started from, None for a run from step 0). ``checkpoints`` and
+    ``checkpoint_seconds``: how many checkpoints this call wrote and the time it spent on
+    them.
     """
 
     config: TrainConfig
@@ -244,6 +266,8 @@ class TrainResult:
     seconds: float
     model: torch.nn.Module = attrs.field(repr=False)
     resumed_at: Optional[int] = None
+    checkpoints: int = 0
+    checkpoint_seconds: float = 0.0
 
 
 def prepare_data(config: TrainConfig, train: bool = True) -> DatasetInfo:
@@ -353,14 +377,21 @@ def _changes(saved: dict, config: TrainConfig, convert=lambda v: v) -> list[Opti
 
 def _remove_run(config: TrainConfig) -> None:
     """Delete the record and the checkpoint of ``config`` (``overwrite=True``)."""
-    from .record import remove_record
+    from .record import check_record_file, remove_record
 
     if config.record:
+        check_record_file(config.record, for_writing=True)  # only records are replaced
         remove_record(config.record)
     if config.checkpoint:
-        for p in (Path(config.checkpoint), _checkpoint_tmp(Path(config.checkpoint))):
+        for p in (Path(config.checkpoint), tmp_path(config.checkpoint)):
             if p.exists():
                 p.unlink()
+
+
+def _rows(record: Path) -> int:
+    from .record import record_steps
+
+    return record_steps(record)["rows"]
 
 
 def _resume_state(config: TrainConfig, device) -> Optional[dict]:
@@ -375,19 +406,25 @@ def _resume_state(config: TrainConfig, device) -> Optional[dict]:
     ckpt = Path(config.checkpoint) if config.checkpoint else None
     record = Path(config.record) if config.record and config.track else None
     if ckpt is None or not ckpt.exists():
+        if record is not None and record.exists() and _rows(record) == 0:
+            return None  # killed before its first step: nothing to continue, the run starts over
         if record is not None and record.exists():
             problem = f"the record {str(record)!r} already exists"
-            problem += (f" and there is no checkpoint {str(ckpt)!r} to resume it from" if ckpt is not None else
+            problem += (f" and there is no checkpoint {str(ckpt)!r} to resume it from (if the run that wrote it kept "
+                        "its checkpoint elsewhere, give that with {checkpoint})" if ckpt is not None else
                         " (to resume the run that wrote it, give that run's checkpoint with {checkpoint})")
             raise ResumeError(problem + ": pass {overwrite} to replace it with a new run")
         return None
-    state = torch.load(ckpt, map_location=device, weights_only=False)
+    try:
+        state = load_checkpoint(ckpt, (CHECKPOINT_FORMAT,), what="an sdelip training checkpoint", map_location=device)
+    except CheckpointError as exc:
+        raise ResumeError(f"cannot resume from the checkpoint: {exc}. Pass {{overwrite}} to start a new run, which "
+                          "replaces the record and the checkpoint") from None
+    state["options"] = json.loads(state["options"])
     where = f"the checkpoint {str(ckpt)!r} (step {int(state['step'])})"
-    if state.get("format") != CHECKPOINT_FORMAT or "options" not in state:
-        raise ResumeError(f"{where} was written by an earlier version of sdelip and does not record the run's "
-                          "options, so the resumed run cannot be checked against them: pass {overwrite} to start a "
-                          "new run")
-    changes = _changes(state["options"], config)
+    if int(state["step"]) == 0 and record is not None and not record.exists():
+        return None  # killed between the first checkpoint and the record's creation: nothing was done yet
+    changes = _changes(state["options"], config, convert=_as_metadata)
     if changes:
         raise ResumeError(f"cannot resume from {where}: this run's options differ from those of the run that wrote it:",
                           changes)
@@ -417,12 +454,32 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
 
     Returns:
         :class:`TrainResult`; the record (if any) is at ``result.record``.
-    """
-    from .tracker import Tracker
 
+    Raises:
+        sdelip.record.RecordLockedError: another run is writing the record.
+        ResumeError: the checkpoint or the record cannot be continued as asked.
+        sdelip.checkpoint.CheckpointWriteError: a checkpoint could not be written (e.g. a
+            full disk); the previous one is intact.
+    """
     t_start = time.perf_counter()
     dtype = _DTYPES[config.dtype]
     device = torch.device(config.device)
+    lock = None
+    if config.record and config.track:
+        from .record_lock import RecordLock
+
+        lock = RecordLock(config.record)  # one writer per record, held until the tracker closes it
+    try:
+        with use_threads(config.threads):
+            return _train(config, progress, callback, lock, t_start, dtype, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device) -> TrainResult:
+    from .tracker import Tracker
+
     if config.overwrite:
         _remove_run(config)
     resume_state = _resume_state(config, device)
@@ -461,7 +518,8 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
         tracker = Tracker(model, optimizer, record=config.record, engine=config.engine, schedule=config.track_every,
                           split=config.split, metadata=metadata, decomposition=config.decomposition,
                           example_input=example[:2].to(device=device, dtype=dtype),
-                          probe_every=config.probe_every, start_step=start_step)
+                          probe_every=config.probe_every, start_step=start_step, _record_lock=lock,
+                          overwrite=resume_state is not None and start_step == 0)  # resumed at 0: start over
         if noisy is not None:
             tracker.extra_noise_var = noisy.noise_variance
 
@@ -472,6 +530,12 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
         bar = tqdm(total=config.steps, initial=start_step, desc=f"{config.model} on {info.name}", unit="step",
                    dynamic_ncols=True)
     loss_value, correct, seen = summary["loss"], summary["correct"], summary["seen"]
+    n_ckpt, ckpt_seconds, last_cost = 0, 0.0, 0.0
+    min_interval = float(os.environ.get("SDELIP_CHECKPOINT_MIN_INTERVAL_S", CHECKPOINT_MIN_INTERVAL_S))
+    if ckpt is not None and resume_state is None:  # a killed run can always be continued from here
+        last_cost = _save_checkpoint(ckpt, config, model, optimizer, start_step, K_initial, loss_value, correct, seen)
+        n_ckpt, ckpt_seconds = 1, last_cost
+    last_saved = time.perf_counter()
     try:
         for step in range(start_step, config.steps):
             torch.manual_seed(_mix(config.sampling_seed, step, 0xD409))
@@ -494,8 +558,16 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
             seen += int(y.shape[0])
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss is {loss_value} at step {step}")
-            if ckpt is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                _save_checkpoint(ckpt, config, model, optimizer, step + 1, K_initial, loss_value, correct, seen)
+            if ckpt is not None and step + 1 < config.steps:
+                if config.checkpoint_every:
+                    due = (step + 1) % config.checkpoint_every == 0
+                else:  # automatic: keep the measured cost under CHECKPOINT_BUDGET of the run's time
+                    due = time.perf_counter() - last_saved >= max(min_interval, last_cost / CHECKPOINT_BUDGET)
+                if due:
+                    last_cost = _save_checkpoint(ckpt, config, model, optimizer, step + 1, K_initial, loss_value,
+                                                 correct, seen)
+                    last_saved = time.perf_counter()
+                    n_ckpt, ckpt_seconds = n_ckpt + 1, ckpt_seconds + last_cost
             if bar is not None:
                 post = {"loss": f"{loss_value:.3f}", "acc": f"{correct / max(seen, 1):.3f}"}
                 if tracker is not None and tracker.last is not None:
@@ -510,7 +582,8 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
         if tracker is not None:
             tracker.close()
     if ckpt is not None:
-        _save_checkpoint(ckpt, config, model, optimizer, config.steps, K_initial, loss_value, correct, seen)
+        cost = _save_checkpoint(ckpt, config, model, optimizer, config.steps, K_initial, loss_value, correct, seen)
+        n_ckpt, ckpt_seconds = n_ckpt + 1, ckpt_seconds + cost
     test_acc = None
     if config.eval_test:
         test_acc = _evaluate(model, prepare_data(config, train=False), device, dtype)
@@ -518,20 +591,24 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
         config=config, data=info.name, data_source=info.source, steps=config.steps, final_loss=loss_value,
         train_accuracy=correct / max(seen, 1), test_accuracy=test_acc, K_initial=K_initial,
         K_final=_product_norm(model), record=config.record, seconds=time.perf_counter() - t_start, model=model,
-        resumed_at=start_step if resume_state is not None else None,
+        resumed_at=start_step if resume_state is not None else None, checkpoints=n_ckpt,
+        checkpoint_seconds=ckpt_seconds,
     )
 
 
-def _checkpoint_tmp(path: Path) -> Path:
-    return path.with_suffix(path.suffix + ".tmp")
-
-
 def _save_checkpoint(path: Path, config: TrainConfig, model, optimizer, step: int, K_initial: float,
-                     loss: float, correct: int, seen: int) -> None:
-    """The model, optimizer and step, the run's options and its running loss and accuracy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _checkpoint_tmp(path)
-    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "K_initial": K_initial, "options": _run_options(config),
-                "summary": {"loss": loss, "correct": correct, "seen": seen}}, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint
+                     loss: float, correct: int, seen: int) -> float:
+    """The model, optimizer and step, the run's options (JSON) and its running loss and accuracy.
+
+    Written atomically and as data only (:func:`sdelip.checkpoint.save_checkpoint`).
+
+    Returns:
+        The seconds the write took.
+    """
+    start = time.perf_counter()
+    options = {k: _as_metadata(v) for k, v in _run_options(config).items()}
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                           "optimizer": optimizer.state_dict(), "step": int(step), "K_initial": float(K_initial),
+                           "options": json.dumps(options),
+                           "summary": {"loss": float(loss), "correct": int(correct), "seen": int(seen)}})
+    return time.perf_counter() - start

@@ -25,3 +25,16 @@ def square(config: dict, workdir: Path) -> dict:
     (Path(workdir) / "sub").mkdir()
     (Path(workdir) / "sub" / "x.json").write_text(json.dumps({"x": config["x"]}))
     return {"y": config["x"] ** 2}
+
+
+def with_record(config: dict, workdir: Path) -> dict:
+    """:func:`square`, plus an SQLite file ``record.db`` of 200 rows (as a tracker record in a task folder)."""
+    import sqlite3
+
+    out = square(config, workdir)
+    con = sqlite3.connect(Path(workdir) / "record.db")
+    con.execute("CREATE TABLE steps (step INTEGER PRIMARY KEY, value REAL, pad TEXT)")
+    con.executemany("INSERT INTO steps VALUES (?, ?, ?)", [(k, k * config["x"], "x" * 200) for k in range(200)])
+    con.commit()
+    con.close()
+    return out

@@ -26,8 +26,12 @@ def test_track_writes_a_record(record):
     assert {"K", "Z", "drift_Z", "noise_curvature_Z", "diffusion_sq_Z"} <= set(df.columns)
 
 
-def test_track_refuses_to_overwrite(record, capsys):
-    assert main(["track", "--record", str(record), *TINY]) == 2
+def test_track_rerun_continues_and_other_options_are_refused(record, capsys):
+    # the same command again continues the (finished) run from its default checkpoint: nothing to do
+    assert main(["track", "--record", str(record), *TINY]) == 0
+    assert "resumed at step 6" in capsys.readouterr().out
+    # other options would mix two runs in one record: refused, naming --overwrite
+    assert main(["track", "--record", str(record), *TINY, "--lr", "0.2"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
