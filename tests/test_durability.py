@@ -172,7 +172,7 @@ def _rows(rec) -> int:
 
 
 def test_kill_9_then_the_same_command_continues_the_run(tmp_path):
-    steps = 60
+    steps = 200  # long enough that a quiet machine cannot finish before the poll below sees 19 rows
     args = ["track", "--record", tmp_path / "r.db", "--steps", steps, "--lr", "0.05", *TINY]
     env = {**ENV, "SDELIP_CHECKPOINT_MIN_INTERVAL_S": "0.3"}  # the default (2 s) would need a longer run
     proc = subprocess.Popen([sys.executable, "-m", "sdelip", *map(str, args)], env=env,
@@ -187,7 +187,7 @@ def test_kill_9_then_the_same_command_continues_the_run(tmp_path):
 
     # kill -9 once it has written 19 rows and an automatic checkpoint after step 0
     while (_rows(tmp_path / "r.db") < 19 or checkpointed() == 0) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = _rows(tmp_path / "r.db")
