@@ -25,20 +25,24 @@ gives a :class:`NotPlainSGDWarning` and the terms are computed as for plain SGD.
 expected gradient ∇L of μ is estimated by the step's mini-batch mean, whose realisation is
 the update actually applied (THEORY.md §5).
 
-K is the product bound of Prop 8 over the tracked Linear/Conv2d layers: it treats every
-activation as 1-Lipschitz and ignores skip connections (see :mod:`sdelip.layers`). A
-weight applied c > 1 times (tied weights, a module called several times) is one layer
-with one σ1 and one set of Thm 14 terms, and contributes σ1^c to K; the network terms
-are those of that factor (:func:`sdelip.dynamics.repeated_use_terms`). The tracker counts
-the calls of every tracked module in each forward pass and raises
-:class:`~sdelip.engines.WeightUsesError` when they differ from the counted uses.
+K is the product bound of Prop 8 over the tracked weight matrices (:mod:`sdelip.layers`,
+:mod:`sdelip.rules`): it treats every activation as 1-Lipschitz and ignores skip
+connections. A weight applied c > 1 times (tied weights, a module called several times)
+is one layer with one σ1 and one set of Thm 14 terms, and contributes σ1^c to K; the
+network terms are those of that factor (:func:`sdelip.dynamics.repeated_use_terms`).
+
+The tracker orchestrates; the parts live beside it: reading the optimizer
+(:mod:`sdelip.optimizer_view`), the forward hooks that check inputs and count the uses
+of every weight (:mod:`sdelip.monitor`), the engines (:mod:`sdelip.engines`), the
+decompositions (:mod:`sdelip.curvature`), the terms (:mod:`sdelip.dynamics`,
+:mod:`sdelip.terms`), the run metadata (:mod:`sdelip.run_metadata`), the record
+(:mod:`sdelip.record`), checkpoints (:mod:`sdelip.checkpoint`) and the safety checks
+around a step (:mod:`sdelip.tracker_safety`).
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -52,7 +56,6 @@ from .dynamics import LayerTerms, network_terms, repeated_use_terms
 from .engines import (
     Engine,
     EngineNotApplicableError,
-    WeightUsesError,
     coupling_modules,
     make_engine,
     resolve_engine_name,
@@ -60,7 +63,10 @@ from .engines import (
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .curvature import decompose_layer
 from .layers import LeftOut, TrackedLayer, weight_inventory
+from .monitor import InputMismatchError, ModuleMonitor
+from .optimizer_view import NotPlainSGDWarning, OptimizerView
 from .probes import lipschitz_lower_bound
+from .run_metadata import build_metadata
 from .tracker_safety import (
     GradientAccumulationError,
     SmallBatchWarning,
@@ -77,32 +83,6 @@ __all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "SmallBatchWar
            "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "sdelip-checkpoint-2"  # -2: data only (weights_only loading)
-
-
-class NotPlainSGDWarning(UserWarning):
-    """The optimizer is not plain SGD (momentum, Nesterov, Adam, …): Thm 14 assumes plain SGD."""
-
-
-class InputMismatchError(TypeError):
-    """The model's parameters and the data are on different devices or have different dtypes."""
-
-
-def _versions() -> dict:
-    import pandas
-
-    try:
-        from importlib.metadata import version
-
-        sdelip_version = version("sdelip")
-    except Exception:  # pragma: no cover - not installed
-        sdelip_version = "unknown"
-    return {
-        "sdelip": sdelip_version,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "pandas": pandas.__version__,
-        "python": platform.python_version(),
-    }
 
 
 class Tracker:
@@ -233,7 +213,6 @@ class Tracker:
         self.probe_every = None if probe_every is None else int(probe_every)
         self.probe_input = probe_input
         self.loss_fn = loss_fn
-        self._lr_override = None if lr is None else float(lr)
         if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
         self.threads = None if threads is None else int(threads)
@@ -244,12 +223,11 @@ class Tracker:
         self.last: Optional[StepRecord] = None
         self._closed = False
         self._probe_vectors: dict[str, torch.Tensor] = {}
-        self._input_shapes: dict[str, tuple] = {}
         self._hooks: list = []
 
         # -- optimizer ------------------------------------------------------------------------
-        self._groups = self._map_param_groups()
-        self._warn_optimizer()
+        self.optim = OptimizerView(optimizer, self.layers, lr)
+        self.optim.warn(stacklevel=3)
 
         # -- engine ---------------------------------------------------------------------------
         self.engine_requested = engine if isinstance(engine, str) else getattr(engine, "name", str(engine))
@@ -273,34 +251,16 @@ class Tracker:
             self._t_anchor = (0, 0.0, lr0)
         self.engine.arm(self.schedule(self.step))
 
-        # -- hooks: input checks and conv input shapes ------------------------------------------
-        ref = self.layers[0].weight
-        self._ref_dtype, self._ref_device = ref.dtype, ref.device
-        if check_inputs:
-            self._hooks.append(model.register_forward_pre_hook(self._check_inputs_hook, with_kwargs=True))
-        for layer in self.layers:
-            if layer.rule.has_operator_norm_probe(layer.module):
-                self._hooks.append(layer.module.register_forward_hook(self._shape_hook(layer.name)))
-        # -- hooks: how many times each tracked module is called in one forward pass --------------
-        self._uses_counted = example_input is not None
-        self._calls: dict[str, int] = {}
-        self._hooks.append(model.register_forward_pre_hook(self._reset_calls))
-        counted = {}
-        for layer in self.layers:
-            for mname, mod in zip(layer.module_names, layer.modules):
-                counted.setdefault(mname, mod)
-        for mname, mod in counted.items():
-            self._hooks.append(mod.register_forward_hook(self._count_call(mname)))
-        self._hooks.append(model.register_forward_hook(self._check_uses))
-        # -- one backward per optimizer step (gradient accumulation is refused) -------------------
-        self._backwards_since_step = 0
-        if optimizer is not None and hasattr(optimizer, "register_step_post_hook"):
-            self._hooks.append(optimizer.register_step_post_hook(self._optimizer_stepped))
+        # -- hooks: input checks, probe shapes, the uses of every weight; one backward per step ---
+        self.monitor = ModuleMonitor(model, self.layers, check_inputs, example_input is not None, lambda: self.step)
+        self.monitor.attach()
+        self._ref_dtype, self._ref_device = self.monitor.ref_dtype, self.monitor.ref_device
+        self._hooks.extend(self.optim.attach())
 
         # -- record ---------------------------------------------------------------------------
         self.record_path = None if record is None else Path(record)
         self.writer: Optional[RecordWriter] = None
-        self._metadata = self._build_metadata(metadata, seed)
+        self._metadata = build_metadata(self, metadata, seed)
         if self.record_path is not None:
             mode = _record_mode or ("overwrite" if overwrite else "new")
             if start_step and mode == "new":
@@ -333,186 +293,20 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
-    def _map_param_groups(self) -> dict[str, int]:
-        groups = {}
-        if self.optimizer is None:
-            if self._lr_override is None:
-                raise ValueError("without an optimizer the tracker needs the learning rate: Tracker(model, None, lr=...)")
-            return groups
-        where = {}
-        for gi, g in enumerate(self.optimizer.param_groups):
-            for p in g["params"]:
-                where[id(p)] = gi
-        for layer in self.layers:
-            gi = where.get(id(layer.weight))
-            if gi is None:
-                raise ValueError(
-                    f"the weight of layer {layer.name!r} is not optimised by the optimizer: the tracked layers "
-                    "must be trained by the optimizer whose learning rate η sets the SDE time"
-                )
-            groups[layer.name] = gi
-        return groups
-
-    def _warn_optimizer(self) -> None:
-        opt = self.optimizer
-        if opt is None:
-            return
-        if not isinstance(opt, torch.optim.SGD):
-            warnings.warn(
-                f"the optimizer is {type(opt).__name__}, not plain SGD: the theory (Def 4, Thm 14) models plain "
-                "SGD; the tracker computes the terms as for plain SGD with η = the group's lr and no weight decay",
-                NotPlainSGDWarning,
-                stacklevel=3,
-            )
-            return
-        for gi in sorted(set(self._groups.values())):
-            g = opt.param_groups[gi]
-            if g.get("momentum", 0) or g.get("nesterov", False):
-                warnings.warn(
-                    f"SGD with momentum={g.get('momentum', 0)} (nesterov={g.get('nesterov', False)}): the theory "
-                    "(Def 4, Thm 14) models plain SGD without momentum; the tracker computes the terms as for plain "
-                    "SGD with η = lr, which does not describe the momentum dynamics",
-                    NotPlainSGDWarning,
-                    stacklevel=3,
-                )
-                return
-
     def _hyperparameters(self, step: int) -> tuple[float, dict[str, float]]:
-        """η and the per-layer weight decay in effect for update ``step``."""
-        if self.optimizer is None:
-            return self._lr_override, {l.name: 0.0 for l in self.layers}
-        lrs, wds = {}, {}
-        sgd = isinstance(self.optimizer, torch.optim.SGD)
-        for layer in self.layers:
-            g = self.optimizer.param_groups[self._groups[layer.name]]
-            lr = g["lr"]
-            lrs[layer.name] = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
-            wds[layer.name] = float(g.get("weight_decay", 0.0)) if sgd else 0.0
-        values = set(lrs.values())
-        if len(values) > 1:
-            raise ValueError(
-                f"step {step}: the tracked layers have different learning rates {lrs}; the SDE time t = kη "
-                "(Thm 14) needs one η for all tracked layers"
-            )
-        lr = values.pop()
-        if not (lr > 0 and np.isfinite(lr)):
-            raise ValueError(f"step {step}: the learning rate must be positive and finite, got {lr!r}")
-        return lr, wds
-
-    def _build_metadata(self, user: Optional[Mapping[str, Any]], seed: Optional[int]) -> dict:
-        model = self.model
-        ref = self.layers[0].weight
-        opt = self.optimizer
-        opt_meta = None
-        if opt is not None:
-            opt_meta = {
-                "class": type(opt).__name__,
-                "param_groups": [
-                    {k: (v if isinstance(v, (int, float, bool, str, type(None))) else repr(v))
-                     for k, v in g.items() if k != "params"}
-                    for g in opt.param_groups
-                ],
-            }
-        lr0, wds = self._hyperparameters(0)
-        meta = {
-            "format": "sdelip-record-1",
-            "model": type(model).__name__,
-            "model_summary": repr(model),
-            "n_parameters": int(sum(p.numel() for p in model.parameters())),
-            "layers": [_layer_metadata(l) for l in self.layers],
-            "left_out": [{"name": o.name, "shape": list(o.shape), "reason": o.reason} for o in self.left_out],
-            "unsupported": self.unsupported,
-            "lr": lr0,
-            "weight_decay": wds,
-            "optimizer": opt_meta,
-            "engine": self.engine.name,
-            "engine_requested": self.engine_requested,
-            "coupling_modules": coupling_modules(model),
-            "schedule": self.schedule.describe(),
-            "split": self.split,
-            "decomposition": self.decomposition,
-            "gap_tol": self.gap_tol,
-            "on_degenerate": self.on_degenerate,
-            "extra_noise_var": self.extra_noise_var,
-            "probe_every": self.probe_every,
-            "batch_size": None,
-            "seed": int(seed) if seed is not None else int(torch.initial_seed()),
-            "versions": _versions(),
-            "device": str(ref.device),
-            "dtype": str(ref.dtype).replace("torch.", ""),
-            "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "bound": "K = prod of tracked layers' operator norms (Prop 8-9): activations 1-Lipschitz, "
-                     "skip connections ignored",
-        }
-        if user:
-            meta.update(dict(user))
-        return meta
+        """η and the per-layer weight decay in effect for update ``step`` (:class:`~sdelip.optimizer_view.OptimizerView`)."""
+        return self.optim.hyperparameters(step)
 
     @property
     def metadata(self) -> dict:
         """The run metadata (as written to the record)."""
         return dict(self._metadata)
 
-    def _check_inputs_hook(self, module, args, kwargs):
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, torch.Tensor):
-                if a.device != self._ref_device:
-                    raise InputMismatchError(
-                        f"the model's parameters are on {self._ref_device} but the input is on {a.device}; move the "
-                        f"data with x.to({str(self._ref_device)!r}) (or the model with model.to(...))"
-                    )
-                if a.is_floating_point() and a.dtype != self._ref_dtype:
-                    raise InputMismatchError(
-                        f"the model's parameters are {self._ref_dtype} but the input is {a.dtype}; convert the data "
-                        f"with x.to({self._ref_dtype}) (or the model with model.to({a.dtype}))"
-                    )
-                break
-        return None
-
-    def _shape_hook(self, name: str):
-        def hook(module, inputs, output):
-            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].ndim >= 2:
-                self._input_shapes[name] = tuple(inputs[0].shape[1:])
-        return hook
-
-    def _reset_calls(self, module, args) -> None:
-        self._calls = {}
-
-    def _count_call(self, name: str):
-        def hook(module, inputs, output):
-            if torch.is_grad_enabled():
-                self._calls[name] = self._calls.get(name, 0) + 1
-        return hook
-
-    def _check_uses(self, module, args, output) -> None:
-        """Every tracked module called as often as the tracker counts (or not at all) in this forward pass."""
-        if not torch.is_grad_enabled():
-            return
-        calls = self._calls
-        for layer in self.layers:
-            for mname, expected in zip(layer.module_names, layer.calls):
-                n = calls.get(mname, 0)
-                if n == 0 or n == expected:
-                    continue
-                who = f"layer {mname!r}" if mname == layer.name else \
-                    f"module {mname!r} (which holds the weight of layer {layer.name!r})"
-                how = "more than once" if n > expected else "fewer times than counted"
-                why = ("as the forward pass of example_input did; the tracker needs the same structure in every "
-                       "forward pass") if self._uses_counted else \
-                    ("since without example_input= every module is taken to be called once: create the Tracker "
-                     "with example_input= (one batch of inputs) so that a forward pass counts the uses of every weight")
-                raise WeightUsesError(
-                    f"{who} was called {how} ({_times(n)}) in one forward pass at step {self.step}, but the tracker "
-                    f"counts {_times(expected)}, {why}. A weight applied c times contributes σ1^c to the product "
-                    "bound K (Prop 8), so its number of uses must be known"
-                )
-
     def _remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self.monitor.detach()
         self.engine.detach()
 
     # ------------------------------------------------------------------------------------------
@@ -586,12 +380,9 @@ class Tracker:
             self.writer.write_probes(step, probes)
         self._advance_time(step, lr)
         self.step = step + 1
-        self._backwards_since_step += 1
+        self.optim.backwards_since_step += 1
         self.engine.arm(self.schedule(self.step))
         return rec
-
-    def _optimizer_stepped(self, *args) -> None:
-        self._backwards_since_step = 0
 
     def _check_one_backward_per_step(self, step: int) -> None:
         """One :meth:`backward` per ``optimizer.step()``: gradient accumulation is refused.
@@ -603,7 +394,7 @@ class Tracker:
         """
         if self.optimizer is None:
             return
-        if self._backwards_since_step >= 1:
+        if self.optim.backwards_since_step >= 1:
             raise GradientAccumulationError(accumulation_message(step))
 
     def _advance_time(self, step: int, lr: float) -> None:
@@ -745,8 +536,8 @@ class Tracker:
         out = {}
         gen = torch.Generator().manual_seed(1234567 + step)
         for layer in self.layers:
-            if layer.name in self._input_shapes:
-                res = layer.rule.operator_norm_probe(layer.module, self._input_shapes[layer.name],
+            if layer.name in self.monitor.input_shapes:
+                res = layer.rule.operator_norm_probe(layer.module, self.monitor.input_shapes[layer.name],
                                                      init=self._probe_vectors.get(layer.name), generator=gen)
                 if res is None:
                     continue
@@ -859,7 +650,7 @@ class Tracker:
             self.history = [r for r in hist if r.step < self.step]
             self.last = self.history[-1] if self.history else None
         self.engine.arm(self.schedule(self.step))
-        self._backwards_since_step = 0
+        self.optim.backwards_since_step = 0
 
     def checkpoint(self, path: Union[str, os.PathLike], generators: Sequence[torch.Generator] = (),
                    extra: Any = None) -> None:
@@ -967,20 +758,6 @@ def _step_record_data(rec: StepRecord) -> dict:
             "layers": {k: {kk: plain(vv) for kk, vv in v.items()} for k, v in rec.layers.items()},
             "network": {k: plain(v) for k, v in rec.network.items()}, "degenerate": bool(rec.degenerate),
             "probes": None if rec.probes is None else {k: plain(v) for k, v in rec.probes.items()}}
-
-
-def _times(n: int) -> str:
-    return f"{n} time" if n == 1 else f"{n} times"
-
-
-def _layer_metadata(layer: TrackedLayer) -> dict:
-    """A layer's entry in the record metadata; tied weights add their uses and the other modules."""
-    out = {"name": layer.name, "kind": layer.kind, "shape": list(layer.shape)}
-    if layer.attr != "weight" or layer.rule.name == "fallback":
-        out.update(parameter=layer.attr, rule=layer.rule.name)
-    if layer.uses > 1:
-        out.update(uses=layer.uses, aliases=list(layer.aliases), calls=list(layer.calls))
-    return out
 
 
 def _load_checkpoint(path) -> dict:
