@@ -75,6 +75,7 @@ from .tracker_safety import (
     explain_overflow,
 )
 from .record import RecordWriter, StepRecord, load_record
+from .resume import option_changes
 from .schedule import Schedule, as_schedule
 from .spectral import DEFAULT_GAP_TOL
 from .terms import TERMS, network_columns
@@ -620,9 +621,8 @@ class Tracker:
         """The checkpointed tracker state belongs to a run with this tracker's layers and options."""
         if list(state["layers"]) != [l.name for l in self.layers]:
             raise ValueError(f"checkpoint tracks layers {state['layers']}, this tracker {[l.name for l in self.layers]}")
-        saved, now = state.get("options", {}), self._options()
-        changed = [f"{k}={now[k]!r} here, {k}={saved[k]!r} in the checkpoint" for k in now
-                   if k in saved and saved[k] != now[k]]
+        changed = [f"{c.option}={c.requested!r} here, {c.option}={c.checkpoint!r} in the checkpoint"
+                   for c in option_changes(state.get("options", {}), self._options())]
         if changed:
             raise ValueError(
                 "the checkpoint was written by a tracker with other options: " + "; ".join(changed) + ". A resumed "

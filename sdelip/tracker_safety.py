@@ -12,6 +12,7 @@ import torch
 
 from ._checks import NonFiniteError
 from .record import record_steps
+from .resume import option_changes
 
 __all__ = ["SmallBatchWarning", "GradientAccumulationError", "check_continuation", "explain_overflow",
            "accumulation_message"]
@@ -52,8 +53,8 @@ def check_continuation(tracker, start_step: int) -> None:
         return
     now = {**tracker._options(), "lr": tracker._hyperparameters(start_step)[0]}
     now.pop("uses", None)
-    changed = [f"{k}={now[k]!r} here, {k}={meta[k]!r} in the record" for k in now
-               if k in meta and meta[k] != now[k]]
+    changed = [f"{c.option}={c.requested!r} here, {c.option}={c.checkpoint!r} in the record"
+               for c in option_changes(meta, now)]
     lrs = rows["lrs"]
     if lrs != [now["lr"]] and "lr" not in [c.split("=")[0] for c in changed]:
         changed.append(f"lr={now['lr']!r} here, lr={lrs if len(lrs) > 1 else lrs[0]!r} in the record's rows")

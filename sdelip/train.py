@@ -27,7 +27,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Optional, Union
 
 import attrs
 import torch
@@ -35,6 +35,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tmp_path
 from .data import DatasetInfo, load_dataset
 from .models import build_model
+from .resume import OptionChange, ResumeError, option_changes, python_option  # noqa: F401  (re-exported)
 from .threads import use_threads
 from .regularizers import (
     NoisyGradient,
@@ -183,66 +184,6 @@ class TrainConfig:
 
 
 @attrs.frozen
-class OptionChange:
-    """One option that differs between a checkpoint's run and the run asked for.
-
-    Attributes:
-        option: the :class:`TrainConfig` field.
-        checkpoint: its value in the run that wrote the checkpoint (or the record).
-        requested: its value now.
-    """
-
-    option: str
-    checkpoint: Any
-    requested: Any
-
-
-def python_option(option: str, value: Any) -> str:
-    """An option as a Python caller writes it, e.g. ``lr=0.01``."""
-    if isinstance(value, RegularizerConfig):
-        value = value.active() or "none"
-    return f"{option}={value!r}"
-
-
-class ResumeError(ValueError):
-    """A run cannot continue from its checkpoint and record as asked.
-
-    Either the options differ from those of the run that wrote the checkpoint (or the
-    record), or the record and the checkpoint do not belong together. The message names
-    every differing option with both values; :meth:`describe` spells the options for
-    another audience (the command line names its flags).
-
-    Attributes:
-        problem: what is wrong; ``{overwrite}`` and ``{checkpoint}`` stand for those options.
-        changes: the :class:`OptionChange` list (empty when the options agree).
-        source: ``"checkpoint"`` or ``"record"``: whose options ``changes`` compares with.
-
-    Args:
-        problem, changes, source: the attributes.
-        spell: how the message spells an option and its value (default :func:`python_option`).
-    """
-
-    def __init__(self, problem: str, changes: Sequence[OptionChange] = (), source: str = "checkpoint",
-                 spell: Callable[[str, Any], str] = None):
-        self.problem = problem
-        self.changes = list(changes)
-        self.source = source
-        super().__init__(self.describe(spell or python_option))
-
-    def describe(self, spell: Callable[[str, Any], str] = python_option) -> str:
-        """The message with options spelled by ``spell(option, value)``."""
-        problem = self.problem.replace("{overwrite}", spell("overwrite", True))
-        lines = [problem.replace("{checkpoint}", spell("checkpoint", "FILE"))]
-        lines += [f"  {spell(c.option, c.requested)} now, {spell(c.option, c.checkpoint)} in the {self.source}"
-                  for c in self.changes]
-        if self.changes:
-            lines.append(f"A resumed run continues the configuration of the run that wrote the {self.source}: rerun "
-                         f"with its options, or pass {spell('overwrite', True)} to start a new run, which replaces the "
-                         "record and the checkpoint.")
-        return "\n".join(lines)
-
-
-@attrs.frozen
 class TrainResult:
     """What a run produced.
 
@@ -370,9 +311,8 @@ def _as_metadata(value):
 
 
 def _changes(saved: dict, config: TrainConfig, convert=lambda v: v) -> list[OptionChange]:
-    """The run options of ``config`` that differ from ``saved`` (options ``saved`` lacks are not compared)."""
-    return [OptionChange(k, saved[k], v) for k, v in _run_options(config).items()
-            if k in saved and saved[k] != convert(v)]
+    """The run options of ``config`` that differ from ``saved`` (:func:`sdelip.resume.option_changes`)."""
+    return option_changes(saved, _run_options(config), convert)
 
 
 def _remove_run(config: TrainConfig) -> None:
