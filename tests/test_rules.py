@@ -448,6 +448,9 @@ def test_metadata_lists_tracked_and_left_out_and_info_shows_them(tmp_path):
     assert "enc.layers.0.self_attn.in_proj_weight" in text and "left out" in text and "norm1.weight" in text
 
 
+LAYER_TYPE_TEST = r"isinstance\([^)]*nn\.(Linear|Conv[123]d|Embedding|MultiheadAttention|BatchNorm|modules\.batchnorm)"
+
+
 def test_registry_is_the_only_place_that_knows_layer_types():
     import pathlib
     import re
@@ -460,7 +463,7 @@ def test_registry_is_the_only_place_that_knows_layer_types():
         if "rules" in p.parts:
             continue
         for k, line in enumerate(p.read_text().splitlines(), 1):
-            if re.search(r"isinstance\([^)]*nn\.(Linear|Conv[123]d|Embedding|MultiheadAttention)", line):
+            if re.search(LAYER_TYPE_TEST, line):
                 offenders.append(f"{p.relative_to(root)}:{k}")
     assert not offenders, offenders
     assert rule_for(nn.Conv1d(1, 1, 1)).name == "conv" and rule_for(nn.LSTM(2, 2)) is None

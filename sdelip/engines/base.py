@@ -77,11 +77,13 @@ def coupling_modules(model: nn.Module) -> list[str]:
     every sample of the batch, so the per-sample gradient is ∂ℓ_i/∂θ through the shared
     statistics and only the coupled engine computes it (THEORY.md §6).
     """
+    from ..rules import rule_for
+
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            if mod.training or mod.running_mean is None:
-                out.append(name or type(mod).__name__)
+        rule = rule_for(mod)
+        if rule is not None and rule.couples_samples(mod):
+            out.append(name or type(mod).__name__)
     return out
 
 

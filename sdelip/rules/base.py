@@ -152,6 +152,10 @@ class LayerRule(abc.ABC):
         """The m × n view θ of a weight (Prop 9): rows = outputs, columns = inputs."""
         return weight.reshape(weight.shape[0], -1)
 
+    def couples_samples(self, module: nn.Module) -> bool:
+        """Whether the module's forward mixes the samples of a batch (BatchNorm with batch statistics)."""
+        return False
+
     def check_module(self, module: nn.Module, path: str) -> None:
         """Raise ValueError naming ``path`` if the module is configured in a way the rule cannot track exactly."""
 

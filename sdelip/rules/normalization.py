@@ -30,6 +30,10 @@ class NormalizationRule(LayerRule):
     def weights(self, module) -> list[str]:
         return []
 
+    def couples_samples(self, module) -> bool:
+        """BatchNorm normalising with batch statistics (training mode, or no running statistics)."""
+        return isinstance(module, nn.modules.batchnorm._BatchNorm) and (module.training or module.running_mean is None)
+
     def attach(self, module, attrs_, sink) -> list:
         return []
 

@@ -323,8 +323,10 @@ def activation_numel(model: nn.Module, params: Dict[str, torch.Tensor], consts: 
     return int(sum(total))
 
 
-def _has_batchnorm_training(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+def _couples_samples(model: nn.Module) -> bool:
+    from ..engines import coupling_modules
+
+    return bool(coupling_modules(model))
 
 
 class ModelGradients:
@@ -368,7 +370,7 @@ class ModelGradients:
         traj_chunk: Optional[int] = None,
         data_chunk: int = 4096,
     ):
-        if _has_batchnorm_training(model):
+        if _couples_samples(model):
             raise NotImplementedError(
                 "BatchNorm in training mode couples the per-sample losses through the batch statistics "
                 "(THEORY.md §6); per-sample gradients by vmap do not apply. Use model.eval() for BatchNorm "
