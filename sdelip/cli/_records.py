@@ -1,0 +1,250 @@
+"""Commands that read a record: ``predict``, ``simulate``, ``plot``, ``info``, ``copy``."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ._output import _check_output, _print_table
+
+
+def _load(record_path, need_rows: bool = True):
+    from ..record import load_record
+
+    path = Path(record_path)
+    if not path.exists():
+        raise FileNotFoundError(f"no record at {path}: create one with `sdelip track --record {path}`")
+    record = load_record(path)
+    if need_rows and record.empty:
+        raise ValueError(f"the record {str(path)!r} holds no steps yet (0 rows): nothing to predict, simulate or plot")
+    return record
+
+
+def _degenerate(record, include: bool, what: str):
+    """Report the record's degenerate steps and return the record ``what`` uses (module prediction)."""
+    from ..prediction import degenerate_steps, drop_degenerate
+
+    bad = degenerate_steps(record)
+    if not bad:
+        return record
+    shown = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
+    head = (f"{len(bad)} of {len(record)} steps are degenerate (a layer's top singular value repeated, spectral gap "
+            f"below gap_tol, Assumption 11; steps {shown}): ")
+    if include:
+        print(f"sdelip: notice: {head}their coefficients, undefined by the theory, are used by {what} as recorded "
+              "(--include-degenerate)", file=sys.stderr)
+        return record
+    print(f"sdelip: notice: {head}their coefficients are undefined by the theory and are not used by {what}: a "
+          "leading one is dropped, a later one holds the previous step's coefficients (--include-degenerate uses "
+          "them)", file=sys.stderr)
+    return drop_degenerate(record)
+
+
+def _metadata(record_path) -> dict:
+    from ..record import load_metadata
+
+    return load_metadata(Path(record_path))
+
+
+def _lr_of(record_path, record) -> float:
+    meta = _metadata(record_path)
+    lr = meta.get("lr") or meta.get("config", {}).get("lr")
+    if lr is None and len(record) > 1:
+        steps = record["step"].to_numpy()
+        t = record["t"].to_numpy()
+        lr = float((t[-1] - t[0]) / (steps[-1] - steps[0]))
+    return float(lr)
+
+
+def prediction_summary(record, pred, at_steps: Optional[Sequence[int]] = None) -> list[dict]:
+    """Rows comparing observed K with the Thm 16–17 prediction at a few steps."""
+    import numpy as np
+
+    steps = pred["step"].to_numpy()
+    if at_steps is None:
+        at_steps = sorted({int(steps[0]), *(int(steps[int(q * (len(steps) - 1))]) for q in (0.25, 0.5, 0.75)),
+                           int(steps[-1])})
+    rows = []
+    for s in at_steps:
+        k = int(np.searchsorted(steps, s))
+        k = min(k, len(steps) - 1)
+        r = pred.iloc[k]
+        sd = float(r["K_std"])
+        rows.append({
+            "step": int(r["step"]),
+            "t": float(r["t"]),
+            "K_observed": float(r["K_observed"]),
+            "K_mean (Thm 17)": float(r["K_mean"]),
+            "K_sd (Thm 17)": sd,
+            "z": (float(r["K_observed"]) - float(r["K_mean"])) / sd if sd > 0 else float("nan"),
+            "rel_error": float(r["K_observed"]) / float(r["K_mean"]) - 1.0,
+        })
+        if "K_mean_discrete" in pred and math.isfinite(float(r["K_mean_discrete"])):
+            rows[-1]["K_mean + step drift"] = float(r["K_mean_discrete"])
+            rows[-1]["rel_error (with step drift)"] = float(r["K_observed"]) / float(r["K_mean_discrete"]) - 1.0
+    return rows
+
+
+def terms_summary(record) -> list[dict]:
+    """Per-layer time averages of μ, κ, ‖λ‖² and the covariance share of κ."""
+    from ..plotting import layer_label, layer_names
+    from ..terms import term
+
+    rows = []
+    for name in layer_names(record) + ["network"]:
+        def col(term):
+            key = f"{term}_Z" if name == "network" else f"{term}/{name}"
+            return record[key] if key in record else None
+
+        row = {"layer": name if name == "network" else layer_label(record, name)}
+        for t in (term("drift"), term("noise_curvature"), term("diffusion_sq")):
+            row[f"mean {t.ascii}"] = float(col(t.column).mean())
+        kappa = col("noise_curvature")
+        if name != "network":
+            cov = record.get(f"noise_curvature_cov/{name}")
+            row["K first"] = float(record[f"K/{name}"].iloc[0])
+            row["K last"] = float(record[f"K/{name}"].iloc[-1])
+        else:
+            cov = record.get("noise_curvature_cov_Z")
+            row["K first"] = float(record["K"].iloc[0])
+            row["K last"] = float(record["K"].iloc[-1])
+        row["cov share of kappa"] = float(cov.sum() / kappa.sum()) if cov is not None and float(kappa.sum()) else float("nan")
+        rows.append(row)
+    return rows
+
+
+def _simulate(record, lr: float, n: int, seed: int, device: str, progress: bool) -> dict:
+    """Reduced Z-SDE (Thm 15) with the record's coefficients, n trajectories, as plot-ready arrays."""
+    from ..sde import simulate_record
+
+    res = simulate_record(record, n=n, lr=lr, seed=seed, device=device, progress=progress)
+    return {
+        "t": res.t,
+        "mean": res.mean_K,
+        "var": res.var_K,
+        "quantiles": dict(zip(res.quantile_levels, res.quantiles)),
+        "label": f"SDE Monte Carlo (n={n})",
+        "result": res,
+    }
+
+
+def cmd_predict(args) -> int:
+    from ..prediction import predict
+
+    if args.csv:
+        _check_output(args.csv)
+    record = _load(args.record)
+    _degenerate(record, args.include_degenerate, "the prediction")
+    pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
+    if args.csv:
+        pred.to_csv(args.csv, index=False)
+        print(f"prediction written to {args.csv}")
+    _print_table(prediction_summary(record, pred))
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    import numpy as np
+
+    if args.csv:
+        _check_output(args.csv)
+    record = _load(args.record)
+    lr = _lr_of(args.record, record)
+    record = _degenerate(record, args.include_degenerate, "the simulation")
+    from ..threads import use_threads
+
+    with use_threads(args.threads):
+        sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
+    rows = []
+    t = np.asarray(sim["t"])
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+        k = int(round(q * (len(t) - 1)))
+        row = {"t": float(t[k]), "E[K] (MC)": float(sim["mean"][k]), "sd[K] (MC)": float(np.sqrt(sim["var"][k]))}
+        for qq, arr in sorted(sim["quantiles"].items()):
+            row[f"q{qq:g}"] = float(arr[k])
+        rows.append(row)
+    _print_table(rows)
+    if args.csv:
+        import pandas as pd
+
+        df = pd.DataFrame({"t": t, "mean_K": sim["mean"], "var_K": sim["var"],
+                           **{f"q{q:g}": v for q, v in sorted(sim["quantiles"].items())}})
+        df.to_csv(args.csv, index=False)
+        print(f"simulation summary written to {args.csv}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from ..plotting import save_figure, summary_figure
+    from ..prediction import predict
+
+    out = _check_output(args.out or Path(args.record).with_suffix(".png"))
+    record = _load(args.record)
+    used = _degenerate(record, args.include_degenerate, "the prediction and the simulation")
+    pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
+    sim = None
+    if args.simulate:
+        sim = _simulate(used, _lr_of(args.record, record), args.simulate, 0, "cpu", False)
+    save_figure(summary_figure(record, pred, simulation=sim, title=str(args.record), smooth=args.smooth), out)
+    print(f"figure written to {out}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    record = _load(args.record, need_rows=False)
+    meta = _metadata(args.record)
+    if args.json:
+        print(json.dumps({"metadata": meta, "rows": len(record)}, indent=2, default=str))
+        return 0
+    print(f"record: {args.record}")
+    for key in ("model", "engine", "lr", "batch_size", "data", "data_source", "regularizers", "seed",
+                "init_seed", "sampling_seed", "versions"):
+        if key in meta:
+            print(f"  {key}: {meta[key]}")
+    layers = meta.get("layers")
+    if layers:
+        print("  layers:")
+        for layer in layers:
+            print(f"    {layer}")
+    left = meta.get("left_out")
+    if left:
+        by_reason: dict = {}
+        for o in left:
+            by_reason.setdefault(o["reason"], []).append(o["name"])
+        print(f"  left out ({len(left)} parameters, not tracked):")
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:8]) + (f", … {len(names) - 8} more" if len(names) > 8 else "")
+            print(f"    {reason}: {shown}")
+    steps = record["step"]
+    if record.empty:
+        print("  rows: 0 (no step recorded yet)")
+        return 0
+    print(f"  rows: {len(record)} (steps {int(steps.iloc[0])}..{int(steps.iloc[-1])})")
+    from ..prediction import degenerate_steps
+
+    bad = degenerate_steps(record)
+    if bad:
+        shown = ", ".join(map(str, bad[:8])) + (", …" if len(bad) > 8 else "")
+        print(f"  degenerate steps: {len(bad)} ({shown}): a layer's top singular value repeated (Assumption 11), "
+              "their terms are undefined by the theory")
+        if not args.include_degenerate:
+            if len(bad) == len(record):
+                print("  every step is degenerate: no averages (--include-degenerate shows them)")
+                return 0
+            print("  the averages below leave them out (--include-degenerate includes them)")
+            record = record[~record["step"].isin(bad)].reset_index(drop=True)
+    print()
+    _print_table(terms_summary(record))
+    return 0
+
+
+def cmd_copy(args) -> int:
+    from ..record import copy_record
+
+    out = copy_record(args.record, args.dest)
+    print(f"record copied to {out} (one self-contained file)")
+    return 0
+
