@@ -31,14 +31,16 @@ connections. A weight applied c > 1 times (tied weights, a module called several
 is one layer with one σ1 and one set of Thm 14 terms, and contributes σ1^c to K; the
 network terms are those of that factor (:func:`sdelip.dynamics.repeated_use_terms`).
 
-The tracker orchestrates; the parts live beside it: reading the optimizer
-(:mod:`sdelip.optimizer_view`), the forward hooks that check inputs and count the uses
-of every weight (:mod:`sdelip.monitor`), the engines (:mod:`sdelip.engines`), the
-decompositions (:mod:`sdelip.curvature`), the terms (:mod:`sdelip.dynamics`,
+The tracker orchestrates (schedule, SDE time, one call per step into the pipeline); the
+parts live beside it: reading the optimizer (:mod:`sdelip.optimizer_view`), the forward
+hooks that check inputs and count the uses of every weight (:mod:`sdelip.monitor`), the
+engines (:mod:`sdelip.engines`), the per-step pipeline of decompositions, terms and
+record row (:mod:`sdelip.pipeline`, on :mod:`sdelip.curvature`, :mod:`sdelip.dynamics`,
 :mod:`sdelip.terms`), the run metadata (:mod:`sdelip.run_metadata`), the record
 (:mod:`sdelip.record`), checkpoint and resume (:mod:`sdelip.tracker_checkpoint`, on the
 data-only format of :mod:`sdelip.checkpoint`, the resume check of :mod:`sdelip.resume`)
-and the safety checks around a step (:mod:`sdelip.tracker_safety`).
+and the safety checks around a step (:mod:`sdelip.tracker_safety`). The module's length
+is mostly the documentation of the tracker's arguments.
 """
 
 from __future__ import annotations
@@ -48,25 +50,20 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
-from ._checks import NonFiniteError, check_finite
-from .dynamics import LayerTerms, network_terms, repeated_use_terms
-from .engines import (
-    Engine,
-    EngineNotApplicableError,
-    coupling_modules,
-    make_engine,
-    resolve_engine_name,
-)
-from .curvature import decompose_layer
+from ._checks import NonFiniteError
+from .engines import Engine, EngineNotApplicableError, coupling_modules, make_engine, resolve_engine_name
 from .layers import LeftOut, TrackedLayer, weight_inventory
 from .monitor import InputMismatchError, ModuleMonitor
 from .optimizer_view import NotPlainSGDWarning, OptimizerView
+from .pipeline import decompose_layers, layer_terms_from_statistics, step_record
 from .probes import lipschitz_lower_bound
+from .record import RecordWriter, StepRecord, load_record
 from .run_metadata import build_metadata
+from .schedule import Schedule, as_schedule
+from .spectral import DEFAULT_GAP_TOL
 from .tracker_checkpoint import CHECKPOINT_FORMAT, TrackerCheckpointing
 from .tracker_safety import (
     GradientAccumulationError,
@@ -75,10 +72,6 @@ from .tracker_safety import (
     check_continuation,
     explain_overflow,
 )
-from .record import RecordWriter, StepRecord, load_record
-from .schedule import Schedule, as_schedule
-from .spectral import DEFAULT_GAP_TOL
-from .terms import TERMS, network_columns
 
 __all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "SmallBatchWarning", "GradientAccumulationError",
            "CHECKPOINT_FORMAT"]
@@ -487,48 +480,14 @@ class Tracker(TrackerCheckpointing):
         return limit()
 
     def _decompose_all(self, step: int) -> dict:
-        decomps = {}
-        for layer in self.layers:
-            W = layer.matrix().detach()
-            if W.dtype in (torch.float16, torch.bfloat16):  # no eigensolvers in half precision
-                W = W.float()
-            check_finite(W, "the weight matrix", layer.name, step)
-            decomps[layer.name] = decompose_layer(W, self.decomposition, self.gap_tol, self.on_degenerate,
-                                                  name=layer.name, step=step)
-        return decomps
+        return decompose_layers(self.layers, self.decomposition, self.gap_tol, self.on_degenerate, step)
 
     def _all_terms(self, decomps, stats, lr, wds, step) -> dict:
-        terms: dict[str, LayerTerms] = {}
-        for layer in self.layers:
-            st = stats[layer.name]
-            d = decomps[layer.name]
-            noise_var = st.noise_var() if self.split else None
-            tt = d.terms(st.Gv, st.Gtu, lr, noise_var=noise_var, weight_decay=wds[layer.name],
-                         extra_noise_var=self.extra_noise_var, diffusion_split=layer.uses > 1)
-            self._check_terms(tt, layer.name, step)
-            terms[layer.name] = tt
-        return terms
+        return layer_terms_from_statistics(self.layers, decomps, stats, lr, wds, self.split, self.extra_noise_var,
+                                           step)
 
     def _step_record(self, terms, losses, step, M, lr) -> StepRecord:
-        net = network_terms([repeated_use_terms(terms[l.name], l.uses, lr, self.extra_noise_var)
-                             for l in self.layers])
-        layer_rows = {}
-        for layer in self.layers:
-            q = terms[layer.name].as_dict()
-            layer_rows[layer.name] = {t.column: q[t.name] for t in TERMS}
-            layer_rows[layer.name]["degenerate"] = bool(q["degenerate"])
-        network = {c: getattr(net, c) for c in network_columns()}
-        loss = float(losses.detach().double().mean())
-        return StepRecord(
-            step=step, t=float(self.t), lr=lr, loss=loss, batch_size=M, layers=layer_rows, network=network,
-            degenerate=any(r["degenerate"] for r in layer_rows.values()),
-        )
-
-    @staticmethod
-    def _check_terms(tt: LayerTerms, name: str, step: int) -> None:
-        for key, v in tt.as_dict().items():
-            if isinstance(v, float) and not np.isfinite(v):
-                raise NonFiniteError(f"the term {key} of layer {name!r} at step {step} is {v}")
+        return step_record(self.layers, terms, losses, step, float(self.t), M, lr, self.extra_noise_var)
 
     # ------------------------------------------------------------------------------------------
     # probes
