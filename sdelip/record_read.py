@@ -1,4 +1,6 @@
-"""Reading records: read-only, also on read-only mounts and while a run writes; damaged or foreign files refused by name.
+"""Reading records: read-only, also on read-only mounts and while a run writes.
+
+Damaged or foreign files are refused by name.
 
 See :mod:`sdelip.record` for the format and the guarantees.
 """
