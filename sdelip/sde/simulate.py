@@ -238,10 +238,15 @@ def simulate(
                     done[0] += k
                     bar.update(k)
 
-            bm = GridBrownian(
-                t0=float(ts[0]), dt=dt, size=(nc, int(sde.brownian_size)), seed=seed, stream=ci, dtype=dtype,
-                device=device, block_steps=block_steps, on_block=on_block,
-            )
+            make_bm = getattr(sde, "brownian_motion", None)  # the system's own driver (epoch-pinned when reshuffled)
+            if make_bm is not None:
+                bm = make_bm(nc, t0=float(ts[0]), dt=dt, seed=seed, stream=ci, dtype=dtype, device=device,
+                             block_steps=block_steps, on_block=on_block)
+            else:
+                bm = GridBrownian(
+                    t0=float(ts[0]), dt=dt, size=(nc, int(sde.brownian_size)), seed=seed, stream=ci, dtype=dtype,
+                    device=device, block_steps=block_steps, on_block=on_block,
+                )
             y0 = sde.initial_state(nc, dtype=dtype, device=device)
             with torch.no_grad():
                 ys = torchsde.sdeint(view, y0, ts, bm=bm, dt=dt, method="euler")
