@@ -202,3 +202,32 @@ def test_simulate_drives_the_reshuffled_system_with_the_epoch_driver():
     assert res.var_K[1] > 0 and res.n == 8
     again = simulate(sde, n=8, ts=time_grid(2 * S * LR, LR, every=S), seed=0, progress=False, dtype=torch.float64)
     assert list(res.mean_K) == list(again.mean_K)
+
+
+def test_a_permutation_driver_turns_the_euler_step_into_a_real_reshuffled_sgd_step():
+    """With ΔW_i = −√(η(N − 1)/M)(1[i ∈ B] − M/N) — the permutation's own indicators, whose image G·ΔW has the
+    same mean and second moments (within and across steps) as that of the epoch-pinned Gaussian driver, because
+    G's columns sum to zero — the Euler step θ + η f + g·ΔW is exactly θ − η ḡ_B(θ): at dt = η the epoch SDE
+    differs from real reshuffled SGD only in replacing that driver by a Gaussian one."""
+    model, X, Y = _problem(4)
+    sde = ParameterSDE(model, (X, Y), lr=LR, noise_batch_size=M, sampling="reshuffle")
+    n = 3
+    y = sde.initial_state(n) + 0.2 * torch.randn(n, sde.state_size, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(N, generator=gen)
+    for j in range(S):
+        batch = perm[j * M : (j + 1) * M]
+        a = torch.zeros(N, dtype=torch.float64)
+        a[batch] = 1.0
+        v = (-math.sqrt(LR * (N - 1) / M) * (a - M / N)).expand(n, N)
+        f, gv = sde.f_and_g_prod(j * LR, y, v)
+        step = LR * f + gv
+        names = [k for k, _ in model.named_parameters()]
+        params = {k: t for k, t in sde.layout.unflatten(y).items()}
+
+        def loss(p):
+            return nn.functional.cross_entropy(functional_call(model, p, (X[batch],)), Y[batch])
+
+        g = vmap(grad(loss))(params)
+        expect = -LR * torch.cat([g[k].reshape(n, -1) for k in names], 1)
+        torch.testing.assert_close(step, expect, rtol=0, atol=1e-12)
