@@ -146,3 +146,18 @@ def test_simulate_record_offers_the_pinned_system():
     sde = ReducedLipschitzSDE.from_record(df.iloc[3:], steps_per_epoch=10, batch_fraction=0.1)
     assert sde.epoch_phase == 3 and isinstance(sde.brownian_motion(2), EpochBrownian)
     assert isinstance(ReducedLipschitzSDE.from_record(df).brownian_motion(2), GridBrownian)
+
+
+def test_drift_source_minibatch_keeps_thm17s_drift_and_pins_only_the_noise():
+    df, names = _record(T=40, L=2, lr=0.01)
+    rec = ReducedLipschitzSDE.from_record(df, steps_per_epoch=10, batch_fraction=0.1)
+    thm17 = ReducedLipschitzSDE.from_record(df)
+    exp = ReducedLipschitzSDE.from_record(df, steps_per_epoch=10, batch_fraction=0.1, drift_source="expected")
+    assert rec.drift_source == "minibatch"
+    np.testing.assert_allclose(rec.log_coefficients()[0], thm17.log_coefficients()[0])
+    np.testing.assert_allclose(rec.moments().mean_Z, thm17.moments().mean_Z)
+    np.testing.assert_allclose(rec.moments().var_Z, exp.moments().var_Z)
+    assert rec.moments().var_Z[10] < 0.3 * thm17.moments().var_Z[10]
+    assert not np.allclose(exp.log_coefficients()[0], thm17.log_coefficients()[0])
+    with pytest.raises(ValueError, match="drift_source"):
+        ReducedLipschitzSDE.from_record(df, steps_per_epoch=10, drift_source="batch")

@@ -30,6 +30,13 @@ of an epoch that uses every sample (α S = 1) it is S dt times the variance of �
 epoch's steps — zero for constant coefficients, and E[K] = K0 exp ∫μ: the noise and its
 Itô terms cancel over the epoch. What remains in real reshuffled SGD beyond that (θ
 moving within the epoch, so that the noise enters the drift) is not in this system.
+
+That weighting is for a drift μ of the *expected* gradient (``drift_source="expected"``).
+A tracking record's μ is measured on each step's own mini-batch; along reshuffled SGD the
+step's batch is anti-correlated with the epoch's earlier ones (the remaining samples pull
+θ back: the pinned noise's own drift −W/(T_e − t)), so the records' mean μ already carries
+−2αm(κ − ½‖λ‖²) and Thm 17's drift μ + κ − ½‖λ‖² is then the right one
+(``drift_source="minibatch"``, the default of :meth:`from_record`): only the noise is pinned.
 """
 
 from __future__ import annotations
@@ -143,6 +150,7 @@ class ReducedLipschitzSDE(nn.Module):
         steps_per_epoch: Optional[int] = None,
         batch_fraction: Optional[float] = None,
         epoch_phase: int = 0,
+        drift_source: str = "expected",
     ):
         super().__init__()
         self.noise_type = "diagonal"
@@ -187,6 +195,9 @@ class ReducedLipschitzSDE(nn.Module):
                                  f"got S = {steps_per_epoch!r}, batch_fraction = {batch_fraction!r}")
             self.steps_per_epoch, self.batch_fraction = S, alpha
         self.epoch_phase = int(epoch_phase)
+        if drift_source not in ("expected", "minibatch"):
+            raise ValueError(f"drift_source must be 'expected' or 'minibatch', got {drift_source!r}")
+        self.drift_source = drift_source
         a, b2 = self.log_coefficients()
         self.register_buffer("log_drift", torch.as_tensor(a, dtype=dtype))
         self.register_buffer("diffusion", torch.as_tensor(np.sqrt(b2), dtype=dtype))
@@ -223,7 +234,8 @@ class ReducedLipschitzSDE(nn.Module):
             per_layer: one Z^(ℓ) per layer (True) or the network Z alone (False).
             **kwargs: ``include_*`` switches, ``dtype`` and the reshuffled-epoch options
                 ``steps_per_epoch``, ``batch_fraction`` (``epoch_phase`` defaults to the first
-                step's position in its epoch) of :class:`ReducedLipschitzSDE`.
+                step's position in its epoch, ``drift_source`` to ``"minibatch"``: a record's μ is
+                measured on each step's batch) of :class:`ReducedLipschitzSDE`.
         """
         lr = record_lr(record) if lr is None else check_positive(lr, "lr")
         if "step" not in record.columns:
@@ -278,8 +290,10 @@ class ReducedLipschitzSDE(nn.Module):
             names = ["Z"]
         else:
             names = layers if per_layer else ["Z"]
-        if kwargs.get("steps_per_epoch") is not None and "epoch_phase" not in kwargs:
-            kwargs["epoch_phase"] = int(steps[0]) % int(kwargs["steps_per_epoch"])  # step s is at s mod S of its epoch
+        if kwargs.get("steps_per_epoch") is not None:
+            if "epoch_phase" not in kwargs:  # step s is at s mod S of its epoch
+                kwargs["epoch_phase"] = int(steps[0]) % int(kwargs["steps_per_epoch"])
+            kwargs.setdefault("drift_source", "minibatch")  # a record's μ is the step's own mini-batch's
         return cls(
             tables["drift"], tables["noise_curvature"], tables["diffusion_sq"], dt=lr, K0=K0,
             t0=float(df["t"].iloc[0]) if "t" in df.columns else float(steps[0]) * lr, layer_names=names, **kwargs,
@@ -289,8 +303,9 @@ class ReducedLipschitzSDE(nn.Module):
     def log_coefficients(self):
         """(a, b²): drift and squared diffusion of each Z^(ℓ) per step, (T, L) each, switches applied.
 
-        With reshuffled epochs the Itô terms κ − ½‖λ‖² are weighted by 1 − α(2m + 1) at
-        step m of an epoch (the increment of the pinned noise's variance, module docstring).
+        With reshuffled epochs and ``drift_source="expected"`` the Itô terms κ − ½‖λ‖² are
+        weighted by 1 − α(2m + 1) at step m of an epoch (the increment of the pinned noise's
+        variance, module docstring); a mini-batch μ already carries that (weight 1).
         """
         ito = np.zeros_like(self.mu)
         if self.include_noise_curvature:
@@ -311,8 +326,9 @@ class ReducedLipschitzSDE(nn.Module):
         return (self.epoch_phase + np.arange(self.n_steps)) % self.steps_per_epoch
 
     def epoch_weights(self) -> np.ndarray:
-        """The weight of the Itô terms per step: 1, or 1 − α(2m_k + 1) with reshuffled epochs, (T,)."""
-        if not self.reshuffled:
+        """The weight of the Itô terms per step: 1, or 1 − α(2m_k + 1) with reshuffled epochs and an expected-gradient
+        drift, (T,)."""
+        if not self.reshuffled or self.drift_source == "minibatch":
             return np.ones(self.n_steps)
         return 1.0 - self.batch_fraction * (2 * self.epoch_position() + 1)
 
@@ -458,7 +474,7 @@ class ReducedLipschitzSDE(nn.Module):
         off = [n for n, on in (("drift", self.include_drift), ("noise_curvature", self.include_noise_curvature),
                                ("ito_correction", self.include_ito_correction),
                                ("diffusion", self.include_diffusion)) if not on]
-        epochs = (f", steps_per_epoch={self.steps_per_epoch}, batch_fraction={self.batch_fraction:.6g}"
-                  if self.reshuffled else "")
+        epochs = (f", steps_per_epoch={self.steps_per_epoch}, batch_fraction={self.batch_fraction:.6g}, "
+                  f"drift_source={self.drift_source!r}" if self.reshuffled else "")
         return (f"layers={self.layer_names}, steps={self.n_steps}, dt={self.dt}" + epochs
                 + (f", without={off}" if off else ""))
