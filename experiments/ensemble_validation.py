@@ -134,7 +134,7 @@ SDE_PREFIX = {"layers": "parameter-sde", "shared": "parameter-sde-shared", "resh
 
 #: Models of the reshuffle leg (``--reshuffle``), in table order.
 RESHUFFLE_MODELS = ("parameter SDE, epoch-pinned noise, Π σ1(θ)", "parameter SDE, iid shared noise, Π σ1(θ)",
-                    "reduced SDE, epoch-pinned", "reduced SDE (Thm 17)")
+                    "reduced SDE, epoch-pinned", "reduced SDE (Thm 17)", "reduced SDE, epoch-pinned + step curvature")
 
 QUANTILES = (0.025, 0.5, 0.975)
 
@@ -845,7 +845,8 @@ def _figure_reshuffle(out, t, K_real, models_K, reduced, s, n_train, title):
     rng = np.random.default_rng(1)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     per_epoch = n_train // s["batch_size"]
-    colors = {RESHUFFLE_MODELS[0]: "C1", RESHUFFLE_MODELS[1]: "C0", RESHUFFLE_MODELS[2]: "C2", RESHUFFLE_MODELS[3]: "C3"}
+    colors = {RESHUFFLE_MODELS[0]: "C1", RESHUFFLE_MODELS[1]: "C0", RESHUFFLE_MODELS[2]: "C2", RESHUFFLE_MODELS[3]: "C3",
+              RESHUFFLE_MODELS[4]: "C4"}
     v_real = K_real.var(0, ddof=1)
     ia = rng.integers(0, K_real.shape[0], size=(300, K_real.shape[0]))
     vb = np.stack([K_real[i].var(0, ddof=1) for i in ia])
@@ -925,8 +926,11 @@ def reduce_reshuffle(args, results: dict, out: Path) -> dict:
     # The records' μ is each step's mini-batch's: along reshuffled SGD its mean carries the pinned noise's restoring
     # drift, so the pinned system keeps Thm 17's drift (drift_source="minibatch"; docs/theory.md).
     pinned = dict(steps_per_epoch=S, batch_fraction=alpha, drift_source="minibatch")
-    for name, epochs in ((RESHUFFLE_MODELS[2], pinned), (RESHUFFLE_MODELS[3], {})):
-        sde = ReducedLipschitzSDE(mu, kappa, lam2, dt=lr, K0=K0, layer_names=layers, dtype=torch.float64, **epochs)
+    step_curv = mean_table("step_curvature")  # the O(η) drift of a discrete step (THEORY.md §4), an ablation of the mean
+    for name, epochs, extra in ((RESHUFFLE_MODELS[2], pinned, 0.0), (RESHUFFLE_MODELS[3], {}, 0.0),
+                                (RESHUFFLE_MODELS[4], pinned, step_curv)):
+        sde = ReducedLipschitzSDE(mu + extra, kappa, lam2, dt=lr, K0=K0, layer_names=layers, dtype=torch.float64,
+                                  **epochs)
         reduced[name] = simulate(sde, s["n_sde"], sde.time_grid(every=1), dt=lr, seed=0, progress=False,
                                  quantiles=QUANTILES)
     samples = {RESHUFFLE_MODELS[0]: epoch_sde["log_K_direct"].sum(-1)}
@@ -961,7 +965,9 @@ def reduce_reshuffle(args, results: dict, out: Path) -> dict:
         f"'{RESHUFFLE_MODELS[2]}' and '{RESHUFFLE_MODELS[3]}': {s['n_sde']} trajectories of the reduced Z-system with "
         "the per-step mean of the reshuffled records' μ, κ, ‖λ‖², with epoch-pinned noise (steps_per_epoch = "
         f"{S}, batch_fraction = {alpha:.4g}; the records' mini-batch μ already carries the pinned noise's restoring "
-        "drift, so the drift is Thm 17's: drift_source='minibatch') and with Thm 17's independent increments.",
+        "drift, so the drift is Thm 17's: drift_source='minibatch') and with Thm 17's independent increments; "
+        f"'{RESHUFFLE_MODELS[4]}' adds the records' mean step curvature (η/2σ1)∇LᵀH∇L to μ (the drift of a discrete "
+        "step that the SDE drops, THEORY.md §4): an ablation of the mean.",
         f"var_ratio_K: Var(real) / Var(model) with a {s['n_boot']}-resample percentile bootstrap 95% interval (real runs "
         "resampled, and the parameter SDEs' trajectories; the reduced systems' variance taken as exact). in_target: "
         "ratio in [0.5, 2], its interval containing 1 and the mean of K within 1 % (issue #19's target).",
