@@ -108,7 +108,7 @@ N_SHARED_SDE = {"tiny": 4, "quick": 32, "paper": 256}
 #: Trajectories of the reshuffled parameter SDE (``--reshuffle``) per scale, in tasks of ``RESHUFFLE_CHUNK``.
 #: One trajectory-step runs all N training samples forward and backward (about 1 s for the quick scale's
 #: MLP on one core, docs/performance.md), hence fewer than the iid SDE's.
-N_RESHUFFLE_SDE = {"tiny": 2, "quick": 48, "paper": 64}
+N_RESHUFFLE_SDE = {"tiny": 2, "quick": 28, "paper": 64}
 RESHUFFLE_CHUNK = {"tiny": 2, "quick": 4, "paper": 16}
 #: With --reshuffle-only: trajectories of the shared-noise iid SDE (the first of its full-run chunks).
 N_SHARED_SDE_RESHUFFLE_ONLY = {"tiny": 2, "quick": 16, "paper": 64}
