@@ -155,6 +155,34 @@ def test_ensemble_validation(tmp_path):
     assert result["three_way"] and result["layers"]
 
 
+def test_ensemble_validation_reshuffle_leg(tmp_path):
+    """--reshuffle-only at --tiny: real reshuffled runs against the epoch-pinned SDEs (and the iid ones)."""
+    module = _load("ensemble_validation")
+    out = tmp_path / "ensemble_reshuffle"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = module.main(["--tiny", "--reshuffle-only", "--out", str(out), "--no-progress", "--workers", "1"])
+    tiny = module.SETTINGS["tiny"]
+    assert (out / "reshuffle.png").is_file() and (out / "reshuffle.json").is_file()
+    assert not (out / "three_way.csv").exists()  # only the reshuffle leg was reduced
+    with open(out / "reshuffle.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["model"] for r in rows} == set(module.RESHUFFLE_MODELS)
+    assert {r["sampling"] for r in rows} == {"reshuffled"}
+    assert len({int(r["step"]) for r in rows}) == tiny["n_checkpoints"]
+    _finite(rows, ["mean_K_real", "mean_K_model", "var_K_real", "var_K_model", "var_ratio_K",
+                   "mean_K_model_over_real_minus_1"])
+    for r in rows:
+        n_model = {module.RESHUFFLE_MODELS[0]: module.N_RESHUFFLE_SDE["tiny"],
+                   module.RESHUFFLE_MODELS[1]: module.N_SHARED_SDE_RESHUFFLE_ONLY["tiny"]}.get(r["model"], tiny["n_sde"])
+        assert int(r["n_model"]) == n_model and int(r["n_real"]) == tiny["n_runs"]
+        # Six steps of 4,000 samples: far from an epoch's end, the models' means agree with the runs' closely.
+        assert abs(float(r["mean_K_model_over_real_minus_1"])) < 0.02
+    md = (out / "reshuffle.md").read_text()
+    assert "EpochBrownian" in md and "no step after the first epoch" in md
+    assert set(result["reshuffle"]["target"]) == set(module.RESHUFFLE_MODELS)
+
+
 def test_bootstrap_var_ratio_covers_the_true_ratio():
     """Var(a)/Var(b) of Gaussian samples with a true ratio of 4: estimate and interval against the truth."""
     import numpy as np

@@ -7,10 +7,13 @@
 - :class:`ReducedLipschitzSDE` — the Z-system of a tracking record, piecewise-constant
   coefficients per step, for 10⁴+ cheap trajectories (Thm 15–17).
 - :class:`GridBrownian` — a grid-aligned, seeded Brownian motion for long runs.
+- :class:`EpochBrownian` — the same, pinned within each epoch: the driver of
+  reshuffled SGD's noise (``sampling="reshuffle"``).
 - :func:`simulate`, :func:`simulate_record` — the Monte Carlo front end.
 """
 
 from .brownian import GridBrownian, time_grid
+from .epoch_brownian import EpochBrownian
 from ._functional import DataSource, GradientEstimate, ParamLayout
 from .lipschitz_sde import LipschitzSDE
 from .parameter_sde import ParameterSDE
@@ -19,6 +22,7 @@ from .simulate import SimulationResult, simulate, simulate_record
 
 __all__ = [
     "GridBrownian",
+    "EpochBrownian",
     "time_grid",
     "DataSource",
     "GradientEstimate",

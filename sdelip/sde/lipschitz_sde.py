@@ -182,6 +182,12 @@ class LipschitzSDE(ParameterSDE):
         decomposition: str = "auto",
         **kwargs,
     ):
+        if kwargs.get("sampling", "iid") == "reshuffle":
+            raise NotImplementedError(
+                "LipschitzSDE with sampling='reshuffle' would need the log K rows over all N samples; simulate "
+                "ParameterSDE(..., sampling='reshuffle') and read K = Π σ1(θ) with direct_lipschitz, or the reduced "
+                "system ReducedLipschitzSDE(..., steps_per_epoch=, batch_fraction=)"
+            )
         super().__init__(model, loader, lr, **kwargs)
         self.include_step_curvature = bool(include_step_curvature)
         integrate = (integrate,) if isinstance(integrate, str) else tuple(integrate)

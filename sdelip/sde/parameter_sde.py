@@ -64,6 +64,9 @@ from ..layers import TrackedLayer, tracked_layers
 from ..spectral import DEFAULT_GAP_TOL
 from ._factored import FactoredNoise
 from ._functional import DataSource, GradientEstimate, ModelGradients, ParamLayout, activation_numel
+from .brownian import GridBrownian
+from .epoch_brownian import EpochBrownian
+from .reshuffle import ReshufflePass
 
 __all__ = ["ParameterSDE"]
 
@@ -135,10 +138,19 @@ class ParameterSDE(nn.Module):
         dt: the Euler step the compensation is calibrated for (default η).
         shared_noise_batch: draw one noise mini-batch per evaluation for all
             trajectories instead of one per trajectory.
-        noise_coupling: ``"layers"`` (default): an independent M-dimensional Brownian
-            motion per noise block, block-diagonal noise across layers (Assumption 3);
-            ``"shared"``: one M-dimensional Brownian motion for all blocks, the full
-            covariance of the mini-batch gradient across layers (SGD's own noise).
+        noise_coupling: ``"layers"`` (default with ``sampling="iid"``): an independent
+            M-dimensional Brownian motion per noise block, block-diagonal noise across
+            layers (Assumption 3); ``"shared"``: one M-dimensional Brownian motion for all
+            blocks, the full covariance of the mini-batch gradient across layers (SGD's own
+            noise; the only coupling, and the default, with ``sampling="reshuffle"``).
+        sampling: ``"iid"`` (default): the noise of independent mini-batches (Def 4);
+            ``"reshuffle"``: the noise of SGD with reshuffled epochs (mini-batches without
+            replacement within a permutation per epoch): the dataset-level factor
+            G = D(θ)/√(M(N − 1)) (columns g_i − ∇L over all N training samples) driven by
+            an N-dimensional :class:`~sdelip.sde.EpochBrownian` pinned within each epoch of
+            ⌊N/M⌋ steps (:meth:`brownian_motion`); drift and noise from one weighted pass
+            over the data (:mod:`sdelip.sde.reshuffle`; docs/sde.md, "Reshuffled epochs").
+            Needs a materialised training set and the full-set drift.
         weight_decay: λ_wd of SGD's L2 penalty: the drift becomes −(∇L + λ_wd θ).
         seed: seed of the data sampling (:meth:`reseed` restarts it).
         layers: the tracked layers (default :func:`sdelip.tracked_layers`).
@@ -173,7 +185,8 @@ class ParameterSDE(nn.Module):
         compensate_drift_noise: bool = True,
         dt: Optional[float] = None,
         shared_noise_batch: bool = False,
-        noise_coupling: str = "layers",
+        noise_coupling: Optional[str] = None,
+        sampling: str = "iid",
         weight_decay: float = 0.0,
         seed: int = 0,
         layers: Optional[list] = None,
@@ -204,9 +217,20 @@ class ParameterSDE(nn.Module):
         self.traj_chunk = None if traj_chunk is None else int(traj_chunk)
         self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
         self.dense_diffusion = dense_diffusion
+        if sampling not in ("iid", "reshuffle"):
+            raise ValueError(f"sampling must be 'iid' (independent mini-batches) or 'reshuffle', got {sampling!r}")
+        self.sampling = sampling
+        if noise_coupling is None:
+            noise_coupling = "shared" if sampling == "reshuffle" else "layers"
         if noise_coupling not in ("layers", "shared"):
             raise ValueError(f"noise_coupling must be 'layers' (Assumption 3) or 'shared', got {noise_coupling!r}")
+        if sampling == "reshuffle" and noise_coupling != "shared":
+            raise NotImplementedError(
+                "sampling='reshuffle' drives every layer with the one N-dimensional epoch-pinned Brownian motion "
+                "(one permutation moves all layers): use noise_coupling='shared' (the default with reshuffle)"
+            )
         self.noise_coupling = noise_coupling
+        self.reshuffle = None
         engine = str(engine).lower()
         if engine not in ("auto", "factored", "materialised", "materialized"):
             raise ValueError(f"engine must be 'auto', 'factored' or 'materialised', got {engine!r}")
@@ -214,6 +238,9 @@ class ParameterSDE(nn.Module):
         self.noise_scale = 1.0
         self.factored = None
         if gradient_fn is not None:
+            if sampling == "reshuffle":
+                raise ValueError("sampling='reshuffle' needs the training data (its noise runs over all N samples), "
+                                 "not a gradient_fn")
             if engine == "factored":
                 raise ValueError("a gradient_fn returns per-sample gradients: it needs engine='materialised'")
             if noise_batch_size is None:
@@ -229,6 +256,16 @@ class ParameterSDE(nn.Module):
             M = noise_batch_size if noise_batch_size is not None else self.data.batch_size
             if M is None:
                 raise TypeError("pass noise_batch_size (M): the training data has no batch size")
+            if sampling == "reshuffle":
+                if grad_source == "batch":
+                    raise ValueError("sampling='reshuffle' computes the drift on the whole training set, in the pass "
+                                     "that gives the noise: grad_source must be 'full' or 'auto'")
+                if not self.data.sized or self.data.full() is None:
+                    raise ValueError(f"sampling='reshuffle' needs a map-style training set small enough to "
+                                     f"materialise (at most max_cached = {max_cached} samples)")
+                grad_source = "full"
+                if not 2 <= int(M) <= len(self.data):
+                    raise ValueError(f"sampling='reshuffle' needs 2 <= M <= N, got M = {M}, N = {len(self.data)}")
             self.gradient_fn = ModelGradients(
                 model, self.layout, self.data, loss_fn=loss_fn, noise_batch_size=M, grad_source=grad_source,
                 full_max=full_max, grad_batch_size=grad_batch_size, shared_noise_batch=shared_noise_batch,
@@ -236,8 +273,10 @@ class ParameterSDE(nn.Module):
             )
             self.M = int(M)
             tied = [layer for layer in self.layers if layer.uses != 1 or layer.aliases]
-            # the factored noise runs each tracked module's own forward: rules that apply .weight in it
-            other = [layer for layer in self.layers if not layer.rule.sde_factored or layer.attr != "weight"]
+            # the iid factored noise runs each tracked module's own forward: rules that apply .weight in it
+            # (the reshuffled pass differentiates the whole model and needs no rule)
+            other = [] if sampling == "reshuffle" else \
+                [layer for layer in self.layers if not layer.rule.sde_factored or layer.attr != "weight"]
             self.engine = ("materialised" if tied or other else "factored") if engine == "auto" else engine
             if self.engine == "factored" and tied:
                 t = tied[0]
@@ -251,7 +290,9 @@ class ParameterSDE(nn.Module):
                     f"layer {t.name!r} ({t.kind}, rule {t.rule.name!r}) is not applied as its module's .weight by the "
                     "module's own forward, which the factored noise needs; use engine='materialised' (or 'auto')"
                 )
-            if self.engine == "factored":
+            if self.engine == "factored" and sampling == "reshuffle":
+                self.reshuffle = ReshufflePass(model, self.gradient_fn.loss_fn)
+            elif self.engine == "factored":
                 self.factored = FactoredNoise(model, self.layout, self.layers, self.gradient_fn.loss_fn)
                 try:  # the samples on axis 0 of every tracked module, or the materialised engine
                     ref = next(p for p in model.parameters() if p.requires_grad)
@@ -292,15 +333,42 @@ class ParameterSDE(nn.Module):
         return self.layout.size
 
     @property
+    def noise_width(self) -> int:
+        """Columns of one noise block's factor G: M, or N (all training samples) with reshuffled sampling."""
+        return len(self.data) if self.sampling == "reshuffle" else self.M
+
+    @property
     def brownian_size(self) -> int:
-        """Brownian coordinates: one M-dimensional block per noise block (Assumption 3), or M when shared."""
-        return self.M if self.noise_coupling == "shared" else len(self.layout.blocks) * self.M
+        """Brownian coordinates: one M-dimensional block per noise block (Assumption 3), or M when shared (N reshuffled)."""
+        return self.noise_width if self.noise_coupling == "shared" else len(self.layout.blocks) * self.M
 
     def brownian_slice(self, block: int) -> slice:
         """The Brownian coordinates that drive noise block ``block``."""
         if self.noise_coupling == "shared":
-            return slice(0, self.M)
+            return slice(0, self.noise_width)
         return slice(block * self.M, (block + 1) * self.M)
+
+    @property
+    def steps_per_epoch(self) -> Optional[int]:
+        """S = ⌊N/M⌋ SGD steps per epoch with reshuffled sampling (None for iid)."""
+        return len(self.data) // self.M if self.sampling == "reshuffle" else None
+
+    def brownian_motion(self, n: int, t0: float = 0.0, dt: Optional[float] = None, seed: int = 0, stream: int = 0,
+                        **kwargs):
+        """The driver of n trajectories from t0 (an epoch start): a :class:`GridBrownian`, or with reshuffled
+        sampling an :class:`EpochBrownian` pinned over every ⌊N/M⌋ steps of dt = η (batch fraction M/N).
+
+        ``kwargs`` (dtype, device, block_steps, n_steps, on_block) go to the driver.
+        """
+        dt = self.lr if dt is None else float(dt)
+        size = (int(n), int(self.brownian_size))
+        if self.sampling != "reshuffle":
+            return GridBrownian(t0, dt, size, seed=seed, stream=stream, **kwargs)
+        if abs(dt / self.lr - 1) > 1e-9:
+            raise ValueError(f"the epoch-pinned driver has one SGD step per grid step: dt must be η = {self.lr}, "
+                             f"got {dt}")
+        return EpochBrownian(t0, dt, size, steps_per_epoch=self.steps_per_epoch,
+                             batch_fraction=self.M / len(self.data), seed=seed, stream=stream, **kwargs)
 
     @property
     def layer_names(self) -> list:
@@ -400,6 +468,10 @@ class ParameterSDE(nn.Module):
 
     def _evaluate(self, t: float, y: torch.Tensor, v: Optional[torch.Tensor]):
         """Evaluate the coefficients at (t, y); returns (coefficients, increments G·v or None)."""
+        if self.sampling == "reshuffle" and v is not None:  # drift and increments share the pass over the data
+            self.n_evaluations += 1
+            theta = y[:, : self.n_params].detach()
+            return self._draw_reshuffle(float(t), y, theta, self.layout.unflatten(theta), theta.shape[0], v)
         c = self._draw(t, y)
         return c, (None if v is None else self._increments(c, v))
 
@@ -419,12 +491,35 @@ class ParameterSDE(nn.Module):
                                  grad=est.grad)
         noise_chunk, drift_chunk, data_chunk = self._chunk_sizes(theta)
         src = self.gradient_fn
+        if self.sampling == "reshuffle":
+            return self._draw_reshuffle(t, y, theta, params, n)
         grads = src.expected_gradient(params, traj_chunk=drift_chunk, data_chunk=data_chunk)
         c = _Coefficients(t, y, self._drift(theta, grads), batch=src.noise_batch(n, theta), params=params, grad=grads)
         if self.engine == "materialised":
             per = src.per_sample_gradients(params, c.batch, traj_chunk=noise_chunk)
             c.noise = self._noise_rows(n, GradientEstimate(grad=grads, per_sample=per))
         return c
+
+    def _draw_reshuffle(self, t, y, theta, params, n, v: Optional[torch.Tensor] = None):
+        """Reshuffled sampling: the full-set drift (and with v the increments) from one pass over the data."""
+        src = self.gradient_fn
+        X, Y = self.data.full(device=theta.device, dtype=theta.dtype)
+        if self.engine == "materialised":
+            grads = src.expected_gradient(params)
+            c = _Coefficients(t, y, self._drift(theta, grads), params=params, grad=grads)
+            self._dense_rows(c)
+            return c if v is None else (c, self._g_prod_rows(c, v))
+        _, drift_chunk, rows = self._chunk_sizes(theta)
+        weights = None if v is None else self._reshuffle_weights(v, theta.dtype)
+        grads, inc = self.reshuffle(params, src.consts(theta), X, Y, weights=weights, drift=True,
+                                    traj_chunk=drift_chunk, rows=rows)
+        c = _Coefficients(t, y, self._drift(theta, grads), params=params, grad=grads)
+        return c if v is None else (c, self.layout.flatten(inc))
+
+    def _reshuffle_weights(self, v: torch.Tensor, dtype) -> torch.Tensor:
+        """c_i − c̄ with c_i = √η v_i/√(M(N − 1)): the increment √η G v = Σ_i (c_i − c̄) g_i, (n, N)."""
+        w = v.to(dtype) * self._noise_scale()
+        return w - w.mean(-1, keepdim=True)
 
     def _drift(self, theta: torch.Tensor, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Def 4's drift −∇L(θ) − λ_wd θ of the θ part, (n, P)."""
@@ -434,20 +529,25 @@ class ParameterSDE(nn.Module):
         return -grad if not self.weight_decay else -(grad + self.weight_decay * theta)
 
     def _noise_scale(self) -> float:
-        """√η s/√(M(M−1)): the factor of (g_i − ḡ) in G's columns (s the drift-noise compensation)."""
+        """√η s/√(M(M−1)): the factor of (g_i − ḡ) in G's columns (s the drift-noise compensation).
+
+        With reshuffled sampling √η/√(M(N − 1)), the columns running over all N samples.
+        """
         M = self.M
+        if self.sampling == "reshuffle":
+            return self.noise_scale * (self.lr / (M * (len(self.data) - 1))) ** 0.5
         return self.noise_scale * (self.lr / (M * (M - 1))) ** 0.5
 
     def _noise_rows(self, n: int, est: GradientEstimate) -> list:
-        """Per parameter, √η s (g_i − ḡ)/√(M(M−1)) as (n, M, numel): the columns of G."""
-        M = self.M
+        """Per parameter, √η s (g_i − ḡ)/√(M(M−1)) as (n, M, numel): the columns of G (N columns reshuffled)."""
+        M = self.noise_width
         scale = self._noise_scale()
         rows = []
         for spec in self.layout.specs:
             G = est.per_sample[spec.name]
             G = G.reshape(G.shape[0], G.shape[1], -1)  # (n or 1, M, numel)
             if G.shape[1] != M:
-                raise ValueError(f"gradient_fn returned {G.shape[1]} per-sample gradients, expected M = {M}")
+                raise ValueError(f"gradient_fn returned {G.shape[1]} per-sample gradients, expected {M}")
             E = G - G.mean(1, keepdim=True)
             rows.append(E.mul_(scale).expand(n, -1, -1))
         return rows
@@ -465,6 +565,14 @@ class ParameterSDE(nn.Module):
         """The θ part of G·v, (n, P)."""
         if c.noise is not None:
             return self._g_prod_rows(c, v)
+        if self.sampling == "reshuffle":
+            theta = c.y[:, : self.n_params].detach()
+            X, Y = self.data.full(device=theta.device, dtype=theta.dtype)
+            _, drift_chunk, rows = self._chunk_sizes(theta)
+            _, inc = self.reshuffle(c.params, self.gradient_fn.consts(theta), X, Y,
+                                    weights=self._reshuffle_weights(v, theta.dtype), drift=False,
+                                    traj_chunk=drift_chunk, rows=rows)
+            return self.layout.flatten(inc)
         return self._factored_pass(c, v, capture=False)[1]
 
     def _factored_pass(self, c: _Coefficients, v: Optional[torch.Tensor], capture: bool, on_chunk=None):
@@ -497,7 +605,11 @@ class ParameterSDE(nn.Module):
         """The noise rows of a factored evaluation, from per-sample gradients of its batch (tests)."""
         if c.noise is None:
             n = c.y.shape[0]
-            per = self.gradient_fn.per_sample_gradients(c.params, c.batch, traj_chunk=self._chunk_sizes(c.y)[0])
+            batch = c.batch
+            if self.sampling == "reshuffle":  # the columns of G run over the whole training set
+                X, Y = self.data.full(device=c.y.device, dtype=c.y.dtype)
+                batch = (X.expand(n, *X.shape), Y.expand(n, *Y.shape))
+            per = self.gradient_fn.per_sample_gradients(c.params, batch, traj_chunk=self._chunk_sizes(c.y)[0])
             c.noise = self._noise_rows(n, GradientEstimate(grad={}, per_sample=per))
         return c.noise
 
@@ -579,5 +691,5 @@ class ParameterSDE(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"lr={self.lr}, M={self.M}, params={self.n_params}, blocks={len(self.layout.blocks)}, "
-            f"engine={self.engine!r}, layers={self.layer_names}"
+            f"engine={self.engine!r}, sampling={self.sampling!r}, layers={self.layer_names}"
         )

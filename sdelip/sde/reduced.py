@@ -12,6 +12,31 @@ with independent scalar W^(ℓ) per layer (Assumption 3: λ^(ℓ)ᵀ dB^(ℓ) ha
 with L state coordinates, cheap enough for 10⁴ trajectories over 39,000 steps. With
 piecewise-constant coefficients on the step grid, Euler is exact in law, and the
 moments are Thm 17's closed forms (:meth:`ReducedLipschitzSDE.moments`).
+
+**Reshuffled epochs** (``steps_per_epoch=S``, ``batch_fraction=α = M/N``; docs/theory.md,
+"Reshuffled epochs"). With SGD's noise pinned within each epoch, each W^(ℓ) becomes an
+:class:`~sdelip.sde.EpochBrownian` (Cov of one epoch's increments dt(δ_jk − α)), and the
+Itô terms κ − ½‖λ‖², which come from the noise's accumulated variance, follow the
+variance of the pinned noise instead of growing like t: at step m of an epoch the drift
+is μ + (κ − ½‖λ‖²)(1 − α(2m + 1)), the increment of V_m = dt·m(1 − α m), the variance
+of the epoch's first m noise increments. Z is Gaussian, and
+
+    E[Z_k] = Z0 + Σ_{j<k} a_j dt,
+    Var[Z_k] = Σ_{j<k} ‖λ_j‖² dt − α dt Σ_epochs (Σ_{j<k in the epoch} ‖λ_j‖)²,
+    E[K] = exp(E[Z] + ½ Var[Z]),   Var[K] = E[K]² (e^{Var Z} − 1):
+
+within an epoch Var[Z] follows the bridge, m dt ‖λ‖²(1 − α m) for constant ‖λ‖; at the end
+of an epoch that uses every sample (α S = 1) it is S dt times the variance of ‖λ‖ over the
+epoch's steps — zero for constant coefficients, and E[K] = K0 exp ∫μ: the noise and its
+Itô terms cancel over the epoch. What remains in real reshuffled SGD beyond that (θ
+moving within the epoch, so that the noise enters the drift) is not in this system.
+
+That weighting is for a drift μ of the *expected* gradient (``drift_source="expected"``).
+A tracking record's μ is measured on each step's own mini-batch; along reshuffled SGD the
+step's batch is anti-correlated with the epoch's earlier ones (the remaining samples pull
+θ back: the pinned noise's own drift −W/(T_e − t)), so the records' mean μ already carries
+−2αm(κ − ½‖λ‖²) and Thm 17's drift μ + κ − ½‖λ‖² is then the right one
+(``drift_source="minibatch"``, the default of :meth:`from_record`): only the noise is pinned.
 """
 
 from __future__ import annotations
@@ -122,6 +147,10 @@ class ReducedLipschitzSDE(nn.Module):
         include_ito_correction: bool = True,
         include_diffusion: bool = True,
         dtype: torch.dtype = torch.float32,
+        steps_per_epoch: Optional[int] = None,
+        batch_fraction: Optional[float] = None,
+        epoch_phase: int = 0,
+        drift_source: str = "expected",
     ):
         super().__init__()
         self.noise_type = "diagonal"
@@ -154,6 +183,21 @@ class ReducedLipschitzSDE(nn.Module):
         self.include_ito_correction = bool(include_ito_correction)
         self.include_diffusion = bool(include_diffusion)
         self.mu, self.kappa, self.lam2, self.Z0 = mu, kappa, lam2, Z0
+        if steps_per_epoch is None:
+            if batch_fraction is not None:
+                raise TypeError("batch_fraction needs steps_per_epoch (reshuffled epochs)")
+            self.steps_per_epoch, self.batch_fraction = None, None
+        else:
+            S = int(steps_per_epoch)
+            alpha = 1.0 / S if batch_fraction is None else float(batch_fraction)
+            if S < 1 or not (alpha > 0 and alpha * S <= 1 + 1e-12):
+                raise ValueError(f"reshuffled epochs need steps_per_epoch S >= 1 and 0 < batch_fraction·S <= 1, "
+                                 f"got S = {steps_per_epoch!r}, batch_fraction = {batch_fraction!r}")
+            self.steps_per_epoch, self.batch_fraction = S, alpha
+        self.epoch_phase = int(epoch_phase)
+        if drift_source not in ("expected", "minibatch"):
+            raise ValueError(f"drift_source must be 'expected' or 'minibatch', got {drift_source!r}")
+        self.drift_source = drift_source
         a, b2 = self.log_coefficients()
         self.register_buffer("log_drift", torch.as_tensor(a, dtype=dtype))
         self.register_buffer("diffusion", torch.as_tensor(np.sqrt(b2), dtype=dtype))
@@ -188,7 +232,10 @@ class ReducedLipschitzSDE(nn.Module):
             lr: the learning rate η (default: from the record, see :func:`record_lr`).
             layers: layer names to simulate (default: every layer with a ``drift/`` column).
             per_layer: one Z^(ℓ) per layer (True) or the network Z alone (False).
-            **kwargs: ``include_*`` switches and ``dtype`` of :class:`ReducedLipschitzSDE`.
+            **kwargs: ``include_*`` switches, ``dtype`` and the reshuffled-epoch options
+                ``steps_per_epoch``, ``batch_fraction`` (``epoch_phase`` defaults to the first
+                step's position in its epoch, ``drift_source`` to ``"minibatch"``: a record's μ is
+                measured on each step's batch) of :class:`ReducedLipschitzSDE`.
         """
         lr = record_lr(record) if lr is None else check_positive(lr, "lr")
         if "step" not in record.columns:
@@ -243,6 +290,10 @@ class ReducedLipschitzSDE(nn.Module):
             names = ["Z"]
         else:
             names = layers if per_layer else ["Z"]
+        if kwargs.get("steps_per_epoch") is not None:
+            if "epoch_phase" not in kwargs:  # step s is at s mod S of its epoch
+                kwargs["epoch_phase"] = int(steps[0]) % int(kwargs["steps_per_epoch"])
+            kwargs.setdefault("drift_source", "minibatch")  # a record's μ is the step's own mini-batch's
         return cls(
             tables["drift"], tables["noise_curvature"], tables["diffusion_sq"], dt=lr, K0=K0,
             t0=float(df["t"].iloc[0]) if "t" in df.columns else float(steps[0]) * lr, layer_names=names, **kwargs,
@@ -250,16 +301,55 @@ class ReducedLipschitzSDE(nn.Module):
 
     # -- coefficients --------------------------------------------------------------------
     def log_coefficients(self):
-        """(a, b²): drift and squared diffusion of each Z^(ℓ) per step, (T, L) each, switches applied."""
-        a = np.zeros_like(self.mu)
-        if self.include_drift:
-            a = a + self.mu
+        """(a, b²): drift and squared diffusion of each Z^(ℓ) per step, (T, L) each, switches applied.
+
+        With reshuffled epochs and ``drift_source="expected"`` the Itô terms κ − ½‖λ‖² are
+        weighted by 1 − α(2m + 1) at step m of an epoch (the increment of the pinned noise's
+        variance, module docstring); a mini-batch μ already carries that (weight 1).
+        """
+        ito = np.zeros_like(self.mu)
         if self.include_noise_curvature:
-            a = a + self.kappa
+            ito = ito + self.kappa
         if self.include_ito_correction:
-            a = a - 0.5 * self.lam2
+            ito = ito - 0.5 * self.lam2
+        a = (self.mu if self.include_drift else np.zeros_like(self.mu)) + ito * self.epoch_weights()[:, None]
         b2 = self.lam2 if self.include_diffusion else np.zeros_like(self.lam2)
         return a, b2
+
+    @property
+    def reshuffled(self) -> bool:
+        """Whether the noise is pinned within epochs (``steps_per_epoch`` given)."""
+        return self.steps_per_epoch is not None
+
+    def epoch_position(self) -> np.ndarray:
+        """m_k, the position of every coefficient step k within its epoch (reshuffled epochs)."""
+        return (self.epoch_phase + np.arange(self.n_steps)) % self.steps_per_epoch
+
+    def epoch_weights(self) -> np.ndarray:
+        """The weight of the Itô terms per step: 1, or 1 − α(2m_k + 1) with reshuffled epochs and an expected-gradient
+        drift, (T,)."""
+        if not self.reshuffled or self.drift_source == "minibatch":
+            return np.ones(self.n_steps)
+        return 1.0 - self.batch_fraction * (2 * self.epoch_position() + 1)
+
+    def brownian_motion(self, n: int, t0: Optional[float] = None, dt: Optional[float] = None, seed: int = 0,
+                        stream: int = 0, **kwargs):
+        """The driver of n trajectories: a :class:`GridBrownian`, or an :class:`EpochBrownian` with reshuffled epochs
+        (its epochs aligned with the record's: step k is at position (epoch_phase + k) mod S)."""
+        from .brownian import GridBrownian
+        from .epoch_brownian import EpochBrownian
+
+        t0 = self.t0 if t0 is None else float(t0)
+        dt = self.dt if dt is None else float(dt)
+        size = (int(n), self.brownian_size)
+        if not self.reshuffled:
+            return GridBrownian(t0, dt, size, seed=seed, stream=stream, **kwargs)
+        if abs(dt / self.dt - 1) > 1e-9:
+            raise ValueError(f"with reshuffled epochs the solver step must be the record's step dt = {self.dt}, "
+                             f"got {dt}")
+        kwargs.pop("n_steps", None)
+        return EpochBrownian(t0 - self.epoch_phase * dt, dt, size, steps_per_epoch=self.steps_per_epoch,
+                             batch_fraction=self.batch_fraction, seed=seed, stream=stream, **kwargs)
 
     @property
     def n_layers(self) -> int:
@@ -352,13 +442,39 @@ class ReducedLipschitzSDE(nn.Module):
         """
         a, b2 = self.log_coefficients()
         n = self.n_steps if n_steps is None else int(n_steps)
+        if self.reshuffled:
+            return self._pinned_moments(a[:n], b2[:n])
         a, b2 = a[:n].sum(1), b2[:n].sum(1)
         K0 = math.exp(float(self.Z0.sum()))
         # lipschitz_moments integrates μ + κ − ½λ² and λ²: give it (a + ½b², 0, b²).
         return lipschitz_moments(K0, a + 0.5 * b2, np.zeros_like(a), b2, self.dt)
 
+    def _pinned_moments(self, a: np.ndarray, b2: np.ndarray) -> LipschitzMoments:
+        """E[Z], Var[Z], E[K], Var[K] of the reshuffled-epoch system (module docstring), steps 0..len(a)."""
+        T, dt, alpha = a.shape[0], self.dt, self.batch_fraction
+        b = np.sqrt(b2)  # (T, L)
+        Z0 = float(self.Z0.sum())
+        mean_Z = Z0 + np.concatenate([[0.0], np.cumsum(a.sum(1)) * dt])
+        cum_b2 = np.concatenate([np.zeros((1, b.shape[1])), np.cumsum(b2, 0) * dt])
+        epoch = (self.epoch_phase + np.arange(T)) // self.steps_per_epoch
+        var_L = np.zeros((T + 1, b.shape[1]))
+        done = np.zeros(b.shape[1])  # Σ over finished epochs of (Σ_j ‖λ_j‖)²
+        part = np.zeros(b.shape[1])  # Σ_j ‖λ_j‖ of the current epoch so far
+        for k in range(T):
+            if k > 0 and epoch[k] != epoch[k - 1]:
+                done, part = done + part**2, np.zeros_like(part)
+            part = part + b[k]
+            var_L[k + 1] = cum_b2[k + 1] - alpha * dt * (done + part**2)
+        var_Z = np.maximum(var_L, 0.0).sum(1)  # independent layers (Assumption 3)
+        mean_K = np.exp(mean_Z + 0.5 * var_Z)
+        return LipschitzMoments(t=np.arange(T + 1) * dt, mean_Z=mean_Z, var_Z=var_Z, mean_K=mean_K,
+                                var_K=mean_K**2 * np.expm1(var_Z))
+
     def extra_repr(self) -> str:
         off = [n for n, on in (("drift", self.include_drift), ("noise_curvature", self.include_noise_curvature),
                                ("ito_correction", self.include_ito_correction),
                                ("diffusion", self.include_diffusion)) if not on]
-        return f"layers={self.layer_names}, steps={self.n_steps}, dt={self.dt}" + (f", without={off}" if off else "")
+        epochs = (f", steps_per_epoch={self.steps_per_epoch}, batch_fraction={self.batch_fraction:.6g}, "
+                  f"drift_source={self.drift_source!r}" if self.reshuffled else "")
+        return (f"layers={self.layer_names}, steps={self.n_steps}, dt={self.dt}" + epochs
+                + (f", without={off}" if off else ""))

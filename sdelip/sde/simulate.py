@@ -238,10 +238,15 @@ def simulate(
                     done[0] += k
                     bar.update(k)
 
-            bm = GridBrownian(
-                t0=float(ts[0]), dt=dt, size=(nc, int(sde.brownian_size)), seed=seed, stream=ci, dtype=dtype,
-                device=device, block_steps=block_steps, on_block=on_block,
-            )
+            make_bm = getattr(sde, "brownian_motion", None)  # the system's own driver (epoch-pinned when reshuffled)
+            if make_bm is not None:
+                bm = make_bm(nc, t0=float(ts[0]), dt=dt, seed=seed, stream=ci, dtype=dtype, device=device,
+                             block_steps=block_steps, on_block=on_block)
+            else:
+                bm = GridBrownian(
+                    t0=float(ts[0]), dt=dt, size=(nc, int(sde.brownian_size)), seed=seed, stream=ci, dtype=dtype,
+                    device=device, block_steps=block_steps, on_block=on_block,
+                )
             y0 = sde.initial_state(nc, dtype=dtype, device=device)
             with torch.no_grad():
                 ys = torchsde.sdeint(view, y0, ts, bm=bm, dt=dt, method="euler")
@@ -308,9 +313,18 @@ def simulate_record(
     include_noise_curvature: bool = True,
     include_ito_correction: bool = True,
     include_diffusion: bool = True,
+    sampling: str = "iid",
+    n_train: Optional[int] = None,
+    batch_size: Optional[int] = None,
     **kwargs,
 ) -> SimulationResult:
     """Simulate the reduced Z-system of a tracking record; Thm 17 attached as ``theory``.
+
+    ``sampling="reshuffle"`` simulates the system with epoch-pinned noise (reshuffled
+    epochs of ⌊N/M⌋ steps, :class:`ReducedLipschitzSDE` with ``steps_per_epoch`` and
+    ``batch_fraction`` = M/N; ``theory`` then holds its closed-form moments);
+    ``sampling="auto"`` takes the record's own sampling (its metadata's
+    ``config.sampling``, as :func:`sdelip.train.train` writes it; iid when absent).
 
     Args:
         record: a tracking record: the DataFrame of ``sdelip.record.load_record`` or the
@@ -321,19 +335,57 @@ def simulate_record(
         lr, layers, per_layer: see :meth:`ReducedLipschitzSDE.from_record`.
         include_drift, include_noise_curvature, include_ito_correction, include_diffusion:
             term switches (ablations).
+        sampling: ``"iid"`` (default, Thm 17), ``"reshuffle"`` or ``"auto"`` (see above).
+        n_train: N, the training-set size (needed for ``"reshuffle"`` unless the record's
+            metadata has ``n_train``).
+        batch_size: M (default: the record's ``batch_size`` column or metadata).
         **kwargs: passed to :func:`simulate` (device, chunk_size, seed, progress, …).
     """
+    meta = {}
     if not hasattr(record, "columns"):
-        from ..record import load_record
+        from ..record import load_metadata, load_record
 
+        try:
+            meta = load_metadata(record) or {}
+        except Exception:  # a record without metadata: only explicit options then
+            meta = {}
         record = load_record(record)
+    else:
+        meta = dict(getattr(record, "attrs", {}) or {}).get("metadata") or dict(getattr(record, "attrs", {}) or {})
+    epochs = _reshuffle_options(record, meta, sampling, n_train, batch_size)
     sde = ReducedLipschitzSDE.from_record(
         record, lr=lr, layers=layers, per_layer=per_layer, include_drift=include_drift,
         include_noise_curvature=include_noise_curvature, include_ito_correction=include_ito_correction,
-        include_diffusion=include_diffusion,
+        include_diffusion=include_diffusion, **epochs,
     )
     steps = sde.n_steps if n_steps is None else int(n_steps)
     if every is None:
         every = max(1, steps // 1000)
     ts = sde.time_grid(every=every, n_steps=steps)
     return simulate(sde, n, ts, dt=sde.dt, **kwargs)
+
+
+def _reshuffle_options(record, meta: dict, sampling: str, n_train, batch_size) -> dict:
+    """``steps_per_epoch`` and ``batch_fraction`` for :meth:`ReducedLipschitzSDE.from_record` ({} for iid)."""
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if sampling == "auto":
+        sampling = str(config.get("sampling", "iid"))
+    if sampling not in ("iid", "reshuffle"):
+        raise ValueError(f"sampling must be 'iid', 'reshuffle' or 'auto', got {sampling!r}")
+    if sampling == "iid":
+        return {}
+    if batch_size is None:
+        batch_size = config.get("batch_size", meta.get("batch_size"))
+        if batch_size is None and "batch_size" in getattr(record, "columns", ()):
+            batch_size = int(np.asarray(record["batch_size"])[0])
+    if n_train is None:
+        n_train = meta.get("n_train", config.get("n_train"))
+    if batch_size is None or n_train is None:
+        raise ValueError(
+            f"sampling='reshuffle' needs the training-set size N and the batch size M to place the epochs: pass "
+            f"n_train= and batch_size= (found N = {n_train!r}, M = {batch_size!r} in the record)"
+        )
+    N, M = int(n_train), int(batch_size)
+    if not 1 <= M <= N:
+        raise ValueError(f"need 1 <= batch_size <= n_train, got M = {M}, N = {N}")
+    return {"steps_per_epoch": N // M, "batch_fraction": M / N}
