@@ -170,15 +170,18 @@ def _layer_log_norms(model) -> list[float]:
     import torch
 
     from sdelip.layers import tracked_layers
-    from sdelip.spectral import weight_matrix
 
     with torch.no_grad():
-        return [float(np.log(float(torch.linalg.matrix_norm(weight_matrix(l.module.weight).double(), ord=2))))
+        return [float(np.log(float(torch.linalg.matrix_norm(l.matrix().double(), ord=2))))
                 for l in tracked_layers(model)]
 
 
 def _product_norm(model) -> float:
-    return float(np.exp(sum(_layer_log_norms(model))))
+    """K = Π σ1^c over the tracked layers (c: the uses of a tied weight, Prop 8), as the tracker counts it."""
+    from sdelip.layers import tracked_layers
+
+    uses = [l.uses for l in tracked_layers(model)]
+    return float(np.exp(sum(c * z for c, z in zip(uses, _layer_log_norms(model)))))
 
 
 def train_iid(cfg, seed: int):
