@@ -14,7 +14,9 @@
 
 from .brownian import GridBrownian, time_grid
 from .epoch_brownian import EpochBrownian
-from ._functional import DataSource, GradientEstimate, ParamLayout
+from .data import DataSource
+from .gradients import GradientEstimate
+from .layout import ParamLayout
 from .lipschitz_sde import LipschitzSDE
 from .parameter_sde import ParameterSDE
 from .reduced import ReducedLipschitzSDE, record_lr

@@ -28,7 +28,7 @@ Two engines evaluate the diffusion (``engine=``):
 
 - ``"factored"`` (default): the Euler increment G·dB = Σ_i (c_i − c̄) g_i is the gradient
   of a weighted mini-batch loss, obtained from one backward pass per trajectory, all
-  trajectories batched in one ``torch.func`` call (:mod:`sdelip.sde._factored`). Cost:
+  trajectories batched in one ``torch.func`` call (:mod:`sdelip.sde.weighted_noise`). Cost:
   about the gradient evaluations themselves; memory O(n·P) plus one mini-batch's
   activations per trajectory of a chunk; no per-sample gradient is ever formed.
 - ``"materialised"``: per-sample gradients by ``vmap(grad)`` over samples and
@@ -62,8 +62,10 @@ from .._checks import check_positive
 from ..engines import EngineError
 from ..layers import TrackedLayer, tracked_layers
 from ..spectral import DEFAULT_GAP_TOL
-from ._factored import FactoredNoise
-from ._functional import DataSource, GradientEstimate, ModelGradients, ParamLayout, activation_numel
+from .weighted_noise import FactoredNoise
+from .data import DataSource
+from .gradients import GradientEstimate, ModelGradients, activation_numel
+from .layout import ParamLayout
 from .brownian import GridBrownian
 from .epoch_brownian import EpochBrownian
 from .reshuffle import ReshufflePass

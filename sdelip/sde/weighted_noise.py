@@ -40,7 +40,7 @@ from torch.func import functional_call, vjp, vmap
 from ..engines import EngineError
 from ..layers import TrackedLayer
 from ..rules.attention import vmap_safe_attention
-from ._functional import ParamLayout
+from .layout import ParamLayout
 
 __all__ = ["FactoredNoise"]
 
