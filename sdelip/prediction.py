@@ -41,6 +41,7 @@ import pandas as pd
 
 from .dynamics import lipschitz_moments
 from .record import load_record
+from .terms import COEFFICIENT_COLUMNS
 
 __all__ = ["predict", "drop_degenerate", "degenerate_steps", "PREDICTION_COLUMNS"]
 
@@ -69,9 +70,7 @@ def degenerate_steps(df: pd.DataFrame) -> list[int]:
 
 
 def _is_coefficient(col: str) -> bool:
-    base = col.split("/", 1)[0]
-    return base.rstrip("Z").rstrip("_") in ("drift", "noise_curvature", "noise_curvature_var", "noise_curvature_cov",
-                                            "diffusion_sq", "step_curvature")
+    return col.split("/", 1)[0] in COEFFICIENT_COLUMNS
 
 
 def drop_degenerate(df: pd.DataFrame) -> pd.DataFrame:

@@ -17,7 +17,8 @@ from typing import Optional
 
 import attrs
 
-__all__ = ["Term", "TERMS", "term", "layer_columns", "network_columns", "SDE_TERMS", "INTEGRABLE_TERMS"]
+__all__ = ["Term", "TERMS", "term", "layer_columns", "network_columns", "SDE_TERMS", "INTEGRABLE_TERMS",
+           "COEFFICIENT_COLUMNS"]
 
 
 @attrs.frozen
@@ -36,6 +37,9 @@ class Term:
         source: where it is defined.
         sde: computed per trajectory by :class:`~sdelip.sde.LipschitzSDE` (``terms()``).
         integrable: its time integral can be carried as SDE state (``integrate=``).
+        coefficient: a coefficient of the dynamics of log K (not the state σ1, not a
+            diagnostic such as the gap): what a degenerate step must not drive
+            (:func:`sdelip.prediction.drop_degenerate`).
     """
 
     name: str
@@ -48,11 +52,13 @@ class Term:
     source: str
     sde: bool = False
     integrable: bool = False
+    coefficient: bool = True
 
 
 #: Every per-layer quantity, in record-column order.
 TERMS: tuple = (
-    Term("sigma1", "K", "K", 1, "σ1", "K", "K^(ℓ) = σ1 (operator norm)", "Prop 9", sde=True),
+    Term("sigma1", "K", "K", 1, "σ1", "K", "K^(ℓ) = σ1 (operator norm)", "Prop 9", sde=True,
+         coefficient=False),
     Term("drift", "drift", "drift_Z", 2, "μ", "mu", "μ (optimization drift)", "Thm 14", sde=True, integrable=True),
     Term("noise_curvature", "noise_curvature", "noise_curvature_Z", 3, "κ", "kappa", "κ (noise curvature)",
          "Thm 14", sde=True, integrable=True),
@@ -62,7 +68,8 @@ TERMS: tuple = (
          "κ from covariances", "Prop 6"),
     Term("diffusion_sq", "diffusion_sq", "diffusion_sq_Z", 4, "‖λ‖²", "lambda^2", "‖λ‖² (diffusion)", "Thm 14",
          sde=True, integrable=True),
-    Term("gap", "gap", None, 0, "(σ1 − σ2)/σ1", "gap", "relative spectral gap", "Assumption 11"),
+    Term("gap", "gap", None, 0, "(σ1 − σ2)/σ1", "gap", "relative spectral gap", "Assumption 11",
+         coefficient=False),
     Term("step_curvature", "step_curvature", "step_curvature_Z", 7, "(η/2σ1)∇LᵀH∇L", "step_curvature",
          "discrete-step drift", "THEORY.md §4", integrable=True),
 )
@@ -92,3 +99,5 @@ def network_columns() -> tuple:
 SDE_TERMS = tuple(t.name for t in TERMS if t.sde)
 #: Terms whose integral ``LipschitzSDE(integrate=...)`` can carry.
 INTEGRABLE_TERMS = tuple(t.name for t in TERMS if t.integrable)
+#: The record columns (per layer and network) of the coefficients of the dynamics.
+COEFFICIENT_COLUMNS = frozenset(c for t in TERMS if t.coefficient for c in (t.column, t.network) if c)

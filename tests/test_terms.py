@@ -54,3 +54,11 @@ def test_term_lookup():
     assert T.term("K").name == "sigma1" and T.term("drift").symbol == "μ"
     with pytest.raises(KeyError, match="no term 'mu'"):
         T.term("mu")
+
+
+def test_coefficient_columns_are_the_dynamics_terms():
+    assert T.COEFFICIENT_COLUMNS == {
+        "drift", "noise_curvature", "noise_curvature_var", "noise_curvature_cov", "diffusion_sq", "step_curvature",
+        "drift_Z", "noise_curvature_Z", "noise_curvature_var_Z", "noise_curvature_cov_Z", "diffusion_sq_Z",
+        "step_curvature_Z",
+    }
