@@ -1,4 +1,4 @@
-"""Shared plumbing of the experiment scripts: scales, output folders, tables.
+"""Running an experiment script: scales, its sweep of tasks, output folders (tables: :mod:`reporting`).
 
 Every script in ``experiments/`` has a ``--quick`` scale (default; minutes on a 2-core
 CPU with the bundled data) and a ``--paper`` scale (the paper's settings, for a GPU and
@@ -18,14 +18,10 @@ sweep resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import math
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional
 
 HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # run from a checkout without installing
@@ -190,97 +186,6 @@ def pick(scale: str, **choices):
     if scale not in choices:
         raise KeyError(f"no setting for scale {scale!r}")
     return choices[scale]
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.3e}"
-        return f"{v:.4g}"
-    return str(v)
-
-
-def write_table(rows: Sequence[Mapping], out: Path, stem: str = "summary", title: Optional[str] = None,
-                notes: Iterable[str] = ()) -> tuple[Path, Path]:
-    """Write rows as ``<stem>.csv`` and ``<stem>.md`` (a Markdown table plus notes)."""
-    out = Path(out)
-    cols: list[str] = []
-    for r in rows:
-        for k in r:
-            if k not in cols:
-                cols.append(k)
-    csv_path = out / f"{stem}.csv"
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in cols})
-    md = []
-    if title:
-        md += [f"## {title}", ""]
-    md.append("| " + " | ".join(cols) + " |")
-    md.append("|" + "---|" * len(cols))
-    for r in rows:
-        md.append("| " + " | ".join(_fmt(r.get(k, "")) for k in cols) + " |")
-    notes = list(notes)
-    if notes:
-        md.append("")
-        md += [f"- {n}" for n in notes]
-    md_path = out / f"{stem}.md"
-    md_path.write_text("\n".join(md) + "\n")
-    return csv_path, md_path
-
-
-def write_json(obj, path: Path) -> Path:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str))
-    return Path(path)
-
-
-class Timer:
-    """``with Timer() as t: ...; t.seconds``."""
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
-        return False
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-    import numpy as np
-
-    def ranks(a):
-        a = np.asarray(a, dtype=float)
-        order = a.argsort(kind="mergesort")
-        r = np.empty_like(a)
-        r[order] = np.arange(len(a), dtype=float)
-        for v in np.unique(a):  # average ties
-            m = a == v
-            r[m] = r[m].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def linear_fit(x: Sequence[float], y: Sequence[float]) -> dict:
-    """Least-squares y ≈ a + b x with R²."""
-    import numpy as np
-
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    A = np.stack([np.ones_like(x), x], 1)
-    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-    pred = A @ coef
-    ss_res = float(((y - pred) ** 2).sum())
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {"intercept": float(coef[0]), "slope": float(coef[1]), "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan")}
 
 
 def single_thread(args) -> None:

@@ -79,7 +79,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import pick, run_experiment, task_gpus, write_json, write_table  # noqa: E402
+from common import pick, run_experiment, task_gpus  # noqa: E402
+from reporting import write_json, write_table  # noqa: E402
 
 
 NAME = "ensemble_validation"

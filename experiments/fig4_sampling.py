@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import pick, record_path, run_experiment, runtime_note, write_json, write_table  # noqa: E402
+from common import pick, record_path, run_experiment, runtime_note  # noqa: E402
+from reporting import write_json, write_table  # noqa: E402
 
 
 NAME = "fig4_sampling"

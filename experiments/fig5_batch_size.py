@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import (  # noqa: E402
-    linear_fit, pick, record_path, run_experiment, runtime_note, spearman, write_json, write_table,
-)
+from common import pick, record_path, run_experiment, runtime_note  # noqa: E402
+from fits import linear_fit, spearman  # noqa: E402
+from reporting import write_json, write_table  # noqa: E402
 
 
 NAME = "fig5_batch_size"

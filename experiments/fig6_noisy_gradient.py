@@ -36,6 +36,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repo on sys.path)
+import fits  # noqa: E402
+import reporting  # noqa: E402
 
 NAME = "fig6_noisy_gradient"
 NOISES = ("gaussian", "uniform", "zero")
@@ -288,7 +290,7 @@ def summarise(sweep: dict) -> tuple[list[dict], list[dict]]:
             per_rho.append(row)
         rhos = [r["rho"] for r in per_rho]
         K = [r["K_end"] for r in per_rho]
-        rho_s = common.spearman(rhos, K)
+        rho_s = fits.spearman(rhos, K)
         violations = sum(1 for a, b in zip(K, K[1:]) if b < a)
         m = {"noise": noise, "spearman_rho_vs_K_end": rho_s, "adjacent_decreases": violations,
              "K_end_at_rho0": K[0], "K_end_at_rho1": K[-1], "verdict": verdict(rho_s)}
@@ -399,14 +401,14 @@ def reduce(args, results: dict, out: Path) -> dict:
                      + (f"; Eq. 26 rms error of log K_end: {m['rms_log_eq26']:.3f} (calibrated "
                         f"{m['rms_log_eq26_cal']:.3f})" if "rms_log_eq26" in m else "")
                      + f"; pure-noise random-walk K at ρ = 0 (Sec 8.2 formula): {m['K_rho0_random_walk']:.4g}.")
-    common.write_table(sweep["runs"], out, stem="runs", title="Fig 6: every run")
-    common.write_table(mono, out, stem="monotonicity", title="Fig 6: monotonicity of K_end in ρ")
-    csv_path, md_path = common.write_table(rows, out, stem="summary",
+    reporting.write_table(sweep["runs"], out, stem="runs", title="Fig 6: every run")
+    reporting.write_table(mono, out, stem="monotonicity", title="Fig 6: monotonicity of K_end in ρ")
+    csv_path, md_path = reporting.write_table(rows, out, stem="summary",
                                            title="Fig 6 / Sec 8.4: K at the end against ρ", notes=notes)
     figs = plot(rows, sweep, out)
     summary = {"scale": args.scale, "seconds": seconds, "data": data_statement(sweep["results"]),
                "monotonicity": mono, "settings": {k: v for k, v in cfg.items()}}
-    common.write_json(summary, out / "summary.json")
+    reporting.write_json(summary, out / "summary.json")
     print(md_path.read_text())
     return {"summary": summary, "rows": rows, "csv": csv_path, "md": md_path, "figures": figs}
 

@@ -35,6 +35,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repo on sys.path)
+import fits  # noqa: E402
+import reporting  # noqa: E402
 import fig6_noisy_gradient as fig6  # noqa: E402  (shared sweep helpers)
 
 NAME = "fig7_label_corruption"
@@ -153,7 +155,7 @@ def summarise(sweep: dict) -> tuple[list[dict], dict]:
     eps = [r["eps"] for r in rows]
     y = [r["log_K_end_over_K0"] for r in rows]
     fit = fit_exponent(eps, y, clean)
-    rho_s = common.spearman(eps, [r["K_end"] for r in rows])
+    rho_s = fits.spearman(eps, [r["K_end"] for r in rows])
     head = {"spearman_eps_vs_K_end": rho_s, "verdict": fig6.verdict(-rho_s),
             "adjacent_increases": sum(1 for a, b in zip(y, y[1:]) if b > a),
             "clean_log_ratio": clean, "fit": fit, "I_mu_clean": I_mu, "I_kappa_clean": I_kappa,
@@ -253,14 +255,14 @@ def reduce(args, results: dict, out: Path) -> dict:
                          f"{r['p_kappa']:.2f}, predicted 2).")
     notes.append("Tracked runs (ε ∈ %s, seeds %s, every %d steps): ∫μ_Z and ∫κ_Z are left Riemann sums over the "
                  "record." % (cfg["track_epsilons"], cfg["track_seeds"], cfg["track_every"]))
-    common.write_table(sweep["runs"], out, stem="runs", title="Fig 7: every run")
-    csv_path, md_path = common.write_table(rows, out, stem="summary",
+    reporting.write_table(sweep["runs"], out, stem="runs", title="Fig 7: every run")
+    csv_path, md_path = reporting.write_table(rows, out, stem="summary",
                                            title="Fig 7 / Sec 8.5: K at the end against label corruption ε",
                                            notes=notes)
     figs = plot(rows, head, sweep, out)
     summary = {"scale": args.scale, "seconds": seconds, "data": fig6.data_statement(sweep["results"]),
                "headline": head, "settings": cfg}
-    common.write_json(summary, out / "summary.json")
+    reporting.write_json(summary, out / "summary.json")
     print(md_path.read_text())
     return {"summary": summary, "rows": rows, "csv": csv_path, "md": md_path, "figures": figs}
 

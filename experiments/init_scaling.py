@@ -37,6 +37,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts the repo on sys.path)
+import reporting  # noqa: E402
 
 NAME = "init_scaling"
 
@@ -307,14 +308,14 @@ def reduce(args, results: dict, out: Path) -> dict:
         "their ratios coincide; default draws uniform entries.",
         "Per-layer numbers: layers.csv / layers.md.",
     ]
-    common.write_table(layer_rows, out, stem="layers", title="Sec 8.2: per-layer σ1 at initialisation",
+    reporting.write_table(layer_rows, out, stem="layers", title="Sec 8.2: per-layer σ1 at initialisation",
                        notes=notes[:4])
-    csv_path, md_path = common.write_table(net_rows, out, stem="summary",
+    csv_path, md_path = reporting.write_table(net_rows, out, stem="summary",
                                            title="Sec 8.2: K(0) against Π s(√m + √n)", notes=notes)
     figs = plot(net_rows, layer_rows, out)
     summary = {"scale": args.scale, "seconds": seconds, "ratio_min": min(ratios), "ratio_max": max(ratios),
                "rows": net_rows}
-    common.write_json(summary, out / "summary.json")
+    reporting.write_json(summary, out / "summary.json")
     print(md_path.read_text())
     return {"summary": summary, "csv": csv_path, "md": md_path, "figures": figs}
 
