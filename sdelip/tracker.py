@@ -383,12 +383,16 @@ class Tracker(TrackerCheckpointing):
         The SDE time advances by η per backward (one SGD update, Def 4). Several backward
         calls per optimizer step (gradient accumulation over micro-batches) would count
         each micro-batch as an SGD step and measure the noise of a micro-batch, not of
-        the update actually applied.
+        the update actually applied. Accumulation is a backward on top of gradients that
+        were not zeroed: a backward after ``zero_grad()`` without a step in between (a
+        ``GradScaler`` skipping ``optimizer.step()`` on an overflow) is allowed.
         """
         if self.optimizer is None:
             return
         if self.optim.backwards_since_step >= 1:
-            raise GradientAccumulationError(accumulation_message(step))
+            grads = [l.weight.grad for l in self.layers if l.weight.is_leaf]
+            if any(g is not None and bool(g.detach().ne(0).any()) for g in grads):
+                raise GradientAccumulationError(accumulation_message(step))
 
     def _advance_time(self, step: int, lr: float) -> None:
         # t_{k+1} = t_k + η_k, computed as t_anchor + (k + 1 − k_anchor)·η while η is constant, so

@@ -659,3 +659,17 @@ def test_train_holds_the_record_until_its_final_checkpoint_is_written(tmp_path, 
     train_mod.train(cfg, progress=False)
     assert seen and set(seen) == {"held"}  # the first, the periodic and the final checkpoint
     assert not (tmp_path / "r.db.lock").exists()
+
+
+def test_a_skipped_optimizer_step_after_zero_grad_is_not_accumulation():
+    """A GradScaler skips optimizer.step() on an overflow; the loop still zeroes the gradients: allowed."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tr = Tracker(model, opt)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt.zero_grad()
+    tr.backward(F.cross_entropy(model(x[:8]), y[:8], reduction="none"))
+    opt.zero_grad()  # the step was skipped, the gradients discarded
+    rec = tr.backward(F.cross_entropy(model(x[8:]), y[8:], reduction="none"))
+    opt.step()
+    assert tr.step == 2 and rec is not None and rec.step == 1
