@@ -272,7 +272,7 @@ class FactoredEngine(Engine):
                 if g is None or not bool((g != 0).any()):
                     left.append((key, use, cands))  # this sample's loss does not reach the use: ask another
                     continue
-                good = probe_batch_axis(g, cands, j, None)
+                good = probe_batch_axis(g, cands, j)
                 if len(good) > 1:
                     left.append((key, use, good))
                     continue

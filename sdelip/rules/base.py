@@ -303,14 +303,13 @@ def ambiguous(candidates: Iterable[int]) -> bool:
     return len(list(candidates)) > 1
 
 
-def probe_batch_axis(delta: Optional[torch.Tensor], candidates: Sequence[int], sample: int, lead: int) -> list[int]:
+def probe_batch_axis(delta: Optional[torch.Tensor], candidates: Sequence[int], sample: int) -> list[int]:
     """Candidate axes consistent with a probe gradient: δ of ℓ_sample alone is zero off ``sample`` on that axis.
 
     Args:
         delta: gradient of ℓ_sample alone with respect to the use's output (None: not reached).
         candidates: axes of the output that may carry the samples.
         sample: the sample whose loss was differentiated.
-        lead: number of leading (non-feature) axes of δ.
 
     Returns:
         the candidate axes a such that δ is non-zero only at index ``sample`` of axis a
