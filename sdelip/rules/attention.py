@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..statistics import EngineError, LayerStatistics
-from .base import LayerRule, Use, get_attr, register_rule
-from .linear import linear_per_sample_grads, linear_use_statistics
+from ..statistics import EngineError
+from .base import Use, get_attr, register_rule
+from .linear import LinearUses
 
 __all__ = ["MultiheadAttentionRule", "vmap_safe_attention"]
 
@@ -142,7 +142,7 @@ class vmap_safe_attention:
 
 
 @register_rule(nn.MultiheadAttention)
-class MultiheadAttentionRule(LayerRule):
+class MultiheadAttentionRule(LinearUses):
     """Tracks ``in_proj_weight`` (or ``q/k/v_proj_weight``) and ``out_proj.weight`` of nn.MultiheadAttention."""
 
     name = "attention"
@@ -204,10 +204,3 @@ class MultiheadAttentionRule(LayerRule):
             return delta.view(L, N, delta.shape[-1])
         return delta
 
-    def statistics(self, use: Use, u1, v1, split, chunk_bytes, with_sum_g=True) -> LayerStatistics:
-        x, d = self.batch_first(use)
-        return linear_use_statistics(x, d, u1, v1, split, chunk_bytes, with_sum_g)
-
-    def per_sample_grads(self, use: Use, start: int, stop: int) -> torch.Tensor:
-        x, d = self.batch_first(use)
-        return linear_per_sample_grads(x[start:stop], d[start:stop])

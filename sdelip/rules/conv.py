@@ -26,7 +26,7 @@ from torch import nn
 
 from ..statistics import EngineError, LayerStatistics
 from .base import LayerRule, Use, register_rule
-from .linear import patch_statistics
+from .linear import patch_statistics, statistics_buffers
 
 __all__ = ["ConvRule", "ConvGeometry", "conv_statistics", "per_sample_conv_grads", "conv_projections",
            "GROUPED_CONV_MIN_POSITIONS"]
@@ -106,15 +106,24 @@ def per_sample_conv_grads(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tenso
     The c samples become the groups of one grouped convolution (c·groups groups), whose
     weight gradient the convolution backward kernel computes without unfolding.
     """
-    c = x.shape[0]
-    C, O, g = geo.in_channels, geo.out_channels, geo.groups
-    G = torch.ops.aten.convolution_backward(
-        delta.reshape(1, c * O, *delta.shape[2:]),
+    c, O, Kg = x.shape[0], geo.out_channels, (geo.in_channels // geo.groups) * geo.kernel_numel
+    return _sample_grouped_weight_grad(geo, x, delta).reshape(c, O, Kg)
+
+
+def _sample_grouped_weight_grad(geo: ConvGeometry, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of the convolution whose groups are the c samples times the module's groups.
+
+    x (c, C, …) prepared, grad_out (c, K, …) against K output channels per sample (K a
+    multiple of the groups): (c·K, C/groups, *kernel), by the convolution backward kernel.
+    """
+    c, K = grad_out.shape[0], grad_out.shape[1]
+    C, g = geo.in_channels, geo.groups
+    return torch.ops.aten.convolution_backward(
+        grad_out.reshape(1, c * K, *grad_out.shape[2:]),
         x.reshape(1, c * C, *x.shape[2:]),
-        torch.empty(c * O, C // g, *geo.kernel_size, dtype=x.dtype, device=x.device),
+        torch.empty(c * K, C // g, *geo.kernel_size, dtype=x.dtype, device=x.device),
         None, geo.stride, geo.padding, geo.dilation, False, (0,) * geo.spatial, c * g, (False, True, False),
     )[1]
-    return G.reshape(c, O, (C // g) * geo.kernel_numel)
 
 
 def conv_projections(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor,
@@ -134,12 +143,7 @@ def conv_projections(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor, u1
     D = delta.reshape(c, g, Og, P)
     Gv = (D * xv.reshape(c, g, 1, P)).sum(-1).reshape(c, O)
     du = (D * u1.to(delta.dtype).reshape(1, g, Og, 1)).sum(2)  # (c, g, P)
-    Gtu = torch.ops.aten.convolution_backward(
-        du.reshape(1, c * g, *delta.shape[2:]),
-        x.reshape(1, c * C, *x.shape[2:]),
-        torch.empty(c * g, C // g, *geo.kernel_size, dtype=x.dtype, device=x.device),
-        None, geo.stride, geo.padding, geo.dilation, False, (0,) * geo.spatial, c * g, (False, True, False),
-    )[1]
+    Gtu = _sample_grouped_weight_grad(geo, x, du.reshape(c, g, *delta.shape[2:]))
     return Gv, Gtu.reshape(c, g, -1).sum(1)
 
 
@@ -172,12 +176,7 @@ def conv_statistics(
     else:
         per_sample = elem * (2 * K * P + (O * Kg if split else 0) + O * P)
     c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
-    kw = dict(dtype=u1.dtype, device=u1.device)
-    out = {"Gv": torch.empty(M, O, **kw), "Gtu": torch.empty(M, Kg, **kw)}
-    if split:
-        if with_sum_g:
-            out["sum_g"] = torch.zeros(O, Kg, **kw)
-        out["sum_sq"] = torch.zeros(O, Kg, **kw)
+    out = statistics_buffers(M, O, Kg, split, with_sum_g, u1)
     for s in range(0, M, c):
         e = min(M, s + c)
         if grouped and not split:

@@ -20,8 +20,8 @@ from torch import nn
 from ..statistics import LayerStatistics
 from .base import LayerRule, Use, register_rule
 
-__all__ = ["LinearRule", "linear_statistics", "sequence_linear_statistics", "patch_statistics",
-           "linear_use_statistics"]
+__all__ = ["LinearRule", "LinearUses", "statistics_buffers", "linear_statistics", "sequence_linear_statistics",
+           "patch_statistics", "linear_use_statistics"]
 
 
 def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool,
@@ -106,16 +106,23 @@ def sequence_linear_statistics(
     P = X.shape[1]
     per_sample = x.element_size() * (P * (n + m) + (m * n if split else 0))
     c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
-    kw = dict(dtype=u1.dtype, device=u1.device)
+    out = statistics_buffers(M, m, n, split, with_sum_g, u1)
+    for s in range(0, M, c):
+        e = min(M, s + c)
+        patch_statistics(X[s:e].mT, D[s:e].mT, u1, v1, split, 1, out, s)
+    return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
+
+
+def statistics_buffers(M: int, m: int, n: int, split: bool, with_sum_g: bool, like: torch.Tensor) -> dict:
+    """The buffers that :func:`patch_statistics` fills chunk by chunk: ``Gv`` (M, m), ``Gtu`` (M, n) and, with the
+    split, ``sum_sq`` (m, n) and (unless ``with_sum_g`` is False) ``sum_g``, in ``like``'s dtype and device."""
+    kw = dict(dtype=like.dtype, device=like.device)
     out = {"Gv": torch.empty(M, m, **kw), "Gtu": torch.empty(M, n, **kw)}
     if split:
         if with_sum_g:
             out["sum_g"] = torch.zeros(m, n, **kw)
         out["sum_sq"] = torch.zeros(m, n, **kw)
-    for s in range(0, M, c):
-        e = min(M, s + c)
-        patch_statistics(X[s:e].mT, D[s:e].mT, u1, v1, split, 1, out, s)
-    return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
+    return out
 
 
 def linear_use_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool,
@@ -132,12 +139,8 @@ def linear_per_sample_grads(x: torch.Tensor, delta: torch.Tensor) -> torch.Tenso
     return delta.reshape(c, -1, m).mT @ x.reshape(c, -1, n)
 
 
-@register_rule(nn.Linear)
-class LinearRule(LayerRule):
-    """nn.Linear (and subclasses) applied to inputs with any leading axes; θ is the (out, in) weight."""
-
-    name = "linear"
-    sde_factored = True
+class LinearUses(LayerRule):
+    """A rule whose every use is a linear map g_i = Σ_p δ_ip x_ipᵀ of its input (Linear, attention's projections)."""
 
     def statistics(self, use: Use, u1, v1, split, chunk_bytes, with_sum_g=True) -> LayerStatistics:
         x, d = self.batch_first(use)
@@ -146,6 +149,14 @@ class LinearRule(LayerRule):
     def per_sample_grads(self, use: Use, start: int, stop: int) -> torch.Tensor:
         x, d = self.batch_first(use)
         return linear_per_sample_grads(x[start:stop], d[start:stop])
+
+
+@register_rule(nn.Linear)
+class LinearRule(LinearUses):
+    """nn.Linear (and subclasses) applied to inputs with any leading axes; θ is the (out, in) weight."""
+
+    name = "linear"
+    sde_factored = True
 
     def trajectory_projections(self, module, attr, x, delta, u1, v1, chunk_bytes):
         if x.ndim == 3:  # (c, M, n): one vmap over the trajectories
