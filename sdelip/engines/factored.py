@@ -376,21 +376,20 @@ class FactoredEngine(Engine):
                 g = torch.zeros_like(w) if w.grad is None else _dense(w.grad).detach()
                 if before[layer.name] is not None:
                     g = g - before[layer.name]
-                G = layer.rule.matrix(g).to(u1.dtype) * M
-                self._check_hidden_uses(layer.name, st, G, u1, step)
+                gm = layer.rule.matrix(g).to(u1.dtype)  # ∇θ mean ℓ: Σ_i g_i / M
+                self._check_hidden_uses(layer.name, st, (gm.mT @ u1) * M, step)
                 if layer.name in from_grad:
-                    st.sum_g = G
+                    st.sum_g = gm * M
             out[layer.name] = st
         self._stats = {}
         return out
 
-    def _check_hidden_uses(self, name: str, st: LayerStatistics, G: torch.Tensor, u1: torch.Tensor, step) -> None:
-        """Σ_i g_iᵀ u1 from the hooks must equal (M ∇θ mean ℓ)ᵀ u1 from the same backward."""
+    def _check_hidden_uses(self, name: str, st: LayerStatistics, total: torch.Tensor, step) -> None:
+        """Σ_i g_iᵀ u1 from the hooks must equal ``total`` = (M ∇θ mean ℓ)ᵀ u1 from the same backward."""
         seen = st.Gtu.sum(0)
-        total = G.mT @ u1
         diff = float((seen - total).norm())
         scale = max(float(seen.norm()), float(total.norm()))
-        rtol = 1e-6 if u1.dtype == torch.float64 else 1e-3
+        rtol = 1e-6 if total.dtype == torch.float64 else 1e-3
         if diff > rtol * scale + 1e-30:
             raise EngineError(
                 f"layer {name!r} at step {step}: the per-sample gradients seen by its rule's hooks sum to "
