@@ -28,12 +28,7 @@ from sdelip.sde import GridBrownian, LipschitzSDE, ParameterSDE
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread (tests/conftest.py)
 
 
 class SequenceModel(nn.Module):

@@ -28,12 +28,7 @@ from sdelip.sde import DataSource, GridBrownian, LipschitzSDE, simulate, time_gr
 Z_SE = 4.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread (tests/conftest.py)
 
 
 def _data(N=128, d=3, seed=0):

@@ -29,12 +29,7 @@ from sdelip.sde import DataSource, GradientEstimate, GridBrownian, ParameterSDE,
 Z_SE = 4.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread (tests/conftest.py)
 
 
 def _orthonormal(k, r, gen):

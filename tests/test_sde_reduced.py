@@ -26,13 +26,7 @@ from sdelip.sde import GridBrownian, LipschitzSDE, ReducedLipschitzSDE, record_l
 Z_SE = 4.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: one thread is faster and immune to oversubscription on shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread (tests/conftest.py)
 
 
 def _coefficients(seed: int, T: int, L: int, dt: float, varying: bool):
