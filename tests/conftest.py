@@ -1,4 +1,4 @@
-"""Test-session defaults (experiment scripts run their sweeps in-process unless a test asks for Ray) and shared fixtures."""
+"""Test-session defaults (sweeps in-process unless a test asks for Ray) and shared fixtures."""
 
 import os
 

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from sdelip import DegenerateSpectrumError
 from sdelip.dynamics import layer_terms
 from sdelip.engines import EngineError, SharedTensorWarning
 from sdelip.layers import UnsupportedLayerError, tracked_layers, weight_inventory
@@ -436,8 +437,8 @@ def test_metadata_lists_tracked_and_left_out_and_info_shows_them(tmp_path):
         tr.backward(CE(model(x), y))
     meta = tr.metadata
     assert [l["name"] for l in meta["layers"]][2] == "enc.layers.0.self_attn.in_proj_weight"
-    assert {"name": "enc.layers.0.norm1.weight", "shape": [8],
-            "reason": "an elementwise scale or shift of a normalisation layer, not part of θ (Prop 9)"} in meta["left_out"]
+    norm = "an elementwise scale or shift of a normalisation layer, not part of θ (Prop 9)"
+    assert {"name": "enc.layers.0.norm1.weight", "shape": [8], "reason": norm} in meta["left_out"]
     import io
     import contextlib
 
@@ -567,3 +568,30 @@ def test_the_vectorised_engines_agree_on_the_gpt_block(engine):
     for name in (l.name for l in tr.layers):
         for q in TERMS:
             assert rel_close(row[f"{q}/{name}"], fac[f"{q}/{name}"], 1e-9), (engine, q, name)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "vit"])
+def test_torchvision_models_are_exact(name):
+    """Models nobody here designed: every weight matrix exact against the oracle, or listed (eval mode: BatchNorm
+    with running statistics, no dropout draws)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(13)
+    if name == "vit":  # torchvision's EncoderBlock applies nn.MultiheadAttention; class token, positions: fallback
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                                                     hidden_dim=8, mlp_dim=16, num_classes=4)
+        # torchvision zero-initialises these: σ1 = 0 is refused by name (the operator norm is not differentiable)
+        model = model.to(DT).eval()
+        g = torch.Generator().manual_seed(14)
+        x, y = torch.randn(3, 3, 32, 32, generator=g, dtype=DT), torch.tensor([0, 1, 3])
+        zero = r"the top singular value for layer '(class_token|heads\.head)' at step 0 is 0\.0"
+        with pytest.raises(DegenerateSpectrumError, match=zero):
+            tracked(model, (x,), y)
+        nn.init.normal_(model.class_token, std=0.3)
+        nn.init.normal_(model.heads.head.weight, std=0.3)
+    else:
+        model = getattr(torchvision.models, name)(num_classes=4).to(DT).eval()
+    g = torch.Generator().manual_seed(14)
+    x, y = torch.randn(3, 3, 32, 32, generator=g, dtype=DT), torch.tensor([0, 1, 3])
+    row, tr = check(model, (x,), y, rtol=1e-9)
+    if name == "vit":
+        assert {l.rule.name for l in tr.layers} == {"attention", "conv", "fallback", "linear"}
