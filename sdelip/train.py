@@ -86,8 +86,10 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int, sampling: str =
     """Indices of the mini-batch of ``step`` among ``n`` samples (see :attr:`TrainConfig.sampling`).
 
     ``"reshuffle"``: slice of a per-epoch permutation seeded by (seed, epoch); epochs have
-    ⌊n / M⌋ full batches (the remainder is dropped). ``"iid"``: M distinct samples drawn
-    with a generator seeded by (seed, step).
+    ⌊n / M⌋ full batches (the remainder is dropped). ``"iid"``: the first M entries of the
+    step-th random permutation drawn from one generator seeded by :func:`iid_stream_seed`
+    (so M distinct samples per step, independent across steps; a resumed run or a call
+    for a late step replays the stream's earlier draws, one ``randperm(n)`` each).
     """
     return torch.tensor(_Batches(range(n), batch_size, seed, sampling).indices(step))
 
@@ -99,8 +101,17 @@ def _mix(*values: int) -> int:
     return h
 
 
+def iid_stream_seed(seed: int) -> int:
+    """The seed of the one generator behind ``sampling="iid"``'s mini-batches.
+
+    Step k's batch is the first M entries of the k-th ``randperm(n)`` drawn from it; the
+    ensemble experiment's committed iid runs used this stream before it moved here.
+    """
+    return 1_000_003 * int(seed) + 7
+
+
 class _Batches:
-    """Mini-batches by step index, with the epoch permutation cached."""
+    """Mini-batches by step index, with the epoch permutation (reshuffle) or the generator (iid) cached."""
 
     def __init__(self, dataset, batch_size: int, seed: int, sampling: str = "reshuffle"):
         self.dataset, self.batch_size, self.seed, self.sampling = dataset, batch_size, seed, sampling
@@ -108,11 +119,24 @@ class _Batches:
         if self.n < batch_size:
             raise ValueError(f"batch_size {batch_size} exceeds the number of training samples {self.n}")
         self._epoch, self._perm = None, None
+        self._gen, self._next, self._last = None, 0, (None, None)
+
+    def _iid(self, step: int) -> list:
+        """The iid stream: one generator, one permutation per step, replayed from 0 to reach an earlier step."""
+        if self._last[0] == step:  # the example batch of step 0, then step 0 itself
+            return self._last[1]
+        if self._gen is None or step < self._next:
+            self._gen, self._next = torch.Generator().manual_seed(iid_stream_seed(self.seed)), 0
+        while self._next < step:  # a resumed run: skip the draws of the steps already taken
+            torch.randperm(self.n, generator=self._gen)
+            self._next += 1
+        idx = torch.randperm(self.n, generator=self._gen)[: self.batch_size].tolist()
+        self._next, self._last = step + 1, (step, idx)
+        return idx
 
     def indices(self, step: int) -> list:
         if self.sampling == "iid":
-            gen = torch.Generator().manual_seed(_mix(self.seed, step, 0x11D))
-            return torch.randperm(self.n, generator=gen)[: self.batch_size].tolist()
+            return self._iid(step)
         per_epoch = self.n // self.batch_size
         epoch, k = divmod(step, per_epoch)
         if epoch != self._epoch:

@@ -178,3 +178,21 @@ def test_resume_refuses_mismatched_files_and_overwrite_starts_anew(tmp_path):
     df = load_record(rec)
     assert res.resumed_at is None and list(df["step"]) == list(range(6)) and (df["lr"] == 0.1).all()
     assert json.loads(torch.load(ckpt, weights_only=True)["options"])["lr"] == 0.1
+
+
+def test_iid_stream_is_one_generator_and_a_resumed_run_replays_it(tmp_path):
+    from sdelip.train import iid_stream_seed
+
+    n, M = 20, 6
+    gen = torch.Generator().manual_seed(iid_stream_seed(1))
+    expected = [torch.randperm(n, generator=gen)[:M] for _ in range(5)]
+    for k in (3, 0, 4, 1):  # any order: a late step replays the draws before it
+        assert torch.equal(batch_indices(k, n, M, seed=1, sampling="iid"), expected[k])
+    straight = run(tmp_path, "straight", sampling="iid")
+    ckpt, rec = tmp_path / "ckpt.pt", tmp_path / "resumed.db"
+    train(TrainConfig(**{**BASE, "steps": 3, "record": str(rec), "checkpoint": str(ckpt), "sampling": "iid"}),
+          progress=False)
+    resumed = train(TrainConfig(**{**BASE, "record": str(rec), "checkpoint": str(ckpt), "sampling": "iid"}),
+                    progress=False)
+    assert resumed.resumed_at == 3 and resumed.K_final == straight.K_final
+    assert load_record(rec)["K"].equals(load_record(straight.record)["K"])
