@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .terms import TERMS
+from .terms import LOG_K_COEFFICIENTS, layer_column, term as term_spec
 
 __all__ = [
     "layer_names",
@@ -91,16 +91,13 @@ def plot_prediction(pred, ax=None, title: Optional[str] = None, band_sd: float =
     return fig, ax
 
 
-_TERM_LABELS = {t.column: t.label for t in TERMS}
-
-
-def plot_terms(record, terms: Sequence[str] = ("drift", "noise_curvature", "diffusion_sq"), axes=None,
+def plot_terms(record, terms: Sequence[str] = LOG_K_COEFFICIENTS, axes=None,
                layers: Optional[Sequence[str]] = None, smooth: int = 1, title: Optional[str] = None):
     """Per-layer and network dynamics terms of Thm 14–15 over time, one panel per term.
 
     Args:
         record: DataFrame from :func:`sdelip.record.load_record`.
-        terms: which terms to draw (column prefixes).
+        terms: which terms to draw (names or record columns of :data:`sdelip.terms.TERMS`).
         axes: a sequence of Axes, one per term.
         layers: subset of layer names (default all).
         smooth: moving-average window in rows (1 = raw).
@@ -113,14 +110,13 @@ def plot_terms(record, terms: Sequence[str] = ("drift", "noise_curvature", "diff
     fig = axes[0].figure
     layers = list(layers) if layers is not None else layer_names(record)
     t = record["t"].to_numpy()
-    for ax, term in zip(axes, terms):
+    for ax, spec in zip(axes, (term_spec(name) for name in terms)):
         for k, name in enumerate(layers):
-            ax.plot(t, _smooth(record[f"{term}/{name}"].to_numpy(), smooth), lw=0.8, color=f"C{k % 10}",
-                    label=layer_label(record, name))
-        net = f"{term}_Z"
-        if net in record:
-            ax.plot(t, _smooth(record[net].to_numpy(), smooth), lw=1.4, color="k", label="network (Thm 15)")
-        ax.set_title(_TERM_LABELS.get(term, term), fontsize=10)
+            ax.plot(t, _smooth(record[layer_column(spec.name, name)].to_numpy(), smooth), lw=0.8,
+                    color=f"C{k % 10}", label=layer_label(record, name))
+        if spec.network is not None and spec.network in record:
+            ax.plot(t, _smooth(record[spec.network].to_numpy(), smooth), lw=1.4, color="k", label="network (Thm 15)")
+        ax.set_title(spec.label, fontsize=10)
         ax.set_xlabel("t")
         ax.axhline(0, color="0.6", lw=0.5)
     axes[0].legend(fontsize=7)
@@ -139,12 +135,13 @@ def plot_noise_split(record, ax=None, smooth: int = 1, title: Optional[str] = No
     """
     fig, ax = _axes(ax)
     t = record["t"].to_numpy()
-    if "noise_curvature_var_Z" in record and "noise_curvature_cov_Z" in record:
-        kv = record["noise_curvature_var_Z"].to_numpy()
-        kc = record["noise_curvature_cov_Z"].to_numpy()
+    var, cov = term_spec("noise_curvature_var"), term_spec("noise_curvature_cov")
+    if var.network in record and cov.network in record:
+        kv = record[var.network].to_numpy()
+        kc = record[cov.network].to_numpy()
     else:
-        kv = record[[c for c in record.columns if c.startswith("noise_curvature_var/")]].sum(axis=1).to_numpy()
-        kc = record[[c for c in record.columns if c.startswith("noise_curvature_cov/")]].sum(axis=1).to_numpy()
+        kv = record[[c for c in record.columns if c.startswith(f"{var.column}/")]].sum(axis=1).to_numpy()
+        kc = record[[c for c in record.columns if c.startswith(f"{cov.column}/")]].sum(axis=1).to_numpy()
     ax.plot(t, _smooth(kv + kc, smooth), color="k", lw=1.2, label="κ_Z")
     ax.plot(t, _smooth(kv, smooth), color="C1", lw=1, label="κ_Z from variances (diag Σ)")
     ax.plot(t, _smooth(kc, smooth), color="C4", lw=1, label="κ_Z from covariances")

@@ -41,7 +41,7 @@ import pandas as pd
 
 from .dynamics import lipschitz_moments
 from .record import load_record
-from .terms import COEFFICIENT_COLUMNS
+from .terms import COEFFICIENT_COLUMNS, LOG_K_COEFFICIENTS, network_column
 
 __all__ = ["predict", "drop_degenerate", "degenerate_steps", "PREDICTION_COLUMNS"]
 
@@ -130,7 +130,9 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
         ValueError: missing columns, no rows, non-increasing times, non-finite coefficients.
     """
     df = load_record(record) if not isinstance(record, pd.DataFrame) else record
-    need = ["step", "t", "Z", "K", "drift_Z", "noise_curvature_Z", "diffusion_sq_Z"]
+    K_col = network_column("sigma1")
+    coefficients = [network_column(name) for name in LOG_K_COEFFICIENTS]  # μ_Z, κ_Z, λ_Z²
+    need = ["step", "t", "Z", K_col, *coefficients]
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise ValueError(f"the record lacks the column(s) {missing} needed for the prediction")
@@ -150,17 +152,15 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
     if np.any(dt <= 0):
         bad = df["step"].to_numpy()[1:][dt <= 0][:5].tolist()
         raise ValueError(f"the SDE time t must increase along the record; it does not at steps {bad}")
-    K0 = float(df["K"].iloc[0])
-    mu = df["drift_Z"].to_numpy(dtype=np.float64)[:-1]
-    kappa = df["noise_curvature_Z"].to_numpy(dtype=np.float64)[:-1]
-    lam2 = df["diffusion_sq_Z"].to_numpy(dtype=np.float64)[:-1]
+    K0 = float(df[K_col].iloc[0])
+    mu, kappa, lam2 = (df[c].to_numpy(dtype=np.float64)[:-1] for c in coefficients)
     # Each coefficient holds for its own Δt_i: integrate with dt = 1 over f_i·Δt_i (left sums).
     mom = lipschitz_moments(K0, mu * dt, kappa * dt, lam2 * dt, dt=1.0)
     out = pd.DataFrame(
         {
             "step": df["step"].to_numpy(dtype=np.int64),
             "t": t,
-            "K_observed": df["K"].to_numpy(dtype=np.float64),
+            "K_observed": df[K_col].to_numpy(dtype=np.float64),
             "Z_observed": df["Z"].to_numpy(dtype=np.float64),
             "Z_path": mom.mean_Z,
             "K_path": np.exp(mom.mean_Z),
@@ -171,10 +171,11 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
             "degenerate": df["step"].isin(flagged).to_numpy(),
         }
     )
-    if "step_curvature_Z" in df.columns:
+    step_col = network_column("step_curvature")
+    if step_col in df.columns:
         # Beyond Thm 17: the mean with the O(η) drift of the discrete step added (THEORY.md §4),
         # E[K] ≈ K0 exp ∫(μ_Z + κ_Z + step_curvature_Z). NaN where a record predates the column.
-        sc = df["step_curvature_Z"].to_numpy(dtype=np.float64)[:-1]
+        sc = df[step_col].to_numpy(dtype=np.float64)[:-1]
         out["K_mean_discrete"] = mom.mean_K * np.exp(np.concatenate([[0.0], np.cumsum(sc * dt)]))
     out.attrs["degenerate_steps"] = flagged
     out.attrs["degenerate_policy"] = degenerate

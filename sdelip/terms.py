@@ -17,8 +17,8 @@ from typing import Optional
 
 import attrs
 
-__all__ = ["Term", "TERMS", "term", "layer_columns", "network_columns", "SDE_TERMS", "INTEGRABLE_TERMS",
-           "COEFFICIENT_COLUMNS"]
+__all__ = ["Term", "TERMS", "term", "layer_columns", "network_columns", "layer_column", "network_column",
+           "SDE_TERMS", "INTEGRABLE_TERMS", "COEFFICIENT_COLUMNS", "LOG_K_COEFFICIENTS"]
 
 
 @attrs.frozen
@@ -94,6 +94,25 @@ def network_columns() -> tuple:
     """The network record columns: Z, then the aggregates in rank order."""
     return ("Z",) + tuple(t.network for t in sorted(TERMS, key=lambda t: t.network_rank) if t.network)
 
+
+def layer_column(name: str, layer: str) -> str:
+    """The record column of term ``name`` for one layer, ``<column>/<layer>`` (e.g. ``drift/fc1``)."""
+    return f"{term(name).column}/{layer}"
+
+
+def network_column(name: str) -> str:
+    """The record column of term ``name``'s network aggregate (e.g. ``drift_Z``); KeyError if it has none."""
+    t = term(name)
+    if t.network is None:
+        raise KeyError(f"the term {t.name!r} has no network aggregate (per layer only)")
+    return t.network
+
+
+#: Thm 14's coefficients of d log K, in the order in which Thm 16–17
+#: (:func:`sdelip.dynamics.lipschitz_moments`), :func:`sdelip.prediction.predict` and the reduced
+#: SDE take them: the drift μ, the noise curvature κ and the squared diffusion ‖λ‖²
+#: (d log K = (μ + κ − ½‖λ‖²) dt + λᵀ dB).
+LOG_K_COEFFICIENTS = ("drift", "noise_curvature", "diffusion_sq")
 
 #: The per-trajectory terms of :meth:`sdelip.sde.LipschitzSDE.terms`, by LayerTerms name.
 SDE_TERMS = tuple(t.name for t in TERMS if t.sde)

@@ -62,3 +62,30 @@ def test_coefficient_columns_are_the_dynamics_terms():
         "drift_Z", "noise_curvature_Z", "noise_curvature_var_Z", "noise_curvature_cov_Z", "diffusion_sq_Z",
         "step_curvature_Z",
     }
+
+
+def test_predict_and_the_reduced_sde_read_the_columns_the_spec_names(tmp_path, monkeypatch):
+    from sdelip.prediction import predict
+    from sdelip.record import load_record
+    from sdelip.sde import ReducedLipschitzSDE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Tracker(model, opt, record=tmp_path / "r.db") as tr:
+        for _ in range(4):
+            x, y = torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,))
+            opt.zero_grad()
+            tr.backward(F.cross_entropy(model(x), y, reduction="none"))
+            opt.step()
+    df = load_record(tmp_path / "r.db")
+    expected = predict(df)
+    a0, b0 = ReducedLipschitzSDE.from_record(df, per_layer=True).log_coefficients()
+    # the spec renames μ's columns: both readers follow it, and the old names no longer satisfy them
+    monkeypatch.setitem(T._BY_NAME, "drift", attrs.evolve(T.term("drift"), column="mu", network="mu_Z"))
+    renamed = df.rename(columns=lambda c: "mu_Z" if c == "drift_Z" else "mu/" + c[6:] if c.startswith("drift/") else c)
+    assert predict(renamed).equals(expected)
+    a1, b1 = ReducedLipschitzSDE.from_record(renamed, per_layer=True).log_coefficients()
+    assert (a1 == a0).all() and (b1 == b0).all()
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['mu_Z'\]"):
+        predict(df)

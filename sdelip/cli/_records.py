@@ -91,26 +91,20 @@ def prediction_summary(record, pred, at_steps: Optional[Sequence[int]] = None) -
 def terms_summary(record) -> list[dict]:
     """Per-layer time averages of μ, κ, ‖λ‖² and the covariance share of κ."""
     from ..plotting import layer_label, layer_names
-    from ..terms import term
+    from ..terms import LOG_K_COEFFICIENTS, layer_column, network_column, term
 
     rows = []
     for name in layer_names(record) + ["network"]:
-        def col(term):
-            key = f"{term}_Z" if name == "network" else f"{term}/{name}"
+        def col(term_name):
+            key = network_column(term_name) if name == "network" else layer_column(term_name, name)
             return record[key] if key in record else None
 
         row = {"layer": name if name == "network" else layer_label(record, name)}
-        for t in (term("drift"), term("noise_curvature"), term("diffusion_sq")):
-            row[f"mean {t.ascii}"] = float(col(t.column).mean())
-        kappa = col("noise_curvature")
-        if name != "network":
-            cov = record.get(f"noise_curvature_cov/{name}")
-            row["K first"] = float(record[f"K/{name}"].iloc[0])
-            row["K last"] = float(record[f"K/{name}"].iloc[-1])
-        else:
-            cov = record.get("noise_curvature_cov_Z")
-            row["K first"] = float(record["K"].iloc[0])
-            row["K last"] = float(record["K"].iloc[-1])
+        for t in map(term, LOG_K_COEFFICIENTS):
+            row[f"mean {t.ascii}"] = float(col(t.name).mean())
+        kappa, cov, K = col("noise_curvature"), col("noise_curvature_cov"), col("sigma1")
+        row["K first"] = float(K.iloc[0])
+        row["K last"] = float(K.iloc[-1])
         row["cov share of kappa"] = float(cov.sum() / kappa.sum()) if cov is not None and float(kappa.sum()) else float("nan")
         rows.append(row)
     return rows

@@ -50,10 +50,11 @@ from torch import nn
 
 from .._checks import check_positive
 from ..dynamics import LipschitzMoments, lipschitz_moments, repeated_use_coefficients
+from ..terms import LOG_K_COEFFICIENTS, layer_column, network_column
 
 __all__ = ["ReducedLipschitzSDE", "record_lr"]
 
-_TERMS = ("drift", "noise_curvature", "diffusion_sq")
+_TERMS = LOG_K_COEFFICIENTS  # μ, κ, ‖λ‖²: the tables of the reduced system, in its constructor's order
 
 
 def record_lr(record) -> float:
@@ -246,20 +247,21 @@ class ReducedLipschitzSDE(nn.Module):
             raise ValueError("the record is empty")
         if np.any(np.diff(steps) <= 0):
             raise ValueError("the record's steps must be unique")
-        all_layers = [c.split("/", 1)[1] for c in df.columns if c.startswith("drift/")]
+        drift_prefix = layer_column("drift", "")
+        all_layers = [c[len(drift_prefix):] for c in df.columns if c.startswith(drift_prefix)]
         if layers is None:
             layers = all_layers
         layers = list(layers)
+        per_layer_cols = {k: [layer_column(k, name) for name in layers] for k in (*_TERMS, "sigma1")}
         if per_layer:
             if not layers:
-                raise ValueError("the record has no per-layer columns drift/<layer>")
-            cols = {k: [f"{k}/{name}" for name in layers] for k in (*_TERMS, "K")}
+                raise ValueError(f"the record has no per-layer columns {drift_prefix}<layer>")
+            cols = per_layer_cols
         else:
-            if all(c in df.columns for c in ("drift_Z", "noise_curvature_Z", "diffusion_sq_Z", "K")) and layers == all_layers:
-                cols = {"drift": ["drift_Z"], "noise_curvature": ["noise_curvature_Z"],
-                        "diffusion_sq": ["diffusion_sq_Z"], "K": ["K"]}
-            else:
-                cols = {k: [f"{k}/{name}" for name in layers] for k in (*_TERMS, "K")}
+            network = {k: [network_column(k)] for k in (*_TERMS, "sigma1")}
+            whole = all(c[0] in df.columns for c in network.values()) and layers == all_layers
+            cols = network if whole else per_layer_cols
+        network_cols = cols["drift"][0] == network_column("drift")
         missing = [c for cs in cols.values() for c in cs if c not in df.columns]
         if missing:
             raise ValueError(f"the record lacks columns {missing}")
@@ -274,8 +276,8 @@ class ReducedLipschitzSDE(nn.Module):
                 bad = steps[~np.isfinite(vals).all(1)][:5].tolist()
                 raise ValueError(f"the record has non-finite {k} values at steps {bad}")
             tables[k] = vals[owner]
-        K0 = np.asarray(df[cols["K"]].iloc[0], dtype=np.float64)
-        if cols["drift"][0] != "drift_Z":  # per-layer columns: a tied weight is the factor σ1^c of K
+        K0 = np.asarray(df[cols["sigma1"]].iloc[0], dtype=np.float64)
+        if not network_cols:  # per-layer columns: a tied weight is the factor σ1^c of K
             K0 = K0.copy()
             for j, name in enumerate(layers):
                 c = int(df[f"uses/{name}"].iloc[0]) if f"uses/{name}" in df.columns else 1
@@ -284,7 +286,7 @@ class ReducedLipschitzSDE(nn.Module):
                     for k, column in zip(_TERMS, new):
                         tables[k][:, j] = column
                     K0[j] = K0[j] ** c
-        if not per_layer and len(cols["K"]) > 1:
+        if not per_layer and len(cols["sigma1"]) > 1:
             tables = {k: v.sum(1, keepdims=True) for k, v in tables.items()}
             K0 = np.array([np.prod(K0)])
             names = ["Z"]
