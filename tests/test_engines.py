@@ -372,8 +372,8 @@ def test_factored_requires_the_forward_after_tracker_creation():
 
 @pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6), (1, 7), (7, 1), (30, 50), (50, 30)])
 def test_fast_curvature_equals_the_svd_route(shape):
-    """The resolvent formulas of engines.curvature reproduce Lemma 13 via sdelip.spectral."""
-    from sdelip.engines.curvature import fast_layer_terms, gram_curvature
+    """The resolvent formulas of sdelip.curvature reproduce Lemma 13 via sdelip.spectral."""
+    from sdelip.curvature import fast_layer_terms, gram_curvature
 
     torch.manual_seed(sum(shape))
     m, n = shape
