@@ -92,6 +92,119 @@ def check_positive(value: float, arg: str) -> float:
     return v
 
 
+# -- the arguments of the public entry points: Tracker, Tracker.backward, TrainConfig ----------------
+def check_module(model) -> None:
+    """Check that ``model`` is a ``torch.nn.Module``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_choice(value, arg: str, choices: tuple) -> None:
+    """Check that ``value`` is one of ``choices``: ``arg must be 'a', 'b' or 'c', got …``."""
+    if value not in choices:
+        names = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{arg} must be {names}, got {value!r}")
+
+
+def check_one_of(value, arg: str, choices) -> None:
+    """Check that ``value`` is one of ``choices``: ``arg must be one of a, b, got …``."""
+    if value not in choices:
+        raise ValueError(f"{arg} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def check_optional_positive_int(value, arg: str) -> Optional[int]:
+    """A positive integer (returned as ``int``) or None; a bool is refused."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or int(value) < 1:
+        raise ValueError(f"{arg} must be a positive integer or None, got {value!r}")
+    return int(value)
+
+
+def check_non_negative_int(value, arg: str) -> int:
+    """A non-negative integer (returned as ``int``); a bool is refused."""
+    if isinstance(value, bool) or int(value) < 0:
+        raise ValueError(f"{arg} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def check_positive_int(value, arg: str) -> int:
+    """A positive ``int`` (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{arg} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_positive_number(value, arg: str) -> None:
+    """A positive finite ``int`` or ``float`` (a string or a tensor is refused, not converted)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{arg} must be a positive finite number, got {value!r}")
+
+
+def check_tracked_batch_size(batch_size: int, track: bool) -> None:
+    """A tracked run needs mini-batches of at least 2 samples (Prop 5 divides by M − 1)."""
+    if batch_size < 2 and track:
+        raise ValueError(
+            f"batch_size = {batch_size}: tracking needs at least 2 samples per step "
+            "(the gradient-noise estimator of Prop 5 divides by M − 1)"
+        )
+
+
+def check_device(device: str) -> None:
+    """A CUDA device is asked for only where CUDA is available."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+
+
+def check_engine_loss_fn(engine: str, loss_fn) -> None:
+    """The materialised engine recomputes the per-sample losses: it needs ``loss_fn``."""
+    if engine == "materialised" and loss_fn is None:
+        raise ValueError(
+            "the materialised engine needs loss_fn(outputs, targets) -> per-sample losses, e.g. "
+            "loss_fn=functools.partial(F.cross_entropy, reduction='none'), and batch=(x, y) in backward()"
+        )
+
+
+def check_losses(losses, step: int) -> None:
+    """The per-sample losses of ``tracker.backward``: a finite (M,) tensor that requires grad.
+
+    Raises:
+        TypeError: not a tensor.
+        ValueError: a scalar, another shape, or no gradient.
+        NonFiniteError: NaN/Inf in a loss (naming the step and the samples).
+    """
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(
+            f"tracker.backward needs the per-sample losses as a tensor of shape (M,), got {type(losses).__name__}"
+        )
+    if losses.ndim == 0:
+        raise ValueError(
+            f"tracker.backward got a scalar loss at step {step}; it needs the per-sample losses, a tensor of "
+            "shape (M,): compute the loss with reduction='none', e.g. "
+            "losses = F.cross_entropy(model(x), y, reduction='none'), and pass that — the tracker takes the "
+            "mean for the backward itself"
+        )
+    if losses.ndim != 1:
+        raise ValueError(
+            f"tracker.backward needs one loss per sample, shape (M,), got shape {tuple(losses.shape)} at step "
+            f"{step}; reduce the other axes per sample first, e.g. losses.reshape(M, -1).mean(1)"
+        )
+    if not losses.requires_grad:
+        raise ValueError(
+            f"the losses passed at step {step} do not require grad: compute them from the model's output "
+            "with gradients enabled"
+        )
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()
+        vals = losses.detach()[bad[:5]].tolist()
+        raise NonFiniteError(
+            f"the loss at step {step} is not finite for {bad.numel()} of {losses.shape[0]} samples "
+            f"(samples {bad[:5].tolist()}, values {vals}); nothing was recorded for this step and no backward "
+            "was run"
+        )
+
+
 def check_gap(
     sigma1: float,
     gap: float,

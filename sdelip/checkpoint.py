@@ -13,6 +13,16 @@ library objects — is refused by name before anything in it is executed
 it over ``path``, so a crash or a full disk during the write leaves the previous
 checkpoint intact; a failed write removes the temporary file and raises
 :class:`CheckpointWriteError` saying what went wrong (e.g. the disk is full).
+
+Both writers store one record, :class:`Checkpoint` (format :data:`CHECKPOINT_FORMAT`),
+by one pair of functions, :func:`write_checkpoint` and :func:`read_checkpoint`: the model
+and optimizer states, the step, the options that shape the run's numbers (compared on
+resume by :func:`sdelip.resume.option_changes`), the tracker's own state, the RNG and
+generator states when the tracker wrote it, and the writer's own entries (the caller's
+``extra`` for :meth:`Tracker.checkpoint <sdelip.tracker.Tracker.checkpoint>`, the initial
+K and the running loss and accuracy for :func:`sdelip.train.train`). Files of the
+earlier formats (:data:`LEGACY_FORMATS`: ``sdelip-checkpoint-2`` of the tracker,
+``sdelip-train-checkpoint-3`` of ``train``) are read into the same record.
 """
 
 from __future__ import annotations
@@ -24,12 +34,18 @@ import pickle
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
+import attrs
 import numpy as np
 import torch
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
+    "LEGACY_FORMATS",
+    "Checkpoint",
+    "write_checkpoint",
+    "read_checkpoint",
     "rng_state",
     "set_rng_state",
     "CheckpointError",
@@ -42,6 +58,11 @@ __all__ = [
 ]
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
+
+#: The format of :class:`Checkpoint` files (-3: one record for the tracker and ``train``).
+CHECKPOINT_FORMAT = "sdelip-checkpoint-3"
+#: Earlier formats that :func:`read_checkpoint` still reads, by the writer that wrote them.
+LEGACY_FORMATS = {"tracker": "sdelip-checkpoint-2", "train": "sdelip-train-checkpoint-3"}
 
 
 class CheckpointError(ValueError):
@@ -239,3 +260,99 @@ def set_rng_state(rng: Mapping[str, Any]) -> None:
                          n["cached_gaussian"]))
     py = rng["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+
+
+_WRITERS = {"tracker": "Tracker.checkpoint", "train": "sdelip.train.train (sdelip track)"}
+_FIELDS = ("format", "writer", "step", "model", "optimizer", "options", "tracker", "rng", "generators")
+
+
+@attrs.define
+class Checkpoint:
+    """Everything a run needs to continue: the one checkpoint record of the tracker and of ``train``.
+
+    Attributes:
+        writer: who wrote it, ``"tracker"`` (:meth:`Tracker.checkpoint
+            <sdelip.tracker.Tracker.checkpoint>`) or ``"train"`` (:func:`sdelip.train.train`).
+        step: the index of the next step; the run continues there.
+        model: the model's ``state_dict()``.
+        optimizer: the optimizer's ``state_dict()``, or None (a tracker without one).
+        options: the options that shape the run's numbers (the tracker's, or the
+            :class:`~sdelip.train.TrainConfig` fields but :data:`~sdelip.train.RESUME_FREE_OPTIONS`),
+            stored as JSON text; a resumed run is compared with them
+            (:func:`sdelip.resume.option_changes`).
+        tracker: the tracker's own state (:meth:`Tracker.state_dict
+            <sdelip.tracker.Tracker.state_dict>` without its options), or None.
+        rng: the global RNG states (:func:`rng_state`), or None.
+        generators: the states of the caller's ``torch.Generator`` objects.
+        run: the writer's own entries, stored beside the fields above in the file:
+            ``{"extra": …}`` (the caller's ``extra=``) for the tracker; the initial K and the
+            running loss and accuracy (``{"K_initial": …, "summary": …}``) for ``train``.
+    """
+
+    writer: str
+    step: int
+    model: dict
+    optimizer: Optional[dict]
+    options: dict = attrs.field(factory=dict)
+    tracker: Optional[dict] = None
+    rng: Optional[dict] = None
+    generators: list = attrs.field(factory=list)
+    run: dict = attrs.field(factory=dict)
+
+    def to_data(self) -> dict:
+        """The file's contents: tensors and plain containers, the options as JSON text."""
+        clash = sorted(set(self.run) & set(_FIELDS))
+        if clash:
+            raise ValueError(f"the checkpoint's run entries {clash} would replace fields of the record")
+        return {"format": CHECKPOINT_FORMAT, "writer": self.writer, "step": int(self.step), "model": self.model,
+                "optimizer": self.optimizer, "options": dumps(self.options), "tracker": self.tracker,
+                "rng": self.rng, "generators": list(self.generators), **self.run}
+
+    @classmethod
+    def from_data(cls, state: Mapping[str, Any]) -> "Checkpoint":
+        """The record of a file's contents, of this format or of one of :data:`LEGACY_FORMATS`."""
+        run = {k: v for k, v in state.items() if k not in _FIELDS}
+        fmt = state.get("format")
+        if fmt == LEGACY_FORMATS["tracker"]:  # the step and the options were part of the tracker's state
+            tracker = {k: v for k, v in state["tracker"].items() if k != "options"}
+            return cls("tracker", int(tracker["step"]), state["model"], state["optimizer"],
+                       dict(state["tracker"].get("options", {})), tracker, state["rng"], list(state["generators"]),
+                       run)
+        writer = "train" if fmt == LEGACY_FORMATS["train"] else state["writer"]
+        return cls(writer, int(state["step"]), state["model"], state["optimizer"], loads(state["options"]),
+                   state.get("tracker"), state.get("rng"), list(state.get("generators", [])), run)
+
+
+def write_checkpoint(path: Union[str, os.PathLike], checkpoint: Checkpoint) -> None:
+    """Write ``checkpoint`` to ``path`` atomically, as data only (:func:`save_checkpoint`).
+
+    Raises:
+        TypeError: it holds another kind of object than tensors and plain containers
+            (named by its position, e.g. ``checkpoint['extra']``).
+        CheckpointWriteError: the write failed; the previous checkpoint is intact.
+    """
+    save_checkpoint(path, checkpoint.to_data())
+
+
+def read_checkpoint(path: Union[str, os.PathLike], writer: str, what: str,
+                    map_location: Any = "cpu") -> Checkpoint:
+    """Read the :class:`Checkpoint` that ``writer`` wrote to ``path`` (also one of its :data:`LEGACY_FORMATS`).
+
+    Args:
+        path: the file.
+        writer: ``"tracker"`` or ``"train"``: whose checkpoint is expected.
+        what: how messages call the expected file, with its article.
+        map_location: as for ``torch.load``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file holds Python objects; nothing in it was run.
+        CheckpointError: a directory, a damaged file, another format, or the other
+            writer's checkpoint.
+    """
+    ckpt = Checkpoint.from_data(load_checkpoint(path, (CHECKPOINT_FORMAT, LEGACY_FORMATS[writer]), what,
+                                                map_location))
+    if ckpt.writer != writer:
+        raise CheckpointError(f"{str(Path(path))!r} is not {what}: it was written by "
+                              f"{_WRITERS.get(ckpt.writer, repr(ckpt.writer))}")
+    return ckpt

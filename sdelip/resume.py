@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
-__all__ = ["OptionChange", "ResumeError", "option_changes", "python_option"]
+__all__ = ["OptionChange", "ResumeError", "option_changes", "python_option", "here_and_there"]
 
 
 def option_changes(saved: Mapping[str, Any], now: Mapping[str, Any],
@@ -26,6 +26,11 @@ def option_changes(saved: Mapping[str, Any], now: Mapping[str, Any],
         convert: how a value of ``now`` is written to ``saved`` (e.g. to JSON metadata).
     """
     return [OptionChange(k, saved[k], v) for k, v in now.items() if k in saved and saved[k] != convert(v)]
+
+
+def here_and_there(changes: Sequence["OptionChange"], source: str) -> list:
+    """Each change as ``option=<now> here, option=<saved> in the <source>`` (the tracker's messages)."""
+    return [f"{c.option}={c.requested!r} here, {c.option}={c.checkpoint!r} in the {source}" for c in changes]
 
 
 @attrs.frozen

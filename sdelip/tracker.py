@@ -38,13 +38,16 @@ engines (:mod:`sdelip.engines`), the per-step pipeline of decompositions, terms 
 record row (:mod:`sdelip.pipeline`, on :mod:`sdelip.curvature`, :mod:`sdelip.dynamics`,
 :mod:`sdelip.terms`), the run metadata (:mod:`sdelip.run_metadata`), the record
 (:mod:`sdelip.record`), checkpoint and resume (:mod:`sdelip.tracker_checkpoint`, on the
-data-only format of :mod:`sdelip.checkpoint`, the resume check of :mod:`sdelip.resume`)
-and the safety checks around a step (:mod:`sdelip.tracker_safety`). The module's length
-is mostly the documentation of the tracker's arguments.
+one checkpoint record of :mod:`sdelip.checkpoint` that :func:`sdelip.train.train` writes
+too, and the resume check of :mod:`sdelip.resume`), the checks of the arguments and of
+the losses (:mod:`sdelip._checks`) and the safety checks around a step
+(:mod:`sdelip.tracker_safety`). The module's length is mostly the documentation of the
+tracker's arguments.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -53,7 +56,15 @@ from typing import Any, Callable, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from ._checks import NonFiniteError
+from ._checks import (
+    NonFiniteError,
+    check_choice,
+    check_engine_loss_fn,
+    check_losses,
+    check_module,
+    check_non_negative_int,
+    check_optional_positive_int,
+)
 from .engines import Engine, EngineNotApplicableError, coupling_modules, make_engine, resolve_engine_name
 from .layers import LeftOut, TrackedLayer, weight_inventory
 from .monitor import InputMismatchError, ModuleMonitor
@@ -64,14 +75,9 @@ from .record import RecordWriter, StepRecord, load_record
 from .run_metadata import build_metadata
 from .schedule import Schedule, as_schedule
 from .spectral import DEFAULT_GAP_TOL
+from .threads import use_threads
 from .tracker_checkpoint import CHECKPOINT_FORMAT, TrackerCheckpointing
-from .tracker_safety import (
-    GradientAccumulationError,
-    SmallBatchWarning,
-    accumulation_message,
-    check_continuation,
-    explain_overflow,
-)
+from .tracker_safety import GradientAccumulationError, SmallBatchWarning, check_one_backward_per_step, explain_overflow
 
 __all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "SmallBatchWarning", "GradientAccumulationError",
            "CHECKPOINT_FORMAT"]
@@ -183,14 +189,12 @@ class Tracker(TrackerCheckpointing):
         _record_mode: Optional[str] = None,
         _record_lock=None,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if decomposition not in ("fast", "svd", "gram"):
-            raise ValueError(f"decomposition must be 'fast', 'svd' or 'gram', got {decomposition!r}")
-        if on_degenerate not in ("warn", "raise", "ignore"):
-            raise ValueError(f"on_degenerate must be 'warn', 'raise' or 'ignore', got {on_degenerate!r}")
-        if probe_every is not None and (isinstance(probe_every, bool) or int(probe_every) < 1):
-            raise ValueError(f"probe_every must be a positive integer or None, got {probe_every!r}")
+        check_module(model)
+        check_choice(decomposition, "decomposition", ("fast", "svd", "gram"))
+        check_choice(on_degenerate, "on_degenerate", ("warn", "raise", "ignore"))
+        self.probe_every = check_optional_positive_int(probe_every, "probe_every")
+        self.threads = check_optional_positive_int(threads, "threads")
+        start_step = check_non_negative_int(start_step, "start_step")
         self.model = model
         self.optimizer = optimizer
         self.unsupported = unsupported
@@ -203,12 +207,8 @@ class Tracker(TrackerCheckpointing):
         self.decomposition = decomposition
         self.on_degenerate = on_degenerate
         self.gap_tol = float(gap_tol)
-        self.probe_every = None if probe_every is None else int(probe_every)
         self.probe_input = probe_input
         self.loss_fn = loss_fn
-        if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-        self.threads = None if threads is None else int(threads)
         self.step = 0
         self.t = 0.0
         self._t_anchor = (0, 0.0, None)
@@ -225,18 +225,11 @@ class Tracker(TrackerCheckpointing):
         # -- engine ---------------------------------------------------------------------------
         self.engine_requested = engine if isinstance(engine, str) else getattr(engine, "name", str(engine))
         name = resolve_engine_name(model, engine)
-        if name == "materialised" and loss_fn is None:
-            raise ValueError(
-                "the materialised engine needs loss_fn(outputs, targets) -> per-sample losses, e.g. "
-                "loss_fn=functools.partial(F.cross_entropy, reduction='none'), and batch=(x, y) in backward()"
-            )
+        check_engine_loss_fn(name, loss_fn)
         self.engine: Engine = make_engine(name, model, self.layers, split=self.split, chunk_bytes=chunk_bytes,
                                           loss_fn=loss_fn)
         self.engine.check_applicable()
         self.engine.attach()
-        if isinstance(start_step, bool) or int(start_step) < 0:
-            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
-        start_step = int(start_step)
         if start_step:
             lr0 = self._hyperparameters(start_step)[0]
             self.step = start_step
@@ -273,16 +266,7 @@ class Tracker(TrackerCheckpointing):
             if mode == "append":  # the record's metadata is the run's: keep it (batch size, earlier resumes)
                 self._metadata = {**self._metadata, **self.writer.metadata()}
             if start_step and _record_mode is None:
-                try:
-                    check_continuation(self, start_step)
-                except BaseException:
-                    self.close()
-                    raise
-                dropped = self.writer.truncate(start_step)
-                if dropped:
-                    warnings.warn(f"the record {str(self.record_path)!r} held {dropped} row(s) from step {start_step} "
-                                  "on; they are replaced by the continued run", stacklevel=2)
-                self._note_resumed(start_step)
+                self._continue_record(start_step)
 
     # ------------------------------------------------------------------------------------------
     # setup helpers
@@ -335,10 +319,10 @@ class Tracker(TrackerCheckpointing):
         if self._closed:
             raise RuntimeError("the tracker is closed")
         step = self.step
-        self._check_losses(losses, step)
+        check_losses(losses, step)
         M = int(losses.shape[0])
         tracked = bool(self.schedule(step))
-        self._check_one_backward_per_step(step)
+        check_one_backward_per_step(self, step)
         if tracked and M < 2:
             warnings.warn(
                 f"step {step} has a mini-batch of M = {M} sample (e.g. the last batch of an epoch with "
@@ -377,23 +361,6 @@ class Tracker(TrackerCheckpointing):
         self.engine.arm(self.schedule(self.step))
         return rec
 
-    def _check_one_backward_per_step(self, step: int) -> None:
-        """One :meth:`backward` per ``optimizer.step()``: gradient accumulation is refused.
-
-        The SDE time advances by η per backward (one SGD update, Def 4). Several backward
-        calls per optimizer step (gradient accumulation over micro-batches) would count
-        each micro-batch as an SGD step and measure the noise of a micro-batch, not of
-        the update actually applied. Accumulation is a backward on top of gradients that
-        were not zeroed: a backward after ``zero_grad()`` without a step in between (a
-        ``GradScaler`` skipping ``optimizer.step()`` on an overflow) is allowed.
-        """
-        if self.optimizer is None:
-            return
-        if self.optim.backwards_since_step >= 1:
-            grads = [l.weight.grad for l in self.layers if l.weight.is_leaf]
-            if any(g is not None and bool(g.detach().ne(0).any()) for g in grads):
-                raise GradientAccumulationError(accumulation_message(step))
-
     def _advance_time(self, step: int, lr: float) -> None:
         # t_{k+1} = t_k + η_k, computed as t_anchor + (k + 1 − k_anchor)·η while η is constant, so
         # that a constant learning rate gives t_k = k·η without accumulated rounding.
@@ -402,38 +369,6 @@ class Tracker(TrackerCheckpointing):
             self._t_anchor = (step, self.t, lr)
             a_step, a_t, a_lr = self._t_anchor
         self.t = a_t + (step + 1 - a_step) * a_lr
-
-    def _check_losses(self, losses, step: int) -> None:
-        if not isinstance(losses, torch.Tensor):
-            raise TypeError(
-                f"tracker.backward needs the per-sample losses as a tensor of shape (M,), got {type(losses).__name__}"
-            )
-        if losses.ndim == 0:
-            raise ValueError(
-                f"tracker.backward got a scalar loss at step {step}; it needs the per-sample losses, a tensor of "
-                "shape (M,): compute the loss with reduction='none', e.g. "
-                "losses = F.cross_entropy(model(x), y, reduction='none'), and pass that — the tracker takes the "
-                "mean for the backward itself"
-            )
-        if losses.ndim != 1:
-            raise ValueError(
-                f"tracker.backward needs one loss per sample, shape (M,), got shape {tuple(losses.shape)} at step "
-                f"{step}; reduce the other axes per sample first, e.g. losses.reshape(M, -1).mean(1)"
-            )
-        if not losses.requires_grad:
-            raise ValueError(
-                f"the losses passed at step {step} do not require grad: compute them from the model's output "
-                "with gradients enabled"
-            )
-        finite = torch.isfinite(losses.detach())
-        if not bool(finite.all()):
-            bad = torch.nonzero(~finite).flatten()
-            vals = losses.detach()[bad[:5]].tolist()
-            raise NonFiniteError(
-                f"the loss at step {step} is not finite for {bad.numel()} of {losses.shape[0]} samples "
-                f"(samples {bad[:5].tolist()}, values {vals}); nothing was recorded for this step and no backward "
-                "was run"
-            )
 
     def _tracked_backward(self, losses, batch, step, M, lr, wds) -> StepRecord:
         if M < 2:
@@ -467,21 +402,10 @@ class Tracker(TrackerCheckpointing):
         return self._step_record(terms, losses, step, M, lr)
 
     def _thread_limit(self):
-        import contextlib
-
+        """``threads`` torch threads for the tracker's own computations (a no-op for None or the current number)."""
         if self.threads is None or self.threads == torch.get_num_threads():
             return contextlib.nullcontext()
-
-        @contextlib.contextmanager
-        def limit():
-            old = torch.get_num_threads()
-            torch.set_num_threads(self.threads)
-            try:
-                yield
-            finally:
-                torch.set_num_threads(old)
-
-        return limit()
+        return use_threads(self.threads)
 
     def _decompose_all(self, step: int) -> dict:
         return decompose_layers(self.layers, self.decomposition, self.gap_tol, self.on_degenerate, step)

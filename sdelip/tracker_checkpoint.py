@@ -1,29 +1,31 @@
 """Checkpoint and resume of a :class:`~sdelip.tracker.Tracker`: everything a run needs to continue exactly.
 
 A checkpoint holds the model, the optimizer, the tracker's own state (step, SDE time,
-the options that shape the record, probe warm starts), the RNG states and the caller's
-generators, as data only (:mod:`sdelip.checkpoint`: loading one never runs code). A
-resumed run checks its options against the checkpoint's (:mod:`sdelip.resume`), truncates
-the record to the checkpoint's step and continues it; the record is then the one an
-uninterrupted run would have written.
+probe warm starts), the options that shape the record, the RNG states and the caller's
+generators: the one checkpoint record of :mod:`sdelip.checkpoint` (:class:`Checkpoint
+<sdelip.checkpoint.Checkpoint>`, also written by :func:`sdelip.train.train`), data only,
+so that loading one never runs code. A resumed run checks its options against the
+checkpoint's (:func:`sdelip.resume.option_changes`, as ``train`` does), truncates the record to the checkpoint's step and
+continues it; the record is then the one an uninterrupted run would have written.
+``Tracker(start_step=k)`` continues a record without a checkpoint (:meth:`_continue_record`).
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT_FORMAT, Checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .record import StepRecord
-from .resume import option_changes
+from .resume import here_and_there, option_changes
+from .tracker_safety import check_continuation
 
 __all__ = ["TrackerCheckpointing", "CHECKPOINT_FORMAT"]
-
-CHECKPOINT_FORMAT = "sdelip-checkpoint-2"  # -2: data only (weights_only loading)
 
 
 class TrackerCheckpointing:
@@ -54,8 +56,7 @@ class TrackerCheckpointing:
         """The checkpointed tracker state belongs to a run with this tracker's layers and options."""
         if list(state["layers"]) != [l.name for l in self.layers]:
             raise ValueError(f"checkpoint tracks layers {state['layers']}, this tracker {[l.name for l in self.layers]}")
-        changed = [f"{c.option}={c.requested!r} here, {c.option}={c.checkpoint!r} in the checkpoint"
-                   for c in option_changes(state.get("options", {}), self._options())]
+        changed = here_and_there(option_changes(state.get("options", {}), self._options()), "checkpoint")
         if changed:
             raise ValueError(
                 "the checkpoint was written by a tracker with other options: " + "; ".join(changed) + ". A resumed "
@@ -105,40 +106,62 @@ class TrackerCheckpointing:
             sdelip.checkpoint.CheckpointWriteError: the write failed (e.g. the disk is
                 full); the previous checkpoint is intact and no ``.tmp`` file is left.
         """
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
-            "tracker": self.state_dict(),
-            "rng": rng_state(),
-            "generators": [g.get_state() for g in generators],
-            "extra": extra,
-        }
-        save_checkpoint(path, state)
+        state = self.state_dict()
+        options = state.pop("options")
+        write_checkpoint(path, Checkpoint("tracker", self.step, self.model.state_dict(),
+                                          None if self.optimizer is None else self.optimizer.state_dict(), options,
+                                          state, rng_state(), [g.get_state() for g in generators],
+                                          {"extra": extra}))
 
-    def restore(self, path: Union[str, os.PathLike, Mapping], generators: Sequence[torch.Generator] = ()) -> Any:
+    def restore(self, path: Union[str, os.PathLike, Checkpoint, Mapping],
+                generators: Sequence[torch.Generator] = ()) -> Any:
         """Load a :meth:`checkpoint` into this tracker, its model, optimizer and the RNGs.
 
         The record is truncated to the checkpoint's step, so steps written after the
         checkpoint by an interrupted run are replaced by the resumed run's.
 
+        Args:
+            path: the checkpoint file (also of the earlier format ``sdelip-checkpoint-2``),
+                or its :class:`~sdelip.checkpoint.Checkpoint` or file contents.
+            generators: the generators given to :meth:`checkpoint`, in the same order.
+
         Returns:
             The checkpoint's ``extra`` object.
         """
-        state = _load_checkpoint(path)
-        self._check_state(state["tracker"])
-        self.model.load_state_dict(state["model"])
-        if self.optimizer is not None and state["optimizer"] is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        saved = state["generators"]
-        if len(saved) != len(generators):
-            raise ValueError(f"the checkpoint holds {len(saved)} generator state(s), {len(generators)} generator(s) given")
-        for g, s in zip(generators, saved):
+        ckpt = _read(path)
+        state = {**ckpt.tracker, "options": ckpt.options}
+        self._check_state(state)
+        self.model.load_state_dict(ckpt.model)
+        if self.optimizer is not None and ckpt.optimizer is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer)
+        set_rng_state(ckpt.rng)
+        if len(ckpt.generators) != len(generators):
+            raise ValueError(f"the checkpoint holds {len(ckpt.generators)} generator state(s), {len(generators)} "
+                             "generator(s) given")
+        for g, s in zip(generators, ckpt.generators):
             g.set_state(s)
-        self.load_state_dict(state["tracker"])
+        self.load_state_dict(state)
         self._note_resumed(self.step)
-        return state.get("extra")
+        return ckpt.run.get("extra")
+
+    def _continue_record(self, start_step: int) -> None:
+        """``Tracker(start_step=k)`` on a record: check it is this run's, drop its rows from k on, log the resume.
+
+        Raises:
+            ValueError: the record was written with other options or another η, or
+                would be left with a gap (:func:`sdelip.tracker_safety.check_continuation`);
+                the tracker is closed.
+        """
+        try:
+            check_continuation(self, start_step)
+        except BaseException:
+            self.close()
+            raise
+        dropped = self.writer.truncate(start_step)
+        if dropped:
+            warnings.warn(f"the record {str(self.record_path)!r} held {dropped} row(s) from step {start_step} "
+                          "on; they are replaced by the continued run", stacklevel=3)
+        self._note_resumed(start_step)
 
     def _note_resumed(self, step: int) -> None:
         """Append ``step`` to the record's ``resumed_at`` metadata (the steps where the run was continued)."""
@@ -169,8 +192,8 @@ class TrackerCheckpointing:
                 The optimizer's hyper-parameters are restored from the checkpoint, as
                 ``optimizer.load_state_dict`` does.
         """
-        state = _load_checkpoint(checkpoint)
-        kwargs.setdefault("record", state["tracker"]["record"])
+        state = _read(checkpoint)
+        kwargs.setdefault("record", state.tracker["record"])
         kwargs.pop("overwrite", None)
         tracker = cls(model, optimizer, _record_mode="append", **kwargs)
         try:
@@ -179,8 +202,6 @@ class TrackerCheckpointing:
             tracker.close()
             raise
         return tracker
-
-
 
 
 def _step_record_data(rec: StepRecord) -> dict:
@@ -195,7 +216,10 @@ def _step_record_data(rec: StepRecord) -> dict:
             "probes": None if rec.probes is None else {k: plain(v) for k, v in rec.probes.items()}}
 
 
-def _load_checkpoint(path) -> dict:
+def _read(path) -> Checkpoint:
+    """The tracker's :class:`~sdelip.checkpoint.Checkpoint` from a file, a record, or a file's contents."""
+    if isinstance(path, Checkpoint):
+        return path
     if isinstance(path, Mapping):
-        return dict(path)
-    return load_checkpoint(path, (CHECKPOINT_FORMAT,), what="an sdelip tracker checkpoint")
+        return Checkpoint.from_data(path)
+    return read_checkpoint(path, "tracker", what="an sdelip tracker checkpoint")

@@ -12,10 +12,10 @@ import torch
 
 from ._checks import NonFiniteError
 from .record import record_steps
-from .resume import option_changes
+from .resume import here_and_there, option_changes
 
 __all__ = ["SmallBatchWarning", "GradientAccumulationError", "check_continuation", "explain_overflow",
-           "accumulation_message"]
+           "accumulation_message", "check_one_backward_per_step"]
 
 
 class SmallBatchWarning(UserWarning):
@@ -38,6 +38,27 @@ def accumulation_message(step: int) -> str:
     )
 
 
+def check_one_backward_per_step(tracker, step: int) -> None:
+    """One :meth:`Tracker.backward` per ``optimizer.step()``: gradient accumulation is refused.
+
+    The SDE time advances by η per backward (one SGD update, Def 4). Several backward
+    calls per optimizer step (gradient accumulation over micro-batches) would count
+    each micro-batch as an SGD step and measure the noise of a micro-batch, not of
+    the update actually applied. Accumulation is a backward on top of gradients that
+    were not zeroed: a backward after ``zero_grad()`` without a step in between (a
+    ``GradScaler`` skipping ``optimizer.step()`` on an overflow) is allowed.
+
+    Raises:
+        GradientAccumulationError: a second backward on gradients that were not zeroed.
+    """
+    if tracker.optimizer is None:
+        return
+    if tracker.optim.backwards_since_step >= 1:
+        grads = [l.weight.grad for l in tracker.layers if l.weight.is_leaf]
+        if any(g is not None and bool(g.detach().ne(0).any()) for g in grads):
+            raise GradientAccumulationError(accumulation_message(step))
+
+
 def check_continuation(tracker, start_step: int) -> None:
     """``Tracker(start_step=k)`` on an existing record continues that run: same options, one η, no gap.
 
@@ -53,8 +74,7 @@ def check_continuation(tracker, start_step: int) -> None:
         return
     now = {**tracker._options(), "lr": tracker._hyperparameters(start_step)[0]}
     now.pop("uses", None)
-    changed = [f"{c.option}={c.requested!r} here, {c.option}={c.checkpoint!r} in the record"
-               for c in option_changes(meta, now)]
+    changed = here_and_there(option_changes(meta, now), "record")
     lrs = rows["lrs"]
     if lrs != [now["lr"]] and "lr" not in [c.split("=")[0] for c in changed]:
         changed.append(f"lr={now['lr']!r} here, lr={lrs if len(lrs) > 1 else lrs[0]!r} in the record's rows")

@@ -13,8 +13,9 @@ step k is slice k of the epoch's seeded permutation, and the global torch RNG is
 reseeded from (``sampling_seed``, k) before the step. A run resumed from a checkpoint
 at step k is therefore bitwise identical to the uninterrupted run, on CPU.
 
-A resumed run continues the same configuration: the checkpoint stores the options that
-determine the run's numbers (:data:`RESUME_FREE_OPTIONS` lists the others), and a rerun
+A resumed run continues the same configuration: the checkpoint (the one record of
+:mod:`sdelip.checkpoint`, shared with the tracker) stores the options that determine
+the run's numbers (:data:`RESUME_FREE_OPTIONS` lists the others), and a rerun
 that asks for different ones is refused with a :class:`ResumeError` naming each option
 and its two values; ``overwrite=True`` starts a new run instead. The checkpoint also
 carries the running loss and accuracy, so the result describes the whole run.
@@ -22,7 +23,6 @@ carries the running loss and accuracy, so the result describes the whole run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -32,7 +32,7 @@ from typing import Optional
 import attrs
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tmp_path
+from .checkpoint import Checkpoint, CheckpointError, read_checkpoint, tmp_path, write_checkpoint
 from .data import DatasetInfo, load_dataset
 from .models import build_model
 from .resume import OptionChange, ResumeError, option_changes, python_option  # noqa: F401  (re-exported)
@@ -60,7 +60,6 @@ __all__ = [
 #: TrainConfig fields that may change when a run is resumed: they do not change its numbers.
 RESUME_FREE_OPTIONS = ("data_root", "download", "steps", "record", "checkpoint", "checkpoint_every", "eval_test",
                        "overwrite", "threads")
-CHECKPOINT_FORMAT = "sdelip-train-checkpoint-3"  # -3: data only, options as JSON (sdelip.checkpoint)
 #: With ``checkpoint_every=None`` checkpoints are written as often as keeps their measured
 #: cost under this share of the run's time (and at most every CHECKPOINT_MIN_INTERVAL_S).
 CHECKPOINT_BUDGET = 0.025
@@ -213,7 +212,7 @@ def _rows(record: Path) -> int:
     return record_steps(record)["rows"]
 
 
-def _resume_state(config: TrainConfig, device) -> Optional[dict]:
+def _resume_state(config: TrainConfig, device) -> Optional[Checkpoint]:
     """The checkpoint to continue from, after checking that it and the record belong to this run.
 
     Raises:
@@ -235,19 +234,18 @@ def _resume_state(config: TrainConfig, device) -> Optional[dict]:
             raise ResumeError(problem + ": pass {overwrite} to replace it with a new run")
         return None
     try:
-        state = load_checkpoint(ckpt, (CHECKPOINT_FORMAT,), what="an sdelip training checkpoint", map_location=device)
+        state = read_checkpoint(ckpt, "train", what="an sdelip training checkpoint", map_location=device)
     except CheckpointError as exc:
         raise ResumeError(f"cannot resume from the checkpoint: {exc}. Pass {{overwrite}} to start a new run, which "
                           "replaces the record and the checkpoint") from None
-    state["options"] = json.loads(state["options"])
-    where = f"the checkpoint {str(ckpt)!r} (step {int(state['step'])})"
-    if int(state["step"]) == 0 and record is not None and not record.exists():
+    where = f"the checkpoint {str(ckpt)!r} (step {state.step})"
+    if state.step == 0 and record is not None and not record.exists():
         return None  # killed between the first checkpoint and the record's creation: nothing was done yet
-    changes = _changes(state["options"], config, convert=_as_metadata)
+    changes = _changes(state.options, config, convert=_as_metadata)
     if changes:
         raise ResumeError(f"cannot resume from {where}: this run's options differ from those of the run that wrote it:",
                           changes)
-    if int(state["step"]) > config.steps:
+    if state.step > config.steps:
         raise ResumeError(f"cannot resume from {where}: the run asks for {config.steps} steps, fewer than the "
                           "checkpoint has done; ask for at least as many, or pass {overwrite} to start a new run")
     if record is not None:
@@ -316,11 +314,11 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
     ckpt = Path(config.checkpoint) if config.checkpoint else None
     summary = {"loss": float("nan"), "correct": 0, "seen": 0}  # running over the whole run
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        start_step = int(resume_state["step"])
-        summary.update(resume_state["summary"])
-    K_initial = resume_state["K_initial"] if resume_state else _product_norm(model)
+        model.load_state_dict(resume_state.model)
+        optimizer.load_state_dict(resume_state.optimizer)
+        start_step = resume_state.step
+        summary.update(resume_state.run["summary"])
+    K_initial = resume_state.run["K_initial"] if resume_state is not None else _product_norm(model)
 
     tracker = None
     if config.track:
@@ -419,15 +417,17 @@ def _save_checkpoint(path: Path, config: TrainConfig, model, optimizer, step: in
                      loss: float, correct: int, seen: int) -> float:
     """The model, optimizer and step, the run's options (JSON) and its running loss and accuracy.
 
-    Written atomically and as data only (:func:`sdelip.checkpoint.save_checkpoint`).
+    One :class:`~sdelip.checkpoint.Checkpoint` (the tracker's format too), written
+    atomically and as data only (:func:`sdelip.checkpoint.write_checkpoint`); the initial
+    K and the running summary are its ``run`` entries.
 
     Returns:
         The seconds the write took.
     """
     start = time.perf_counter()
     options = {k: _as_metadata(v) for k, v in _run_options(config).items()}
-    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
-                           "optimizer": optimizer.state_dict(), "step": int(step), "K_initial": float(K_initial),
-                           "options": json.dumps(options),
-                           "summary": {"loss": float(loss), "correct": int(correct), "seen": int(seen)}})
+    write_checkpoint(path, Checkpoint("train", int(step), model.state_dict(), optimizer.state_dict(), options,
+                                      run={"K_initial": float(K_initial),
+                                           "summary": {"loss": float(loss), "correct": int(correct),
+                                                       "seen": int(seen)}}))
     return time.perf_counter() - start

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import attrs
 import torch
 
+from ._checks import check_device, check_one_of, check_positive_int, check_positive_number, check_tracked_batch_size
 from .regularizers import RegularizerConfig, get_preset
 
 __all__ = ["TrainConfig", "TrainResult"]
@@ -26,8 +26,7 @@ def _regularizer(value) -> RegularizerConfig:
 
 
 def _positive_int(instance, attribute, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be a positive integer, got {value!r}")
+    check_positive_int(value, attribute.name)
 
 
 @attrs.define
@@ -115,17 +114,10 @@ class TrainConfig:
     threads: Optional[int] = None
 
     def __attrs_post_init__(self):
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
-        if self.batch_size < 2 and self.track:
-            raise ValueError(
-                f"batch_size = {self.batch_size}: tracking needs at least 2 samples per step "
-                "(the gradient-noise estimator of Prop 5 divides by M − 1)"
-            )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available on this machine")
+        check_positive_number(self.lr, "lr")
+        check_tracked_batch_size(self.batch_size, self.track)
+        check_one_of(self.dtype, "dtype", tuple(_DTYPES))
+        check_device(self.device)
 
 
 @attrs.frozen
