@@ -69,7 +69,12 @@ class DenseDiffusion:
         self.f_and_g_prod = sde.f_and_g_prod
 
     def g(self, t, y: torch.Tensor) -> torch.Tensor:
-        """Dense diffusion matrix (n, state_size, brownian_size): block-diagonal √η s Ωᵀ/√M on θ, then the extra rows."""
+        """Dense diffusion matrix (n, state_size, brownian_size).
+
+        Block-diagonal √η s Ωᵀ/√M on θ (Def 4, Prop 5), then the extra rows' (the λ^(ℓ)
+        of log K^(ℓ), Thm 14); a factored evaluation's columns come from per-sample
+        gradients of its batch (:meth:`ParameterSDE.noise_rows`).
+        """
         sde = self.sde
         ev, _ = sde.evaluate(t, y)
         G = y.new_zeros(y.shape[0], y.shape[1], sde.brownian_size)

@@ -31,7 +31,7 @@ into Thm 14's terms.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import attrs
 import torch
