@@ -242,3 +242,116 @@ def check_gap(
     if on_degenerate == "warn":
         warnings.warn(msg, DegenerateSpectrumWarning, stacklevel=3)
     return True
+
+
+# -- the SDE systems (sdelip.sde: ParameterSDE, LipschitzSDE) ------------------------------
+
+
+def check_sde_lr(lr, owner: str = "ParameterSDE") -> float:
+    """The learning rate η of an SDE system: required, positive and finite."""
+    if lr is None:
+        raise TypeError(f"{owner} needs the learning rate lr (η)")
+    return check_positive(lr, "lr")
+
+
+def check_sde_sampling(sampling: str, noise_coupling: Optional[str]) -> str:
+    """Check ``sampling`` and ``noise_coupling``; returns the coupling (default: "layers", "shared" reshuffled)."""
+    if sampling not in ("iid", "reshuffle"):
+        raise ValueError(f"sampling must be 'iid' (independent mini-batches) or 'reshuffle', got {sampling!r}")
+    if noise_coupling is None:
+        noise_coupling = "shared" if sampling == "reshuffle" else "layers"
+    if noise_coupling not in ("layers", "shared"):
+        raise ValueError(f"noise_coupling must be 'layers' (Assumption 3) or 'shared', got {noise_coupling!r}")
+    if sampling == "reshuffle" and noise_coupling != "shared":
+        raise NotImplementedError(
+            "sampling='reshuffle' drives every layer with the one N-dimensional epoch-pinned Brownian motion "
+            "(one permutation moves all layers): use noise_coupling='shared' (the default with reshuffle)"
+        )
+    return noise_coupling
+
+
+def check_sde_engine(engine: str) -> str:
+    """The engine of an SDE system, normalised: "auto", "factored" or "materialised"."""
+    engine = str(engine).lower()
+    if engine not in ("auto", "factored", "materialised", "materialized"):
+        raise ValueError(f"engine must be 'auto', 'factored' or 'materialised', got {engine!r}")
+    return "materialised" if engine == "materialized" else engine
+
+
+def check_sde_gradient_fn(sampling: str, engine: str, noise_batch_size: Optional[int]) -> None:
+    """A user's ``gradient_fn`` returns per-sample gradients of M samples: iid sampling, materialised engine."""
+    if sampling == "reshuffle":
+        raise ValueError("sampling='reshuffle' needs the training data (its noise runs over all N samples), "
+                         "not a gradient_fn")
+    if engine == "factored":
+        raise ValueError("a gradient_fn returns per-sample gradients: it needs engine='materialised'")
+    if noise_batch_size is None:
+        raise TypeError("gradient_fn needs noise_batch_size (M, the number of per-sample gradients)")
+
+
+def check_sde_reshuffle_data(grad_source: str, data, M: int, max_cached: int) -> None:
+    """Reshuffled sampling: a full-set drift on a materialisable map-style training set, 2 <= M <= N."""
+    if grad_source == "batch":
+        raise ValueError("sampling='reshuffle' computes the drift on the whole training set, in the pass "
+                         "that gives the noise: grad_source must be 'full' or 'auto'")
+    if not data.sized or data.full() is None:
+        raise ValueError(f"sampling='reshuffle' needs a map-style training set small enough to "
+                         f"materialise (at most max_cached = {max_cached} samples)")
+    if not 2 <= int(M) <= len(data):
+        raise ValueError(f"sampling='reshuffle' needs 2 <= M <= N, got M = {M}, N = {len(data)}")
+
+
+def check_sde_factored_layers(engine: str, tied: list, other: list) -> None:
+    """The factored noise needs each tracked weight applied once, as its module's .weight, by its own forward."""
+    if engine == "factored" and tied:
+        t = tied[0]
+        raise ValueError(
+            f"layer {t.name!r} applies its weight {t.uses} times (modules {(t.name, *t.aliases)}): the factored "
+            "noise needs each weight used by one call of one module; use engine='materialised' (or 'auto')"
+        )
+    if engine == "factored" and other:
+        t = other[0]
+        raise ValueError(
+            f"layer {t.name!r} ({t.kind}, rule {t.rule.name!r}) is not applied as its module's .weight by the "
+            "module's own forward, which the factored noise needs; use engine='materialised' (or 'auto')"
+        )
+
+
+def check_sde_noise_batch(M: int) -> None:
+    """The noise mini-batch of an SDE system needs M >= 2 (Prop 5 divides by M − 1)."""
+    if M < 2:
+        raise ValueError(f"the noise mini-batch needs M >= 2 samples (Prop 5 divides by M − 1), got {M}")
+
+
+def check_drift_noise(dt: float, lr: float, M: int, B: int) -> float:
+    """(dt/η)·M/B, the step covariance a batch drift of B samples adds, in units of SGD's; refused at >= 1."""
+    excess = dt / lr * M / B
+    if excess >= 1.0:
+        raise ValueError(
+            f"grad_source='batch' with grad_batch_size B = {B} and noise_batch_size M = {M}: the drift "
+            f"estimate alone adds (dt/η)·M/B = {excess:.3g} ≥ 1 times the step covariance of SGD, which no "
+            f"diffusion can compensate; use B > {math.floor(M * dt / lr)}, grad_source='full', "
+            "or compensate_drift_noise=False"
+        )
+    return excess
+
+
+def check_lipschitz_sde_sampling(sampling: str) -> None:
+    """LipschitzSDE's log K rows are those of iid mini-batches (Thm 14): reshuffled sampling is refused."""
+    if sampling == "reshuffle":
+        raise NotImplementedError(
+            "LipschitzSDE with sampling='reshuffle' would need the log K rows over all N samples; simulate "
+            "ParameterSDE(..., sampling='reshuffle') and read K = Π σ1(θ) with direct_lipschitz, or the reduced "
+            "system ReducedLipschitzSDE(..., steps_per_epoch=, batch_fraction=)"
+        )
+
+
+def check_lipschitz_sde_options(integrate, allowed: tuple, decomposition: str) -> tuple:
+    """LipschitzSDE's ``integrate`` (term names among ``allowed``, returned as a tuple) and ``decomposition``."""
+    integrate = (integrate,) if isinstance(integrate, str) else tuple(integrate)
+    bad = [k for k in integrate if k not in allowed]
+    if bad:
+        raise ValueError(f"integrate takes term names among {allowed}, got {bad}")
+    if decomposition not in ("auto", "fast", "svd"):
+        raise ValueError(f"decomposition must be 'auto', 'fast' or 'svd', got {decomposition!r}")
+    return integrate

@@ -5,7 +5,9 @@ SVD) and :class:`GramCurvature` (this module) — offer one interface used by th
 and the batched SDE path alike: ``sigma1``, ``u1``, ``v1``, ``gap``, ``degenerate``,
 ``terms(Gv, Gtu, lr, ...)`` (Thm 14 from the per-sample projections) and
 ``hessian_quadform(a, b)`` (gᵀHg of one gradient, Lemma 13). :func:`decompose_layer`
-picks the route.
+picks the route. :func:`decompose_batched` decomposes one layer's weight matrices over a
+batch of SDE trajectories by either route and offers the same names, per trajectory
+(:class:`BatchedDecomposition`).
 
 The Thm 14 terms need, besides σ1, u1, v1, the operator-norm Hessian H (Lemma 13) only
 through the quadratic forms vec(E_i)ᵀ H vec(E_i) and, for the Prop 6 split, ⟨diag H, diag Σ̂⟩.
@@ -46,12 +48,13 @@ from typing import Optional
 
 import attrs
 import torch
+from torch.func import vmap
 
 from .dynamics import LayerTerms, assemble_terms, jacobian_var_dot
-from .spectral import decompose
+from .spectral import SpectralDecomposition, decompose
 
 __all__ = ["GramCurvature", "gram_curvature", "fast_layer_terms", "top_eigenpairs", "decompose_layer",
-           "DECOMPOSITIONS"]
+           "DECOMPOSITIONS", "BatchedDecomposition", "decompose_batched"]
 
 #: The decomposition routes of :func:`decompose_layer`.
 DECOMPOSITIONS = ("fast", "svd", "gram")
@@ -284,3 +287,77 @@ def decompose_layer(W: torch.Tensor, method: str = "fast", gap_tol: float = 1e-6
         d = decompose(W, method="gram" if method == "gram" else "svd", gap_tol=gap_tol,
                       on_degenerate=on_degenerate, name=name, step=step)
     return d
+
+
+@attrs.frozen
+class BatchedDecomposition:
+    """The decompositions of one layer's weight matrices over a batch of trajectories.
+
+    The interface of the per-layer decompositions (module docstring), one value per
+    trajectory: the SDE systems' route to Thm 14's terms (:mod:`sdelip.sde`).
+
+    Attributes:
+        sigma1: (n,) σ1 (Prop 9); u1: (n, m); v1: (n, k); gap: (n,) relative gaps.
+        svd: (U, S, V) batched thin SVD (route ``"svd"``), or None.
+        curvature: per trajectory a :class:`GramCurvature` or, for a degenerate spectrum,
+            a :class:`~sdelip.spectral.SpectralDecomposition` (route ``"fast"``), or None.
+        gap_tol: the relative-gap tolerance of Assumption 11 (Hessian weights of the SVD route).
+    """
+
+    sigma1: torch.Tensor
+    u1: torch.Tensor
+    v1: torch.Tensor
+    gap: torch.Tensor
+    svd: Optional[tuple] = None
+    curvature: Optional[list] = None
+    gap_tol: float = 1e-6
+
+    def terms(self, Gv: torch.Tensor, Gtu: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Thm 14's κ and ‖λ‖² per trajectory, each (n,), from the per-sample projections.
+
+        Gv (n, M, m) and Gtu (n, M, k) are g_i v1 and g_iᵀ u1 of each trajectory's noise
+        mini-batch; the terms are those of :func:`sdelip.dynamics.terms_from_projections`
+        (SVD route) or of :func:`fast_layer_terms` (Gram route), which agree.
+        """
+        if self.svd is not None:
+            def one(U, S, V, Gv, Gtu):
+                t = SpectralDecomposition(U=U, S=S, V=V, gap_tol=self.gap_tol).terms(Gv, Gtu, lr)
+                return t.noise_curvature, t.diffusion_sq
+
+            return vmap(one)(*self.svd, Gv, Gtu)
+        out = []
+        for c, gv, gtu in zip(self.curvature, Gv, Gtu):
+            t = c.terms(gv, gtu, lr)
+            out.append(torch.stack([t.noise_curvature, t.diffusion_sq]))
+        kappa, lam2 = torch.stack(out).unbind(1)
+        return kappa, lam2
+
+    def hessian_quadform(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """gᵀ H g per trajectory (n,) from a = g v1 (n, m) and b = gᵀ u1 (n, k) (Lemma 13)."""
+        if self.svd is not None:
+            def one(U, S, V, a, b):
+                return SpectralDecomposition(U=U, S=S, V=V).hessian_quadform(a, b)
+
+            return vmap(one)(*self.svd, a, b)
+        return torch.stack([c.hessian_quadform(x, y) for c, x, y in zip(self.curvature, a, b)])
+
+
+def decompose_batched(W: torch.Tensor, route: str, gap_tol: float) -> BatchedDecomposition:
+    """Decompose the weight matrices W (n, m, k) of one layer over n trajectories.
+
+    ``"svd"``: one batched thin SVD; ``"fast"``: :func:`decompose_layer` per trajectory
+    (the Gram route, falling back to the SVD for a degenerate spectrum, silently: the
+    caller applies its own policy to the smallest gap).
+    """
+    if route == "svd":
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        V = Vh.mT
+        gap = (S[..., 0] - S[..., 1]) / S[..., 0] if S.shape[-1] > 1 else torch.ones_like(S[..., 0])
+        return BatchedDecomposition(S[..., 0], U[..., 0], V[..., 0], gap, svd=(U, S, V), gap_tol=gap_tol)
+    curv = [decompose_layer(Wj, "fast", gap_tol, on_degenerate="ignore") for Wj in W.detach()]
+    stack = lambda f: torch.stack([f(c) for c in curv])  # noqa: E731
+    return BatchedDecomposition(
+        stack(lambda c: c.sigma1),
+        stack(lambda c: c.u1), stack(lambda c: c.v1), stack(lambda c: torch.as_tensor(c.gap, dtype=W.dtype)),
+        curvature=curv, gap_tol=gap_tol,
+    )

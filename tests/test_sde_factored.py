@@ -10,7 +10,8 @@
 - grad_source="batch": one Euler step of length dt = η has the step covariance of Def 4,
   η² Var[g]/M, when the diffusion is shrunk by √(1 − M/B), and (1 + M/B) times it without
   the compensation (Monte Carlo over 40,000 trajectories at one θ).
-- The dense g is offered only for small systems; sdeint then runs from bm alone.
+- The systems have no dense g; DenseDiffusion offers it only for small systems (or when
+  forced); sdeint runs from bm alone.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torchsde
 from torch import nn
 
 from sdelip.engines import EngineError
-from sdelip.sde import GridBrownian, LipschitzSDE, ParameterSDE
+from sdelip.sde import DenseDiffusion, GridBrownian, LipschitzSDE, ParameterSDE
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -135,7 +136,7 @@ def test_gram_route_equals_svd_route():
     fast = LipschitzSDE(model, data, lr=0.1, noise_batch_size=6, seed=5, decomposition="fast")
     svd = LipschitzSDE(model, data, lr=0.1, noise_batch_size=6, seed=5, decomposition="svd")
     auto = LipschitzSDE(model, data, lr=0.1, noise_batch_size=6, seed=5)
-    assert [auto._route(layer.shape, "cpu") for layer in auto.layers] == ["fast", "fast", "svd"]
+    assert [auto.extra_rows.route(layer.shape, "cpu") for layer in auto.layers] == ["fast", "fast", "svd"]
     y = _state(fast, 3)
     v = torch.randn(3, fast.brownian_size, dtype=torch.float64)
     for a, b in zip(fast.f_and_g_prod(0.0, y, v), svd.f_and_g_prod(0.0, y, v)):
@@ -239,7 +240,7 @@ def test_shared_noise_coupling_factored_equals_materialised(kind):
         torch.testing.assert_close(a, b, **TOL)
     # the dense g (same cached evaluation) times v is the same increment
     gv = mat.g_prod(0.0, y, v)
-    torch.testing.assert_close(torch.einsum("nsb,nb->ns", mat.g(0.0, y), v), gv, **TOL)
+    torch.testing.assert_close(torch.einsum("nsb,nb->ns", DenseDiffusion(mat).g(0.0, y), v), gv, **TOL)
 
 
 def _coupled_step_covariance(coupling: str, n: int = 40_000, M: int = 4, eta: float = 0.5):
@@ -290,16 +291,21 @@ def test_dense_g_only_for_small_systems_and_sdeint_runs_from_bm():
     data = (torch.randn(64, 700, generator=gen), torch.randint(0, 2, (64,), generator=gen))
     sde = LipschitzSDE(model, data, lr=0.05, noise_batch_size=8)
     assert not sde.has_dense_diffusion and not hasattr(sde, "g")
-    with pytest.raises(AttributeError, match="no dense diffusion matrix.*bm="):
-        sde.g(0.0, sde.initial_state(1))
+    with pytest.raises(ValueError, match="no dense diffusion matrix.*bm="):
+        DenseDiffusion(sde)
     bm = GridBrownian(0.0, 0.05, (2, sde.brownian_size), seed=0)
     ys = torchsde.sdeint(sde, sde.initial_state(2), torch.tensor([0.0, 0.1]), bm=bm, dt=0.05, method="euler")
     assert ys.shape == (2, 2, sde.state_size) and torch.isfinite(ys).all()
     assert sde.n_evaluations <= 3  # two Euler steps (torchsde's shape check shares the first evaluation)
     small = LipschitzSDE(nn.Linear(3, 2), (data[0][:, :3], data[1]), lr=0.05, noise_batch_size=4)
-    assert hasattr(small, "g")
+    assert small.has_dense_diffusion and not hasattr(small, "g")
+    y = small.initial_state(2)
+    assert DenseDiffusion(small).g(0.0, y).shape == (2, small.state_size, small.brownian_size)
     forced = LipschitzSDE(model, data, lr=0.05, noise_batch_size=8, dense_diffusion=True)
-    assert hasattr(forced, "g")
+    assert forced.has_dense_diffusion and hasattr(DenseDiffusion(forced), "g")
+    with pytest.raises(ValueError, match="no dense diffusion matrix"):
+        DenseDiffusion(LipschitzSDE(nn.Linear(3, 2), (data[0][:, :3], data[1]), lr=0.05, noise_batch_size=4,
+                                    dense_diffusion=False))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

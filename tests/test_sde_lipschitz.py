@@ -23,7 +23,7 @@ import torchsde
 from torch import nn
 
 from sdelip import layer_terms, weight_matrix
-from sdelip.sde import DataSource, GridBrownian, LipschitzSDE, simulate, time_grid
+from sdelip.sde import DataSource, DenseDiffusion, GridBrownian, LipschitzSDE, simulate, time_grid
 
 Z_SE = 4.0
 
@@ -71,7 +71,7 @@ def test_terms_match_layer_terms_and_share_the_parameter_noise(conv, engine):
     y = sde.initial_state(n)
     y[:, : sde.n_params] += 0.05 * torch.randn(n, sde.n_params, dtype=torch.float64)
     terms = sde.terms(0.0, y)
-    g = sde.g(0.0, y)
+    g = DenseDiffusion(sde).g(0.0, y)
     assert sde.n_evaluations == 1
     Xb, Yb = DataSource((X, Y), seed=7).sample(M, n)  # the drift uses the full set: the noise batch is the first draw
     grads, per = _reference_estimate(sde, X, Y, Xb, Yb, y)
@@ -159,17 +159,17 @@ def test_simulate_front_end_with_lipschitz_sde():
 @pytest.mark.parametrize("mutation", ["kappa", "half_lambda_sq"])
 def test_pathwise_check_goes_red_when_a_term_is_lost_in_the_code(mutation, monkeypatch):
     """A bug that loses κ, or the ½ of the Itô correction, in the term computation is caught."""
-    import sdelip.sde.lipschitz_sde as mod
+    from sdelip.curvature import BatchedDecomposition
 
-    orig = mod._layer_terms_batched
+    orig = BatchedDecomposition.terms
 
     def mutated(*args):
-        mu, kappa, lam2 = orig(*args)
+        kappa, lam2 = orig(*args)
         if mutation == "kappa":
-            return mu, torch.zeros_like(kappa), lam2
-        return mu, kappa, 0.0 * lam2  # the −½‖λ‖² correction disappears; λ itself stays
+            return torch.zeros_like(kappa), lam2
+        return kappa, 0.0 * lam2  # the −½‖λ‖² correction disappears; λ itself stays
 
-    monkeypatch.setattr(mod, "_layer_terms_batched", mutated)
+    monkeypatch.setattr(BatchedDecomposition, "terms", mutated)
     with pytest.raises(AssertionError, match="mean discrepancy"):
         check_unbiased(_pathwise(0.0125))
 

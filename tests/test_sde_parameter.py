@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sdelip import GradientNoise, layer_terms
-from sdelip.sde import DataSource, GradientEstimate, GridBrownian, ParameterSDE, simulate, time_grid
+from sdelip.sde import DataSource, DenseDiffusion, GradientEstimate, GridBrownian, ParameterSDE, simulate, time_grid
 
 Z_SE = 4.5
 
@@ -156,7 +156,7 @@ def test_drift_is_minus_full_gradient_and_diffusion_is_the_prop5_factor():
     assert sde.brownian_size == 2 * M  # one block per Linear: weight and bias together
     y = _perturbed_state(sde, 3)
     f = sde.f(0.0, y)
-    g = sde.g(0.0, y)
+    g = DenseDiffusion(sde).g(0.0, y)
     assert sde.n_evaluations == 1  # f and g share one evaluation (one mini-batch)
     v = torch.randn(3, sde.brownian_size, dtype=torch.float64)
     torch.testing.assert_close(sde.g_prod(0.0, y, v), torch.einsum("nij,nj->ni", g, v))
@@ -182,7 +182,7 @@ def test_drift_is_minus_full_gradient_and_diffusion_is_the_prop5_factor():
         torch.testing.assert_close(Gs @ Gs.mT, eta * cov_cm[perm][:, perm])
     # A new state is a new evaluation with a fresh mini-batch.
     y2 = y.clone()
-    g2 = sde.g(0.0, y2)
+    g2 = DenseDiffusion(sde).g(0.0, y2)
     assert sde.n_evaluations == 2 and not torch.allclose(g2, g)
 
 

@@ -3,7 +3,11 @@
 - :class:`ParameterSDE` — Def 4: the parameters of a model under SGD as an Itô SDE,
   drift and diffusion estimated live from the model and its data (torch.func).
 - :class:`LipschitzSDE` — Def 10: the parameters together with the per-layer
-  log K^(ℓ) (Thm 14), driven by the same Brownian increments.
+  log K^(ℓ) (Thm 14), driven by the same Brownian increments: the parameter system
+  composed with extra state rows (:class:`LogLipschitzRows`, an :class:`ExtraRows`
+  computed from the parameters' :class:`Evaluation`).
+- :class:`DenseDiffusion` — a system with its dense diffusion matrix ``g`` (tests and
+  small models; the systems themselves offer torchsde ``g_prod`` only).
 - :class:`ReducedLipschitzSDE` — the Z-system of a tracking record, piecewise-constant
   coefficients per step, for 10⁴+ cheap trajectories (Thm 15–17).
 - :class:`GridBrownian` — a grid-aligned, seeded Brownian motion for long runs.
@@ -15,9 +19,11 @@
 from .brownian import GridBrownian, time_grid
 from .epoch_brownian import EpochBrownian
 from .data import DataSource
+from .dense import DenseDiffusion
+from .evaluation import Evaluation, ExtraRows, NoiseObserver
 from .gradients import GradientEstimate
 from .layout import ParamLayout
-from .lipschitz_sde import LipschitzSDE
+from .lipschitz_sde import LipschitzSDE, LogLipschitzRows
 from .parameter_sde import ParameterSDE
 from .reduced import ReducedLipschitzSDE, record_lr
 from .simulate import SimulationResult, simulate, simulate_record
@@ -31,6 +37,11 @@ __all__ = [
     "ParamLayout",
     "ParameterSDE",
     "LipschitzSDE",
+    "LogLipschitzRows",
+    "DenseDiffusion",
+    "Evaluation",
+    "ExtraRows",
+    "NoiseObserver",
     "ReducedLipschitzSDE",
     "record_lr",
     "SimulationResult",

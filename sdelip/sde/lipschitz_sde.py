@@ -16,26 +16,34 @@ one ``torchsde.sdeint`` call returns the Itô-integrated K(t) = exp Σ log K^(�
 (:meth:`LipschitzSDE.direct_lipschitz`). Their agreement, improving as dt → 0, is the
 pathwise test of the Itô calculus; dropping κ or the −½‖λ‖² correction breaks it.
 
+The log K rows are a component, :class:`LogLipschitzRows` (an
+:class:`~sdelip.sde.evaluation.ExtraRows`), composed with the parameter system:
+:class:`LipschitzSDE` is :class:`~sdelip.sde.ParameterSDE` with these rows. At each
+evaluation they decompose every layer's weight matrices over the trajectories
+(:func:`sdelip.curvature.decompose_batched`, the decomposition interface of the
+tracker), observe the parameters' noise pass for the projections g_i v1 and g_iᵀ u1
+(the layer rules' ``trajectory_projections``, or the materialised rows), and turn them
+into Thm 14's terms.
+
 :meth:`LipschitzSDE.from_record` builds the reduced Z-system of a tracking record
 (:class:`sdelip.sde.ReducedLipschitzSDE`).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import attrs
 import torch
-from torch.func import vmap
 
-from .._checks import check_gap
-from ..curvature import decompose_layer
+from .._checks import check_gap, check_lipschitz_sde_options, check_lipschitz_sde_sampling
+from ..curvature import BatchedDecomposition, decompose_batched
 from ..engines.base import DEFAULT_CHUNK_BYTES
-from ..spectral import SpectralDecomposition
 from ..terms import INTEGRABLE_TERMS, SDE_TERMS
-from .parameter_sde import ParameterSDE, _Coefficients
+from .evaluation import Evaluation, ExtraRows, NoiseObserver
+from .parameter_sde import ParameterSDE
 
-__all__ = ["LipschitzSDE"]
+__all__ = ["LipschitzSDE", "LogLipschitzRows"]
 
 #: The names of the per-layer terms returned by :meth:`LipschitzSDE.terms` (:data:`sdelip.terms.TERMS`).
 TERM_NAMES = SDE_TERMS
@@ -48,80 +56,171 @@ FAST_MIN_DIM = 64
 
 
 @attrs.frozen
-class _Decomposition:
-    """The top singular pairs of one layer's weight matrices over the trajectories.
+class LogLipschitzCoefficients:
+    """The log K rows' coefficients at one evaluation (n trajectories, L layers).
 
     Attributes:
-        s1: (n,) σ1; u1: (n, m); v1: (n, k); gap: (n,) relative gaps.
-        svd: (U, S, V) batched thin SVD (route ``"svd"``), or None.
-        curvature: per trajectory a :class:`GramCurvature` or, for a degenerate spectrum,
-            a :class:`SpectralDecomposition` (route ``"fast"``), or None.
+        drift: (n, L·(1 + integrated)) the log K drifts μ + κ − ½‖λ‖² (per the switches),
+            then the integrated terms.
+        lam: (n, L, M) the diffusion rows λ^(ℓ) on each layer's Brownian block (Thm 14).
+        terms: {name: (n, L)} Thm 14's σ1, μ, κ, ‖λ‖² (and the step curvature when asked).
     """
 
-    s1: torch.Tensor
-    u1: torch.Tensor
-    v1: torch.Tensor
-    gap: torch.Tensor
-    svd: Optional[tuple] = None
-    curvature: Optional[list] = None
+    drift: torch.Tensor
+    lam: torch.Tensor
+    terms: Dict[str, torch.Tensor]
 
 
-def _decompose_batched(W: torch.Tensor, route: str, gap_tol: float) -> _Decomposition:
-    """Decompose the weight matrices W (n, m, k) by the ``"svd"`` or ``"fast"`` route."""
-    if route == "svd":
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        V = Vh.mT
-        gap = (S[..., 0] - S[..., 1]) / S[..., 0] if S.shape[-1] > 1 else torch.ones_like(S[..., 0])
-        return _Decomposition(S[..., 0], U[..., 0], V[..., 0], gap, svd=(U, S, V))
-    curv = [decompose_layer(Wj, "fast", gap_tol, on_degenerate="ignore") for Wj in W.detach()]
-    stack = lambda f: torch.stack([f(c) for c in curv])  # noqa: E731
-    return _Decomposition(
-        stack(lambda c: c.sigma1),
-        stack(lambda c: c.u1), stack(lambda c: c.v1), stack(lambda c: torch.as_tensor(c.gap, dtype=W.dtype)),
-        curvature=curv,
-    )
+class _Projections(NoiseObserver):
+    """g_i v1 and g_iᵀ u1 of every layer on the noise mini-batch, filled from the noise pass."""
+
+    def __init__(self, sde, ev: Evaluation, Ws: list, decs: list):
+        y = ev.y
+        n, M = y.shape[0], sde.M
+        self.sde, self.Ws, self.decs = sde, Ws, decs
+        self.Gv = [y.new_empty(n, M, layer.shape[0]) for layer in sde.layers]
+        self.Gtu = [y.new_empty(n, M, W.shape[-1]) for layer, W in zip(sde.layers, Ws)]
+
+    def rows(self, rows: list) -> None:
+        """Materialised: from the per-sample rows (centred and scaled; the terms are centred)."""
+        sde = self.sde
+        named = dict(zip((s.name for s in sde.layout.specs), rows))
+        scale = sde.column_scale()
+        n, M = self.Gv[0].shape[:2]
+        for i, (wname, d) in enumerate(zip(sde.layout.weight_names, self.decs)):
+            E = named[wname].reshape(n, M, *self.Ws[i].shape[1:]) / scale
+            self.Gv[i] = (E @ d.v1[:, None, :, None]).squeeze(-1)
+            self.Gtu[i] = (d.u1[:, None, None, :] @ E).squeeze(-2)
+
+    def chunk(self, sl: slice, inputs: dict, deltas: dict) -> None:
+        """Factored: by each layer's rule, from its inputs x (c, M, …) and per-sample output gradients δ."""
+        for i, (layer, d) in enumerate(zip(self.sde.layers, self.decs)):
+            self.Gv[i][sl], self.Gtu[i][sl] = layer.rule.trajectory_projections(
+                layer.module, layer.attr, inputs[layer.name], deltas[layer.name], d.u1[sl], d.v1[sl],
+                DEFAULT_CHUNK_BYTES)
 
 
-def _layer_terms_batched(dec: _Decomposition, Gv, Gtu, grad_proj, lr, weight_decay, gap_tol):
-    """Thm 14's (μ, κ, ‖λ‖²) of one layer for a batch of trajectories, each (n,).
+class LogLipschitzRows(ExtraRows):
+    """Def 10's rows log K^(1), …, log K^(L) (then the integrated terms) of a parameter system.
 
-    Gv (n, M, m) and Gtu (n, M, k) are the projections g_i v1 and g_iᵀ u1 of the noise
-    mini-batch; grad_proj (n,) is u1ᵀ ∇L v1 of the expected gradient. κ and ‖λ‖² come from
-    :func:`sdelip.dynamics.terms_from_projections` (SVD route) or the tracker's
-    :func:`sdelip.curvature.fast_layer_terms` (Gram route), which agree.
+    Per layer, Thm 14's drift μ + κ − ½‖λ‖² and the diffusion row λ^(ℓ)ᵀ on the Brownian
+    block of layer ℓ, so that the same increments drive θ^(ℓ) and log K^(ℓ). Built by
+    :class:`LipschitzSDE`; the arguments are its options.
+
+    Args:
+        layer_blocks: the noise block of each tracked layer (``layout.layer_blocks``).
+        include_drift, include_noise_curvature, include_ito_correction, include_diffusion,
+        include_step_curvature, integrate, decomposition: see :class:`LipschitzSDE`.
     """
-    mu = -grad_proj / dec.s1 - weight_decay
-    if dec.svd is not None:
-        def one(U, S, V, Gv, Gtu):
-            t = SpectralDecomposition(U=U, S=S, V=V, gap_tol=gap_tol).terms(Gv, Gtu, lr)
-            return t.noise_curvature, t.diffusion_sq
 
-        kappa, lam2 = vmap(one)(*dec.svd, Gv, Gtu)
-        return mu, kappa, lam2
-    out = []
-    for c, gv, gtu in zip(dec.curvature, Gv, Gtu):
-        t = c.terms(gv, gtu, lr)
-        out.append(torch.stack([t.noise_curvature, t.diffusion_sq]))
-    kappa, lam2 = torch.stack(out).unbind(1)
-    return mu, kappa, lam2
+    def __init__(self, layer_blocks, *, include_drift: bool = True, include_noise_curvature: bool = True,
+                 include_ito_correction: bool = True, include_diffusion: bool = True,
+                 include_step_curvature: bool = False, integrate: tuple = (), decomposition: str = "auto"):
+        self.layer_blocks = list(layer_blocks)
+        self.n_layers = len(self.layer_blocks)
+        self.include_step_curvature = bool(include_step_curvature)
+        self.integrate = integrate
+        self.include_drift = bool(include_drift)
+        self.include_noise_curvature = bool(include_noise_curvature)
+        self.include_ito_correction = bool(include_ito_correction)
+        self.include_diffusion = bool(include_diffusion)
+        self.decomposition = decomposition
+        self.width = self.n_layers * (1 + len(integrate))
+        self._gap_warned: set = set()
 
+    def initial_state(self, sde, theta: torch.Tensor) -> torch.Tensor:
+        """[log σ1(θ^(1)(0)), …, 0 for the integrated terms], (1, width)."""
+        logk = sde.direct_lipschitz(theta, per_layer=True).log()
+        return torch.cat([logk, logk.new_zeros(1, self.n_layers * len(self.integrate))], 1)
 
-def _gradient_quadform_batched(dec: _Decomposition, gv: torch.Tensor, gtu: torch.Tensor) -> torch.Tensor:
-    """∇Lᵀ H ∇L per trajectory (n,), from gv = ∇L v1 (n, m) and gtu = ∇Lᵀ u1 (n, k) (Lemma 13)."""
-    if dec.svd is not None:
-        def one(U, S, V, a, b):
-            return SpectralDecomposition(U=U, S=S, V=V).hessian_quadform(a, b)
+    def route(self, shape, device) -> str:
+        """The decomposition route of a layer: ``"fast"`` for CPU layers of at least
+        :data:`FAST_MIN_DIM` rows and columns (one Gram eigensolve per trajectory), else a
+        batched SVD over the trajectories."""
+        if self.decomposition != "auto":
+            return self.decomposition
+        return "fast" if torch.device(device).type == "cpu" and min(shape) >= FAST_MIN_DIM else "svd"
 
-        return vmap(one)(*dec.svd, gv, gtu)
-    return torch.stack([c.hessian_quadform(a, b) for c, a, b in zip(dec.curvature, gv, gtu)])
+    def decompose(self, sde, y: torch.Tensor) -> tuple:
+        """(the weight matrices, their :class:`~sdelip.curvature.BatchedDecomposition`) per layer at the states y."""
+        Ws = sde.weight_matrices(y[:, : sde.n_params].detach())
+        return Ws, [decompose_batched(W, self.route(W.shape[1:], y.device), sde.gap_tol) for W in Ws]
 
+    def observer(self, sde, ev: Evaluation) -> _Projections:
+        """Decompose the layers (Assumption 11 checked on the smallest gap), then collect the projections."""
+        Ws, decs = self.decompose(sde, ev.y)
+        for layer, d in zip(sde.layers, decs):
+            self._check_gap(sde, float(d.sigma1.min()), float(d.gap.min()), layer.name, ev.t)
+        return _Projections(sde, ev, Ws, decs)
 
-def _layer_projections(layer, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor):
-    """g_i v1 and g_iᵀ u1 of a chunk of trajectories, (c, M, m) and (c, M, k), by the layer's rule.
+    def evaluate(self, sde, ev: Evaluation, observer: _Projections) -> LogLipschitzCoefficients:
+        """Thm 14's terms per layer and trajectory, the log K drifts and the rows λ^(ℓ)."""
+        y = ev.y
+        n = y.shape[0]
+        log_drift, lam, terms = [], [], {k: [] for k in TERM_NAMES}
+        lam_scale = sde.column_scale()
+        Gv, Gtu = observer.Gv, observer.Gtu
+        for i, (wname, d) in enumerate(zip(sde.layout.weight_names, observer.decs)):
+            m, k = observer.Ws[i].shape[1:]
+            gW = ev.grad[wname].to(y.dtype).reshape(-1, m, k).expand(n, m, k)
+            grad_proj = torch.einsum("na,nab,nb->n", d.u1, gW, d.v1)
+            mu = -grad_proj / d.sigma1 - sde.weight_decay
+            kappa, lam2 = d.terms(Gv[i], Gtu[i], sde.lr)
+            if self.include_step_curvature or "step_curvature" in self.integrate:
+                sc = self._step_curvature(sde, d, gW, kappa)
+                terms.setdefault("step_curvature", []).append(sc)
+            proj = ((Gv[i] - Gv[i].mean(1, keepdim=True)) * d.u1.unsqueeze(1)).sum(-1)  # u1ᵀ E_i v1, (n, M)
+            lam_row = proj * (lam_scale / d.sigma1).unsqueeze(1)
+            a = torch.zeros_like(mu)
+            if self.include_drift:
+                a = a + mu
+            if self.include_noise_curvature:
+                a = a + kappa
+            if self.include_ito_correction:
+                a = a - 0.5 * lam2
+            if self.include_step_curvature:
+                a = a + sc
+            log_drift.append(a)
+            lam.append(lam_row if self.include_diffusion else torch.zeros_like(lam_row))
+            for name, val in zip(TERM_NAMES, (d.sigma1, mu, kappa, lam2)):
+                terms[name].append(val)
+        terms = {k: torch.stack(val, 1) for k, val in terms.items()}
+        integrals = [terms[k].to(y.dtype) for k in self.integrate]
+        drift = torch.cat([torch.stack(log_drift, 1).to(y.dtype), *integrals], 1)
+        return LogLipschitzCoefficients(drift=drift, lam=torch.stack(lam, 1).to(y.dtype), terms=terms)  # lam (n, L, M)
 
-    x (c, M, …) are the layer's inputs and δ (c, M, …) its per-sample output gradients.
-    """
-    return layer.rule.trajectory_projections(layer.module, layer.attr, x, delta, u1, v1, DEFAULT_CHUNK_BYTES)
+    def _step_curvature(self, sde, d: BatchedDecomposition, gW: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
+        """(η/2σ1) ∇Lᵀ H ∇L per trajectory: the O(η) drift of log K that a discrete step of length η adds.
+
+        With a batch drift ĝ of B samples, E[ĝᵀHĝ] = ∇LᵀH∇L + tr(H Var[g])/B, and
+        (η/2σ1) tr(H Var[g])/B = κ·M/B: subtracted, the estimate is unbiased.
+        """
+        gv = (gW @ d.v1.unsqueeze(-1)).squeeze(-1)
+        gtu = (d.u1.unsqueeze(1) @ gW).squeeze(1)
+        sc = sde.lr / (2 * d.sigma1) * d.hessian_quadform(gv, gtu)
+        src = sde.gradient_fn
+        if sde.data is not None and src.grad_source == "batch":
+            sc = sc - kappa * (sde.M / src.grad_batch_size)
+        return sc
+
+    def _check_gap(self, sde, sigma1: float, gap: float, name: str, t: float) -> None:
+        # Assumption 11 over all trajectories; a degenerate layer warns once per system.
+        policy = sde.on_degenerate
+        if policy == "warn" and name in self._gap_warned:
+            policy = "ignore"
+        if check_gap(sigma1, gap, sde.gap_tol, policy, name=f"{name} (t = {t:g}, smallest gap over trajectories)"):
+            self._gap_warned.add(name)
+
+    def g_prod(self, sde, coefficients: LogLipschitzCoefficients, v: torch.Tensor, out: torch.Tensor) -> None:
+        """λ^(ℓ)ᵀ v_block(ℓ) into the log K columns of ``out``; the integrated columns have no diffusion."""
+        for i, b in enumerate(self.layer_blocks):
+            vb = v[:, sde.brownian_slice(b)].to(coefficients.lam.dtype)
+            out[:, i] = (coefficients.lam[:, i] * vb).sum(-1)
+
+    def dense(self, sde, coefficients: LogLipschitzCoefficients, G: torch.Tensor) -> None:
+        """λ^(ℓ) on layer ℓ's Brownian block of the log K rows of ``G``."""
+        for i, b in enumerate(self.layer_blocks):
+            G[:, i, sde.brownian_slice(b)] = coefficients.lam[:, i]
 
 
 class LipschitzSDE(ParameterSDE):
@@ -136,7 +235,8 @@ class LipschitzSDE(ParameterSDE):
 
         sde = LipschitzSDE(model, loader, lr=0.05)
         ts = sdelip.sde.time_grid(t1=2.0, dt=0.05)
-        ys = torchsde.sdeint(sde, sde.initial_state(64), ts, dt=0.05, method="euler")
+        bm = sde.brownian_motion(64, dt=0.05)
+        ys = torchsde.sdeint(sde, sde.initial_state(64), ts, bm=bm, dt=0.05, method="euler")
         K_ito = sde.lipschitz(ys)            # exp Σ log K^(ℓ), Thm 14–16
         K_direct = sde.direct_lipschitz(ys)  # Π σ1(θ(t)), Def 10
 
@@ -162,6 +262,9 @@ class LipschitzSDE(ParameterSDE):
             ``"fast"`` or ``"svd"``.
         **kwargs: keyword options of :class:`ParameterSDE`.
 
+    The log K rows are :attr:`extra_rows`, a :class:`LogLipschitzRows`; their options are
+    its attributes (``sde.extra_rows.integrate``, …, also readable on the system).
+
     The ``include_*`` switches exist to measure what each term is worth; with any of
     them off (or the step curvature on) the log K state no longer follows the
     parameters' SDE exactly.
@@ -182,41 +285,28 @@ class LipschitzSDE(ParameterSDE):
         decomposition: str = "auto",
         **kwargs,
     ):
-        if kwargs.get("sampling", "iid") == "reshuffle":
-            raise NotImplementedError(
-                "LipschitzSDE with sampling='reshuffle' would need the log K rows over all N samples; simulate "
-                "ParameterSDE(..., sampling='reshuffle') and read K = Π σ1(θ) with direct_lipschitz, or the reduced "
-                "system ReducedLipschitzSDE(..., steps_per_epoch=, batch_fraction=)"
-            )
+        check_lipschitz_sde_sampling(kwargs.get("sampling", "iid"))
         super().__init__(model, loader, lr, **kwargs)
-        self.include_step_curvature = bool(include_step_curvature)
-        integrate = (integrate,) if isinstance(integrate, str) else tuple(integrate)
-        bad = [k for k in integrate if k not in INTEGRABLE]
-        if bad:
-            raise ValueError(f"integrate takes term names among {INTEGRABLE}, got {bad}")
-        self.integrate = integrate
-        self.include_drift = bool(include_drift)
-        self.include_noise_curvature = bool(include_noise_curvature)
-        self.include_ito_correction = bool(include_ito_correction)
-        self.include_diffusion = bool(include_diffusion)
-        if decomposition not in ("auto", "fast", "svd"):
-            raise ValueError(f"decomposition must be 'auto', 'fast' or 'svd', got {decomposition!r}")
-        self.decomposition = decomposition
+        integrate = check_lipschitz_sde_options(integrate, INTEGRABLE, decomposition)
+        self.extra_rows = LogLipschitzRows(
+            self.layout.layer_blocks, include_drift=include_drift, include_noise_curvature=include_noise_curvature,
+            include_ito_correction=include_ito_correction, include_diffusion=include_diffusion,
+            include_step_curvature=include_step_curvature, integrate=integrate, decomposition=decomposition,
+        )
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
 
     @property
-    def state_size(self) -> int:
-        return self.n_params + self.n_layers * (1 + len(self.integrate))
+    def integrate(self) -> tuple:
+        """The terms whose integrals the state carries (``integrate=``)."""
+        return self.extra_rows.integrate
 
-    def initial_state(self, n: int, dtype=None, device=None) -> torch.Tensor:
-        """n copies of [θ(0), log σ1(θ^(1)(0)), …, 0 for the integrated terms], shape (n, state_size)."""
-        theta = super().initial_state(1, dtype=dtype, device=device)
-        logk = self.direct_lipschitz(theta, per_layer=True).log()
-        zeros = logk.new_zeros(1, self.n_layers * len(self.integrate))
-        return torch.cat([theta, logk, zeros], 1).repeat(int(n), 1)
+    @property
+    def decomposition(self) -> str:
+        """The decomposition route option (``decomposition=``; :meth:`LogLipschitzRows.route`)."""
+        return self.extra_rows.decomposition
 
     def integrated(self, ys: torch.Tensor, name: str, per_layer: bool = True) -> torch.Tensor:
         """∫_0^t term^(ℓ) ds of a term named in ``integrate``: (..., L), or the sum over layers."""
@@ -237,121 +327,7 @@ class LipschitzSDE(ParameterSDE):
 
     def terms(self, t, y: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Thm 14's per-layer terms at the states y: {name: (n, L)} for σ1, μ, κ, ‖λ‖²."""
-        return dict(self._coefficients(t, y)[0].terms)
-
-    def _route(self, shape, device) -> str:
-        """The decomposition route of a layer: ``"fast"`` for CPU layers of at least
-        :data:`FAST_MIN_DIM` rows and columns (one Gram eigensolve per trajectory), else a
-        batched SVD over the trajectories."""
-        if self.decomposition != "auto":
-            return self.decomposition
-        return "fast" if torch.device(device).type == "cpu" and min(shape) >= FAST_MIN_DIM else "svd"
-
-    def _evaluate(self, t: float, y: torch.Tensor, v: Optional[torch.Tensor]):
-        c = self._draw(t, y)
-        n, M = y.shape[0], self.M
-        Ws = self.weight_matrices(y[:, : self.n_params].detach())
-        decs = [_decompose_batched(W, self._route(W.shape[1:], y.device), self.gap_tol) for W in Ws]
-        for layer, d in zip(self.layers, decs):
-            self._check_gap(float(d.s1.min()), float(d.gap.min()), layer.name, t)
-        # The projections g_i v1, g_iᵀ u1 of every layer on the noise mini-batch.
-        Gv = [y.new_empty(n, M, layer.shape[0]) for layer in self.layers]
-        Gtu = [y.new_empty(n, M, W.shape[-1]) for layer, W in zip(self.layers, Ws)]
-        if c.noise is not None:  # materialised: from the per-sample rows (centred and scaled; the terms are centred)
-            rows = dict(zip((s.name for s in self.layout.specs), c.noise))
-            scale = self._noise_scale()
-            for i, (wname, d) in enumerate(zip(self.layout.weight_names, decs)):
-                E = rows[wname].reshape(n, M, *Ws[i].shape[1:]) / scale
-                Gv[i] = (E @ d.v1[:, None, :, None]).squeeze(-1)
-                Gtu[i] = (d.u1[:, None, None, :] @ E).squeeze(-2)
-            inc = None if v is None else self._g_prod_rows(c, v)
-        else:
-            def on_chunk(sl, xs, deltas):
-                for i, (layer, d) in enumerate(zip(self.layers, decs)):
-                    Gv[i][sl], Gtu[i][sl] = _layer_projections(
-                        layer, xs[layer.name], deltas[layer.name], d.u1[sl], d.v1[sl])
-
-            inc = self._factored_pass(c, v, capture=True, on_chunk=on_chunk)[1]
-        log_drift, lam, terms = [], [], {k: [] for k in TERM_NAMES}
-        lam_scale = self._noise_scale()
-        for i, (wname, d) in enumerate(zip(self.layout.weight_names, decs)):
-            m, k = Ws[i].shape[1:]
-            gW = c.grad[wname].to(y.dtype).reshape(-1, m, k).expand(n, m, k)
-            grad_proj = torch.einsum("na,nab,nb->n", d.u1, gW, d.v1)
-            mu, kappa, lam2 = _layer_terms_batched(d, Gv[i], Gtu[i], grad_proj, self.lr, self.weight_decay, self.gap_tol)
-            if self.include_step_curvature or "step_curvature" in self.integrate:
-                sc = self._step_curvature(d, gW, kappa)
-                terms.setdefault("step_curvature", []).append(sc)
-            proj = ((Gv[i] - Gv[i].mean(1, keepdim=True)) * d.u1.unsqueeze(1)).sum(-1)  # u1ᵀ E_i v1, (n, M)
-            lam_row = proj * (lam_scale / d.s1).unsqueeze(1)
-            a = torch.zeros_like(mu)
-            if self.include_drift:
-                a = a + mu
-            if self.include_noise_curvature:
-                a = a + kappa
-            if self.include_ito_correction:
-                a = a - 0.5 * lam2
-            if self.include_step_curvature:
-                a = a + sc
-            log_drift.append(a)
-            lam.append(lam_row if self.include_diffusion else torch.zeros_like(lam_row))
-            for name, val in zip(TERM_NAMES, (d.s1, mu, kappa, lam2)):
-                terms[name].append(val)
-        c.log_drift = torch.stack(log_drift, 1).to(y.dtype)
-        c.terms = {k: torch.stack(val, 1) for k, val in terms.items()}
-        integrals = [c.terms[k].to(y.dtype) for k in self.integrate]
-        c.drift = torch.cat([c.drift.to(y.dtype), c.log_drift, *integrals], 1)
-        c.lam = torch.stack(lam, 1).to(y.dtype)  # (n, L, M)
-        return c, inc
-
-    def _step_curvature(self, d: _Decomposition, gW: torch.Tensor, kappa: torch.Tensor) -> torch.Tensor:
-        """(η/2σ1) ∇Lᵀ H ∇L per trajectory: the O(η) drift of log K that a discrete step of length η adds.
-
-        With a batch drift ĝ of B samples, E[ĝᵀHĝ] = ∇LᵀH∇L + tr(H Var[g])/B, and
-        (η/2σ1) tr(H Var[g])/B = κ·M/B: subtracted, the estimate is unbiased.
-        """
-        gv = (gW @ d.v1.unsqueeze(-1)).squeeze(-1)
-        gtu = (d.u1.unsqueeze(1) @ gW).squeeze(1)
-        sc = self.lr / (2 * d.s1) * _gradient_quadform_batched(d, gv, gtu)
-        src = self.gradient_fn
-        if self.data is not None and src.grad_source == "batch":
-            sc = sc - kappa * (self.M / src.grad_batch_size)
-        return sc
-
-    def _check_gap(self, sigma1: float, gap: float, name: str, t: float) -> None:
-        # Assumption 11 over all trajectories; a degenerate layer warns once per system.
-        warned = self.__dict__.setdefault("_gap_warned", set())
-        policy = self.on_degenerate
-        if policy == "warn" and name in warned:
-            policy = "ignore"
-        if check_gap(sigma1, gap, self.gap_tol, policy, name=f"{name} (t = {t:g}, smallest gap over trajectories)"):
-            warned.add(name)
-
-    def _block_of_layer(self):
-        return list(self.layout.layer_blocks)
-
-    def _g_prod(self, c: _Coefficients, y, v, inc):
-        out = super()._g_prod(c, y, v, inc)
-        P = self.n_params
-        for i, b in enumerate(self._layer_blocks):
-            vb = v[:, self.brownian_slice(b)].to(c.lam.dtype)
-            out[:, P + i] = (c.lam[:, i] * vb).sum(-1)
-        return out
-
-    def _g_dense(self, c: _Coefficients, y):
-        G = super()._g_dense(c, y)
-        P = self.n_params
-        for i, b in enumerate(self._layer_blocks):
-            G[:, P + i, self.brownian_slice(b)] = c.lam[:, i]
-        return G
-
-    @property
-    def _layer_blocks(self):
-        lb = getattr(self, "_layer_blocks_cache", None)
-        if lb is None:
-            lb = self._block_of_layer()
-            self._layer_blocks_cache = lb
-        return lb
+        return dict(self.evaluate(t, y)[0].extra.terms)
 
     @classmethod
     def from_record(cls, record, **kwargs):

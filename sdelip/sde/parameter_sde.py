@@ -42,12 +42,16 @@ diffusion is shrunk by s = √(1 − (dt/η)(M/B)), which restores Def 4's secon
 exactly for steps of length ``dt`` (default η, SGD's own step); B ≤ M·dt/η is refused.
 
 torchsde calls the drift and the diffusion separately at the same (t, y); both come
-from one cached evaluation, so they share the mini-batch. Euler uses
-:meth:`ParameterSDE.f_and_g_prod`, which never builds the dense
-(batch, state, brownian) diffusion matrix; :meth:`ParameterSDE.g` does, for tests. The
-dense ``g`` exists only while it is small (``dense_diffusion``): torchsde's ``sdeint``
-evaluates every diffusion method it finds once, so at scale ``sdeint`` must be given a
-``bm`` (e.g. :class:`~sdelip.sde.GridBrownian`) to learn the noise size from.
+from one cached evaluation (:meth:`ParameterSDE.evaluate`, an
+:class:`~sdelip.sde.evaluation.Evaluation`), so they share the mini-batch. Euler uses
+:meth:`ParameterSDE.f_and_g_prod`; the system has no dense diffusion ``g`` (torchsde's
+``sdeint`` would build it at every call), so ``sdeint`` learns the noise size from its
+``bm`` (e.g. :class:`~sdelip.sde.GridBrownian`). :class:`~sdelip.sde.DenseDiffusion`
+adds the dense matrix, for tests and small models.
+
+Extra state rows with their own drift and diffusion on the same Brownian motion compose
+with the parameters through :class:`~sdelip.sde.evaluation.ExtraRows` (``extra_rows``):
+the state is then [θ, extra] (Def 10's log K^(ℓ) rows, :class:`~sdelip.sde.LipschitzSDE`).
 """
 
 from __future__ import annotations
@@ -58,49 +62,20 @@ from typing import Callable, Dict, Optional
 import torch
 from torch import nn
 
-from .._checks import check_positive
-from ..engines import EngineError
+from .._checks import (check_drift_noise, check_positive, check_sde_engine, check_sde_gradient_fn, check_sde_lr,
+                       check_sde_noise_batch, check_sde_sampling)
 from ..layers import TrackedLayer, tracked_layers
 from ..spectral import DEFAULT_GAP_TOL
-from .weighted_noise import FactoredNoise
-from .data import DataSource
-from .gradients import GradientEstimate, ModelGradients, activation_numel
+from .dense import DENSE_DIFFUSION_MAX
+from .estimator import model_estimator
+from .evaluation import ChunkPlan, Evaluation, ExtraRows, NoiseObserver
+from .gradients import GradientEstimate
 from .layout import ParamLayout
 from .brownian import GridBrownian
 from .epoch_brownian import EpochBrownian
-from .reshuffle import ReshufflePass
+from .noise_factor import centred_rows, factored_increments, reshuffle_weights, rows_times
 
 __all__ = ["ParameterSDE"]
-
-#: Largest dense diffusion matrix (elements per trajectory, state × Brownian) for which
-#: ``g`` is offered by default (``dense_diffusion=None``).
-DENSE_DIFFUSION_MAX = 1 << 22
-#: Default memory budget of one chunk of trajectories (bytes) on CPU; on CUDA a quarter
-#: of the free device memory.
-CHUNK_BYTES = 512 << 20
-#: On CPU, at most this many samples (trajectories × samples) per batched call: beyond it
-#: stacking trajectories only costs cache (measured on the paper's MLP: 16 full-set
-#: gradients 5.05 s one trajectory at a time, 5.9 s all at once).
-CPU_ROWS_PER_CALL = 4096
-
-
-class _Coefficients:
-    """One evaluation of the coefficients at (t, y) (cached; shared by f, g and g_prod)."""
-
-    __slots__ = ("t", "y", "version", "drift", "noise", "batch", "params", "grad", "log_drift", "lam", "terms")
-
-    def __init__(self, t, y, drift, noise=None, batch=None, params=None, grad=None):
-        self.t = t
-        self.y = y
-        self.version = y._version
-        self.drift = drift  # (n, d)
-        self.noise = noise  # materialised: per parameter (layout order), (n, M, numel): √η s (g_i − ḡ)/√(M(M−1))
-        self.batch = batch  # factored: the noise mini-batch (X, Y)
-        self.params = params  # the trajectories' parameters {name: (n, *shape)}
-        self.grad = grad  # the expected gradient {name: (n or 1, *shape)}
-        self.log_drift = None  # (n, L) for LipschitzSDE
-        self.lam = None  # (n, L, M) for LipschitzSDE
-        self.terms = None  # dict of (n, L) for LipschitzSDE
 
 
 class ParameterSDE(nn.Module):
@@ -118,6 +93,11 @@ class ParameterSDE(nn.Module):
         bm = GridBrownian(0.0, 0.05, (64, sde.brownian_size))
         ys = torchsde.sdeint(sde, sde.initial_state(64), ts, bm=bm, dt=0.05, method="euler")
         K = sde.lipschitz(ys)          # Π σ1(θ(t)), shape (len(ts), 64)
+
+    Composition: :meth:`evaluate` is the cached evaluation at (t, y) that ``f`` and
+    ``g_prod`` share, :meth:`noise_pass` runs its noise pass (with an observer of the
+    per-layer inputs and output gradients), and :attr:`extra_rows` (None here) holds
+    extra state rows, :class:`~sdelip.sde.evaluation.ExtraRows`, evaluated with it.
 
     Args:
         model: the network (its parameters give the initial state).
@@ -167,8 +147,9 @@ class ParameterSDE(nn.Module):
             a quarter of the free memory on CUDA).
         data_chunk: samples per batched call of the expected gradient.
         max_cached: largest dataset materialised in memory (see ``DataSource``).
-        dense_diffusion: offer the dense diffusion matrix ``g`` (True, False, or None:
-            only while state × Brownian size is at most 2²² per trajectory).
+        dense_diffusion: whether :class:`~sdelip.sde.DenseDiffusion` may build the dense
+            diffusion matrix ``g`` (True, False, or None: only while state × Brownian
+            size is at most 2²² per trajectory).
         gap_tol: relative-gap tolerance of Assumption 11 (Lipschitz terms).
         on_degenerate: ``"warn"``, ``"raise"`` or ``"ignore"`` for a degenerate σ1.
     """
@@ -204,9 +185,7 @@ class ParameterSDE(nn.Module):
         on_degenerate: str = "warn",
     ):
         super().__init__()
-        if lr is None:
-            raise TypeError("ParameterSDE needs the learning rate lr (η)")
-        self.lr = check_positive(lr, "lr")
+        self.lr = check_sde_lr(lr, "ParameterSDE")
         self.dt = check_positive(dt, "dt") if dt is not None else self.lr
         self.noise_type = "general"
         self.sde_type = "ito"
@@ -216,112 +195,38 @@ class ParameterSDE(nn.Module):
         self.weight_decay = float(weight_decay)
         self.gap_tol = float(gap_tol)
         self.on_degenerate = on_degenerate
-        self.traj_chunk = None if traj_chunk is None else int(traj_chunk)
-        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
+        self.chunks = ChunkPlan(traj_chunk, chunk_bytes)
         self.dense_diffusion = dense_diffusion
-        if sampling not in ("iid", "reshuffle"):
-            raise ValueError(f"sampling must be 'iid' (independent mini-batches) or 'reshuffle', got {sampling!r}")
+        self.noise_coupling = check_sde_sampling(sampling, noise_coupling)
         self.sampling = sampling
-        if noise_coupling is None:
-            noise_coupling = "shared" if sampling == "reshuffle" else "layers"
-        if noise_coupling not in ("layers", "shared"):
-            raise ValueError(f"noise_coupling must be 'layers' (Assumption 3) or 'shared', got {noise_coupling!r}")
-        if sampling == "reshuffle" and noise_coupling != "shared":
-            raise NotImplementedError(
-                "sampling='reshuffle' drives every layer with the one N-dimensional epoch-pinned Brownian motion "
-                "(one permutation moves all layers): use noise_coupling='shared' (the default with reshuffle)"
-            )
-        self.noise_coupling = noise_coupling
         self.reshuffle = None
-        engine = str(engine).lower()
-        if engine not in ("auto", "factored", "materialised", "materialized"):
-            raise ValueError(f"engine must be 'auto', 'factored' or 'materialised', got {engine!r}")
-        engine = "materialised" if engine == "materialized" else engine
+        engine = check_sde_engine(engine)
         self.noise_scale = 1.0
         self.factored = None
+        #: Extra state rows composed with θ (an :class:`ExtraRows`), or None.
+        self.extra_rows: Optional[ExtraRows] = None
         if gradient_fn is not None:
-            if sampling == "reshuffle":
-                raise ValueError("sampling='reshuffle' needs the training data (its noise runs over all N samples), "
-                                 "not a gradient_fn")
-            if engine == "factored":
-                raise ValueError("a gradient_fn returns per-sample gradients: it needs engine='materialised'")
-            if noise_batch_size is None:
-                raise TypeError("gradient_fn needs noise_batch_size (M, the number of per-sample gradients)")
+            check_sde_gradient_fn(sampling, engine, noise_batch_size)
             self.data = None
             self.gradient_fn = gradient_fn
             self.M = int(noise_batch_size)
             self.engine = "materialised"
         else:
-            if loader is None:
-                raise TypeError("ParameterSDE needs training data (loader) or a gradient_fn")
-            self.data = DataSource(loader, max_cached=max_cached, seed=seed)
-            M = noise_batch_size if noise_batch_size is not None else self.data.batch_size
-            if M is None:
-                raise TypeError("pass noise_batch_size (M): the training data has no batch size")
-            if sampling == "reshuffle":
-                if grad_source == "batch":
-                    raise ValueError("sampling='reshuffle' computes the drift on the whole training set, in the pass "
-                                     "that gives the noise: grad_source must be 'full' or 'auto'")
-                if not self.data.sized or self.data.full() is None:
-                    raise ValueError(f"sampling='reshuffle' needs a map-style training set small enough to "
-                                     f"materialise (at most max_cached = {max_cached} samples)")
-                grad_source = "full"
-                if not 2 <= int(M) <= len(self.data):
-                    raise ValueError(f"sampling='reshuffle' needs 2 <= M <= N, got M = {M}, N = {len(self.data)}")
-            self.gradient_fn = ModelGradients(
-                model, self.layout, self.data, loss_fn=loss_fn, noise_batch_size=M, grad_source=grad_source,
-                full_max=full_max, grad_batch_size=grad_batch_size, shared_noise_batch=shared_noise_batch,
-                traj_chunk=traj_chunk, data_chunk=data_chunk,
-            )
-            self.M = int(M)
-            tied = [layer for layer in self.layers if layer.uses != 1 or layer.aliases]
-            # the iid factored noise runs each tracked module's own forward: rules that apply .weight in it
-            # (the reshuffled pass differentiates the whole model and needs no rule)
-            other = [] if sampling == "reshuffle" else \
-                [layer for layer in self.layers if not layer.rule.sde_factored or layer.attr != "weight"]
-            self.engine = ("materialised" if tied or other else "factored") if engine == "auto" else engine
-            if self.engine == "factored" and tied:
-                t = tied[0]
-                raise ValueError(
-                    f"layer {t.name!r} applies its weight {t.uses} times (modules {(t.name, *t.aliases)}): the factored "
-                    "noise needs each weight used by one call of one module; use engine='materialised' (or 'auto')"
-                )
-            if self.engine == "factored" and other:
-                t = other[0]
-                raise ValueError(
-                    f"layer {t.name!r} ({t.kind}, rule {t.rule.name!r}) is not applied as its module's .weight by the "
-                    "module's own forward, which the factored noise needs; use engine='materialised' (or 'auto')"
-                )
-            if self.engine == "factored" and sampling == "reshuffle":
-                self.reshuffle = ReshufflePass(model, self.gradient_fn.loss_fn)
-            elif self.engine == "factored":
-                self.factored = FactoredNoise(model, self.layout, self.layers, self.gradient_fn.loss_fn)
-                try:  # the samples on axis 0 of every tracked module, or the materialised engine
-                    ref = next(p for p in model.parameters() if p.requires_grad)
-                    self.factored.check_layout(self.data.example(device=ref.device, dtype=ref.dtype)[0])
-                except EngineError:
-                    if engine != "auto":
-                        raise
-                    self.engine, self.factored = "materialised", None
+            est = model_estimator(model, self.layout, self.layers, loader, sampling=sampling, engine=engine,
+                                  loss_fn=loss_fn, M=noise_batch_size, grad_source=grad_source, full_max=full_max,
+                                  grad_batch_size=grad_batch_size, shared_noise_batch=shared_noise_batch,
+                                  seed=seed, traj_chunk=traj_chunk, data_chunk=data_chunk, max_cached=max_cached)
+            self.data, self.gradient_fn, self.M, self.engine = est.data, est.gradient_fn, est.M, est.engine
+            self.factored, self.reshuffle = est.factored, est.reshuffle
             if self.gradient_fn.grad_source == "batch" and compensate_drift_noise:
                 self.noise_scale = self._drift_noise_compensation(self.gradient_fn.grad_batch_size)
-        if self.M < 2:
-            raise ValueError(f"the noise mini-batch needs M >= 2 samples (Prop 5 divides by M − 1), got {self.M}")
-        self._cache: Optional[_Coefficients] = None
-        self._chunks: Dict[tuple, tuple] = {}
+        check_sde_noise_batch(self.M)
+        self._cache: Optional[Evaluation] = None
         self.n_evaluations = 0
 
     def _drift_noise_compensation(self, B: int) -> float:
         """s = √(1 − (dt/η)(M/B)): the diffusion factor that keeps Def 4's step covariance."""
-        excess = self.dt / self.lr * self.M / B
-        if excess >= 1.0:
-            raise ValueError(
-                f"grad_source='batch' with grad_batch_size B = {B} and noise_batch_size M = {self.M}: the drift "
-                f"estimate alone adds (dt/η)·M/B = {excess:.3g} ≥ 1 times the step covariance of SGD, which no "
-                f"diffusion can compensate; use B > {math.floor(self.M * self.dt / self.lr)}, grad_source='full', "
-                "or compensate_drift_noise=False"
-            )
-        return math.sqrt(1.0 - excess)
+        return math.sqrt(1.0 - check_drift_noise(self.dt, self.lr, self.M, B))
 
     # -- sizes --------------------------------------------------------------------------
     @property
@@ -331,8 +236,8 @@ class ParameterSDE(nn.Module):
 
     @property
     def state_size(self) -> int:
-        """Width of the state vector."""
-        return self.layout.size
+        """Width of the state vector: P, and the extra rows' width."""
+        return self.layout.size + (0 if self.extra_rows is None else self.extra_rows.width)
 
     @property
     def noise_width(self) -> int:
@@ -384,9 +289,12 @@ class ParameterSDE(nn.Module):
 
     # -- state -------------------------------------------------------------------------
     def initial_state(self, n: int, dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
-        """n copies of the model's current parameters, shape (n, state_size)."""
+        """n copies of the model's current parameters (and the extra rows' start), shape (n, state_size)."""
         theta = self.layout.flatten_model(self.model)
         theta = theta.to(dtype=dtype or theta.dtype, device=device or theta.device)
+        if self.extra_rows is not None:
+            theta = theta.unsqueeze(0)
+            return torch.cat([theta, self.extra_rows.initial_state(self, theta)], 1).repeat(int(n), 1)
         return theta.unsqueeze(0).repeat(int(n), 1)
 
     def params(self, ys: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -421,67 +329,49 @@ class ParameterSDE(nn.Module):
         """The Lipschitz bound K(t) of states ys; for the parameter SDE, :meth:`direct_lipschitz`."""
         return self.direct_lipschitz(ys)
 
-    # -- chunks --------------------------------------------------------------------------
-    def _chunk_sizes(self, ref: torch.Tensor) -> tuple:
-        """(trajectories per noise pass, per expected-gradient call, samples per expected-gradient call).
+    def chunk_sizes(self, ref: torch.Tensor) -> tuple:
+        """(trajectories per noise pass, per expected-gradient call, samples per call): :meth:`ChunkPlan.sizes`."""
+        return self.chunks.sizes(self, ref)
 
-        ``traj_chunk`` fixes the trajectories; otherwise the budget (``chunk_bytes``) is
-        divided by an estimate of one trajectory's working memory: its parameters and
-        gradients, and the activations of M noise samples (of one data chunk for the
-        expected gradient, whose samples per call are also cut to fit the budget).
+    # -- the evaluation ------------------------------------------------------------------
+    def evaluate(self, t, y: torch.Tensor, v: Optional[torch.Tensor] = None):
+        """Def 4's coefficients at (t, y), cached: what ``f``, ``g_prod`` and ``f_and_g_prod`` share.
+
+        A new state (another tensor, or one changed in place) or time is a fresh
+        evaluation: a new noise mini-batch (and expected-gradient batches), then the
+        extra rows' coefficients from the same noise pass (:attr:`extra_rows`).
+
+        Args:
+            t: the time.
+            y: the states (n, state_size); the θ part is ``y[:, :P]``.
+            v: Brownian increments (n, brownian_size), or None.
+
+        Returns:
+            (the :class:`Evaluation`, the θ part of G·v (n, P) or None without v).
         """
-        x1, _ = self.data.example(device=ref.device, dtype=ref.dtype)
-        key = (tuple(x1.shape[1:]), ref.dtype, str(ref.device))
-        sizes = self._chunks.get(key)
-        if sizes is None:
-            budget = self.chunk_bytes
-            if budget is None:
-                budget = CHUNK_BYTES
-                if ref.device.type == "cuda":
-                    budget = torch.cuda.mem_get_info(ref.device)[0] // 4
-            src = self.gradient_fn
-            theta = self.layout.flatten_model(self.model).to(device=ref.device, dtype=ref.dtype)
-            act = activation_numel(self.model, self.layout.unflatten(theta), src.consts(ref), x1)
-            item = ref.element_size()
-            P, M = self.n_params, self.M
-            N = src.grad_batch_size if src.grad_source == "batch" else len(self.data)
-            rows = max(1, min(N, src.data_chunk, budget // (3 * act * item)))
-            per_noise = item * (3 * M * act + 4 * P + (3 * M * P if self.engine == "materialised" else 0))
-            per_drift = item * (3 * rows * act + 3 * P)
-            chunks = [int(max(1, budget // per)) for per in (per_noise, per_drift)]
-            if ref.device.type == "cpu":  # batching trajectories gains nothing once the matrices are this tall
-                chunks = [max(1, min(c, CPU_ROWS_PER_CALL // r)) for c, r in zip(chunks, (M, rows))]
-            sizes = (*chunks, int(rows))
-            self._chunks[key] = sizes
-        if self.traj_chunk is not None:
-            return self.traj_chunk, self.traj_chunk, sizes[2]
-        return sizes
-
-    # -- coefficients --------------------------------------------------------------------
-    def _coefficients(self, t, y: torch.Tensor, v: Optional[torch.Tensor] = None):
-        """The cached evaluation at (t, y), and with v the diffusion increment G·v (θ part, (n, P))."""
         c = self._cache
         tf = float(t)
-        if c is not None and c.y is y and c.version == y._version and c.t == tf:
-            return c, (None if v is None else self._increments(c, v))
-        c, inc = self._evaluate(tf, y, v)
-        self._cache = c
-        return c, inc
-
-    def _evaluate(self, t: float, y: torch.Tensor, v: Optional[torch.Tensor]):
-        """Evaluate the coefficients at (t, y); returns (coefficients, increments G·v or None)."""
+        if c is not None and c.holds(tf, y):
+            return c, (None if v is None else self.noise_pass(c, v))
         if self.sampling == "reshuffle" and v is not None:  # drift and increments share the pass over the data
             self.n_evaluations += 1
             theta = y[:, : self.n_params].detach()
-            return self._draw_reshuffle(float(t), y, theta, self.layout.unflatten(theta), theta.shape[0], v)
-        c = self._draw(t, y)
-        return c, (None if v is None else self._increments(c, v))
+            c, inc = self._draw_reshuffle(tf, y, theta, self.layout.unflatten(theta), theta.shape[0], v)
+        else:
+            c = self.draw(tf, y)
+            rows = self.extra_rows
+            observer = None if rows is None else rows.observer(self, c)
+            inc = None if v is None and observer is None else self.noise_pass(c, v, observer)
+            if rows is not None:
+                c.extra = rows.evaluate(self, c, observer)
+        self._cache = c
+        return c, inc
 
-    def _draw(self, t: float, y: torch.Tensor) -> _Coefficients:
-        """The drift of the θ part and the noise mini-batch at (t, y) (materialised: the noise rows too).
+    def draw(self, t: float, y: torch.Tensor) -> Evaluation:
+        """A fresh evaluation at (t, y), never cached: the θ drift and the noise mini-batch (materialised: its rows).
 
         Both engines draw the same data in the same order: the expected-gradient batches
-        (``grad_source="batch"``), then the noise mini-batches.
+        (``grad_source="batch"``), then the noise mini-batches. :meth:`evaluate` calls it.
         """
         self.n_evaluations += 1
         theta = y[:, : self.n_params].detach()
@@ -489,39 +379,35 @@ class ParameterSDE(nn.Module):
         n = theta.shape[0]
         if self.data is None:  # a user's gradient_fn
             est = self.gradient_fn(params)
-            return _Coefficients(t, y, self._drift(theta, est.grad), noise=self._noise_rows(n, est), params=params,
-                                 grad=est.grad)
-        noise_chunk, drift_chunk, data_chunk = self._chunk_sizes(theta)
+            return Evaluation(t, y, self._drift(theta, est.grad), params, est.grad, noise=centred_rows(self, n, est))
+        noise_chunk, drift_chunk, data_chunk = self.chunk_sizes(theta)
         src = self.gradient_fn
         if self.sampling == "reshuffle":
             return self._draw_reshuffle(t, y, theta, params, n)
         grads = src.expected_gradient(params, traj_chunk=drift_chunk, data_chunk=data_chunk)
-        c = _Coefficients(t, y, self._drift(theta, grads), batch=src.noise_batch(n, theta), params=params, grad=grads)
+        c = Evaluation(t, y, self._drift(theta, grads), params, grads, batch=src.noise_batch(n, theta))
         if self.engine == "materialised":
             per = src.per_sample_gradients(params, c.batch, traj_chunk=noise_chunk)
-            c.noise = self._noise_rows(n, GradientEstimate(grad=grads, per_sample=per))
+            c.noise = centred_rows(self, n, GradientEstimate(grad=grads, per_sample=per))
         return c
 
     def _draw_reshuffle(self, t, y, theta, params, n, v: Optional[torch.Tensor] = None):
         """Reshuffled sampling: the full-set drift (and with v the increments) from one pass over the data."""
+        if self.extra_rows is not None:
+            raise NotImplementedError("extra state rows need the iid noise mini-batch, not sampling='reshuffle'")
         src = self.gradient_fn
         X, Y = self.data.full(device=theta.device, dtype=theta.dtype)
         if self.engine == "materialised":
             grads = src.expected_gradient(params)
-            c = _Coefficients(t, y, self._drift(theta, grads), params=params, grad=grads)
-            self._dense_rows(c)
-            return c if v is None else (c, self._g_prod_rows(c, v))
-        _, drift_chunk, rows = self._chunk_sizes(theta)
-        weights = None if v is None else self._reshuffle_weights(v, theta.dtype)
+            c = Evaluation(t, y, self._drift(theta, grads), params, grads)
+            self.noise_rows(c)
+            return c if v is None else (c, rows_times(self, c.noise, v))
+        _, drift_chunk, rows = self.chunk_sizes(theta)
+        weights = None if v is None else reshuffle_weights(self, v, theta.dtype)
         grads, inc = self.reshuffle(params, src.consts(theta), X, Y, weights=weights, drift=True,
                                     traj_chunk=drift_chunk, rows=rows)
-        c = _Coefficients(t, y, self._drift(theta, grads), params=params, grad=grads)
+        c = Evaluation(t, y, self._drift(theta, grads), params, grads)
         return c if v is None else (c, self.layout.flatten(inc))
-
-    def _reshuffle_weights(self, v: torch.Tensor, dtype) -> torch.Tensor:
-        """c_i − c̄ with c_i = √η v_i/√(M(N − 1)): the increment √η G v = Σ_i (c_i − c̄) g_i, (n, N)."""
-        w = v.to(dtype) * self._noise_scale()
-        return w - w.mean(-1, keepdim=True)
 
     def _drift(self, theta: torch.Tensor, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Def 4's drift −∇L(θ) − λ_wd θ of the θ part, (n, P)."""
@@ -530,7 +416,7 @@ class ParameterSDE(nn.Module):
             grad = grad.expand(theta.shape[0], -1)
         return -grad if not self.weight_decay else -(grad + self.weight_decay * theta)
 
-    def _noise_scale(self) -> float:
+    def column_scale(self) -> float:
         """√η s/√(M(M−1)): the factor of (g_i − ḡ) in G's columns (s the drift-noise compensation).
 
         With reshuffled sampling √η/√(M(N − 1)), the columns running over all N samples.
@@ -540,155 +426,85 @@ class ParameterSDE(nn.Module):
             return self.noise_scale * (self.lr / (M * (len(self.data) - 1))) ** 0.5
         return self.noise_scale * (self.lr / (M * (M - 1))) ** 0.5
 
-    def _noise_rows(self, n: int, est: GradientEstimate) -> list:
-        """Per parameter, √η s (g_i − ḡ)/√(M(M−1)) as (n, M, numel): the columns of G (N columns reshuffled)."""
-        M = self.noise_width
-        scale = self._noise_scale()
-        rows = []
-        for spec in self.layout.specs:
-            G = est.per_sample[spec.name]
-            G = G.reshape(G.shape[0], G.shape[1], -1)  # (n or 1, M, numel)
-            if G.shape[1] != M:
-                raise ValueError(f"gradient_fn returned {G.shape[1]} per-sample gradients, expected {M}")
-            E = G - G.mean(1, keepdim=True)
-            rows.append(E.mul_(scale).expand(n, -1, -1))
-        return rows
+    def noise_pass(self, ev: Evaluation, v: Optional[torch.Tensor] = None,
+                   observer: Optional[NoiseObserver] = None) -> Optional[torch.Tensor]:
+        """The noise pass of an evaluation: the θ part of G·v (n, P), or None without v.
 
-    def _block_weights(self, v: torch.Tensor, dtype) -> Dict[int, torch.Tensor]:
-        """Per noise block b, the weights c_i − c̄ of the increment Σ_i (c_i − c̄) g_i, (n, M)."""
-        M = self.M
-        w = v.to(dtype).reshape(v.shape[0], -1, M) * self._noise_scale()
-        w = w - w.mean(-1, keepdim=True)
-        if self.noise_coupling == "shared":  # one Brownian block drives every noise block
-            return {b: w[:, 0] for b in range(len(self.layout.blocks))}
-        return {b: w[:, b] for b in range(w.shape[1])}
-
-    def _increments(self, c: _Coefficients, v: torch.Tensor) -> torch.Tensor:
-        """The θ part of G·v, (n, P)."""
-        if c.noise is not None:
-            return self._g_prod_rows(c, v)
+        Materialised (``ev.noise`` set): the product with the rows, which ``observer.rows``
+        sees. Factored: one weighted backward per trajectory over chunks of
+        trajectories; ``observer.chunk`` sees every chunk's layer inputs and per-sample
+        output gradients (captured only with an observer). Reshuffled: the weighted pass
+        over the training set (no observer).
+        """
+        if ev.noise is not None:
+            if observer is not None:
+                observer.rows(ev.noise)
+            return None if v is None else rows_times(self, ev.noise, v)
         if self.sampling == "reshuffle":
-            theta = c.y[:, : self.n_params].detach()
+            theta = ev.y[:, : self.n_params].detach()
             X, Y = self.data.full(device=theta.device, dtype=theta.dtype)
-            _, drift_chunk, rows = self._chunk_sizes(theta)
-            _, inc = self.reshuffle(c.params, self.gradient_fn.consts(theta), X, Y,
-                                    weights=self._reshuffle_weights(v, theta.dtype), drift=False,
+            _, drift_chunk, rows = self.chunk_sizes(theta)
+            _, inc = self.reshuffle(ev.params, self.gradient_fn.consts(theta), X, Y,
+                                    weights=reshuffle_weights(self, v, theta.dtype), drift=False,
                                     traj_chunk=drift_chunk, rows=rows)
             return self.layout.flatten(inc)
-        return self._factored_pass(c, v, capture=False)[1]
+        return factored_increments(self, ev, v, observer)
 
-    def _factored_pass(self, c: _Coefficients, v: Optional[torch.Tensor], capture: bool, on_chunk=None):
-        """Run the factored noise pass over chunks of trajectories.
+    def noise_rows(self, ev: Evaluation) -> list:
+        """The columns of G as rows per parameter (n, M, numel) (N columns reshuffled).
 
-        Returns (the number of trajectories, the θ increments (n, P) or None); ``on_chunk``
-        receives (slice, inputs, deltas) of every chunk when ``capture`` is set.
+        A factored evaluation gets them here, from per-sample gradients of its batch, once
+        (:class:`DenseDiffusion`, tests).
         """
-        params, (X, Y) = c.params, c.batch
-        ref = next(iter(params.values()))
-        n = ref.shape[0]
-        shared = self.gradient_fn.shared_noise_batch
-        consts = self.gradient_fn.consts(ref)
-        weights = None if v is None else self._block_weights(v, ref.dtype)
-        chunk = self._chunk_sizes(ref)[0]
-        inc = None if v is None else ref.new_empty(n, self.n_params)
-        for s in range(0, n, chunk):
-            sl = slice(s, min(n, s + chunk))
-            p = {k: t[sl] for k, t in params.items()}
-            xb, yb = (X, Y) if shared else (X[sl], Y[sl])
-            w = None if weights is None else {b: t[sl] for b, t in weights.items()}
-            xs, deltas, g = self.factored(p, consts, xb, yb, weights=w, capture=capture, shared_batch=shared)
-            if inc is not None:
-                inc[sl] = self.layout.flatten(g)
-            if on_chunk is not None:
-                on_chunk(sl, xs, deltas)
-        return n, inc
-
-    def _dense_rows(self, c: _Coefficients) -> list:
-        """The noise rows of a factored evaluation, from per-sample gradients of its batch (tests)."""
-        if c.noise is None:
-            n = c.y.shape[0]
-            batch = c.batch
+        if ev.noise is None:
+            n = ev.y.shape[0]
+            batch = ev.batch
             if self.sampling == "reshuffle":  # the columns of G run over the whole training set
-                X, Y = self.data.full(device=c.y.device, dtype=c.y.dtype)
+                X, Y = self.data.full(device=ev.y.device, dtype=ev.y.dtype)
                 batch = (X.expand(n, *X.shape), Y.expand(n, *Y.shape))
-            per = self.gradient_fn.per_sample_gradients(c.params, batch, traj_chunk=self._chunk_sizes(c.y)[0])
-            c.noise = self._noise_rows(n, GradientEstimate(grad={}, per_sample=per))
-        return c.noise
+            per = self.gradient_fn.per_sample_gradients(ev.params, batch, traj_chunk=self.chunk_sizes(ev.y)[0])
+            ev.noise = centred_rows(self, n, GradientEstimate(grad={}, per_sample=per))
+        return ev.noise
 
+    # -- torchsde ------------------------------------------------------------------------
     def f(self, t, y: torch.Tensor) -> torch.Tensor:
-        """Drift: −∇L(θ) (− λ_wd θ) for the θ part (Def 4)."""
-        return self._full_drift(self._coefficients(t, y)[0], y)
+        """Drift: −∇L(θ) (− λ_wd θ) for the θ part (Def 4), then the extra rows' drift."""
+        return self._state_drift(self.evaluate(t, y)[0], y)
 
-    def _full_drift(self, c: _Coefficients, y) -> torch.Tensor:
-        extra = y.shape[1] - self.n_params
-        if extra and c.drift.shape[1] != y.shape[1]:
-            c.drift = torch.cat([c.drift, c.drift.new_zeros(c.drift.shape[0], extra)], 1)
-        return c.drift
+    def _state_drift(self, ev: Evaluation, y) -> torch.Tensor:
+        if ev.state_drift is None:
+            drift = ev.drift
+            if ev.extra is not None:
+                drift = torch.cat([drift.to(y.dtype), ev.extra.drift], 1)
+            if drift.shape[1] != y.shape[1]:  # a wider state: no drift beyond the system's rows
+                drift = torch.cat([drift, drift.new_zeros(drift.shape[0], y.shape[1] - drift.shape[1])], 1)
+            ev.state_drift = drift
+        return ev.state_drift
 
     def g_prod(self, t, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Diffusion times v: per block, √η s Ωᵀ v_block/√M, without the dense matrix."""
-        c, inc = self._coefficients(t, y, v)
-        return self._g_prod(c, y, v, inc)
+        """Diffusion times v: per block, √η s Ωᵀ v_block/√M, without the dense matrix; then the extra rows."""
+        ev, inc = self.evaluate(t, y, v)
+        return self._state_increment(ev, y, v, inc)
 
     def f_and_g_prod(self, t, y: torch.Tensor, v: torch.Tensor):
         """(f, g·v) from one evaluation; this is what torchsde's Euler step calls."""
-        c, inc = self._coefficients(t, y, v)
-        return self._full_drift(c, y), self._g_prod(c, y, v, inc)
+        ev, inc = self.evaluate(t, y, v)
+        return self._state_drift(ev, y), self._state_increment(ev, y, v, inc)
 
-    def _g_prod(self, c: _Coefficients, y, v, inc):
+    def _state_increment(self, ev: Evaluation, y, v, inc):
         out = y.new_zeros(y.shape[0], y.shape[1])
-        out[:, : self.n_params] = inc
+        P = self.n_params
+        out[:, :P] = inc
+        if self.extra_rows is not None:
+            self.extra_rows.g_prod(self, ev.extra, v, out[:, P : P + self.extra_rows.width])
         return out
 
-    def _g_prod_rows(self, c: _Coefficients, v) -> torch.Tensor:
-        out = c.noise[0].new_zeros(v.shape[0], self.n_params)
-        for spec, E in zip(self.layout.specs, c.noise):
-            vb = v[:, self.brownian_slice(spec.block)].to(E.dtype)
-            out[:, spec.start : spec.stop] = torch.bmm(vb.unsqueeze(1), E).squeeze(1)
-        return out
-
-    # -- the dense diffusion (tests and small models) ------------------------------------
     @property
     def has_dense_diffusion(self) -> bool:
-        """Whether :meth:`g` is offered (see ``dense_diffusion``)."""
+        """Whether :class:`~sdelip.sde.DenseDiffusion` builds the dense matrix (see ``dense_diffusion``)."""
         if self.dense_diffusion is not None:
             return bool(self.dense_diffusion)
         return self.state_size * self.brownian_size <= DENSE_DIFFUSION_MAX
-
-    @property
-    def g(self):
-        """Dense diffusion matrix ``g(t, y)`` of shape (n, state_size, brownian_size).
-
-        Block-diagonal √η s Ωᵀ/√M (and the log K rows of :class:`LipschitzSDE`); memory
-        O(n·state_size·brownian_size) and per-sample gradients: for tests and small
-        models only (``dense_diffusion``). Euler uses :meth:`f_and_g_prod`.
-        """
-        if not self.has_dense_diffusion:
-            raise AttributeError(self._no_dense_message())
-        return self._g
-
-    def __getattr__(self, name):
-        if name == "g":  # hasattr(sde, "g") is False at scale: sdeint then skips it
-            raise AttributeError(self._no_dense_message())
-        return super().__getattr__(name)
-
-    def _no_dense_message(self) -> str:
-        return (
-            f"{type(self).__name__} offers no dense diffusion matrix g here: it would hold state_size × "
-            f"brownian_size = {self.state_size} × {self.brownian_size} numbers per trajectory. Use g_prod / "
-            "f_and_g_prod (what Euler calls), pass bm= to torchsde.sdeint so that it learns the noise size "
-            "from the Brownian motion, or force it with dense_diffusion=True"
-        )
-
-    def _g(self, t, y: torch.Tensor) -> torch.Tensor:
-        c, _ = self._coefficients(t, y)
-        return self._g_dense(c, y)
-
-    def _g_dense(self, c: _Coefficients, y):
-        G = y.new_zeros(y.shape[0], y.shape[1], self.brownian_size)
-        for spec, E in zip(self.layout.specs, self._dense_rows(c)):
-            G[:, spec.start : spec.stop, self.brownian_slice(spec.block)] = E.mT
-        return G
 
     def extra_repr(self) -> str:
         return (
