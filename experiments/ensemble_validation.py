@@ -101,6 +101,7 @@ NAME = "ensemble_validation"
 # -- tasks --------------------------------------------------------------------------------
 
 def _config(s, args, seed, path, sampling="reshuffle"):
+    """The :class:`sdelip.train.TrainConfig` of one run (every step tracked; ``path``: the record, or None)."""
     from sdelip.train import TrainConfig
 
     return TrainConfig(model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download,
@@ -111,6 +112,7 @@ def _config(s, args, seed, path, sampling="reshuffle"):
 
 
 def _args_of(config):
+    """The data and device options of a task's config, as :func:`_config` reads them from the command line."""
     from types import SimpleNamespace
 
     return SimpleNamespace(data_root=config["data_root"], download=config["download"], device=config["device"])
