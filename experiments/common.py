@@ -13,6 +13,16 @@ folders and values, writes the summaries). The runs go through
 :func:`sdelip.sweep.run_sweep` (on Ray with one task per core by default, in this
 process with ``--workers 1``), with record folders in ``<out>/records/``, so a stopped
 sweep resumes where it stopped.
+
+The module is one idea, running an experiment script as a sweep, and holds its parts:
+the command line (:func:`parser`, :func:`add_sweep_arguments`, :func:`pick`), the run
+(:func:`run_experiment`, :func:`run_sweep_for`, :func:`failure_report`, the thread
+settings, :func:`output_dir`), the task that most scripts sweep (:func:`train_task`,
+:func:`task_gpus`) and reading its results back (:func:`record_path`,
+:func:`runtime_note`). It stays one module on purpose: a task's id hashes its function's
+module and name, so moving :func:`train_task` elsewhere would give every cached run of
+fig2–fig7 a new id and rerun it. The tables are :mod:`reporting`'s, the small fits
+:mod:`fits`'s.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import attrs  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import pick, record_path, run_experiment, runtime_note  # noqa: E402
@@ -70,12 +71,36 @@ def prediction_errors(pred) -> dict:
     return out
 
 
-def runs(s: dict) -> list[tuple]:
-    """(dataset, regularizer, lr, steps, label) of every run: each configuration, then the η check."""
-    out = [(d, reg, s["lr"], s["steps"], reg) for d in s["datasets"] for reg in s["configurations"]]
+@attrs.frozen
+class Run:
+    """One training run of the figure.
+
+    Attributes:
+        dataset: the dataset's name.
+        regularizer: the configuration (``"none"``, ``"batchnorm"``, ...).
+        lr: the learning rate η.
+        steps: SGD steps.
+        label: the run's label in the tables (the configuration, or the η check's).
+    """
+
+    dataset: str
+    regularizer: str
+    lr: float
+    steps: int
+    label: str
+
+    @property
+    def name(self) -> str:
+        """The run's task name."""
+        return f"{self.dataset}/{self.label}"
+
+
+def runs(s: dict) -> list[Run]:
+    """Every run: each configuration, then the η check."""
+    out = [Run(d, reg, s["lr"], s["steps"], reg) for d in s["datasets"] for reg in s["configurations"]]
     if s.get("eta_check"):
         c = s["eta_check"]
-        out += [(d, "none", s["lr"] / c, s["steps"] * c, f"none (η/{c}, {c}× steps)") for d in s["datasets"]]
+        out += [Run(d, "none", s["lr"] / c, s["steps"] * c, f"none (η/{c}, {c}× steps)") for d in s["datasets"]]
     return out
 
 
@@ -85,11 +110,12 @@ def tasks(args) -> list:
     from sdelip.sweep import Task
 
     s = pick(args.scale, **SETTINGS)
-    return [Task(name=f"{dataset}/{label}", fn=train_task, config={"train": dict(
-        model=s["model"], dataset=dataset, data_root=args.data_root, download=args.download, lr=lr,
-        batch_size=s["batch_size"], steps=steps, init_seed=0, sampling_seed=0, regularizer=reg, track=True,
+    return [Task(name=run.name, fn=train_task, config={"train": dict(
+        model=s["model"], dataset=run.dataset, data_root=args.data_root, download=args.download, lr=run.lr,
+        batch_size=s["batch_size"], steps=run.steps, init_seed=0, sampling_seed=0, regularizer=run.regularizer,
+        track=True,
         track_every=s["track_every"], split=False, max_train_samples=s["max_train_samples"], device=args.device,
-        eval_test=False)}, gpus=task_gpus(args)) for dataset, reg, lr, steps, label in runs(s)]
+        eval_test=False)}, gpus=task_gpus(args)) for run in runs(s)]
 
 
 def reduce(args, results: dict, out: Path) -> dict:
@@ -100,13 +126,13 @@ def reduce(args, results: dict, out: Path) -> dict:
 
     s = pick(args.scale, **SETTINGS)
     rows, preds, sources = [], {}, {}
-    for dataset, reg, lr, steps, label in runs(s):
-        res = results[f"{dataset}/{label}"]
+    for run in runs(s):
+        res = results[run.name]
         v = res.value
         pred = predict(load_record(record_path(res)))
-        preds[(v["data"], label)] = pred
+        preds[(v["data"], run.label)] = pred
         sources[v["data"]] = v["data_source"]
-        rows.append({"data": v["data"], "regularizer": label, "lr": lr, "steps": steps,
+        rows.append({"data": v["data"], "regularizer": run.label, "lr": run.lr, "steps": run.steps,
                      **prediction_errors(pred),
                      "final_loss": v["final_loss"], "seconds": res.seconds})
 

@@ -32,6 +32,8 @@ import math
 import sys
 from pathlib import Path
 
+import attrs
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -197,10 +199,50 @@ def data_statement(values) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def jobs(cfg: dict) -> list[tuple]:
-    """(noise, ρ, seed, tracked) of every run; ρ = 1 is one noise-free run shared by the noise kinds."""
+@attrs.frozen
+class Job:
+    """One run of the sweep.
+
+    Attributes:
+        noise: the noise kind, ``"none"`` for the noise-free run (ρ = 1).
+        rho: the gradient's weight ρ.
+        seed: the initialisation and sampling seed.
+        tracked: whether the tracker records the run.
+    """
+
+    noise: str
+    rho: float
+    seed: int
+    tracked: bool
+
+    @property
+    def name(self) -> str:
+        """The run's task name (:func:`task_name`)."""
+        return task_name(self.noise, self.rho, self.seed)
+
+
+@attrs.frozen
+class SweepRuns:
+    """The finished sweep as the tables read it (:func:`collect`; also fig7's).
+
+    Attributes:
+        cfg: the scale's settings (:func:`settings`).
+        runs: one row per run, in job order (the ``runs`` table).
+        values: every run's task value (:func:`common.train_task`), in job order.
+        tracked: the tracked runs' integrals (:func:`integrals`), keyed by the run's varying
+            settings (``(noise, ρ, seed)`` here, ``(ε, seed)`` in fig7).
+    """
+
+    cfg: dict
+    runs: list
+    values: list
+    tracked: dict
+
+
+def jobs(cfg: dict) -> list[Job]:
+    """Every run; ρ = 1 is one noise-free run shared by the noise kinds."""
     pairs = [("none", 1.0)] + [(noise, rho) for noise in cfg["noises"] for rho in cfg["rhos"] if rho < 1.0]
-    return [(noise, rho, seed, rho in cfg["track_rhos"] and seed in cfg["track_seeds"])
+    return [Job(noise, rho, seed, rho in cfg["track_rhos"] and seed in cfg["track_seeds"])
             for noise, rho in pairs for seed in cfg["seeds"]]
 
 
@@ -212,23 +254,24 @@ def task_name(noise: str, rho: float, seed: int) -> str:
 def tasks(args) -> list:
     """One MLP run per (noise, ρ, seed)."""
     cfg = settings(args.scale)
-    return [run_task(cfg, {"noisy_gradient_rho": rho, "noisy_gradient_noise": noise if noise != "none" else "zero"},
-                     seed, track, args, task_name(noise, rho, seed))
-            for noise, rho, seed, track in jobs(cfg)]
+    return [run_task(cfg, {"noisy_gradient_rho": job.rho,
+                           "noisy_gradient_noise": job.noise if job.noise != "none" else "zero"},
+                     job.seed, job.tracked, args, job.name)
+            for job in jobs(cfg)]
 
 
-def collect(args, results: dict) -> dict:
+def collect(args, results: dict) -> SweepRuns:
     """The per-run rows and the tracked integrals of the finished sweep."""
     cfg = settings(args.scale)
     runs, values, tracked = [], [], {}
-    for noise, rho, seed, track in jobs(cfg):
-        res = results[task_name(noise, rho, seed)]
+    for job in jobs(cfg):
+        res = results[job.name]
         values.append(res.value)
-        row, ints = run_row(res, track, cfg["steps"] * cfg["lr"])
+        row, ints = run_row(res, job.tracked, cfg["steps"] * cfg["lr"])
         if ints is not None:
-            tracked[(noise, rho, seed)] = ints
-        runs.append({"noise": noise, "rho": rho, "seed": seed, **row})
-    return {"cfg": cfg, "runs": runs, "results": values, "tracked": tracked}
+            tracked[(job.noise, job.rho, job.seed)] = ints
+        runs.append({"noise": job.noise, "rho": job.rho, "seed": job.seed, **row})
+    return SweepRuns(cfg=cfg, runs=runs, values=values, tracked=tracked)
 
 
 def random_walk_K(model, cfg: dict, noise: str) -> float:
@@ -253,9 +296,9 @@ def mlp(value: dict):
     return MLP(value["model_sizes"])
 
 
-def summarise(sweep: dict) -> tuple[list[dict], list[dict]]:
+def summarise(sweep: SweepRuns) -> tuple[list[dict], list[dict]]:
     """Per-(noise, ρ) summary rows with the Eq. 26 prediction, and per-noise monotonicity rows."""
-    cfg, runs = sweep["cfg"], sweep["runs"]
+    cfg, runs = sweep.cfg, sweep.runs
     clean = [r for r in runs if r["noise"] == "none"]
     base = [r for r in clean if r["tracked"]]
     I_mu, I_kappa, I_mu_cal = None, None, None
@@ -294,7 +337,7 @@ def summarise(sweep: dict) -> tuple[list[dict], list[dict]]:
         violations = sum(1 for a, b in zip(K, K[1:]) if b < a)
         m = {"noise": noise, "spearman_rho_vs_K_end": rho_s, "adjacent_decreases": violations,
              "K_end_at_rho0": K[0], "K_end_at_rho1": K[-1], "verdict": verdict(rho_s)}
-        m["K_rho0_random_walk"] = random_walk_K(mlp(sweep["results"][0]), cfg, noise)
+        m["K_rho0_random_walk"] = random_walk_K(mlp(sweep.values[0]), cfg, noise)
         if I_mu is not None:  # RMS error of log K_end against Eq. 26
             for key in ("eq26", "eq26_cal"):
                 m[f"rms_log_{key}"] = math.sqrt(sum((math.log(r["K_end"]) - math.log(r[f"K_pred_{key}"])) ** 2
@@ -303,7 +346,7 @@ def summarise(sweep: dict) -> tuple[list[dict], list[dict]]:
     return rows, mono
 
 
-def plot(rows, sweep, out: Path) -> list[Path]:
+def plot(rows, sweep: SweepRuns, out: Path) -> list[Path]:
     """K_end against ρ per noise kind (with Eq. 26), tracked integrals, and tracked K(t)."""
     import matplotlib
 
@@ -312,7 +355,7 @@ def plot(rows, sweep, out: Path) -> list[Path]:
 
     from sdelip.plotting import save_figure
 
-    cfg = sweep["cfg"]
+    cfg = sweep.cfg
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     for k, noise in enumerate(cfg["noises"]):
@@ -332,10 +375,10 @@ def plot(rows, sweep, out: Path) -> list[Path]:
     ax.legend(fontsize=8)
 
     ax = axes[1]
-    base = [v for k, v in sweep["tracked"].items() if k[0] == "none"]
+    base = [v for k, v in sweep.tracked.items() if k[0] == "none"]
     drew = False
     for k, noise in enumerate(cfg["noises"]):
-        pts = sorted(((key[1], v) for key, v in sweep["tracked"].items() if key[0] in (noise, "none")),
+        pts = sorted(((key[1], v) for key, v in sweep.tracked.items() if key[0] in (noise, "none")),
                      key=lambda kv: kv[0])
         if not pts:
             continue
@@ -360,7 +403,7 @@ def plot(rows, sweep, out: Path) -> list[Path]:
 
     ax = axes[2]
     for k, noise in enumerate(("none",) + tuple(cfg["noises"])):
-        for (n, rho, seed), v in sorted(sweep["tracked"].items()):
+        for (n, rho, seed), v in sorted(sweep.tracked.items()):
             if n == noise:
                 ax.plot(v["t"], v["K"], color=f"C{k - 1}" if noise != "none" else "k",
                         ls="-" if rho == 0 else "--", lw=1.2, label=f"{noise} ρ={rho:g}")
@@ -377,13 +420,13 @@ def reduce(args, results: dict, out: Path) -> dict:
     """The summary, monotonicity and run tables, the figure and ``summary.json`` from the finished runs."""
     sweep = collect(args, results)
     seconds = sum(r.seconds for r in results.values())
-    cfg = sweep["cfg"]
+    cfg = sweep.cfg
     rows, mono = summarise(sweep)
     notes = [
-        f"Scale: {args.scale}; MLP {tuple(sweep['results'][0]['model_sizes'])}, plain SGD, η = {cfg['lr']:g}, "
+        f"Scale: {args.scale}; MLP {tuple(sweep.values[0]['model_sizes'])}, plain SGD, η = {cfg['lr']:g}, "
         f"M = {cfg['batch_size']}, {cfg['steps']} steps, seeds {cfg['seeds']} (init seed = sampling seed); "
         f"{seconds:.0f} s of runs in all.",
-        data_statement(sweep["results"]),
+        data_statement(sweep.values),
         "ρ = 1 is one run (no noise) shared by the three noise kinds. K = Π σ1 of the three weight matrices.",
         "Tracked runs (ρ ∈ %s, seeds %s, every %d steps): ∫μ_Z and ∫κ_Z are left Riemann sums over the record; "
         "∫κ_Z includes the injected-noise variance (1−ρ)·Var(n)."
@@ -401,12 +444,12 @@ def reduce(args, results: dict, out: Path) -> dict:
                      + (f"; Eq. 26 rms error of log K_end: {m['rms_log_eq26']:.3f} (calibrated "
                         f"{m['rms_log_eq26_cal']:.3f})" if "rms_log_eq26" in m else "")
                      + f"; pure-noise random-walk K at ρ = 0 (Sec 8.2 formula): {m['K_rho0_random_walk']:.4g}.")
-    reporting.write_table(sweep["runs"], out, stem="runs", title="Fig 6: every run")
+    reporting.write_table(sweep.runs, out, stem="runs", title="Fig 6: every run")
     reporting.write_table(mono, out, stem="monotonicity", title="Fig 6: monotonicity of K_end in ρ")
     csv_path, md_path = reporting.write_table(rows, out, stem="summary",
                                            title="Fig 6 / Sec 8.4: K at the end against ρ", notes=notes)
     figs = plot(rows, sweep, out)
-    summary = {"scale": args.scale, "seconds": seconds, "data": data_statement(sweep["results"]),
+    summary = {"scale": args.scale, "seconds": seconds, "data": data_statement(sweep.values),
                "monotonicity": mono, "settings": {k: v for k, v in cfg.items()}}
     reporting.write_json(summary, out / "summary.json")
     print(md_path.read_text())

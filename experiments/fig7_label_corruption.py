@@ -31,6 +31,8 @@ import math
 import sys
 from pathlib import Path
 
+import attrs
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -60,9 +62,29 @@ def settings(scale: str) -> dict:
     }
 
 
-def jobs(cfg: dict) -> list[tuple]:
-    """(ε, seed, tracked) of every run."""
-    return [(eps, seed, eps in cfg["track_epsilons"] and seed in cfg["track_seeds"])
+@attrs.frozen
+class Job:
+    """One run of the sweep.
+
+    Attributes:
+        eps: the fraction ε of corrupted labels.
+        seed: the initialisation and sampling seed.
+        tracked: whether the tracker records the run.
+    """
+
+    eps: float
+    seed: int
+    tracked: bool
+
+    @property
+    def name(self) -> str:
+        """The run's task name (:func:`task_name`)."""
+        return task_name(self.eps, self.seed)
+
+
+def jobs(cfg: dict) -> list[Job]:
+    """Every run, a seed after the other for each ε."""
+    return [Job(eps, seed, eps in cfg["track_epsilons"] and seed in cfg["track_seeds"])
             for eps in cfg["epsilons"] for seed in cfg["seeds"]]
 
 
@@ -74,22 +96,22 @@ def task_name(eps: float, seed: int) -> str:
 def tasks(args) -> list:
     """One MLP run per (ε, seed)."""
     cfg = settings(args.scale)
-    return [fig6.run_task(cfg, {"label_corruption": eps}, seed, track, args, task_name(eps, seed))
-            for eps, seed, track in jobs(cfg)]
+    return [fig6.run_task(cfg, {"label_corruption": job.eps}, job.seed, job.tracked, args, job.name)
+            for job in jobs(cfg)]
 
 
-def collect(args, results: dict) -> dict:
-    """The per-run rows and the tracked integrals of the finished sweep."""
+def collect(args, results: dict) -> fig6.SweepRuns:
+    """The per-run rows and the tracked integrals (keyed by ``(ε, seed)``) of the finished sweep."""
     cfg = settings(args.scale)
     runs, values, tracked = [], [], {}
-    for eps, seed, track in jobs(cfg):
-        res = results[task_name(eps, seed)]
+    for job in jobs(cfg):
+        res = results[job.name]
         values.append(res.value)
-        row, ints = fig6.run_row(res, track, cfg["steps"] * cfg["lr"])
+        row, ints = fig6.run_row(res, job.tracked, cfg["steps"] * cfg["lr"])
         if ints is not None:
-            tracked[(eps, seed)] = ints
-        runs.append({"eps": eps, "seed": seed, **row})
-    return {"cfg": cfg, "runs": runs, "results": values, "tracked": tracked}
+            tracked[(job.eps, job.seed)] = ints
+        runs.append({"eps": job.eps, "seed": job.seed, **row})
+    return fig6.SweepRuns(cfg=cfg, runs=runs, values=values, tracked=tracked)
 
 
 def fit_exponent(eps, log_ratio, clean: float) -> dict:
@@ -111,9 +133,9 @@ def fit_exponent(eps, log_ratio, clean: float) -> dict:
     return {"p": best, "rms_p": rms(best), "rms_p1": rms(1.0), "rms_p2": rms(2.0)}
 
 
-def summarise(sweep: dict) -> tuple[list[dict], dict]:
+def summarise(sweep: fig6.SweepRuns) -> tuple[list[dict], dict]:
     """Per-ε summary rows with the predictions, and the headline numbers."""
-    cfg, runs = sweep["cfg"], sweep["runs"]
+    cfg, runs = sweep.cfg, sweep.runs
     rows = []
     for eps in cfg["epsilons"]:
         sel = [r for r in runs if r["eps"] == eps]
@@ -167,7 +189,7 @@ def summarise(sweep: dict) -> tuple[list[dict], dict]:
     return rows, head
 
 
-def plot(rows, head, sweep, out: Path) -> list[Path]:
+def plot(rows, head, sweep: fig6.SweepRuns, out: Path) -> list[Path]:
     """K_end against ε, and log(K_end/K0) against the (1 − ε)^p predictions."""
     import matplotlib
 
@@ -177,7 +199,7 @@ def plot(rows, head, sweep, out: Path) -> list[Path]:
 
     from sdelip.plotting import save_figure
 
-    cfg = sweep["cfg"]
+    cfg = sweep.cfg
     eps = np.array([r["eps"] for r in rows])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
@@ -208,11 +230,11 @@ def plot(rows, head, sweep, out: Path) -> list[Path]:
     fig6.legend(ax, 7)
 
     ax = axes[2]
-    for k, ((eps_k, seed), v) in enumerate(sorted(sweep["tracked"].items())):
+    for k, ((eps_k, seed), v) in enumerate(sorted(sweep.tracked.items())):
         ax.plot(v["t"], v["K"], color=f"C{k}", label=f"ε={eps_k:g} (seed {seed})")
     ax.set_xlabel("t = step · η")
     ax.set_ylabel("K(t) (tracked runs)")
-    ax.set_title("K(t) of the tracked runs" if sweep["tracked"] else "no tracked runs")
+    ax.set_title("K(t) of the tracked runs" if sweep.tracked else "no tracked runs")
     fig6.legend(ax, 7)
     fig.tight_layout()
     return [Path(save_figure(fig, out / "fig7_label_corruption.png"))]
@@ -222,15 +244,15 @@ def reduce(args, results: dict, out: Path) -> dict:
     """The summary and run tables, the figure and ``summary.json`` from the finished runs."""
     sweep = collect(args, results)
     seconds = sum(r.seconds for r in results.values())
-    cfg = sweep["cfg"]
+    cfg = sweep.cfg
     rows, head = summarise(sweep)
     fit = head["fit"]
     better = "(1−ε)" if fit["rms_p1"] < fit["rms_p2"] else "(1−ε)²"
     notes = [
-        f"Scale: {args.scale}; MLP {tuple(sweep['results'][0]['model_sizes'])}, plain SGD, η = {cfg['lr']:g}, "
+        f"Scale: {args.scale}; MLP {tuple(sweep.values[0]['model_sizes'])}, plain SGD, η = {cfg['lr']:g}, "
         f"M = {cfg['batch_size']}, {cfg['steps']} steps, seeds {cfg['seeds']} (init seed = sampling seed = "
         f"corruption seed); {seconds:.0f} s of runs in all.",
-        fig6.data_statement(sweep["results"]),
+        fig6.data_statement(sweep.values),
         "Each training label is redrawn uniformly over the classes with probability ε (fixed per dataset); "
         "test accuracy is on clean labels.",
         f"Monotonicity: Spearman(ε, K_end) = {head['spearman_eps_vs_K_end']:+.3f} "
@@ -255,12 +277,12 @@ def reduce(args, results: dict, out: Path) -> dict:
                          f"{r['p_kappa']:.2f}, predicted 2).")
     notes.append("Tracked runs (ε ∈ %s, seeds %s, every %d steps): ∫μ_Z and ∫κ_Z are left Riemann sums over the "
                  "record." % (cfg["track_epsilons"], cfg["track_seeds"], cfg["track_every"]))
-    reporting.write_table(sweep["runs"], out, stem="runs", title="Fig 7: every run")
+    reporting.write_table(sweep.runs, out, stem="runs", title="Fig 7: every run")
     csv_path, md_path = reporting.write_table(rows, out, stem="summary",
                                            title="Fig 7 / Sec 8.5: K at the end against label corruption ε",
                                            notes=notes)
     figs = plot(rows, head, sweep, out)
-    summary = {"scale": args.scale, "seconds": seconds, "data": fig6.data_statement(sweep["results"]),
+    summary = {"scale": args.scale, "seconds": seconds, "data": fig6.data_statement(sweep.values),
                "headline": head, "settings": cfg}
     reporting.write_json(summary, out / "summary.json")
     print(md_path.read_text())

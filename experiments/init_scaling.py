@@ -33,6 +33,8 @@ import sys
 from collections import OrderedDict
 from pathlib import Path
 
+import attrs
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -204,8 +206,23 @@ def tasks(args) -> list:
             for model_name, spec in cfg["models"].items() for scheme, std in schemes(cfg)]
 
 
-def collect(scale: str, results: dict) -> tuple[list[dict], list[dict], dict]:
-    """Every (model, scheme, seed) from the finished tasks; returns (network rows, layer rows, settings)."""
+@attrs.frozen
+class Measurements:
+    """The finished tasks as tables (:func:`collect`).
+
+    Attributes:
+        network: one row per (model, scheme): K(0) observed over the seeds against predicted.
+        layers: one row per (model, scheme, layer): σ1 observed against predicted.
+        cfg: the scale's settings (:func:`settings`).
+    """
+
+    network: list
+    layers: list
+    cfg: dict
+
+
+def collect(scale: str, results: dict) -> Measurements:
+    """Every (model, scheme, seed) from the finished tasks."""
     cfg = settings(scale)
     net_rows, layer_rows = [], []
     for model_name in cfg["models"]:
@@ -233,7 +250,7 @@ def collect(scale: str, results: dict) -> tuple[list[dict], list[dict], dict]:
                     "s": first["s"], "sigma1_pred": first["sigma1_pred"], "sigma1_mean": s_mean, "sigma1_sd": s_sd,
                     "ratio_mean": r_mean, "ratio_sd": r_sd,
                 })
-    return net_rows, layer_rows, cfg
+    return Measurements(network=net_rows, layers=layer_rows, cfg=cfg)
 
 
 def plot(net_rows, layer_rows, out: Path) -> list[Path]:
@@ -284,7 +301,8 @@ def plot(net_rows, layer_rows, out: Path) -> list[Path]:
 
 def reduce(args, results: dict, out: Path) -> dict:
     """The network and per-layer tables, the figure and ``summary.json`` from the finished tasks."""
-    net_rows, layer_rows, cfg = collect(args.scale, results)
+    measured = collect(args.scale, results)
+    net_rows, layer_rows, cfg = measured.network, measured.layers, measured.cfg
     seconds = sum(r.seconds for r in results.values())
     ratios = [r["ratio_mean"] for r in net_rows]
     layer_ratios = [r["ratio_mean"] for r in layer_rows]

@@ -27,6 +27,7 @@ not an upper bound of the network's Lipschitz constant.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import attrs
@@ -37,7 +38,7 @@ from . import rules as _rules
 from .rules import FALLBACK, Claim, LayerRule
 
 __all__ = ["TrackedLayer", "tracked_layers", "weight_inventory", "LeftOut", "NoTrackableLayerError",
-           "UnsupportedLayerError", "UNSUPPORTED"]
+           "UnsupportedLayerError", "UNSUPPORTED", "operator_norms", "product_norm"]
 
 #: What :func:`tracked_layers` does with a weight matrix that no rule names.
 UNSUPPORTED = ("fallback", "error")
@@ -310,3 +311,30 @@ def tracked_layers(model: nn.Module, example_input: Optional[torch.Tensor] = Non
             (e.g. an Embedding with ``scale_grad_by_freq=True``), named.
     """
     return weight_inventory(model, unsupported, example_input)[0]
+
+
+def operator_norms(model: nn.Module, dtype: Optional[torch.dtype] = None) -> list[float]:
+    """σ1 of every tracked layer's weight matrix, in forward order.
+
+    Args:
+        model: any nn.Module with a tracked layer (:func:`tracked_layers`).
+        dtype: the dtype of the SVD (e.g. ``torch.float64``); None: the weight's own.
+
+    Returns:
+        The largest singular value of each layer's :meth:`TrackedLayer.matrix`, once per
+        layer (a tied weight's uses are not repeated; :func:`product_norm` counts them).
+    """
+    with torch.no_grad():
+        return [float(torch.linalg.svdvals(l.matrix() if dtype is None else l.matrix().to(dtype))[0])
+                for l in tracked_layers(model)]
+
+
+def product_norm(model: nn.Module, dtype: Optional[torch.dtype] = None) -> float:
+    """K = Π σ1^c over the tracked layers, c the uses of each weight (Prop 8–9), as the tracker counts it.
+
+    Args:
+        model: any nn.Module with a tracked layer.
+        dtype: the dtype of the SVDs (:func:`operator_norms`); None: the weights' own.
+    """
+    uses = [l.uses for l in tracked_layers(model)]
+    return math.exp(sum(c * math.log(s) for c, s in zip(uses, operator_norms(model, dtype))))

@@ -170,12 +170,10 @@ def _evaluate(model, info: DatasetInfo, device, dtype, batch_size: int = 1000) -
 
 
 def _product_norm(model) -> float:
-    """K = Π σ1^c over the tracked layers, c the uses of each weight (Prop 8–9)."""
-    from .layers import tracked_layers
+    """K = Π σ1^c over the tracked layers, c the uses of each weight (Prop 8–9), in the weights' dtype."""
+    from .layers import product_norm
 
-    with torch.no_grad():
-        return math.exp(sum(l.uses * math.log(float(torch.linalg.svdvals(l.matrix())[0]))
-                            for l in tracked_layers(model)))
+    return product_norm(model)
 
 
 def _run_options(config: TrainConfig) -> dict:

@@ -192,13 +192,13 @@ def test_bootstrap_var_ratio_covers_the_true_ratio():
     covered, widths = 0, []
     for _ in range(40):
         a, b = rng.normal(0, 2, size=(1, 200)), rng.normal(0, 1, size=(1, 200))
-        r, lo, hi = module.bootstrap_var_ratio(a, b, 400, rng)
-        assert lo[0] <= r[0] <= hi[0]
-        covered += lo[0] <= 4.0 <= hi[0]
-        widths.append(hi[0] / lo[0])
+        vr = module.bootstrap_var_ratio(a, b, 400, rng)
+        assert vr.low[0] <= vr.ratio[0] <= vr.high[0]
+        covered += vr.low[0] <= 4.0 <= vr.high[0]
+        widths.append(vr.high[0] / vr.low[0])
     # 95 % nominal (percentile bootstrap of n = 200 runs a little under); 40 draws: Binomial sd ≈ 3.4 %.
     assert covered >= 32, covered
     # With b held fixed the interval is that of Var(a) alone: narrower.
     a, b = rng.normal(0, 2, size=(1, 200)), rng.normal(0, 1, size=(1, 20_000))
-    r, lo, hi = module.bootstrap_var_ratio(a, b, 400, rng, fixed_b=True)
-    assert abs(r[0] - 4.0) < 1.5 and hi[0] / lo[0] < np.median(widths)
+    vr = module.bootstrap_var_ratio(a, b, 400, rng, fixed_b=True)
+    assert abs(vr.ratio[0] - 4.0) < 1.5 and vr.high[0] / vr.low[0] < np.median(widths)
