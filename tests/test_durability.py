@@ -192,7 +192,9 @@ def test_kill_9_then_the_same_command_continues_the_run(tmp_path):
     proc.wait()
     killed_at = _rows(tmp_path / "r.db")
     assert 19 <= killed_at < steps, (killed_at, proc.stderr.read())
-    assert (tmp_path / "r.db.ckpt").exists() and not (tmp_path / "r.db.ckpt.tmp").exists()
+    # the last complete checkpoint is there; a kill inside a write may leave its temporary file, which no
+    # signal handler can remove after SIGKILL: the rerun's first write replaces it (the listing at the end)
+    assert (tmp_path / "r.db.ckpt").exists()
     res = _sdelip(*args)  # the very same command
     assert res.returncode == 0, res.stderr
     assert "resumed at step" in res.stdout
