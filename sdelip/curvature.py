@@ -50,7 +50,7 @@ import attrs
 import torch
 from torch.func import vmap
 
-from .dynamics import LayerTerms, assemble_terms, jacobian_var_dot
+from .dynamics import LayerTerms, assemble_terms, diffusion_sq_from_projections, jacobian_var_dot, optimization_drift
 from .spectral import SpectralDecomposition, decompose
 
 __all__ = ["GramCurvature", "gram_curvature", "fast_layer_terms", "top_eigenpairs", "decompose_layer",
@@ -250,11 +250,11 @@ def fast_layer_terms(
     A, B = (Eu, Ev) if c.transposed else (Ev, Eu)
     cst = 1.0 / (M * (M - 1))
     proj = Ev @ c.u1
-    diffusion_sq = lr / s1**2 * cst * (proj * proj).sum()
+    diffusion_sq = diffusion_sq_from_projections(proj, s1, lr, M)
     noise_curvature = lr / (2 * s1) * cst * c.hessian_quadform_sum(A, B)
     mA, mB = (mean_u, mean_v) if c.transposed else (mean_v, mean_u)
     step_curvature = lr / (2 * s1) * c.hessian_quadform_sum(mA[None], mB[None]) - noise_curvature
-    drift = -(mean_v @ c.u1) / s1 - weight_decay
+    drift = optimization_drift(mean_v @ c.u1, s1, weight_decay)
     trace = []  # hessian_diag_dot returns tr H too: reuse it for the extra noise
 
     def diag_dot():

@@ -41,6 +41,8 @@ __all__ = [
     "NetworkTerms",
     "LipschitzMoments",
     "terms_from_projections",
+    "optimization_drift",
+    "diffusion_sq_from_projections",
     "layer_terms",
     "network_terms",
     "repeated_use_terms",
@@ -132,6 +134,22 @@ class NetworkTerms:
         return self.drift_Z + self.noise_curvature_Z - 0.5 * self.diffusion_sq_Z
 
 
+def optimization_drift(grad_proj, sigma1, weight_decay: float = 0.0):
+    """Thm 14's optimization drift μ = −u1ᵀ∇L v1/σ1 of log σ1, minus λ_wd with an L2 penalty.
+
+    Args:
+        grad_proj: u1ᵀ ∇L v1 (a scalar or one per trajectory).
+        sigma1: σ1, same shape.
+        weight_decay: λ_wd (the penalty's gradient λ_wd W contributes −λ_wd exactly).
+    """
+    return -grad_proj / sigma1 - weight_decay
+
+
+def diffusion_sq_from_projections(proj: torch.Tensor, sigma1, lr: float, M: int):
+    """Thm 14's ‖λ‖² = (η/σ1²) Σ_i (u1ᵀ E_i v1)²/(M(M−1)) from the centred projections proj = u1ᵀ E_i v1 (M,)."""
+    return lr / sigma1**2 * (1.0 / (M * (M - 1))) * (proj * proj).sum()
+
+
 def terms_from_projections(
     d: SpectralDecomposition,
     Gv: torch.Tensor,
@@ -186,12 +204,12 @@ def terms_from_projections(
     Eu = Gtu - mean_u
     c = 1.0 / (M * (M - 1))
     proj = Ev @ u1  # u1ᵀ E_i v1
-    diffusion_sq = lr / s1**2 * c * (proj * proj).sum()
+    diffusion_sq = diffusion_sq_from_projections(proj, s1, lr, M)
     noise_curvature = lr / (2 * s1) * c * hessian_quadform_from_projections(d, Ev, Eu).sum()
     step_curvature = lr / (2 * s1) * hessian_quadform_from_projections(d, mean_v, mean_u) - noise_curvature
     if grad_proj is None:
         grad_proj = mean_v @ u1
-    drift = -grad_proj / s1 - weight_decay
+    drift = optimization_drift(grad_proj, s1, weight_decay)
     diag_h = []  # computed at most once, only if needed
 
     def diag():

@@ -38,6 +38,7 @@ import torch
 
 from .._checks import check_gap, check_lipschitz_sde_options, check_lipschitz_sde_sampling
 from ..curvature import BatchedDecomposition, decompose_batched
+from ..dynamics import optimization_drift
 from ..engines.base import DEFAULT_CHUNK_BYTES
 from ..terms import INTEGRABLE_TERMS, SDE_TERMS
 from .evaluation import Evaluation, ExtraRows, NoiseObserver
@@ -164,7 +165,7 @@ class LogLipschitzRows(ExtraRows):
             m, k = observer.Ws[i].shape[1:]
             gW = ev.grad[wname].to(y.dtype).reshape(-1, m, k).expand(n, m, k)
             grad_proj = torch.einsum("na,nab,nb->n", d.u1, gW, d.v1)
-            mu = -grad_proj / d.sigma1 - sde.weight_decay
+            mu = optimization_drift(grad_proj, d.sigma1, sde.weight_decay)
             kappa, lam2 = d.terms(Gv[i], Gtu[i], sde.lr)
             if self.include_step_curvature or "step_curvature" in self.integrate:
                 sc = self._step_curvature(sde, d, gW, kappa)
