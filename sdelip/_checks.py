@@ -1,8 +1,11 @@
 """Centralised input checking with explicit messages.
 
-Every public entry point validates its arguments here so that errors name the
-offending argument, layer, step and value instead of surfacing as shape errors
-deep inside a matrix product.
+The argument checks of the entry points live here (the Tracker and ``Tracker.backward``'s
+losses, ``TrainConfig``, ``ParameterSDE`` and ``LipschitzSDE``, the spectral and dynamics
+formulas), so that errors name the offending argument, layer, step and value instead of
+surfacing as shape errors deep inside a matrix product. Checks of a module's own data
+rather than of an argument (a record's columns, a coefficient table's shape, a dataset's
+files) raise where that data is read, in the same style.
 """
 
 from __future__ import annotations
