@@ -21,7 +21,8 @@ import torch
 from .evaluation import Evaluation, NoiseObserver
 from .gradients import GradientEstimate
 
-__all__ = ["centred_rows", "block_weights", "reshuffle_weights", "rows_times", "factored_increments"]
+__all__ = ["centred_rows", "block_weights", "reshuffle_weights", "rows_times", "factored_increments",
+           "reshuffled_evaluation", "reshuffled_increments"]
 
 
 def centred_rows(sde, n: int, est: GradientEstimate) -> list:
@@ -91,3 +92,38 @@ def factored_increments(sde, ev: Evaluation, v: Optional[torch.Tensor],
         if observer is not None:
             observer.chunk(sl, xs, deltas)
     return inc
+
+
+def reshuffled_evaluation(sde, t: float, y: torch.Tensor, theta: torch.Tensor, params: Dict[str, torch.Tensor],
+                          n: int, v: Optional[torch.Tensor] = None):
+    """Reshuffled sampling's evaluation: the full-set drift, and with v the increments, from one pass over the data.
+
+    Returns:
+        The :class:`Evaluation`, or (evaluation, θ part of G·v (n, P)) with v.
+    """
+    if sde.extra_rows is not None:
+        raise NotImplementedError("extra state rows need the iid noise mini-batch, not sampling='reshuffle'")
+    src = sde.gradient_fn
+    X, Y = sde.data.full(device=theta.device, dtype=theta.dtype)
+    if sde.engine == "materialised":
+        grads = src.expected_gradient(params)
+        c = Evaluation(t, y, sde.theta_drift(theta, grads), params, grads)
+        sde.noise_rows(c)
+        return c if v is None else (c, rows_times(sde, c.noise, v))
+    _, drift_chunk, rows = sde.chunk_sizes(theta)
+    weights = None if v is None else reshuffle_weights(sde, v, theta.dtype)
+    grads, inc = sde.reshuffle(params, src.consts(theta), X, Y, weights=weights, drift=True,
+                               traj_chunk=drift_chunk, rows=rows)
+    c = Evaluation(t, y, sde.theta_drift(theta, grads), params, grads)
+    return c if v is None else (c, sde.layout.flatten(inc))
+
+
+def reshuffled_increments(sde, ev: Evaluation, v: torch.Tensor) -> torch.Tensor:
+    """The θ part of G·v (n, P) with reshuffled sampling: the weighted pass over the training set."""
+    theta = ev.y[:, : sde.n_params].detach()
+    X, Y = sde.data.full(device=theta.device, dtype=theta.dtype)
+    _, drift_chunk, rows = sde.chunk_sizes(theta)
+    _, inc = sde.reshuffle(ev.params, sde.gradient_fn.consts(theta), X, Y,
+                           weights=reshuffle_weights(sde, v, theta.dtype), drift=False,
+                           traj_chunk=drift_chunk, rows=rows)
+    return sde.layout.flatten(inc)

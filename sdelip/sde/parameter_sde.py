@@ -73,7 +73,7 @@ from .gradients import GradientEstimate
 from .layout import ParamLayout
 from .brownian import GridBrownian
 from .epoch_brownian import EpochBrownian
-from .noise_factor import centred_rows, factored_increments, reshuffle_weights, rows_times
+from .noise_factor import centred_rows, factored_increments, reshuffled_evaluation, reshuffled_increments, rows_times
 
 __all__ = ["ParameterSDE"]
 
@@ -356,7 +356,7 @@ class ParameterSDE(nn.Module):
         if self.sampling == "reshuffle" and v is not None:  # drift and increments share the pass over the data
             self.n_evaluations += 1
             theta = y[:, : self.n_params].detach()
-            c, inc = self._draw_reshuffle(tf, y, theta, self.layout.unflatten(theta), theta.shape[0], v)
+            c, inc = reshuffled_evaluation(self, tf, y, theta, self.layout.unflatten(theta), theta.shape[0], v)
         else:
             c = self.draw(tf, y)
             rows = self.extra_rows
@@ -379,37 +379,19 @@ class ParameterSDE(nn.Module):
         n = theta.shape[0]
         if self.data is None:  # a user's gradient_fn
             est = self.gradient_fn(params)
-            return Evaluation(t, y, self._drift(theta, est.grad), params, est.grad, noise=centred_rows(self, n, est))
+            return Evaluation(t, y, self.theta_drift(theta, est.grad), params, est.grad, noise=centred_rows(self, n, est))
         noise_chunk, drift_chunk, data_chunk = self.chunk_sizes(theta)
         src = self.gradient_fn
         if self.sampling == "reshuffle":
-            return self._draw_reshuffle(t, y, theta, params, n)
+            return reshuffled_evaluation(self, t, y, theta, params, n)
         grads = src.expected_gradient(params, traj_chunk=drift_chunk, data_chunk=data_chunk)
-        c = Evaluation(t, y, self._drift(theta, grads), params, grads, batch=src.noise_batch(n, theta))
+        c = Evaluation(t, y, self.theta_drift(theta, grads), params, grads, batch=src.noise_batch(n, theta))
         if self.engine == "materialised":
             per = src.per_sample_gradients(params, c.batch, traj_chunk=noise_chunk)
             c.noise = centred_rows(self, n, GradientEstimate(grad=grads, per_sample=per))
         return c
 
-    def _draw_reshuffle(self, t, y, theta, params, n, v: Optional[torch.Tensor] = None):
-        """Reshuffled sampling: the full-set drift (and with v the increments) from one pass over the data."""
-        if self.extra_rows is not None:
-            raise NotImplementedError("extra state rows need the iid noise mini-batch, not sampling='reshuffle'")
-        src = self.gradient_fn
-        X, Y = self.data.full(device=theta.device, dtype=theta.dtype)
-        if self.engine == "materialised":
-            grads = src.expected_gradient(params)
-            c = Evaluation(t, y, self._drift(theta, grads), params, grads)
-            self.noise_rows(c)
-            return c if v is None else (c, rows_times(self, c.noise, v))
-        _, drift_chunk, rows = self.chunk_sizes(theta)
-        weights = None if v is None else reshuffle_weights(self, v, theta.dtype)
-        grads, inc = self.reshuffle(params, src.consts(theta), X, Y, weights=weights, drift=True,
-                                    traj_chunk=drift_chunk, rows=rows)
-        c = Evaluation(t, y, self._drift(theta, grads), params, grads)
-        return c if v is None else (c, self.layout.flatten(inc))
-
-    def _drift(self, theta: torch.Tensor, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def theta_drift(self, theta: torch.Tensor, grads: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Def 4's drift −∇L(θ) − λ_wd θ of the θ part, (n, P)."""
         grad = self.layout.flatten(grads).to(theta.dtype)
         if grad.shape[0] != theta.shape[0]:
@@ -441,13 +423,7 @@ class ParameterSDE(nn.Module):
                 observer.rows(ev.noise)
             return None if v is None else rows_times(self, ev.noise, v)
         if self.sampling == "reshuffle":
-            theta = ev.y[:, : self.n_params].detach()
-            X, Y = self.data.full(device=theta.device, dtype=theta.dtype)
-            _, drift_chunk, rows = self.chunk_sizes(theta)
-            _, inc = self.reshuffle(ev.params, self.gradient_fn.consts(theta), X, Y,
-                                    weights=reshuffle_weights(self, v, theta.dtype), drift=False,
-                                    traj_chunk=drift_chunk, rows=rows)
-            return self.layout.flatten(inc)
+            return reshuffled_increments(self, ev, v)
         return factored_increments(self, ev, v, observer)
 
     def noise_rows(self, ev: Evaluation) -> list:
