@@ -51,7 +51,7 @@ import torch
 from torch.func import vmap
 
 from .dynamics import LayerTerms, assemble_terms, diffusion_sq_from_projections, jacobian_var_dot, optimization_drift
-from .spectral import SpectralDecomposition, decompose
+from .spectral import DEFAULT_GAP_TOL, SpectralDecomposition, decompose
 
 __all__ = ["GramCurvature", "gram_curvature", "fast_layer_terms", "top_eigenpairs", "decompose_layer",
            "DECOMPOSITIONS", "BatchedDecomposition", "decompose_batched"]
@@ -310,7 +310,7 @@ class BatchedDecomposition:
     gap: torch.Tensor
     svd: Optional[tuple] = None
     curvature: Optional[list] = None
-    gap_tol: float = 1e-6
+    gap_tol: float = DEFAULT_GAP_TOL
 
     def terms(self, Gv: torch.Tensor, Gtu: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Thm 14's κ and ‖λ‖² per trajectory, each (n,), from the per-sample projections.
@@ -336,7 +336,7 @@ class BatchedDecomposition:
         """gᵀ H g per trajectory (n,) from a = g v1 (n, m) and b = gᵀ u1 (n, k) (Lemma 13)."""
         if self.svd is not None:
             def one(U, S, V, a, b):
-                return SpectralDecomposition(U=U, S=S, V=V).hessian_quadform(a, b)
+                return SpectralDecomposition(U=U, S=S, V=V, gap_tol=self.gap_tol).hessian_quadform(a, b)
 
             return vmap(one)(*self.svd, a, b)
         return torch.stack([c.hessian_quadform(x, y) for c, x, y in zip(self.curvature, a, b)])

@@ -442,3 +442,29 @@ def test_factored_sum_of_gradients_robust_to_accumulation_hooks_and_tying():
     for k, v in ref.items():
         if "/2" in k and isinstance(v, float) and not np.isnan(v):
             assert rel_close(row[k.replace("/2", "/net.2")], v, 1e-10), k
+
+
+@pytest.mark.parametrize("route", ["svd", "fast"])
+def test_batched_decomposition_is_the_per_layer_one_with_its_gap_tolerance(route):
+    """decompose_batched (the SDE path) gives per trajectory the per-layer decomposition's terms and
+    Hessian quadratic form, with the gap tolerance it was given (a near-degenerate σ1 makes it matter)."""
+    from sdelip.curvature import decompose_batched
+    from sdelip.spectral import decompose
+
+    gen = torch.Generator().manual_seed(3)
+    n, m, k, M, tol = 3, 6, 5, 4, 1e-2
+    U, _ = torch.linalg.qr(torch.randn(n, m, m, generator=gen, dtype=DT))
+    V, _ = torch.linalg.qr(torch.randn(n, k, k, generator=gen, dtype=DT))
+    S = torch.tensor([2.0, 2.0 - 1e-4, 1.0, 0.5, 0.2], dtype=DT).expand(n, k)  # relative gap 5e-5 < tol
+    W = U[..., :k] @ torch.diag_embed(S) @ V.mT
+    b = decompose_batched(W, route, tol)
+    Gv, Gtu = torch.randn(n, M, m, generator=gen, dtype=DT), torch.randn(n, M, k, generator=gen, dtype=DT)
+    a, c = torch.randn(n, m, generator=gen, dtype=DT), torch.randn(n, k, generator=gen, dtype=DT)
+    kappa, lam2 = b.terms(Gv, Gtu, 0.1)
+    quad = b.hessian_quadform(a, c)
+    for j in range(n):
+        d = decompose(W[j], gap_tol=tol, on_degenerate="ignore")
+        t = d.terms(Gv[j], Gtu[j], 0.1)
+        torch.testing.assert_close(kappa[j], t.noise_curvature, rtol=1e-9, atol=0)
+        torch.testing.assert_close(lam2[j], t.diffusion_sq, rtol=1e-9, atol=0)
+        torch.testing.assert_close(quad[j], d.hessian_quadform(a[j], c[j]), rtol=1e-9, atol=0)
