@@ -355,6 +355,5 @@ def check_lipschitz_sde_options(integrate, allowed: tuple, decomposition: str) -
     bad = [k for k in integrate if k not in allowed]
     if bad:
         raise ValueError(f"integrate takes term names among {allowed}, got {bad}")
-    if decomposition not in ("auto", "fast", "svd"):
-        raise ValueError(f"decomposition must be 'auto', 'fast' or 'svd', got {decomposition!r}")
+    check_choice(decomposition, "decomposition", ("auto", "fast", "svd"))
     return integrate

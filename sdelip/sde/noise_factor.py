@@ -103,27 +103,27 @@ def reshuffled_evaluation(sde, t: float, y: torch.Tensor, theta: torch.Tensor, p
     """
     if sde.extra_rows is not None:
         raise NotImplementedError("extra state rows need the iid noise mini-batch, not sampling='reshuffle'")
-    src = sde.gradient_fn
-    X, Y = sde.data.full(device=theta.device, dtype=theta.dtype)
     if sde.engine == "materialised":
-        grads = src.expected_gradient(params)
+        grads = sde.gradient_fn.expected_gradient(params)
         c = Evaluation(t, y, sde.theta_drift(theta, grads), params, grads)
         sde.noise_rows(c)
         return c if v is None else (c, rows_times(sde, c.noise, v))
-    _, drift_chunk, rows = sde.chunk_sizes(theta)
-    weights = None if v is None else reshuffle_weights(sde, v, theta.dtype)
-    grads, inc = sde.reshuffle(params, src.consts(theta), X, Y, weights=weights, drift=True,
-                               traj_chunk=drift_chunk, rows=rows)
+    grads, inc = _reshuffled_pass(sde, params, theta, v, drift=True)
     c = Evaluation(t, y, sde.theta_drift(theta, grads), params, grads)
     return c if v is None else (c, sde.layout.flatten(inc))
 
 
 def reshuffled_increments(sde, ev: Evaluation, v: torch.Tensor) -> torch.Tensor:
     """The θ part of G·v (n, P) with reshuffled sampling: the weighted pass over the training set."""
-    theta = ev.y[:, : sde.n_params].detach()
+    _, inc = _reshuffled_pass(sde, ev.params, ev.y[:, : sde.n_params].detach(), v, drift=False)
+    return sde.layout.flatten(inc)
+
+
+def _reshuffled_pass(sde, params: Dict[str, torch.Tensor], theta: torch.Tensor, v: Optional[torch.Tensor],
+                     drift: bool):
+    """One weighted pass over the whole training set: (∇L or None, Σ_i (c_i − c̄) g_i or None without v)."""
     X, Y = sde.data.full(device=theta.device, dtype=theta.dtype)
     _, drift_chunk, rows = sde.chunk_sizes(theta)
-    _, inc = sde.reshuffle(ev.params, sde.gradient_fn.consts(theta), X, Y,
-                           weights=reshuffle_weights(sde, v, theta.dtype), drift=False,
-                           traj_chunk=drift_chunk, rows=rows)
-    return sde.layout.flatten(inc)
+    weights = None if v is None else reshuffle_weights(sde, v, theta.dtype)
+    return sde.reshuffle(params, sde.gradient_fn.consts(theta), X, Y, weights=weights, drift=drift,
+                         traj_chunk=drift_chunk, rows=rows)
