@@ -51,8 +51,8 @@ for p in (str(ROOT), str(ROOT / "experiments")):
 
 from bench_tracking import _reset_peak_rss, _status_kib, machine  # noqa: E402
 
-from sdelip.data import load_dataset  # noqa: E402
-from sdelip.models import build_model  # noqa: E402
+from sdelip.workbench.data import load_dataset  # noqa: E402
+from sdelip.workbench.models import build_model  # noqa: E402
 from sdelip.sde import LipschitzSDE, ParameterSDE  # noqa: E402
 
 #: name -> (model, dataset, M, η, trajectories)

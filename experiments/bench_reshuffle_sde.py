@@ -60,7 +60,7 @@ def child(name: str, n: int, repeats: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from sdelip import models
-    from sdelip.data import load_dataset
+    from sdelip.workbench.data import load_dataset
     from sdelip.sde import ParameterSDE
 
     torch.set_num_threads(1)

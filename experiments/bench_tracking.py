@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sdelip.data import load_dataset  # noqa: E402
-from sdelip.models import build_model  # noqa: E402
-from sdelip.tracker import Tracker  # noqa: E402
+from sdelip.workbench.data import load_dataset  # noqa: E402
+from sdelip.workbench.models import build_model  # noqa: E402
+from sdelip.tracking.tracker import Tracker  # noqa: E402
 
 CONFIGS = {
     "mlp": {"model": "mlp", "dataset": "mnist-embedded", "batch_size": 128, "lr": 0.01},

@@ -7,10 +7,10 @@ Markdown) into ``--out`` (default ``experiments/out/<name>``), and states which 
 it used in the table and in ``summary.md``.
 
 A script describes its runs as tasks and its tables and figures as a reduce step, and
-:func:`run_experiment` joins them: ``tasks(args) -> list[sdelip.sweep.Task]`` (one
+:func:`run_experiment` joins them: ``tasks(args) -> list[sdelip.workbench.sweep.Task]`` (one
 independent run each), ``reduce(args, results, out) -> dict`` (reads the runs' record
 folders and values, writes the summaries). The runs go through
-:func:`sdelip.sweep.run_sweep` (on Ray with one task per core by default, in this
+:func:`sdelip.workbench.sweep.run_sweep` (on Ray with one task per core by default, in this
 process with ``--workers 1``), with record folders in ``<out>/records/``, so a stopped
 sweep resumes where it stopped.
 
@@ -82,8 +82,8 @@ def sweep_threads(scale: str) -> Optional[int]:
 
 
 def run_sweep_for(tasks, root, args, label: str):
-    """:func:`sdelip.sweep.run_sweep` with the command line's engine options."""
-    from sdelip.sweep import run_sweep
+    """:func:`sdelip.workbench.sweep.run_sweep` with the command line's engine options."""
+    from sdelip.workbench.sweep import run_sweep
 
     return run_sweep(tasks, root, workers=args.workers, address=args.address, progress=not args.no_progress,
                      fresh=args.fresh, threads=sweep_threads(args.scale), python_path=[HERE], label=label)
@@ -108,7 +108,7 @@ def run_experiment(name: str, description: str, tasks: Callable, reduce: Callabl
         description: the first line of ``--help``.
         tasks: ``tasks(args) -> list[Task]``.
         reduce: ``reduce(args, results, out) -> dict``; ``results`` maps each task's name
-            to its :class:`sdelip.sweep.TaskResult`.
+            to its :class:`sdelip.workbench.sweep.TaskResult`.
         argv: the arguments (None: ``sys.argv[1:]``).
         add_arguments: ``add_arguments(parser)`` for the script's own options.
 
@@ -135,7 +135,7 @@ def run_experiment(name: str, description: str, tasks: Callable, reduce: Callabl
 
 
 def train_task(config: dict, workdir: Path) -> dict:
-    """Task function of one :func:`sdelip.train.train` run, its record written into ``workdir``.
+    """Task function of one :func:`sdelip.workbench.train.train` run, its record written into ``workdir``.
 
     Args:
         config: ``{"train": <TrainConfig keyword arguments except record>, "n_train": bool}``;
@@ -149,7 +149,7 @@ def train_task(config: dict, workdir: Path) -> dict:
     """
     import warnings
 
-    from sdelip.train import TrainConfig, prepare_data, train
+    from sdelip.workbench.train import TrainConfig, prepare_data, train
 
     kwargs = dict(config["train"])
     record = "record.db" if kwargs.get("track", True) else None

@@ -34,7 +34,7 @@ def figure_three_way(out, real: dict, sde: ParameterSDEEnsemble, reduced: dict, 
         title: the figure's title.
         shared: the parameter SDE with shared noise, if it ran.
     """
-    import sdelip.plotting as splot
+    import sdelip.analysis.plotting as splot
 
     plt = splot._plt()
     T, lr = s["steps"], s["lr"]
@@ -113,7 +113,7 @@ def figure_reduced(out, comparisons: dict, s, n_train, N, title):
         N: real runs per scheme.
         title: the figure's title.
     """
-    import sdelip.plotting as splot
+    import sdelip.analysis.plotting as splot
 
     plt = splot._plt()
     T, lr = s["steps"], s["lr"]

@@ -33,7 +33,7 @@ def figure_reshuffle(out, t, K_real, models_K, reduced, s, n_train, title):
         n_train: training-set size (epoch ends).
         title: the figure's title.
     """
-    import sdelip.plotting as splot
+    import sdelip.analysis.plotting as splot
 
     plt = splot._plt()
     rng = np.random.default_rng(1)
@@ -96,7 +96,7 @@ def reduce_reshuffle(args, results: dict, out: Path) -> dict:
 
     import torch
 
-    import sdelip.plotting as splot
+    import sdelip.analysis.plotting as splot
     from sdelip.sde import ReducedLipschitzSDE, simulate
 
     t_start = time.perf_counter()

@@ -1,6 +1,6 @@
 """The ensemble validation's task results read back as ensembles: real SGD runs and the parameter SDE.
 
-The sweep hands ``reduce`` each task's :class:`sdelip.sweep.TaskResult` (its JSON value
+The sweep hands ``reduce`` each task's :class:`sdelip.workbench.sweep.TaskResult` (its JSON value
 and its record folder); :func:`real_ensembles` and :func:`parameter_sde` join the runs of
 one kind into a small record with named arrays, which the statistics
 (:mod:`ensemble_stats`), the figures (:mod:`ensemble_figures`) and the reduce steps read.
@@ -54,7 +54,7 @@ class ParameterSDEEnsemble:
             difference).
         log_K_direct: log σ1 of the simulated weights (NaN between ``direct_every`` steps).
         relative_gap: (σ1 − σ2)/σ1 of the simulated weights (NaN likewise).
-        chunks: the chunks' :class:`sdelip.sweep.TaskResult`, in chunk order.
+        chunks: the chunks' :class:`sdelip.workbench.sweep.TaskResult`, in chunk order.
     """
 
     log_K_ito_sc: np.ndarray
@@ -77,7 +77,7 @@ class ParameterSDEEnsemble:
 def real_ensembles(results, s, schemes=tuple(SCHEMES)) -> dict[str, RealEnsemble]:
     """Scheme → its :class:`RealEnsemble`, from the ``<scheme>/seed=<k>`` task results."""
     from sdelip.record import load_record
-    import sdelip.plotting as splot
+    import sdelip.analysis.plotting as splot
 
     out = {}
     for scheme in schemes:

@@ -62,8 +62,8 @@ RESHUFFLE_MODELS = ("parameter SDE, epoch-pinned noise, Π σ1(θ)", "parameter 
 QUANTILES = (0.025, 0.5, 0.975)
 
 SCHEMES = {
-    "reshuffled": "sdelip.train: a reshuffled permutation per epoch, batches without replacement within it",
+    "reshuffled": "sdelip.workbench.train: a reshuffled permutation per epoch, batches without replacement within it",
     "iid": "control: every step draws M distinct samples uniformly, independently of the other steps",
 }
-#: The ``TrainConfig.sampling`` of each scheme (both runs are :func:`sdelip.train.train`).
+#: The ``TrainConfig.sampling`` of each scheme (both runs are :func:`sdelip.workbench.train.train`).
 SAMPLING = {"reshuffled": "reshuffle", "iid": "iid"}

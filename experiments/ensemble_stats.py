@@ -101,7 +101,7 @@ def analyse(records, K_final, s, n_sde: int) -> ReducedComparison:
     """
     import torch
 
-    import sdelip.plotting as splot
+    import sdelip.analysis.plotting as splot
     from sdelip.sde import ReducedLipschitzSDE, simulate
 
     lr, N = s["lr"], len(records)

@@ -3,7 +3,7 @@
 From one initialisation, three ensembles are set side by side at every step:
 
 1. **real SGD**: N runs that differ only in their sampling seed, each tracked every step,
-   in two sampling schemes: ``reshuffled`` (``sdelip.train``: a fresh permutation per
+   in two sampling schemes: ``reshuffled`` (``sdelip.workbench.train``: a fresh permutation per
    epoch, mini-batches without replacement within it, as a DataLoader with shuffle=True
    does) and ``iid`` (every step draws M distinct samples independently of the other
    steps, the independent mini-batches that Def 4's SDE models). Within an epoch of
@@ -101,8 +101,8 @@ NAME = "ensemble_validation"
 # -- tasks --------------------------------------------------------------------------------
 
 def _config(s, args, seed, path, sampling="reshuffle"):
-    """The :class:`sdelip.train.TrainConfig` of one run (every step tracked; ``path``: the record, or None)."""
-    from sdelip.train import TrainConfig
+    """The :class:`sdelip.workbench.train.TrainConfig` of one run (every step tracked; ``path``: the record, or None)."""
+    from sdelip.workbench.train import TrainConfig
 
     return TrainConfig(model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download,
                        lr=s["lr"], batch_size=s["batch_size"], steps=s["steps"], init_seed=INIT_SEED,
@@ -127,9 +127,9 @@ def run_real(config: dict, workdir: Path) -> dict:
     """
     import torch
 
-    from sdelip.layers import operator_norms, product_norm
+    from sdelip.rules.inventory import operator_norms, product_norm
     from sdelip.record import load_record
-    from sdelip.train import prepare_data, train
+    from sdelip.workbench.train import prepare_data, train
 
     s, seed, scheme = config["settings"], config["seed"], config["scheme"]
     path = Path(workdir) / "record.db"
@@ -166,9 +166,9 @@ def run_parameter_sde(config: dict, workdir: Path) -> dict:
     import torch
     import torchsde
 
-    from sdelip.models import build_model
+    from sdelip.workbench.models import build_model
     from sdelip.sde import GridBrownian, LipschitzSDE, ParameterSDE
-    from sdelip.train import prepare_data
+    from sdelip.workbench.train import prepare_data
 
     s, n, chunk = config["settings"], int(config["n"]), int(config["chunk"])
     T, lr, every = int(s["steps"]), float(s["lr"]), int(s["direct_every"])
@@ -228,7 +228,7 @@ def run_parameter_sde(config: dict, workdir: Path) -> dict:
 
 def tasks(args) -> list:
     """The independent runs: N real runs per sampling scheme and the parameter SDE's chunks."""
-    from sdelip.sweep import Task
+    from sdelip.workbench.sweep import Task
 
     s = pick(args.scale, **SETTINGS)
     base = {"scale": args.scale, "settings": s, "data_root": args.data_root, "download": bool(args.download),

@@ -2,7 +2,7 @@
 
 The ConvNet (Table 1) is trained once per configuration — no regularisation,
 BatchNorm, dropout, weight decay, mixup, label smoothing, AutoAugment, FGSM — with
-every step tracked. From each record, Thm 16–17 (``sdelip.prediction.predict``) give the
+every step tracked. From each record, Thm 16–17 (``sdelip.analysis.prediction.predict``) give the
 predicted K(t): the Thm 17 mean E[K(t)] = K0 exp ∫(μ_Z + κ_Z) with its standard deviation,
 and the Thm 16 drift path. The script reports, per configuration, the error of the
 prediction over the run as numbers:
@@ -107,7 +107,7 @@ def runs(s: dict) -> list[Run]:
 def tasks(args) -> list:
     """One tracked training run per (dataset, configuration), and the η-check runs."""
     from common import task_gpus, train_task
-    from sdelip.sweep import Task
+    from sdelip.workbench.sweep import Task
 
     s = pick(args.scale, **SETTINGS)
     return [Task(name=run.name, fn=train_task, config={"train": dict(
@@ -120,8 +120,8 @@ def tasks(args) -> list:
 
 def reduce(args, results: dict, out: Path) -> dict:
     """Prediction errors per configuration from the records, the figure and the tables."""
-    import sdelip.plotting as splot
-    from sdelip.prediction import predict
+    import sdelip.analysis.plotting as splot
+    from sdelip.analysis.prediction import predict
     from sdelip.record import load_record
 
     s = pick(args.scale, **SETTINGS)
@@ -166,7 +166,7 @@ def reduce(args, results: dict, out: Path) -> dict:
         *(f"Data: {d} — {src}." for d, src in sources.items()),
         f"Scale: {args.scale}; model {s['model']}, η = {s['lr']}, M = {s['batch_size']}, {s['steps']} steps per "
         f"configuration (see the lr/steps columns), every step tracked; regularizer settings of Table 3 "
-        "(sdelip.regularizers.PRESETS).",
+        "(sdelip.workbench.regularizers.PRESETS).",
         "mean/max/final_rel_error: |E[K(t)] − K_obs(t)| / K_obs(t) over the recorded steps (Thm 17 mean); "
         "path_*: the same for the Thm 16 drift path; frac_within_2sd: share of steps with K_obs in E[K] ± 2 sd.",
         "K_change_over_run: (K_obs(last) − K_obs(0)) / K_obs(0), the scale the errors should be read against.",

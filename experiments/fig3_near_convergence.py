@@ -72,7 +72,7 @@ def term_stats(rec, widths: np.ndarray, lr: float, mask: np.ndarray, suffix: str
 def tasks(args) -> list:
     """The one long run, tracked with the Prop 6 split."""
     from common import task_gpus, train_task
-    from sdelip.sweep import Task
+    from sdelip.workbench.sweep import Task
 
     s = pick(args.scale, **SETTINGS)
     return [Task(name="run", fn=train_task, config={"train": dict(
@@ -84,7 +84,7 @@ def tasks(args) -> list:
 
 def reduce(args, results: dict, out: Path) -> dict:
     """Per-layer term statistics, the late-window growth, the figure and the tables from the record."""
-    import sdelip.plotting as splot
+    import sdelip.analysis.plotting as splot
     from sdelip.record import load_record
 
     s = pick(args.scale, **SETTINGS)

@@ -53,7 +53,7 @@ def checkpoint_steps(record_steps, n: int) -> list[int]:
 def tasks(args) -> list:
     """One training run per sampling seed (the initialisation seed fixed)."""
     from common import task_gpus, train_task
-    from sdelip.sweep import Task
+    from sdelip.workbench.sweep import Task
 
     s = pick(args.scale, **SETTINGS)
     return [Task(name=f"seed={seed}", fn=train_task, config={
@@ -66,8 +66,8 @@ def tasks(args) -> list:
 
 def reduce(args, results: dict, out: Path) -> dict:
     """The spread of K(t) across seeds at a few steps, the figure and the tables from the records."""
-    import sdelip.plotting as splot
-    from sdelip.prediction import predict
+    import sdelip.analysis.plotting as splot
+    from sdelip.analysis.prediction import predict
     from sdelip.record import load_record
 
     s = pick(args.scale, **SETTINGS)
@@ -132,7 +132,7 @@ def reduce(args, results: dict, out: Path) -> dict:
         f"At the last step the spread across seeds is {last['cv_sd_over_mean']:.3%} of the mean and "
         f"{last['sd_over_change']:.3g} × the change of K since initialisation "
         f"(paper, Sec 8.7: negligible effect of the sampling trajectory).",
-        "epochs = step · M / training-set size. sdelip.train draws a reshuffled permutation per epoch (mini-batches "
+        "epochs = step · M / training-set size. sdelip.workbench.train draws a reshuffled permutation per epoch (mini-batches "
         "without replacement), so at fixed θ an epoch's mini-batch noise sums to zero; Thm 17 assumes independent "
         "mini-batches (see ensemble_validation for an iid-sampling control).",
         f"{runtime_note(results)}.",

@@ -59,7 +59,7 @@ def integrated_diffusion(record, upto_step: int) -> float:
 def tasks(args) -> list:
     """One training run per (batch size, sampling seed), the initialisation seed fixed."""
     from common import task_gpus, train_task
-    from sdelip.sweep import Task
+    from sdelip.workbench.sweep import Task
 
     s = pick(args.scale, **SETTINGS)
     return [Task(name=f"M={M}/seed={seed}", fn=train_task, config={"train": dict(
@@ -72,7 +72,7 @@ def tasks(args) -> list:
 
 def reduce(args, results: dict, out: Path) -> dict:
     """Var[K(t)] per batch size from the records, the 1/M fits, the figure and the tables."""
-    import sdelip.plotting as splot
+    import sdelip.analysis.plotting as splot
     from sdelip.record import load_record
 
     s = pick(args.scale, **SETTINGS)
@@ -171,7 +171,7 @@ def reduce(args, results: dict, out: Path) -> dict:
         f"Spearman {last['spearman_observed']:.3f}, log-log slope {last['loglog_slope_observed']:.3g}); "
         f"Ĉ varies by {last['C_hat_cv_across_M']:.1%} across M; "
         f"observed/predicted variance {last['mean_obs_over_pred']:.3g} on average.",
-        "epochs (by_batch_size) = step · M / training-set size: sdelip.train reshuffles once per epoch (mini-batches "
+        "epochs (by_batch_size) = step · M / training-set size: sdelip.workbench.train reshuffles once per epoch (mini-batches "
         "without replacement), so at fixed θ an epoch's mini-batch noise sums to zero, which Thm 17 / Prop 21 "
         "(independent mini-batches) do not model; compare observed_over_predicted before and after the first epoch.",
         f"Per-batch-size numbers: by_batch_size.csv / by_batch_size.md. {runtime_note(results)}.",

@@ -134,9 +134,9 @@ def run_task(cfg: dict, regularizer: dict, seed: int, track: bool, args, name: s
         name: the task's name.
 
     Returns:
-        a :class:`sdelip.sweep.Task` running :func:`common.train_task`.
+        a :class:`sdelip.workbench.sweep.Task` running :func:`common.train_task`.
     """
-    from sdelip.sweep import Task
+    from sdelip.workbench.sweep import Task
 
     return Task(name=name, fn=common.train_task, config={"train": dict(
         model="mlp", dataset="mnist", data_root=args.data_root, download=args.download,
@@ -281,8 +281,8 @@ def random_walk_K(model, cfg: dict, noise: str) -> float:
     s² + η²·steps·Var(n), with s² = 1/(3n) of PyTorch's default init, so (Sec 8.2)
     K(T) ≈ Π_ℓ √(s_ℓ² + η²·steps·Var(n)) (√m_ℓ + √n_ℓ).
     """
-    from sdelip.layers import tracked_layers
-    from sdelip.regularizers import NOISE_KINDS
+    from sdelip.rules.inventory import tracked_layers
+    from sdelip.workbench.regularizers import NOISE_KINDS
 
     var = cfg["lr"] ** 2 * cfg["steps"] * NOISE_KINDS[noise]
     return math.prod(math.sqrt(1.0 / (3.0 * n) + var) * (math.sqrt(m) + math.sqrt(n))
@@ -291,7 +291,7 @@ def random_walk_K(model, cfg: dict, noise: str) -> float:
 
 def mlp(value: dict):
     """An MLP with the layer sizes of a run (only its layer shapes are used)."""
-    from sdelip.models import MLP
+    from sdelip.workbench.models import MLP
 
     return MLP(value["model_sizes"])
 
@@ -353,7 +353,7 @@ def plot(rows, sweep: SweepRuns, out: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    from sdelip.plotting import save_figure
+    from sdelip.analysis.plotting import save_figure
 
     cfg = sweep.cfg
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))

@@ -197,7 +197,7 @@ def plot(rows, head, sweep: fig6.SweepRuns, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from sdelip.plotting import save_figure
+    from sdelip.analysis.plotting import save_figure
 
     cfg = sweep.cfg
     eps = np.array([r["eps"] for r in rows])

@@ -85,7 +85,7 @@ def settings(scale: str) -> dict:
 def conv_net(in_channels: int, num_classes: int, channels=PAPER_CONV_CHANNELS, hidden: int = PAPER_CONV_HIDDEN):
     """The Table 1 ConvNet layout with configurable widths (no dropout, no batchnorm).
 
-    With the default widths the layer shapes equal those of :class:`sdelip.models.ConvNet`
+    With the default widths the layer shapes equal those of :class:`sdelip.workbench.models.ConvNet`
     (checked in :func:`build`); other widths give the "wider" variants.
     """
     from torch import nn
@@ -103,7 +103,7 @@ def conv_net(in_channels: int, num_classes: int, channels=PAPER_CONV_CHANNELS, h
 
 def build(spec: dict):
     """An uninitialised-by-us model from a spec (the paper's classes where they fit)."""
-    from sdelip.models import MLP, ConvNet
+    from sdelip.workbench.models import MLP, ConvNet
 
     if spec["kind"] == "mlp":
         return MLP(spec["sizes"])
@@ -148,8 +148,8 @@ def measure(model, scheme: str, std, seed: int) -> list[dict]:
     """Initialise ``model`` and return per-layer (name, m, n, s, predicted σ1, observed σ1)."""
     import torch
 
-    from sdelip.layers import tracked_layers
-    from sdelip.models import init_weights
+    from sdelip.rules.inventory import tracked_layers
+    from sdelip.workbench.models import init_weights
 
     init_weights(model, scheme, std=std, generator=torch.Generator().manual_seed(seed))
     rows = []
@@ -198,7 +198,7 @@ def measure_task(config: dict, workdir: Path) -> dict:
 
 def tasks(args) -> list:
     """One task per (model, scheme)."""
-    from sdelip.sweep import Task
+    from sdelip.workbench.sweep import Task
 
     cfg = settings(args.scale)
     return [Task(name=f"{model_name}/{scheme_label(scheme, std)}", fn=measure_task,
@@ -262,7 +262,7 @@ def plot(net_rows, layer_rows, out: Path) -> list[Path]:
     matplotlib.use("Agg")  # files only, never a window
     import matplotlib.pyplot as plt
 
-    from sdelip.plotting import save_figure
+    from sdelip.analysis.plotting import save_figure
 
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

@@ -9,13 +9,14 @@ are private. The main entry points:
 - tracking: :class:`Tracker`, :func:`load_record`, :func:`predict`;
 - simulation: :class:`ParameterSDE`, :class:`LipschitzSDE`, :class:`ReducedLipschitzSDE`,
   :func:`simulate`, :func:`simulate_record`;
-- workbench: :mod:`sdelip.models`, :mod:`sdelip.data`, :mod:`sdelip.regularizers`,
-  :func:`train`, :mod:`sdelip.plotting`, and the ``sdelip`` command line.
+- workbench: :mod:`sdelip.workbench.models`, :mod:`sdelip.workbench.data`, :mod:`sdelip.workbench.regularizers`,
+  :func:`train`, :mod:`sdelip.analysis.plotting`, and the ``sdelip`` command line.
 """
 
-from . import data, models, regularizers
+from . import _legacy
+from .workbench import data, models, regularizers
 from ._checks import DegenerateSpectrumError, DegenerateSpectrumWarning, NonFiniteError
-from .dynamics import (
+from .core.formulas import (
     LayerTerms,
     LipschitzMoments,
     NetworkTerms,
@@ -24,11 +25,11 @@ from .dynamics import (
     network_terms,
     terms_from_projections,
 )
-from .layers import NoTrackableLayerError, TrackedLayer, tracked_layers
-from .noise import GradientNoise
-from .prediction import predict
+from .rules.inventory import NoTrackableLayerError, TrackedLayer, tracked_layers
+from .core.noise import GradientNoise
+from .analysis.prediction import predict
 from .record import StepRecord, load_metadata, load_record
-from .schedule import EveryN, EveryStep, LogSchedule
+from .tracking.schedule import EveryN, EveryStep, LogSchedule
 from .sde import (
     GradientEstimate,
     GridBrownian,
@@ -40,7 +41,7 @@ from .sde import (
     simulate_record,
     time_grid,
 )
-from .spectral import (
+from .core.spectral import (
     SpectralDecomposition,
     decompose,
     opnorm_hessian,
@@ -51,8 +52,10 @@ from .spectral import (
     top_singular,
     weight_matrix,
 )
-from .tracker import InputMismatchError, NotPlainSGDWarning, Tracker
-from .train import TrainConfig, TrainResult, train
+from .tracking.tracker import InputMismatchError, NotPlainSGDWarning, Tracker
+from .workbench.train import TrainConfig, TrainResult, train
+
+_legacy.install()  # old import paths (sdelip.tracker, sdelip.spectral, ...) for one release
 
 __version__ = "0.1.0"
 

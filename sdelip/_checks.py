@@ -46,7 +46,7 @@ def check_matrix(W: torch.Tensor, arg: str = "W", name: Optional[str] = None) ->
     if W.ndim != 2:
         raise ValueError(
             f"{arg}{_where(name)} must be a matrix of shape (m, n), got shape {tuple(W.shape)}; "
-            "reshape Conv2d weights with sdelip.spectral.weight_matrix"
+            "reshape Conv2d weights with sdelip.core.spectral.weight_matrix"
         )
     if not W.is_floating_point():
         raise TypeError(f"{arg}{_where(name)} must be floating point, got {W.dtype}")

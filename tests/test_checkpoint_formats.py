@@ -1,4 +1,4 @@
-"""The one checkpoint record (sdelip.checkpoint.Checkpoint) and the earlier formats it still reads.
+"""The one checkpoint record (sdelip.tracking.checkpoint.Checkpoint) and the earlier formats it still reads.
 
 A file of an earlier format is built from a new one with the layout its writer used
 (``sdelip-checkpoint-2`` of ``Tracker.checkpoint``, ``sdelip-train-checkpoint-3`` of
@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdelip.checkpoint import CHECKPOINT_FORMAT, LEGACY_FORMATS, CheckpointError, read_checkpoint
+from sdelip.tracking.checkpoint import CHECKPOINT_FORMAT, LEGACY_FORMATS, CheckpointError, read_checkpoint
 from sdelip.record import load_record, records_equal
-from sdelip.tracker import Tracker
-from sdelip.train import ResumeError, TrainConfig, train
+from sdelip.tracking.tracker import Tracker
+from sdelip.workbench.train import ResumeError, TrainConfig, train
 
 BASE = dict(model="mlp", dataset="mnist-embedded", lr=0.05, batch_size=8, steps=6, max_train_samples=64,
             eval_test=False)
@@ -83,7 +83,7 @@ def test_tracker_resumes_from_an_earlier_format_file_and_the_writers_are_not_mix
     # a train checkpoint is not a tracker checkpoint, and the other way round
     tckpt = tmp_path / "t.pt"
     train(TrainConfig(**{**BASE, "steps": 2, "checkpoint": str(tckpt)}), progress=False)
-    with pytest.raises(CheckpointError, match="not an sdelip tracker checkpoint.*sdelip.train.train"):
+    with pytest.raises(CheckpointError, match="not an sdelip tracker checkpoint.*sdelip.workbench.train.train"):
         read_checkpoint(tckpt, "tracker", "an sdelip tracker checkpoint")
     with pytest.raises(ResumeError):
         train(TrainConfig(**{**BASE, "checkpoint": str(ckpt)}), progress=False)

@@ -134,7 +134,7 @@ def test_every_resume_option_has_a_flag():
     import attrs
 
     from sdelip.cli import cli_option
-    from sdelip.train import RESUME_FREE_OPTIONS, TrainConfig
+    from sdelip.workbench.train import RESUME_FREE_OPTIONS, TrainConfig
 
     for f in attrs.fields(TrainConfig):
         spelled = cli_option(f.name, f.default if f.default is not attrs.NOTHING else 1)

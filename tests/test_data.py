@@ -1,4 +1,4 @@
-"""Tests for sdelip.data.
+"""Tests for sdelip.workbench.data.
 
 MNIST and CIFAR are exercised through the real torchvision loaders on small files
 written here in the real on-disk formats (idx files, pickled python batches).
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 
-from sdelip.data import (
+from sdelip.workbench.data import (
     CIFAR10_NORMALIZATION,
     CIFAR100_NORMALIZATION,
     MNIST_NORMALIZATION,

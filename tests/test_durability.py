@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdelip.checkpoint import CheckpointWriteError, UnsafeCheckpointError, save_checkpoint
+from sdelip.tracking.checkpoint import CheckpointWriteError, UnsafeCheckpointError, save_checkpoint
 from sdelip.cli import main
 from sdelip.record import NotARecordError, RecordLockedError, copy_record, load_metadata, load_record, records_equal
-from sdelip.tracker import CHECKPOINT_FORMAT, Tracker
+from sdelip.tracking.tracker import CHECKPOINT_FORMAT, Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -118,7 +118,7 @@ HOLDER = textwrap.dedent(
     import sys, time
     import torch
     from torch import nn
-    from sdelip.tracker import Tracker
+    from sdelip.tracking.tracker import Tracker
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     tr = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.01), record=sys.argv[1])
     print("holding", flush=True)
@@ -323,7 +323,7 @@ def test_closed_record_is_one_file_readable_read_only(tmp_path):
         res = run(f"from sdelip.cli import main; raise SystemExit(main(['info', {str(view / 'r.db')!r}]))")
         assert res.returncode == 0 and "rows: 5" in res.stdout, (how, res.stderr)
         # writing there is refused with a message naming the folder
-        res = run("import torch; from torch import nn; from sdelip.tracker import Tracker; "
+        res = run("import torch; from torch import nn; from sdelip.tracking.tracker import Tracker; "
                   "m = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)); "
                   f"Tracker(m, torch.optim.SGD(m.parameters(), lr=0.1), record={str(view / 'new.db')!r})")
         assert res.returncode != 0 and "is the folder" in res.stderr and "writable" in res.stderr, (how, res.stderr)
@@ -334,7 +334,7 @@ KILLED = textwrap.dedent(
     import os, signal, sys
     import torch, torch.nn.functional as F
     from torch import nn
-    from sdelip.tracker import Tracker
+    from sdelip.tracking.tracker import Tracker
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -493,7 +493,7 @@ def test_sweep_reruns_damaged_tasks_and_names_them(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "tests"))
     import sweep_tasks
 
-    from sdelip.sweep import Task, run_sweep
+    from sdelip.workbench.sweep import Task, run_sweep
 
     log, root = tmp_path / "calls.log", tmp_path / "sweep"
     tasks = [Task(name=f"x={x}", fn=sweep_tasks.with_record, config={"x": x, "log": str(log)}) for x in (1, 2, 3, 4)]
@@ -521,7 +521,7 @@ def test_sweep_reruns_damaged_tasks_and_names_them(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # 8. everyday workflows: deepcopy with a tracker attached, a last batch of 1, gradient accumulation
 def test_deepcopy_of_a_tracked_model_and_a_last_batch_of_one(tmp_path):
-    from sdelip.tracker import SmallBatchWarning
+    from sdelip.tracking.tracker import SmallBatchWarning
 
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -547,7 +547,7 @@ def test_deepcopy_of_a_tracked_model_and_a_last_batch_of_one(tmp_path):
 
 
 def test_gradient_accumulation_is_refused_with_the_way_out():
-    from sdelip.tracker import GradientAccumulationError
+    from sdelip.tracking.tracker import GradientAccumulationError
 
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -568,7 +568,7 @@ def test_gradient_accumulation_is_refused_with_the_way_out():
 # ---------------------------------------------------------------------------------------------------------------
 # 5. degenerate steps are reported and never silently drive info, predict or simulate
 def test_degenerate_steps_are_reported_and_kept_out(tmp_path, capsys):
-    from sdelip.prediction import predict
+    from sdelip.analysis.prediction import predict
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
@@ -609,7 +609,7 @@ def test_degenerate_steps_are_reported_and_kept_out(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------------
 # 9. threads: --threads, and a default that uses only the idle cores
 def test_default_threads_use_the_idle_cores(monkeypatch):
-    from sdelip.threads import default_threads, use_threads
+    from sdelip.tracking.threads import default_threads, use_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
@@ -640,9 +640,9 @@ def test_track_threads_flag(tmp_path, capsys):
 def test_train_holds_the_record_until_its_final_checkpoint_is_written(tmp_path, monkeypatch):
     import importlib
 
-    from sdelip.record_lock import RecordLock
+    from sdelip.record.lock import RecordLock
 
-    train_mod = importlib.import_module("sdelip.train")  # the module (sdelip.train is also the function)
+    train_mod = importlib.import_module("sdelip.workbench.train")  # the module (sdelip.workbench.train is also the function)
 
     rec, seen = tmp_path / "r.db", []
     real = train_mod._save_checkpoint

@@ -18,7 +18,7 @@ from sdelip import (
     terms_from_projections,
     top_singular,
 )
-from sdelip.spectral import vec
+from sdelip.core.spectral import vec
 
 from oracles import autograd_hessian, autograd_jacobian
 from strategies import layer_with_gradients, separated_matrix

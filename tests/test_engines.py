@@ -2,7 +2,7 @@
 
 float64 throughout: the factored, materialised and coupled engines must give the same
 Thm 14 terms to 1e-5 relative (asserted here at 1e-9), and each must match
-sdelip.dynamics.layer_terms applied to per-sample gradients computed by an autograd loop
+sdelip.core.formulas.layer_terms applied to per-sample gradients computed by an autograd loop
 over the samples (an oracle independent of every engine).
 """
 
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdelip.dynamics import layer_terms, terms_from_projections
+from sdelip.core.formulas import layer_terms, terms_from_projections
 from sdelip.engines import (
     CoupledEngine,
     EngineError,
@@ -25,9 +25,9 @@ from sdelip.engines import (
     coupling_modules,
     resolve_engine_name,
 )
-from sdelip.layers import tracked_layers
-from sdelip.spectral import decompose, weight_matrix
-from sdelip.tracker import Tracker
+from sdelip.rules.inventory import tracked_layers
+from sdelip.core.spectral import decompose, weight_matrix
+from sdelip.tracking.tracker import Tracker
 
 DT = torch.float64
 LR = 0.05
@@ -372,8 +372,8 @@ def test_factored_requires_the_forward_after_tracker_creation():
 
 @pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6), (1, 7), (7, 1), (30, 50), (50, 30)])
 def test_fast_curvature_equals_the_svd_route(shape):
-    """The resolvent formulas of sdelip.curvature reproduce Lemma 13 via sdelip.spectral."""
-    from sdelip.curvature import fast_layer_terms, gram_curvature
+    """The resolvent formulas of sdelip.core.decompositions reproduce Lemma 13 via sdelip.core.spectral."""
+    from sdelip.core.decompositions import fast_layer_terms, gram_curvature
 
     torch.manual_seed(sum(shape))
     m, n = shape
@@ -448,8 +448,8 @@ def test_factored_sum_of_gradients_robust_to_accumulation_hooks_and_tying():
 def test_batched_decomposition_is_the_per_layer_one_with_its_gap_tolerance(route):
     """decompose_batched (the SDE path) gives per trajectory the per-layer decomposition's terms and
     Hessian quadratic form, with the gap tolerance it was given (a near-degenerate σ1 makes it matter)."""
-    from sdelip.curvature import decompose_batched
-    from sdelip.spectral import decompose
+    from sdelip.core.decompositions import decompose_batched
+    from sdelip.core.spectral import decompose
 
     gen = torch.Generator().manual_seed(3)
     n, m, k, M, tol = 3, 6, 5, 4, 1e-2

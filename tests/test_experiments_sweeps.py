@@ -71,7 +71,7 @@ def test_init_scaling_sigma1_and_scheme_std():
     assert mod.scheme_std("default", 300) == pytest.approx(1 / math.sqrt(900))
     assert mod.scheme_std("kaiming", 50) == pytest.approx(0.2)
     # the wider-ConvNet builder reproduces the paper ConvNet's layer shapes at the paper widths
-    from sdelip.models import ConvNet
+    from sdelip.workbench.models import ConvNet
 
     ref = [p.shape for p in ConvNet(3, 10).parameters()]
     assert [p.shape for p in mod.conv_net(3, 10).parameters()] == ref

@@ -1,4 +1,4 @@
-"""Tests for sdelip.models: Table 1 / Table 2 architectures and Sec 8.2 initialisation."""
+"""Tests for sdelip.workbench.models: Table 1 / Table 2 architectures and Sec 8.2 initialisation."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from sdelip.models import ConvNet, MLP, build_model, init_weights
+from sdelip.workbench.models import ConvNet, MLP, build_model, init_weights
 
 
 def _named(model, kind):

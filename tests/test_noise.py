@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 
 from sdelip import GradientNoise
-from sdelip.spectral import vec
+from sdelip.core.spectral import vec
 
 from strategies import layer_with_gradients
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdelip.prediction import PREDICTION_COLUMNS, predict
+from sdelip.analysis.prediction import PREDICTION_COLUMNS, predict
 from sdelip.record import load_record
-from sdelip.tracker import Tracker
+from sdelip.tracking.tracker import Tracker
 
 
 def synthetic(steps, t, mu, kappa, lam2, K0=3.0):

@@ -1,4 +1,4 @@
-"""Tests for sdelip.regularizers: effects checked against independent float64 computations."""
+"""Tests for sdelip.workbench.regularizers: effects checked against independent float64 computations."""
 
 import math
 
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from sdelip.data import Normalization, load_dataset, make_loader
-from sdelip.regularizers import (
+from sdelip.workbench.data import Normalization, load_dataset, make_loader
+from sdelip.workbench.regularizers import (
     PRESETS,
     CorruptedLabels,
     NoisyGradient,
@@ -177,7 +177,7 @@ def test_fgsm_units_without_normalisation_and_clipping_with_it():
 
 
 def test_fgsm_with_convnet_and_mixup_runs_per_sample():
-    from sdelip.models import build_model
+    from sdelip.workbench.models import build_model
 
     model = build_model("convnet", batchnorm=True, seed=0).double()
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)

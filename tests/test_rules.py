@@ -3,7 +3,7 @@
 The oracle: one forward pass of an untouched copy of the model (same seed, so the same
 dropout masks), then the per-sample gradient of each tracked weight by
 ``autograd.grad(losses[i], weight)`` for every sample i, and
-:func:`sdelip.dynamics.layer_terms` on those. The tracker's factored engine must agree
+:func:`sdelip.core.formulas.layer_terms` on those. The tracker's factored engine must agree
 to 1e-10 relative on every term of every tracked weight, and no weight matrix of these
 models may be skipped (or recorded as zero) without an error.
 """
@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sdelip import DegenerateSpectrumError
-from sdelip.dynamics import layer_terms
+from sdelip.core.formulas import layer_terms
 from sdelip.engines import EngineError, SharedTensorWarning
-from sdelip.layers import UnsupportedLayerError, tracked_layers, weight_inventory
+from sdelip.rules.inventory import UnsupportedLayerError, tracked_layers, weight_inventory
 from sdelip.rules import BatchAxisError, rule_for
-from sdelip.tracker import Tracker
+from sdelip.tracking.tracker import Tracker
 
 DT = torch.float64
 LR = 0.05

@@ -159,7 +159,7 @@ def test_simulate_front_end_with_lipschitz_sde():
 @pytest.mark.parametrize("mutation", ["kappa", "half_lambda_sq"])
 def test_pathwise_check_goes_red_when_a_term_is_lost_in_the_code(mutation, monkeypatch):
     """A bug that loses κ, or the ½ of the Itô correction, in the term computation is caught."""
-    from sdelip.curvature import BatchedDecomposition
+    from sdelip.core.decompositions import BatchedDecomposition
 
     orig = BatchedDecomposition.terms
 
@@ -200,7 +200,7 @@ def test_step_curvature_is_the_discrete_step_drift():
     """log σ1(θ − ηg) = log σ1 + ημ + ½η²(gᵀHg/σ1 − μ²) + O(η³): with the step curvature
     (η/2σ1)gᵀHg in the drift, the Itô step misses only ½η²μ²; without it, ½η²(gᵀHg/σ1 − μ²)."""
     from sdelip import opnorm_hessian
-    from sdelip.spectral import vec
+    from sdelip.core.spectral import vec
 
     eta = 1e-3
     gap_sc, W, grad, terms = _deterministic_step(eta, True)
@@ -220,7 +220,7 @@ def test_step_curvature_is_the_discrete_step_drift():
 @pytest.mark.parametrize("decomposition", ["svd", "fast"])
 def test_step_curvature_matches_the_dense_hessian_on_a_model(decomposition):
     from sdelip import opnorm_hessian
-    from sdelip.spectral import vec
+    from sdelip.core.spectral import vec
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()

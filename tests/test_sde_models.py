@@ -24,7 +24,7 @@ from torch import nn
 
 from sdelip.engines import EngineError
 from sdelip.sde import DataSource, GridBrownian, LipschitzSDE, time_grid
-from sdelip.tracker import Tracker
+from sdelip.tracking.tracker import Tracker
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)

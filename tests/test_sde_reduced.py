@@ -20,7 +20,7 @@ import torchsde
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdelip.dynamics import lipschitz_moments
+from sdelip.core.formulas import lipschitz_moments
 from sdelip.sde import GridBrownian, LipschitzSDE, ReducedLipschitzSDE, record_lr, simulate, simulate_record
 
 Z_SE = 4.5

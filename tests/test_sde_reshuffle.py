@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from sdelip.sde import DenseDiffusion, EpochBrownian, GridBrownian, LipschitzSDE, ParameterSDE, simulate, time_grid
-from sdelip.sde.reshuffle import reshuffle_moments
+from sdelip.sde.noise.reshuffle import reshuffle_moments
 
 N, M, LR = 12, 3, 0.1
 S = N // M

@@ -20,7 +20,7 @@ from sdelip import (
     top_singular,
     weight_matrix,
 )
-from sdelip.spectral import unvec, vec
+from sdelip.core.spectral import unvec, vec
 
 from oracles import autograd_hessian, autograd_jacobian
 from strategies import matrices, separated_matrix

@@ -1,4 +1,4 @@
-"""Tests of sdelip.sweep: record folders, failures, resume after a kill, files returned, Ray.
+"""Tests of sdelip.workbench.sweep: record folders, failures, resume after a kill, files returned, Ray.
 
 The task functions live in tests/sweep_tasks.py (a sweep runs top-level functions of
 importable modules). Everything runs in-process except the last test, which runs a tiny
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import sweep_tasks
-from sdelip.sweep import FAILURES_FILE, RESULT_FILE, Progress, Task, fn_reference, run_sweep
+from sdelip.workbench.sweep import FAILURES_FILE, RESULT_FILE, Progress, Task, fn_reference, run_sweep
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -66,7 +66,7 @@ def test_task_id_is_stable_and_depends_on_fn_name_and_config(tmp_path):
                 Task("a", sweep_tasks.square, {"x": 2, "log": "l"}).id}) == 3
     assert fn_reference(sweep_tasks.square) == "sweep_tasks:square"
     # the id is the same in another process (a resumed sweep finds its folders)
-    code = "import sweep_tasks; from sdelip.sweep import Task; print(Task('a', sweep_tasks.square, {'x': 1, 'log': 'l'}).id)"
+    code = "import sweep_tasks; from sdelip.workbench.sweep import Task; print(Task('a', sweep_tasks.square, {'x': 1, 'log': 'l'}).id)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTS,
                           env=_env(), check=True)
     assert proc.stdout.strip() == t.id
@@ -140,7 +140,7 @@ def _env() -> dict:
 KILLED_SWEEP = """
 import sys, sweep_tasks
 from pathlib import Path
-from sdelip.sweep import Task, run_sweep
+from sdelip.workbench.sweep import Task, run_sweep
 log, root, flag = sys.argv[1:4]
 tasks = [Task(name=f"x={x}", fn=sweep_tasks.square, config={"x": x, "log": log, "kill_flag": flag})
          for x in (1, 2, 3, 4)]
@@ -196,8 +196,8 @@ def test_progress_lines_count_done_running_failed_with_eta():
 
 def test_the_library_and_an_in_process_sweep_do_not_import_ray(tmp_path):
     code = ("import sys; sys.modules['ray'] = None\n"  # any `import ray` raises ImportError
-            "import sdelip, sdelip.sweep, sweep_tasks\n"
-            "from sdelip.sweep import Task, run_sweep\n"
+            "import sdelip, sdelip.workbench.sweep, sweep_tasks\n"
+            "from sdelip.workbench.sweep import Task, run_sweep\n"
             f"out = run_sweep([Task('a', sweep_tasks.square, {{'x': 2, 'log': {str(tmp_path / 'l')!r}}})], "
             f"{str(tmp_path / 'r')!r}, workers=1, progress=False)\n"
             "assert out.results['a'].value == {'y': 4}\n"

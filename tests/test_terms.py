@@ -1,4 +1,4 @@
-"""The term specification (sdelip.terms) is the one source of the record schema, the rows and the SDE names."""
+"""The term specification (sdelip.core.catalogue) is the one source of the record schema, the rows and the SDE names."""
 
 import sqlite3
 
@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdelip import terms as T
-from sdelip.dynamics import LayerTerms, NetworkTerms
+from sdelip.core.formulas import LayerTerms, NetworkTerms
 from sdelip.record import LAYER_QUANTITIES, NETWORK_QUANTITIES
 from sdelip.sde.lipschitz_sde import INTEGRABLE, TERM_NAMES
-from sdelip.tracker import Tracker
+from sdelip.tracking.tracker import Tracker
 
 
 def test_every_term_is_a_field_of_the_dynamics_records():
@@ -65,7 +65,7 @@ def test_coefficient_columns_are_the_dynamics_terms():
 
 
 def test_predict_and_the_reduced_sde_read_the_columns_the_spec_names(tmp_path, monkeypatch):
-    from sdelip.prediction import predict
+    from sdelip.analysis.prediction import predict
     from sdelip.record import load_record
     from sdelip.sde import ReducedLipschitzSDE
 

@@ -4,7 +4,7 @@ A weight Parameter applied c times per forward pass is one tracked layer: one σ
 set of Thm 14 terms from its per-sample gradient g_i = the total derivative over all
 uses, and the factor σ1(θ)^c in the product bound K (Prop 8). Oracles, all float64:
 
-- per layer: :func:`sdelip.dynamics.layer_terms` on per-sample gradients from an
+- per layer: :func:`sdelip.core.formulas.layer_terms` on per-sample gradients from an
   autograd loop over the samples (``autograd.grad(losses[i], weight)``: the total
   derivative, independent of every engine);
 - per network: Thm 14 applied to f(θ) = σ1(θ)^c with ∇f and ∇²f from
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdelip.dynamics import layer_terms
+from sdelip.core.formulas import layer_terms
 from sdelip.engines import EngineNotApplicableError, WeightUsesError, resolve_engine_name
-from sdelip.layers import tracked_layers
+from sdelip.rules.inventory import tracked_layers
 from sdelip.record import load_metadata, load_record
-from sdelip.spectral import weight_matrix
-from sdelip.tracker import Tracker
+from sdelip.core.spectral import weight_matrix
+from sdelip.tracking.tracker import Tracker
 
 DT = torch.float64
 LR = 0.05

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdelip._checks import DegenerateSpectrumWarning, NonFiniteError
-from sdelip.layers import NoTrackableLayerError
-from sdelip.probes import conv_operator_norm, lipschitz_lower_bound
+from sdelip.rules.inventory import NoTrackableLayerError
+from sdelip.tracking.probes import conv_operator_norm, lipschitz_lower_bound
 from sdelip.record import StepRecord, load_metadata, load_probes, load_record, records_equal
-from sdelip.schedule import EveryN, LogSchedule, StepList, as_schedule
-from sdelip.spectral import weight_matrix
-from sdelip.tracker import InputMismatchError, NotPlainSGDWarning, SmallBatchWarning, Tracker
+from sdelip.tracking.schedule import EveryN, LogSchedule, StepList, as_schedule
+from sdelip.core.spectral import weight_matrix
+from sdelip.tracking.tracker import InputMismatchError, NotPlainSGDWarning, SmallBatchWarning, Tracker
 
 DT = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -401,7 +401,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import numpy as np
     import torch, torch.nn.functional as F
     from torch import nn
-    from sdelip.tracker import Tracker
+    from sdelip.tracking.tracker import Tracker
 
     mode, record, ckpt, n_total, n_half = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     torch.manual_seed(0); np.random.seed(0); random.seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sdelip.record import load_record
-from sdelip.train import TrainConfig, batch_indices, train
+from sdelip.workbench.train import TrainConfig, batch_indices, train
 
 BASE = dict(model="mlp", dataset="mnist-embedded", lr=0.05, batch_size=8, steps=6, max_train_samples=64,
             eval_test=False)
@@ -32,7 +32,7 @@ def test_batches_are_a_seeded_permutation_per_epoch():
 
 
 def test_max_train_samples_keeps_every_class():
-    from sdelip.train import prepare_data
+    from sdelip.workbench.train import prepare_data
 
     info = prepare_data(TrainConfig(dataset="mnist-embedded", max_train_samples=500))
     labels = torch.tensor([int(info.dataset[i][1]) for i in range(len(info))])
@@ -101,7 +101,7 @@ def test_untracked_run_and_bad_config(tmp_path):
 # resuming: the same configuration or nothing (issue 13)
 def test_resume_refuses_changed_options_naming_each_with_both_values(tmp_path):
     from sdelip.record import load_metadata
-    from sdelip.train import ResumeError
+    from sdelip.workbench.train import ResumeError
 
     ckpt, rec = tmp_path / "c.pt", tmp_path / "r.db"
     train(TrainConfig(**{**BASE, "steps": 3, "record": str(rec), "checkpoint": str(ckpt)}), progress=False)
@@ -149,7 +149,7 @@ def test_crash_and_resume_gives_the_uninterrupted_run_and_its_summary(tmp_path):
 
 
 def test_resume_refuses_mismatched_files_and_overwrite_starts_anew(tmp_path):
-    from sdelip.train import ResumeError
+    from sdelip.workbench.train import ResumeError
 
     ckpt, rec = tmp_path / "c.pt", tmp_path / "r.db"
     first = TrainConfig(**{**BASE, "steps": 2, "record": str(rec), "checkpoint": str(ckpt)})
@@ -181,7 +181,7 @@ def test_resume_refuses_mismatched_files_and_overwrite_starts_anew(tmp_path):
 
 
 def test_iid_stream_is_one_generator_and_a_resumed_run_replays_it(tmp_path):
-    from sdelip.train import iid_stream_seed
+    from sdelip.workbench.train import iid_stream_seed
 
     n, M = 20, 6
     gen = torch.Generator().manual_seed(iid_stream_seed(1))

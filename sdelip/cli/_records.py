@@ -25,7 +25,7 @@ def _load(record_path, need_rows: bool = True):
 
 def _degenerate(record, include: bool, what: str):
     """Report the record's degenerate steps and return the record ``what`` uses (module prediction)."""
-    from ..prediction import degenerate_steps, drop_degenerate
+    from ..analysis.prediction import degenerate_steps, drop_degenerate
 
     bad = degenerate_steps(record)
     if not bad:
@@ -90,8 +90,8 @@ def prediction_summary(record, pred, at_steps: Optional[Sequence[int]] = None) -
 
 def terms_summary(record) -> list[dict]:
     """Per-layer time averages of μ, κ, ‖λ‖² and the covariance share of κ."""
-    from ..plotting import layer_label, layer_names
-    from ..terms import LOG_K_COEFFICIENTS, layer_column, network_column, term
+    from ..analysis.plotting import layer_label, layer_names
+    from ..core.catalogue import LOG_K_COEFFICIENTS, layer_column, network_column, term
 
     rows = []
     for name in layer_names(record) + ["network"]:
@@ -126,7 +126,7 @@ def _simulate(record, lr: float, n: int, seed: int, device: str, progress: bool)
 
 
 def cmd_predict(args) -> int:
-    from ..prediction import predict
+    from ..analysis.prediction import predict
 
     if args.csv:
         _check_output(args.csv)
@@ -148,7 +148,7 @@ def cmd_simulate(args) -> int:
     record = _load(args.record)
     lr = _lr_of(args.record, record)
     record = _degenerate(record, args.include_degenerate, "the simulation")
-    from ..threads import use_threads
+    from ..tracking.threads import use_threads
 
     with use_threads(args.threads):
         sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
@@ -172,8 +172,8 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from ..plotting import save_figure, summary_figure
-    from ..prediction import predict
+    from ..analysis.plotting import save_figure, summary_figure
+    from ..analysis.prediction import predict
 
     out = _check_output(args.out or Path(args.record).with_suffix(".png"))
     record = _load(args.record)
@@ -217,7 +217,7 @@ def cmd_info(args) -> int:
         print("  rows: 0 (no step recorded yet)")
         return 0
     print(f"  rows: {len(record)} (steps {int(steps.iloc[0])}..{int(steps.iloc[-1])})")
-    from ..prediction import degenerate_steps
+    from ..analysis.prediction import degenerate_steps
 
     bad = degenerate_steps(record)
     if bad:

@@ -12,7 +12,7 @@ from ._records import _degenerate, _load, _simulate, prediction_summary, terms_s
 
 
 def _train_config(args, record: Optional[str]):
-    from ..train import TrainConfig
+    from ..workbench.train import TrainConfig
 
     return TrainConfig(
         model=args.model, dataset=args.dataset, data_root=args.data_root, download=args.download, lr=args.lr,
@@ -53,7 +53,7 @@ def _track_flags() -> dict:
 
 def cli_option(option: str, value) -> str:
     """A TrainConfig option as the ``sdelip track`` command line spells it, e.g. ``--lr 0.01``."""
-    from ..regularizers import PRESETS, RegularizerConfig
+    from ..workbench.regularizers import PRESETS, RegularizerConfig
 
     flag = _track_flags().get(option)
     if flag is None:
@@ -77,7 +77,7 @@ def default_checkpoint(record) -> Path:
 
 
 def cmd_track(args) -> int:
-    from ..train import ResumeError, train
+    from ..workbench.train import ResumeError, train
 
     record = Path(args.record)
     if args.no_checkpoint:
@@ -100,9 +100,9 @@ def cmd_track(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from ..plotting import save_figure, summary_figure
-    from ..prediction import predict
-    from ..train import TrainConfig, train
+    from ..analysis.plotting import save_figure, summary_figure
+    from ..analysis.prediction import predict
+    from ..workbench.train import TrainConfig, train
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

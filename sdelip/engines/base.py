@@ -5,7 +5,7 @@ of the per-sample gradients g_i = ∇_θ ℓ(θ; x_i, y_i) of one mini-batch (i 
 
 - the projections g_i v1 (M × m) and g_iᵀ u1 (M × n) on the top singular pair (u1, v1)
   of θ — enough for the drift μ, the diffusion ‖λ‖² and the noise curvature κ
-  (:func:`sdelip.dynamics.terms_from_projections`);
+  (:func:`sdelip.core.formulas.terms_from_projections`);
 - Σ_i g_i and Σ_i g_i ∘ g_i (m × n) — the diagonal of Σ̂ (Prop 5–6), needed only for the
   variance/covariance split of κ.
 
@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from .._checks import NonFiniteError  # noqa: F401  (re-exported)
-from ..statistics import EngineError, LayerStatistics, StatisticsAccumulator
+from ..core.statistics import EngineError, LayerStatistics, StatisticsAccumulator
 
 if TYPE_CHECKING:  # the layers import the rules, which import these containers
-    from ..layers import TrackedLayer
+    from ..rules.inventory import TrackedLayer
 
 __all__ = [
     "LayerStatistics",
@@ -97,13 +97,13 @@ def untracked_weight_users(model: nn.Module, layers: Optional[Sequence["TrackedL
 
     Args:
         model: the network.
-        layers: its tracked layers (default :func:`sdelip.layers.tracked_layers`).
+        layers: its tracked layers (default :func:`sdelip.rules.inventory.tracked_layers`).
 
     Returns:
         tracked layer name → paths of the other modules holding its weight (only layers
         that have some).
     """
-    from ..layers import tracked_layers
+    from ..rules.inventory import tracked_layers
     from ..rules.base import get_attr as _get_attr
 
     if layers is None:
@@ -130,7 +130,7 @@ class Engine(abc.ABC):
 
     Args:
         model: the network.
-        layers: the tracked layers (:func:`sdelip.layers.tracked_layers`).
+        layers: the tracked layers (:func:`sdelip.rules.inventory.tracked_layers`).
         split: compute Σ g_i and Σ g_i ∘ g_i for the Prop 6 split of κ.
         chunk_bytes: memory budget of one chunk of per-sample intermediates.
     """

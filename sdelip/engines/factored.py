@@ -45,7 +45,7 @@ from torch import nn
 from ..rules import BatchAxisError, Use, probe_batch_axis
 from ..rules.base import GENERAL, GENERAL_DONE
 from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
-from ..statistics import EngineError, LayerStatistics, StatisticsAccumulator
+from ..core.statistics import EngineError, LayerStatistics, StatisticsAccumulator
 from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users
 
 __all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "linear_statistics",

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..statistics import EngineError
+from ..core.statistics import EngineError
 from .base import Use, get_attr, register_rule
 from .linear import LinearUses
 

@@ -226,7 +226,7 @@ class LayerRule(abc.ABC):
         return False
 
     def operator_norm_probe(self, module: nn.Module, input_shape, init=None, generator=None):
-        """The exact operator norm of the module on its input shape (:mod:`sdelip.probes`), or None."""
+        """The exact operator norm of the module on its input shape (:mod:`sdelip.tracking.probes`), or None."""
         return None
 
     def trajectory_projections(self, module: nn.Module, attr: str, x: torch.Tensor, delta: torch.Tensor,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..statistics import EngineError, LayerStatistics
+from ..core.statistics import EngineError, LayerStatistics
 from .base import LayerRule, Use, register_rule
 from .linear import patch_statistics, statistics_buffers
 
@@ -240,7 +240,7 @@ class ConvRule(LayerRule):
         return isinstance(module, nn.Conv2d)
 
     def operator_norm_probe(self, module, input_shape, init=None, generator=None):
-        from ..probes import conv_operator_norm
+        from ..tracking.probes import conv_operator_norm
 
         if not self.has_operator_norm_probe(module) or len(input_shape) != 3:
             return None

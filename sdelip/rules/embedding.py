@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..statistics import LayerStatistics
+from ..core.statistics import LayerStatistics
 from .base import LayerRule, Use, register_rule
 
 __all__ = ["EmbeddingRule", "embedding_statistics", "embedding_per_sample_grads"]

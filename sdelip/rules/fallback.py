@@ -3,7 +3,7 @@
 A weight matrix (a parameter with at least two dimensions that the optimizer trains) of a
 module without a registered rule (nn.LSTM, nn.Bilinear, a custom module, a parameter of
 the model itself) is tracked by this fallback when ``unsupported="fallback"`` (the
-default of :func:`sdelip.layers.tracked_layers`), or refused by name with
+default of :func:`sdelip.rules.inventory.tracked_layers`), or refused by name with
 ``unsupported="error"``. Its forward hooks keep the module's call arguments and outputs;
 after the tracker's backward, the per-sample gradient of sample i is
 
@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..statistics import EngineError, LayerStatistics, StatisticsAccumulator
+from ..core.statistics import EngineError, LayerStatistics, StatisticsAccumulator
 from .base import LayerRule, Use, get_attr
 
 __all__ = ["FallbackRule", "FALLBACK"]

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..statistics import LayerStatistics
+from ..core.statistics import LayerStatistics
 from .base import LayerRule, Use, register_rule
 
 __all__ = ["LinearRule", "LinearUses", "statistics_buffers", "linear_statistics", "sequence_linear_statistics",

@@ -4,7 +4,7 @@ LayerNorm over several axes, GroupNorm, BatchNorm, InstanceNorm and RMSNorm mult
 elementwise; a ``LayerNorm([C, H])`` holds a two-dimensional ``weight`` that is a
 diagonal map, not a matrix θ^(ℓ) of the product bound. This rule tracks none of them, so
 the per-module fallback does not take them for weight matrices; they are listed as left
-out (:func:`sdelip.layers.weight_inventory`). BatchNorm in training mode couples the
+out (:func:`sdelip.rules.inventory.weight_inventory`). BatchNorm in training mode couples the
 samples, which the engines handle (:func:`sdelip.engines.coupling_modules`).
 """
 

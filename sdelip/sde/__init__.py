@@ -18,10 +18,10 @@
 
 from .brownian import GridBrownian, time_grid
 from .epoch_brownian import EpochBrownian
-from .data import DataSource
+from .noise.data import DataSource
 from .dense import DenseDiffusion
 from .evaluation import Evaluation, ExtraRows, NoiseObserver
-from .gradients import GradientEstimate
+from .noise.materialised import GradientEstimate
 from .layout import ParamLayout
 from .lipschitz_sde import LipschitzSDE, LogLipschitzRows
 from .parameter_sde import ParameterSDE

@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional
 import attrs
 import torch
 
-from .gradients import activation_numel
+from .noise.materialised import activation_numel
 
 __all__ = ["Evaluation", "NoiseObserver", "ExtraRows", "ChunkPlan", "CHUNK_BYTES", "CPU_ROWS_PER_CALL"]
 

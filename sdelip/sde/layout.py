@@ -13,7 +13,7 @@ import attrs
 import torch
 from torch import nn
 
-from ..layers import TrackedLayer
+from ..rules.inventory import TrackedLayer
 
 __all__ = ["ParamSpec", "ParamBlock", "ParamLayout"]
 

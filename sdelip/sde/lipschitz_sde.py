@@ -20,7 +20,7 @@ The log K rows are a component, :class:`LogLipschitzRows` (an
 :class:`~sdelip.sde.evaluation.ExtraRows`), composed with the parameter system:
 :class:`LipschitzSDE` is :class:`~sdelip.sde.ParameterSDE` with these rows. At each
 evaluation they decompose every layer's weight matrices over the trajectories
-(:func:`sdelip.curvature.decompose_batched`, the decomposition interface of the
+(:func:`sdelip.core.decompositions.decompose_batched`, the decomposition interface of the
 tracker), observe the parameters' noise pass for the projections g_i v1 and g_iᵀ u1
 (the layer rules' ``trajectory_projections``, or the materialised rows), and turn them
 into Thm 14's terms.
@@ -37,16 +37,16 @@ import attrs
 import torch
 
 from .._checks import check_gap, check_lipschitz_sde_options, check_lipschitz_sde_sampling
-from ..curvature import BatchedDecomposition, decompose_batched
-from ..dynamics import optimization_drift
+from ..core.decompositions import BatchedDecomposition, decompose_batched
+from ..core.formulas import optimization_drift
 from ..engines.base import DEFAULT_CHUNK_BYTES
-from ..terms import INTEGRABLE_TERMS, SDE_TERMS
+from ..core.catalogue import INTEGRABLE_TERMS, SDE_TERMS
 from .evaluation import Evaluation, ExtraRows, NoiseObserver
 from .parameter_sde import ParameterSDE
 
 __all__ = ["LipschitzSDE", "LogLipschitzRows"]
 
-#: The names of the per-layer terms returned by :meth:`LipschitzSDE.terms` (:data:`sdelip.terms.TERMS`).
+#: The names of the per-layer terms returned by :meth:`LipschitzSDE.terms` (:data:`sdelip.core.catalogue.TERMS`).
 TERM_NAMES = SDE_TERMS
 #: Terms whose integrals ``integrate=`` can carry in the state.
 INTEGRABLE = INTEGRABLE_TERMS
@@ -143,7 +143,7 @@ class LogLipschitzRows(ExtraRows):
         return "fast" if torch.device(device).type == "cpu" and min(shape) >= FAST_MIN_DIM else "svd"
 
     def decompose(self, sde, y: torch.Tensor) -> tuple:
-        """(the weight matrices, their :class:`~sdelip.curvature.BatchedDecomposition`) per layer at the states y."""
+        """(the weight matrices, their :class:`~sdelip.core.decompositions.BatchedDecomposition`) per layer at the states y."""
         Ws = sde.weight_matrices(y[:, : sde.n_params].detach())
         return Ws, [decompose_batched(W, self.route(W.shape[1:], y.device), sde.gap_tol) for W in Ws]
 

@@ -28,7 +28,7 @@ Two engines evaluate the diffusion (``engine=``):
 
 - ``"factored"`` (default): the Euler increment G·dB = Σ_i (c_i − c̄) g_i is the gradient
   of a weighted mini-batch loss, obtained from one backward pass per trajectory, all
-  trajectories batched in one ``torch.func`` call (:mod:`sdelip.sde.weighted_noise`). Cost:
+  trajectories batched in one ``torch.func`` call (:mod:`sdelip.sde.noise.factored`). Cost:
   about the gradient evaluations themselves; memory O(n·P) plus one mini-batch's
   activations per trajectory of a chunk; no per-sample gradient is ever formed.
 - ``"materialised"``: per-sample gradients by ``vmap(grad)`` over samples and
@@ -64,16 +64,16 @@ from torch import nn
 
 from .._checks import (check_drift_noise, check_positive, check_sde_engine, check_sde_gradient_fn, check_sde_lr,
                        check_sde_noise_batch, check_sde_sampling)
-from ..layers import TrackedLayer, tracked_layers
-from ..spectral import DEFAULT_GAP_TOL
+from ..rules.inventory import TrackedLayer, tracked_layers
+from ..core.spectral import DEFAULT_GAP_TOL
 from .dense import DENSE_DIFFUSION_MAX
-from .estimator import model_estimator
+from .noise.estimator import model_estimator
 from .evaluation import ChunkPlan, Evaluation, ExtraRows, NoiseObserver
-from .gradients import GradientEstimate
+from .noise.materialised import GradientEstimate
 from .layout import ParamLayout
 from .brownian import GridBrownian
 from .epoch_brownian import EpochBrownian
-from .noise_factor import centred_rows, factored_increments, reshuffled_evaluation, reshuffled_increments, rows_times
+from .noise.factor import centred_rows, factored_increments, reshuffled_evaluation, reshuffled_increments, rows_times
 
 __all__ = ["ParameterSDE"]
 
@@ -131,7 +131,7 @@ class ParameterSDE(nn.Module):
             G = D(θ)/√(M(N − 1)) (columns g_i − ∇L over all N training samples) driven by
             an N-dimensional :class:`~sdelip.sde.EpochBrownian` pinned within each epoch of
             ⌊N/M⌋ steps (:meth:`brownian_motion`); drift and noise from one weighted pass
-            over the data (:mod:`sdelip.sde.reshuffle`; docs/sde.md, "Reshuffled epochs").
+            over the data (:mod:`sdelip.sde.noise.reshuffle`; docs/sde.md, "Reshuffled epochs").
             Needs a materialised training set and the full-set drift.
         weight_decay: λ_wd of SGD's L2 penalty: the drift becomes −(∇L + λ_wd θ).
         seed: seed of the data sampling (:meth:`reseed` restarts it).

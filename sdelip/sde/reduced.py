@@ -49,8 +49,8 @@ import torch
 from torch import nn
 
 from .._checks import check_positive
-from ..dynamics import LipschitzMoments, lipschitz_moments, repeated_use_coefficients
-from ..terms import LOG_K_COEFFICIENTS, layer_column, network_column
+from ..core.formulas import LipschitzMoments, lipschitz_moments, repeated_use_coefficients
+from ..core.catalogue import LOG_K_COEFFICIENTS, layer_column, network_column
 
 __all__ = ["ReducedLipschitzSDE", "record_lr"]
 
@@ -226,7 +226,7 @@ class ReducedLipschitzSDE(nn.Module):
 
         A record of a model with tied weights has ``uses/<layer>`` columns: a layer whose
         weight is applied c > 1 times is simulated as its factor σ1^c of K, with the
-        coefficients of :func:`sdelip.dynamics.repeated_use_coefficients`.
+        coefficients of :func:`sdelip.core.formulas.repeated_use_coefficients`.
 
         Args:
             record: the record DataFrame.

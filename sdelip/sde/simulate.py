@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import torchsde
 
-from ..dynamics import LipschitzMoments
+from ..core.formulas import LipschitzMoments
 from .brownian import GridBrownian
 from .reduced import ReducedLipschitzSDE
 
@@ -324,7 +324,7 @@ def simulate_record(
     epochs of ⌊N/M⌋ steps, :class:`ReducedLipschitzSDE` with ``steps_per_epoch`` and
     ``batch_fraction`` = M/N; ``theory`` then holds its closed-form moments);
     ``sampling="auto"`` takes the record's own sampling (its metadata's
-    ``config.sampling``, as :func:`sdelip.train.train` writes it; iid when absent).
+    ``config.sampling``, as :func:`sdelip.workbench.train.train` writes it; iid when absent).
 
     Args:
         record: a tracking record: the DataFrame of ``sdelip.record.load_record`` or the

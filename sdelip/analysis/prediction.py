@@ -1,0 +1,182 @@
+"""From a record to the Thm 16–17 prediction of K(t), side by side with the observed K(t).
+
+Given the network coefficients measured along a run — μ_Z, κ_Z, λ_Z² (Thm 15) at the
+tracked steps k_0 < k_1 < … with SDE times t_0 < t_1 < … — the prediction is
+
+- the deterministic path of Thm 16 (Eq. 17): Z_path(t_j) = Z(t_0) + Σ_{i<j} (μ_Z + κ_Z − ½ λ_Z²)(t_i) Δt_i,
+  K_path = exp(Z_path);
+- the Thm 17 moments: Z_mean = Z_path, Z_std² = Var[Z] = Σ_{i<j} λ_Z²(t_i) Δt_i (Eq. 18),
+  K_mean = E[K] = K(t_0) exp Σ_{i<j} (μ_Z + κ_Z)(t_i) Δt_i (Eq. 15),
+  K_std² = Var[K] = E[K]² (e^{Var Z} − 1) (Eq. 16),
+
+with Δt_i = t_{i+1} − t_i. The coefficients measured at a tracked step are held constant
+until the next tracked step (left Riemann sums, THEORY.md §1): for a record of every step
+Δt_i = η and the sums are the ∫ … ds of Thm 16–17 on the step grid; for a sparse schedule
+(every N steps, logarithmic) the same rule integrates over the actual spacing, which is
+exact only if the coefficients change little between tracked steps.
+
+Thm 17 is exact when the coefficients are deterministic functions of time; measured along
+one run they are one realisation, so the moments describe runs whose coefficients follow
+this one's.
+
+Degenerate steps. A step is flagged ``degenerate`` when a layer's top singular value was
+(nearly) repeated, relative gap below ``gap_tol`` (Assumption 11 violated, e.g. an
+orthogonal initialisation). There σ1 is not differentiable and the Lemma 12–13 terms
+carry 1/(σ1² − σ2²): κ and the Hessian terms of such a step are not defined by the
+theory and their numbers (clamped gaps) can be orders of magnitude off. By default
+(:func:`drop_degenerate`) they never drive a prediction or a simulation: leading
+degenerate rows are dropped (the prediction starts at the first regular step, from the K
+observed there) and the coefficients of a later degenerate step are replaced by those of
+the previous regular step, exactly as a sparse schedule holds a tracked step's
+coefficients until the next one. ``degenerate="include"`` uses them as recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import numpy as np
+import pandas as pd
+
+from ..core.formulas import lipschitz_moments
+from ..record import load_record
+from ..core.catalogue import COEFFICIENT_COLUMNS, LOG_K_COEFFICIENTS, network_column
+
+__all__ = ["predict", "drop_degenerate", "degenerate_steps", "PREDICTION_COLUMNS"]
+
+#: Columns of :func:`predict`'s DataFrame.
+PREDICTION_COLUMNS = (
+    "step",
+    "t",
+    "K_observed",
+    "Z_observed",
+    "Z_path",
+    "K_path",
+    "K_mean",
+    "K_std",
+    "Z_mean",
+    "Z_std",
+    "degenerate",
+)
+
+
+def degenerate_steps(df: pd.DataFrame) -> list[int]:
+    """The steps of a record flagged degenerate (a layer's σ1 (nearly) repeated, Assumption 11)."""
+    if "degenerate" not in df.columns or df.empty:
+        return []
+    flag = df["degenerate"].fillna(False).astype(bool).to_numpy()
+    return [int(s) for s in df["step"].to_numpy()[flag]]
+
+
+def _is_coefficient(col: str) -> bool:
+    return col.split("/", 1)[0] in COEFFICIENT_COLUMNS
+
+
+def drop_degenerate(df: pd.DataFrame) -> pd.DataFrame:
+    """The record with its degenerate steps kept out of the coefficients (module docstring).
+
+    Leading degenerate rows are dropped; a later degenerate row keeps its observed K and Z
+    but takes the Thm 14–15 coefficients (drift, noise curvature and its split, diffusion,
+    step curvature; network and per layer) of the previous regular row.
+
+    Raises:
+        ValueError: every step is degenerate.
+    """
+    bad = set(degenerate_steps(df))
+    if not bad:
+        return df
+    df = df.sort_values("step").reset_index(drop=True)
+    flag = df["step"].isin(bad).to_numpy()
+    if flag.all():
+        raise ValueError(f"every step of the record ({len(df)}) is degenerate (a layer's top singular value "
+                         "repeated, Assumption 11): its coefficients are undefined; pass degenerate='include' "
+                         "(--include-degenerate) to use them anyway")
+    first = int(np.argmin(flag))
+    df = df.iloc[first:].reset_index(drop=True)
+    flag = flag[first:]
+    cols = [c for c in df.columns if _is_coefficient(c)]
+    if flag.any():
+        df = df.copy()
+        block = df[cols].mask(pd.Series(flag, index=df.index), np.nan)
+        # forward fill from the previous regular row only (NaNs recorded on regular rows stay NaN)
+        group = np.cumsum(~flag)
+        df[cols] = block.groupby(group).transform("first")
+    return df
+
+
+def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[int] = None,
+            degenerate: str = "exclude") -> pd.DataFrame:
+    """The Thm 16 path and the Thm 17 mean and spread of K(t) from a record.
+
+    Args:
+        record: a record path or the DataFrame of :func:`sdelip.record.load_record` (needs
+            the columns step, t, Z, K, drift_Z, noise_curvature_Z, diffusion_sq_Z).
+        start_step: start the prediction at this tracked step (default: the first row);
+            Z(0) and K(0) are the observed values there.
+        degenerate: ``"exclude"`` (default): degenerate steps never drive the prediction
+            (:func:`drop_degenerate`); ``"include"``: use their coefficients as recorded.
+            The output's ``degenerate`` column flags them and ``out.attrs["degenerate_steps"]``
+            lists every flagged step of the record.
+
+    Returns:
+        DataFrame with one row per tracked step from the start: step, t, K_observed,
+        Z_observed, Z_path, K_path, K_mean, K_std, Z_mean, Z_std, degenerate (the step is
+        flagged; its coefficients were held from the previous step unless included), and, when the record has
+        ``step_curvature_Z``, K_mean_discrete: the Thm 17 mean with the O(η) drift of the
+        discrete step, (η/2σ1)∇LᵀH∇L per layer, added (not in the paper; THEORY.md §4).
+
+    Raises:
+        ValueError: missing columns, no rows, non-increasing times, non-finite coefficients.
+    """
+    df = load_record(record) if not isinstance(record, pd.DataFrame) else record
+    K_col = network_column("sigma1")
+    coefficients = [network_column(name) for name in LOG_K_COEFFICIENTS]  # μ_Z, κ_Z, λ_Z²
+    need = ["step", "t", "Z", K_col, *coefficients]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"the record lacks the column(s) {missing} needed for the prediction")
+    if degenerate not in ("exclude", "include"):
+        raise ValueError(f"degenerate must be 'exclude' or 'include', got {degenerate!r}")
+    df = df.sort_values("step")
+    flagged = degenerate_steps(df)
+    if degenerate == "exclude":
+        df = drop_degenerate(df)
+    if start_step is not None:
+        df = df[df["step"] >= int(start_step)]
+    if len(df) == 0:
+        raise ValueError("the record has no tracked step to predict from" +
+                         (f" at or after step {start_step}" if start_step is not None else ""))
+    t = df["t"].to_numpy(dtype=np.float64)
+    dt = np.diff(t)
+    if np.any(dt <= 0):
+        bad = df["step"].to_numpy()[1:][dt <= 0][:5].tolist()
+        raise ValueError(f"the SDE time t must increase along the record; it does not at steps {bad}")
+    K0 = float(df[K_col].iloc[0])
+    mu, kappa, lam2 = (df[c].to_numpy(dtype=np.float64)[:-1] for c in coefficients)
+    # Each coefficient holds for its own Δt_i: integrate with dt = 1 over f_i·Δt_i (left sums).
+    mom = lipschitz_moments(K0, mu * dt, kappa * dt, lam2 * dt, dt=1.0)
+    out = pd.DataFrame(
+        {
+            "step": df["step"].to_numpy(dtype=np.int64),
+            "t": t,
+            "K_observed": df[K_col].to_numpy(dtype=np.float64),
+            "Z_observed": df["Z"].to_numpy(dtype=np.float64),
+            "Z_path": mom.mean_Z,
+            "K_path": np.exp(mom.mean_Z),
+            "K_mean": mom.mean_K,
+            "K_std": mom.std_K,
+            "Z_mean": mom.mean_Z,
+            "Z_std": np.sqrt(mom.var_Z),
+            "degenerate": df["step"].isin(flagged).to_numpy(),
+        }
+    )
+    step_col = network_column("step_curvature")
+    if step_col in df.columns:
+        # Beyond Thm 17: the mean with the O(η) drift of the discrete step added (THEORY.md §4),
+        # E[K] ≈ K0 exp ∫(μ_Z + κ_Z + step_curvature_Z). NaN where a record predates the column.
+        sc = df[step_col].to_numpy(dtype=np.float64)[:-1]
+        out["K_mean_discrete"] = mom.mean_K * np.exp(np.concatenate([[0.0], np.cumsum(sc * dt)]))
+    out.attrs["degenerate_steps"] = flagged
+    out.attrs["degenerate_policy"] = degenerate
+    return out

@@ -1,0 +1,82 @@
+"""The per-step measurement pipeline: decompositions, Thm 14 terms per layer, the network record row.
+
+Given the tracked layers, their per-sample statistics from an engine (THEORY.md §6) and
+the step's η and weight decays, a tracked step is three pure steps:
+
+1. :func:`decompose_layers` — σ1, u1, v1, the gap and the Hessian's forms of every weight
+   matrix (Lemma 12–13, :func:`sdelip.core.decompositions.decompose_layer`);
+2. :func:`layer_terms_from_statistics` — μ, κ (with the Prop 6 split), ‖λ‖² and the step
+   curvature per layer (Thm 14), checked finite;
+3. :func:`step_record` — the Thm 15 network sums (a weight applied c times as σ1^c,
+   :func:`sdelip.core.formulas.repeated_use_terms`) and the record row, whose columns come
+   from :data:`sdelip.core.catalogue.TERMS`.
+
+:class:`sdelip.tracking.tracker.Tracker` runs them on every tracked step.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .._checks import NonFiniteError, check_finite
+from ..core.decompositions import decompose_layer
+from ..core.formulas import LayerTerms, network_terms, repeated_use_terms
+from ..record import StepRecord
+from ..core.catalogue import TERMS, network_columns
+
+__all__ = ["decompose_layers", "layer_terms_from_statistics", "step_record", "check_terms"]
+
+
+def decompose_layers(layers: Sequence, method: str, gap_tol: float, on_degenerate: str, step: int) -> dict:
+    """Layer name → the decomposition of its weight matrix (:func:`sdelip.core.decompositions.decompose_layer`)."""
+    decomps = {}
+    for layer in layers:
+        W = layer.matrix().detach()
+        if W.dtype in (torch.float16, torch.bfloat16):  # no eigensolvers in half precision
+            W = W.float()
+        check_finite(W, "the weight matrix", layer.name, step)
+        decomps[layer.name] = decompose_layer(W, method, gap_tol, on_degenerate, name=layer.name, step=step)
+    return decomps
+
+
+def layer_terms_from_statistics(layers: Sequence, decomps: Mapping, stats: Mapping, lr: float,
+                                weight_decays: Mapping[str, float], split: bool, extra_noise_var: float,
+                                step: int) -> dict:
+    """Layer name → its :class:`~sdelip.core.formulas.LayerTerms` (Thm 14) from the per-sample statistics."""
+    terms: dict[str, LayerTerms] = {}
+    for layer in layers:
+        st = stats[layer.name]
+        noise_var = st.noise_var() if split else None
+        tt = decomps[layer.name].terms(st.Gv, st.Gtu, lr, noise_var=noise_var,
+                                       weight_decay=weight_decays[layer.name], extra_noise_var=extra_noise_var,
+                                       diffusion_split=layer.uses > 1)
+        check_terms(tt, layer.name, step)
+        terms[layer.name] = tt
+    return terms
+
+
+def check_terms(tt: LayerTerms, name: str, step: int) -> None:
+    """Raise :class:`~sdelip._checks.NonFiniteError` naming the term, layer and step if one is NaN/Inf."""
+    for key, v in tt.as_dict().items():
+        if isinstance(v, float) and not np.isfinite(v):
+            raise NonFiniteError(f"the term {key} of layer {name!r} at step {step} is {v}")
+
+
+def step_record(layers: Sequence, terms: Mapping, losses: torch.Tensor, step: int, t: float, M: int, lr: float,
+                extra_noise_var: float) -> StepRecord:
+    """The record row of a tracked step: per-layer columns and the Thm 15 network sums."""
+    net = network_terms([repeated_use_terms(terms[l.name], l.uses, lr, extra_noise_var) for l in layers])
+    layer_rows = {}
+    for layer in layers:
+        q = terms[layer.name].as_dict()
+        layer_rows[layer.name] = {t_.column: q[t_.name] for t_ in TERMS}
+        layer_rows[layer.name]["degenerate"] = bool(q["degenerate"])
+    network = {c: getattr(net, c) for c in network_columns()}
+    loss = float(losses.detach().double().mean())
+    return StepRecord(
+        step=step, t=float(t), lr=lr, loss=loss, batch_size=M, layers=layer_rows, network=network,
+        degenerate=any(r["degenerate"] for r in layer_rows.values()),
+    )
