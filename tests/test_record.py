@@ -58,7 +58,7 @@ def test_round_trip_is_bitwise_and_columns_follow_the_contract(tmp_path):
     names = [n for n, _, _ in LAYERS]
     expected = ["step", "t", "lr", "loss", "batch_size"]
     expected += [f"{q}/{n}" for q in LAYER_QUANTITIES + ("degenerate",) for n in names]
-    expected += list(NETWORK_QUANTITIES) + ["degenerate"]
+    expected += list(NETWORK_QUANTITIES) + ["degenerate", "grad_scale", "update_modelled", "update_note"]
     assert list(df.columns) == expected
     for q in ("K", "drift", "noise_curvature", "noise_curvature_var", "noise_curvature_cov", "diffusion_sq", "gap"):
         for n in names:

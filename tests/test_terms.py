@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdelip import terms as T
+from sdelip.core import catalogue as T
 from sdelip.core.formulas import LayerTerms, NetworkTerms
 from sdelip.record import LAYER_QUANTITIES, NETWORK_QUANTITIES
 from sdelip.sde.lipschitz_sde import INTEGRABLE, TERM_NAMES
@@ -21,15 +21,17 @@ def test_every_term_is_a_field_of_the_dynamics_records():
     for t in T.TERMS:
         assert t.name in layer_fields, t
         assert t.network is None or t.network in net_fields, t
-    assert set(T.network_columns()) == net_fields
+    realised = {t.network for t in T.REALISED_TERMS}  # measured after optimizer.step(), not LayerTerms fields
+    assert set(T.network_columns()) == net_fields | realised
     ranks = [t.network_rank for t in T.TERMS if t.network]
     assert len(set(ranks)) == len(ranks)
 
 
 def test_record_schema_rows_and_sde_names_derive_from_the_spec(tmp_path):
-    assert LAYER_QUANTITIES == tuple(t.column for t in T.TERMS)
+    assert LAYER_QUANTITIES == tuple(t.column for t in T.TERMS + T.REALISED_TERMS)
     assert NETWORK_QUANTITIES == ("Z", "K", "drift_Z", "noise_curvature_Z", "diffusion_sq_Z", "noise_curvature_var_Z",
-                                  "noise_curvature_cov_Z", "step_curvature_Z")
+                                  "noise_curvature_cov_Z", "step_curvature_Z", "realised_drift_Z",
+                                  "realised_curvature_Z")
     assert TERM_NAMES == ("sigma1", "drift", "noise_curvature", "diffusion_sq")
     assert INTEGRABLE == ("drift", "noise_curvature", "diffusion_sq", "step_curvature")
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()

@@ -17,7 +17,7 @@ from typing import Optional
 
 import attrs
 
-__all__ = ["Term", "TERMS", "term", "layer_columns", "network_columns", "layer_column", "network_column",
+__all__ = ["Term", "TERMS", "REALISED_TERMS", "term", "layer_columns", "network_columns", "layer_column", "network_column",
            "SDE_TERMS", "INTEGRABLE_TERMS", "COEFFICIENT_COLUMNS", "LOG_K_COEFFICIENTS"]
 
 
@@ -74,12 +74,23 @@ TERMS: tuple = (
          "discrete-step drift", "THEORY.md §4", integrable=True),
 )
 
-_BY_NAME = {t.name: t for t in TERMS}
+#: What the optimizer's update actually did to each layer's σ1 (docs/theory.md §4): measured after
+#: ``optimizer.step()`` from Δ = θ_after − θ_before, per unit of SDE time, for every optimizer
+#: (:mod:`sdelip.tracking.update`). Not model coefficients: the model's μ and κ + step
+#: curvature are set against them. Network aggregates count a weight applied c times as σ1^c.
+REALISED_TERMS: tuple = (
+    Term("realised_drift", "realised_drift", "realised_drift_Z", 8, "u1ᵀΔv1/(ησ1)", "realised_mu",
+         "realised first-order change", "docs/theory.md §4", coefficient=False),
+    Term("realised_curvature", "realised_curvature", "realised_curvature_Z", 9, "Q(Δ)/(2ησ1)",
+         "realised_curv", "realised second-order change", "docs/theory.md §4", coefficient=False),
+)
+
+_BY_NAME = {t.name: t for t in TERMS + REALISED_TERMS}
 
 
 def term(name: str) -> Term:
     """The :class:`Term` of a LayerTerms attribute or record column."""
-    t = _BY_NAME.get(name) or next((t for t in TERMS if t.column == name), None)
+    t = _BY_NAME.get(name) or next((t for t in TERMS + REALISED_TERMS if t.column == name), None)
     if t is None:
         raise KeyError(f"no term {name!r}; terms: {', '.join(t.name for t in TERMS)}")
     return t
@@ -87,12 +98,13 @@ def term(name: str) -> Term:
 
 def layer_columns() -> tuple:
     """The per-layer record columns, in order."""
-    return tuple(t.column for t in TERMS)
+    return tuple(t.column for t in TERMS + REALISED_TERMS)
 
 
 def network_columns() -> tuple:
     """The network record columns: Z, then the aggregates in rank order."""
-    return ("Z",) + tuple(t.network for t in sorted(TERMS, key=lambda t: t.network_rank) if t.network)
+    return ("Z",) + tuple(t.network for t in sorted(TERMS + REALISED_TERMS, key=lambda t: t.network_rank)
+                          if t.network)
 
 
 def layer_column(name: str, layer: str) -> str:

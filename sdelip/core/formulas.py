@@ -474,3 +474,17 @@ def lipschitz_moments(K0, drift_Z, noise_curvature_Z, diffusion_sq_Z, dt) -> Lip
     var_K = mean_K**2 * np.expm1(var_Z)
     t = np.arange(mu.shape[0] + 1) * dt
     return LipschitzMoments(t=t, mean_Z=mean_Z, var_Z=var_Z, mean_K=mean_K, var_K=var_K)
+
+
+def blank_coefficients(t: LayerTerms) -> LayerTerms:
+    """The terms with every coefficient of the dynamics set to NaN (σ1, the gap and flags kept).
+
+    For a step whose update the model does not describe (an optimizer without an update
+    rule, a gradient edited elementwise before the step): the record keeps what was
+    measured of θ and says, by NaN, that no coefficient was.
+    """
+    nan = torch.tensor(float("nan"), dtype=t.sigma1.dtype)
+    blank = {x.name: nan for x in TERMS if x.coefficient and getattr(t, x.name) is not None}
+    if t.diffusion_sq_var is not None:
+        blank["diffusion_sq_var"] = nan
+    return attrs.evolve(t, **blank)

@@ -37,11 +37,22 @@ NETWORK_QUANTITIES = network_columns()
 _LAYER_DB_COLUMNS = LAYER_QUANTITIES + ("degenerate",)
 
 
-#: Columns added after the first schema; older records lack them (read as NULL, added on append).
-_ADDED_COLUMNS = {"steps": ("step_curvature_Z",), "layer_steps": ("step_curvature",)}
+#: What the optimizer did with a step (:mod:`sdelip.tracking.update`): the scalar c relating the
+#: gradient it stepped with to the tracked one (NaN: no scalar does; NULL: not observed), whether
+#: the model coefficients describe the update, and why not.
+UPDATE_COLUMNS = (("grad_scale", "REAL"), ("update_modelled", "INTEGER"), ("update_note", "TEXT"))
+
+#: Columns added after the first schema (name, SQL type); older records lack them (read as NULL,
+#: added on append).
+_ADDED_COLUMNS = {
+    "steps": (("step_curvature_Z", "REAL"), ("realised_drift_Z", "REAL"), ("realised_curvature_Z", "REAL"),
+              *UPDATE_COLUMNS),
+    "layer_steps": (("step_curvature", "REAL"), ("realised_drift", "REAL"), ("realised_curvature", "REAL")),
+}
 
 
-_STEP_DB_COLUMNS = ("step", "t", "lr", "loss", "batch_size") + NETWORK_QUANTITIES + ("degenerate",)
+_STEP_DB_COLUMNS = (("step", "t", "lr", "loss", "batch_size") + NETWORK_QUANTITIES + ("degenerate",)
+                    + tuple(c for c, _ in UPDATE_COLUMNS))
 
 
 _SCHEMA = """
@@ -53,7 +64,8 @@ CREATE TABLE IF NOT EXISTS layers (
 CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY, t REAL NOT NULL, lr REAL NOT NULL, loss REAL, batch_size INTEGER,
     """ + ", ".join(f"{c} REAL" for c in NETWORK_QUANTITIES) + """,
-    degenerate INTEGER NOT NULL DEFAULT 0
+    degenerate INTEGER NOT NULL DEFAULT 0,
+    """ + ", ".join(f"{c} {kind}" for c, kind in UPDATE_COLUMNS) + """
 );
 CREATE TABLE IF NOT EXISTS layer_steps (
     step INTEGER NOT NULL, layer INTEGER NOT NULL,
@@ -100,6 +112,8 @@ class StepRecord:
         network: dict with the :data:`NETWORK_QUANTITIES`.
         degenerate: True when any layer's top singular value was degenerate (Assumption 11).
         probes: optional name → value (``conv_opnorm/<layer>``, ``lipschitz_lower``).
+        update: what the optimizer did with the step (:data:`UPDATE_COLUMNS`: ``grad_scale``,
+            ``update_modelled``, ``update_note``), or None when it was not observed.
     """
 
     step: int
@@ -111,6 +125,7 @@ class StepRecord:
     network: Mapping[str, Optional[float]]
     degenerate: bool = False
     probes: Optional[Mapping[str, float]] = None
+    update: Optional[Mapping[str, Any]] = None
 
     def get(self, key: str, default=None):
         """A value by :func:`load_record` column name, e.g. ``rec.get("K")`` or ``rec.get("drift/fc1")``."""
@@ -133,6 +148,10 @@ class StepRecord:
             v = self.network.get(key)
             row[key] = np.nan if v is None else float(v)
         row["degenerate"] = bool(self.degenerate)
+        u = self.update or {}
+        row["grad_scale"] = np.nan if u.get("grad_scale") is None else float(u["grad_scale"])
+        row["update_modelled"] = bool(u.get("update_modelled", True))
+        row["update_note"] = u.get("update_note")
         for k, v in (self.probes or {}).items():
             row[k] = float(v)
         return row

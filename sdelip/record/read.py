@@ -220,6 +220,34 @@ def load_probes(path) -> pd.DataFrame:
     return wide
 
 
+def _meta_value(con: sqlite3.Connection, key: str):
+    row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    if row is None:
+        return None
+    try:
+        return json.loads(row[0])
+    except ValueError:
+        return None
+
+
+def _update_modelled(steps: pd.DataFrame, optimizer) -> pd.Series:
+    """``update_modelled`` per row; for records written before it existed, from the optimizer's metadata.
+
+    Until sdelip 0.1 every optimizer was given the plain-SGD formulas: such a record's
+    coefficients describe its updates only when the optimizer was SGD without momentum
+    (or absent, η given).
+    """
+    col = steps["update_modelled"]
+    if col.notna().all():
+        return col.astype(bool)
+    legacy = True
+    if isinstance(optimizer, dict) and "rule" not in optimizer:
+        groups = optimizer.get("param_groups") or [{}]
+        legacy = optimizer.get("class") == "SGD" and all(not g.get("momentum") and not g.get("maximize")
+                                                          for g in groups)
+    return col.fillna(legacy).astype(bool)
+
+
 def load_record(path) -> pd.DataFrame:
     """Read a record as a pandas DataFrame, one row per tracked step, ordered by step.
 
@@ -236,9 +264,17 @@ def load_record(path) -> pd.DataFrame:
       times layer ℓ's weight is applied per forward pass. Such a layer's columns are the
       terms of its one θ; the network columns count it as the factor σ1^c of K
       (:func:`sdelip.core.formulas.repeated_use_terms`);
+    - per layer, ``realised_drift/<ℓ>`` = u1ᵀΔv1/(ησ1) and ``realised_curvature/<ℓ>`` =
+      ½vec(Δ)ᵀH vec(Δ)/(ησ1) of the update Δ the optimizer actually applied (NaN where the
+      step was not observed: no optimizer, or the run stopped before ``optimizer.step()``);
     - network: ``Z``, ``K``, ``drift_Z``, ``noise_curvature_Z``, ``diffusion_sq_Z``,
-      ``noise_curvature_var_Z``, ``noise_curvature_cov_Z`` (Thm 15), ``step_curvature_Z``
-      and ``degenerate``;
+      ``noise_curvature_var_Z``, ``noise_curvature_cov_Z`` (Thm 15), ``step_curvature_Z``,
+      ``realised_drift_Z``, ``realised_curvature_Z`` and ``degenerate``;
+    - what the optimizer did with the step: ``grad_scale`` (c, the gradient it stepped with
+      is c times the tracked one; NaN when no scalar relates them or not observed),
+      ``update_modelled`` (bool: the model coefficients describe the update; for records of
+      sdelip 0.1, True only for SGD without momentum) and ``update_note`` (why not, or what
+      was edited);
     - probes measured on tracked steps, when any: ``conv_opnorm/<ℓ>``, ``lipschitz_lower``
       (NaN on steps without a probe; :func:`load_probes` has every probe row).
 
@@ -258,9 +294,13 @@ def load_record(path) -> pd.DataFrame:
             con,
         )
         probes = pd.read_sql_query("SELECT step, name, value FROM probes ORDER BY step", con)
+        meta_optimizer = _meta_value(con, "optimizer")
     for c in NETWORK_QUANTITIES + ("t", "lr", "loss"):
         steps[c] = steps[c].astype("float64")
     steps["degenerate"] = steps["degenerate"].astype(bool)
+    steps["grad_scale"] = steps["grad_scale"].astype("float64")
+    steps["update_modelled"] = _update_modelled(steps, meta_optimizer)
+    steps["update_note"] = steps["update_note"].astype(object).where(steps["update_note"].notna(), None)
     front = steps[["step", "t", "lr", "loss", "batch_size"]]
     blocks = [front]
     if not lay.empty:
@@ -278,7 +318,7 @@ def load_record(path) -> pd.DataFrame:
     if any(c != 1 for c in uses.values()):
         for name in layers:
             blocks.append(pd.DataFrame({f"uses/{name}": np.full(len(steps), uses[name], dtype=np.int64)}))
-    blocks.append(steps[list(NETWORK_QUANTITIES) + ["degenerate"]])
+    blocks.append(steps[list(NETWORK_QUANTITIES) + ["degenerate", "grad_scale", "update_modelled", "update_note"]])
     out = pd.concat([b.reset_index(drop=True) for b in blocks], axis=1)
     if not probes.empty:
         pw = probes.pivot(index="step", columns="name", values="value")

@@ -63,6 +63,13 @@ def _connect(path: Union[str, os.PathLike]) -> sqlite3.Connection:
     return con
 
 
+def _update_values(update: Optional[Mapping[str, Any]]) -> tuple:
+    """The :data:`~sdelip.record.format.UPDATE_COLUMNS` of a step (NULL, 1, NULL when not observed)."""
+    u = update or {}
+    return (_opt_float(u.get("grad_scale")), int(bool(u.get("update_modelled", True))),
+            None if u.get("update_note") is None else str(u["update_note"]))
+
+
 class RecordWriter:
     """Append-only writer of a record (SQLite, write-ahead log, one commit per step).
 
@@ -118,8 +125,10 @@ class RecordWriter:
             con.execute(f"PRAGMA synchronous={'FULL' if durability == 'power' else 'NORMAL'}")
             con.executescript(_SCHEMA)
             for table, cols in _ADDED_COLUMNS.items():
-                for col in set(cols) - _table_columns(con, table):
-                    con.execute(f"ALTER TABLE {table} ADD COLUMN {col} REAL")
+                have = _table_columns(con, table)
+                for col, kind in cols:
+                    if col not in have:
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {kind}")
             if "uses" not in _table_columns(con, "layers"):  # records written before tied weights were counted
                 con.execute("ALTER TABLE layers ADD COLUMN uses INTEGER NOT NULL DEFAULT 1")
             layers = [tuple(layer) if len(layer) == 4 else (*layer, 1) for layer in layers]
@@ -182,6 +191,7 @@ class RecordWriter:
         step_row = (
             int(rec.step), float(rec.t), float(rec.lr), _opt_float(rec.loss), int(rec.batch_size),
             *(_opt_float(rec.network.get(k)) for k in NETWORK_QUANTITIES), int(bool(rec.degenerate)),
+            *_update_values(rec.update),
         )
         layer_rows = []
         for name, q in rec.layers.items():

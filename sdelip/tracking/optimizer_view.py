@@ -1,33 +1,59 @@
-"""What the tracker reads from the optimizer: η and the weight decay of each tracked weight (Def 4, THEORY.md §4).
+"""What the tracker reads from the optimizer: η, the update rule of each tracked weight, the step hooks.
 
-The theory is plain SGD. :class:`OptimizerView` maps every tracked weight to its param
-group, reads η and the SGD weight decay in effect for each update, refuses tracked
-layers with different learning rates (the SDE time t = Σ η needs one η) and warns
-(:class:`NotPlainSGDWarning`) for momentum, Nesterov or another optimizer. It also counts
-the tracker's backward passes between ``optimizer.step()`` calls, so that gradient
-accumulation is refused instead of counting each micro-batch as an SGD step.
+The update of an optimizer is written Δ = −η·P(ḡ + ξ; state) (docs/theory.md §4): P is the
+direction it applies at the mini-batch gradient, S = ∂P/∂g maps the mini-batch noise ξ.
+:class:`OptimizerView` maps every tracked weight to its param group, reads η (one η for
+all tracked layers: the SDE time is t = Σ η), asks the optimizer's rule in
+:mod:`sdelip.optim` for P and S (:meth:`OptimizerView.layer_update`; plain SGD, P = ḡ + λθ,
+S = 1, keeps the plain formulas), and installs the step hooks through which the tracker
+finishes a step's row at ``optimizer.step()``. An optimizer without a rule gets a
+:class:`NotPlainSGDWarning` and no model coefficients. It also counts the tracker's
+backward passes between ``optimizer.step()`` calls, so that gradient accumulation is
+refused instead of counting each micro-batch as a step.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence, Union
+
+import attrs
 
 import numpy as np
 import torch
 
-__all__ = ["OptimizerView", "NotPlainSGDWarning"]
+__all__ = ["OptimizerView", "NotPlainSGDWarning", "LayerUpdate"]
 
 
 class NotPlainSGDWarning(UserWarning):
-    """The optimizer is not plain SGD (momentum, Nesterov, Adam, …): Thm 14 assumes plain SGD."""
+    """The optimizer has no update rule in :mod:`sdelip.optim`: only realised increments are recorded.
+
+    (Until sdelip 0.1 this warned for every optimizer but plain SGD and the terms were then
+    computed as for plain SGD; optimizers with a rule are now modelled exactly.)
+    """
+
+
+@attrs.frozen
+class LayerUpdate:
+    """One tracked layer's update model at a step, as weight matrices (docs/theory.md §4).
+
+    Attributes:
+        direction: P (m, n), the update at the step's gradient: Δ = −η·P.
+        noise_scale: S = ∂P/∂g, a float (the SGD family) or an (m, n) matrix (adaptive methods).
+        plain: P = g + λ_wd·θ and S = 1 (plain SGD): the plain-SGD formulas apply as they are.
+    """
+
+    direction: torch.Tensor
+    noise_scale: Union[float, torch.Tensor]
+    plain: bool = False
 
 
 class OptimizerView:
-    """The optimizer as the tracker sees it.
+    """The optimizer as the tracker sees it: η, its update rule, and its step hooks.
 
     Args:
-        optimizer: the optimizer stepping the model, or None.
+        optimizer: the optimizer stepping the model, or None (then the update is taken to
+            be plain SGD with η = ``lr``).
         layers: the tracked layers.
         lr: the learning rate when ``optimizer`` is None.
 
@@ -42,6 +68,11 @@ class OptimizerView:
         self.lr_override = None if lr is None else float(lr)
         self.groups = self._map_param_groups()
         self.backwards_since_step = 0
+        self.rule = None
+        if optimizer is not None:
+            from ..optim import optimizer_rule
+
+            self.rule = optimizer_rule(optimizer)
 
     def _map_param_groups(self) -> dict[str, int]:
         groups = {}
@@ -63,33 +94,39 @@ class OptimizerView:
             groups[layer.name] = gi
         return groups
 
+    @property
+    def observed(self) -> bool:
+        """Whether the optimizer's steps are observed (step hooks): rows are finished at ``optimizer.step()``."""
+        return self.optimizer is not None and hasattr(self.optimizer, "register_step_pre_hook")
+
+    @property
+    def modelled(self) -> bool:
+        """Whether the model coefficients of an update are computed (no optimizer: plain SGD; else a rule)."""
+        return self.optimizer is None or self.rule is not None
+
+    @property
+    def rule_name(self) -> Optional[str]:
+        if self.optimizer is None:
+            return "plain SGD (no optimizer given)"
+        return None if self.rule is None else type(self.optimizer).__name__
+
     def warn(self, stacklevel: int = 3) -> None:
-        """:class:`NotPlainSGDWarning` for another optimizer than SGD, or SGD with momentum."""
-        opt = self.optimizer
-        if opt is None:
+        """:class:`NotPlainSGDWarning` for an optimizer without an update rule (named, with the supported ones)."""
+        if self.optimizer is None or self.rule is not None:
             return
-        if not isinstance(opt, torch.optim.SGD):
-            warnings.warn(
-                f"the optimizer is {type(opt).__name__}, not plain SGD: the theory (Def 4, Thm 14) models plain "
-                "SGD; the tracker computes the terms as for plain SGD with η = the group's lr and no weight decay",
-                NotPlainSGDWarning,
-                stacklevel=stacklevel + 1,
-            )
-            return
-        for gi in sorted(set(self.groups.values())):
-            g = opt.param_groups[gi]
-            if g.get("momentum", 0) or g.get("nesterov", False):
-                warnings.warn(
-                    f"SGD with momentum={g.get('momentum', 0)} (nesterov={g.get('nesterov', False)}): the theory "
-                    "(Def 4, Thm 14) models plain SGD without momentum; the tracker computes the terms as for plain "
-                    "SGD with η = lr, which does not describe the momentum dynamics",
-                    NotPlainSGDWarning,
-                    stacklevel=stacklevel + 1,
-                )
-                return
+        from ..optim import registered_optimizer_rules
+
+        warnings.warn(
+            f"the optimizer {type(self.optimizer).__module__}.{type(self.optimizer).__qualname__} has no update rule "
+            f"in sdelip.optim (rules: {', '.join(sorted(c.__name__ for c in registered_optimizer_rules()))}): the record holds σ1, the gap and the "
+            "realised increments of every update, but no model coefficients (μ, κ, ‖λ‖² are NaN), and predict and "
+            "the reduced SDE refuse it",
+            NotPlainSGDWarning,
+            stacklevel=stacklevel + 1,
+        )
 
     def hyperparameters(self, step: int) -> tuple[float, dict[str, float]]:
-        """η and the per-layer weight decay in effect for update ``step``."""
+        """η and the per-layer (coupled, SGD) weight decay in effect for update ``step``."""
         if self.optimizer is None:
             return self.lr_override, {l.name: 0.0 for l in self.layers}
         lrs, wds = {}, {}
@@ -102,21 +139,73 @@ class OptimizerView:
         values = set(lrs.values())
         if len(values) > 1:
             raise ValueError(
-                f"step {step}: the tracked layers have different learning rates {lrs}; the SDE time t = kη "
-                "(Thm 14) needs one η for all tracked layers"
+                f"step {step}: the tracked layers have different learning rates {lrs}; the SDE time t = Σ η "
+                "(docs/theory.md §1) needs one η for all tracked layers"
             )
         lr = values.pop()
         if not (lr > 0 and np.isfinite(lr)):
             raise ValueError(f"step {step}: the learning rate must be positive and finite, got {lr!r}")
         return lr, wds
 
+    # -- the update model ------------------------------------------------------------------------
+    def _plain(self, layer) -> bool:
+        """Plain SGD for this layer's group: P = g + λθ, S = 1 (no momentum, not maximising)."""
+        if self.optimizer is None:
+            return True
+        if type(self.optimizer) is not torch.optim.SGD:
+            return False
+        g = self.optimizer.param_groups[self.groups[layer.name]]
+        return not g.get("momentum", 0) and not g.get("maximize", False)
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether the rule's noise scale S is elementwise (adaptive methods): the engine must apply it."""
+        return self.rule is not None and bool(self.rule.elementwise_noise_scale)
+
+    def layer_update(self, layer, grad: torch.Tensor, noise_var: Optional[torch.Tensor] = None,
+                     grad_scale: float = 1.0) -> LayerUpdate:
+        """The layer's :class:`LayerUpdate` for the gradient ``grad`` (parameter shape) the step uses.
+
+        ``noise_var``: diag Σ̂ of the mini-batch gradient (parameter shape), which adaptive
+        methods' noise scale needs; ``grad_scale``: c when the step's gradient is c times
+        the tracked one (the per-sample noise is then c·ξ_i).
+        """
+        p = layer.weight
+        if self._plain(layer):
+            g = self.optimizer.param_groups[self.groups[layer.name]] if self.optimizer is not None else {}
+            P = grad + float(g.get("weight_decay", 0.0)) * p.detach()
+            return LayerUpdate(layer.rule.matrix(P), float(grad_scale), plain=grad_scale == 1.0)
+        model = self.rule.model(self.optimizer, p, grad, noise_var=noise_var, name=layer.parameter_name)
+        S = model.noise_scale
+        if isinstance(S, torch.Tensor):
+            S = layer.rule.matrix(S * grad_scale)
+        else:
+            S = float(S) * grad_scale
+        return LayerUpdate(layer.rule.matrix(model.direction), S)
+
+    def noise_scale_fn(self, grad_scale: float = 1.0) -> Callable:
+        """The engines' ``scale(name, mean_grad, noise_var)`` hook: the rule's elementwise S as a matrix."""
+        by_name = {l.name: l for l in self.layers}
+
+        def scale(name, mean_grad, noise_var):
+            layer = by_name[name]
+            shape = layer.weight.shape
+            g = mean_grad.reshape(shape).to(layer.weight.dtype)
+            nv = None if noise_var is None else noise_var.reshape(shape).to(layer.weight.dtype)
+            S = self.rule.model(self.optimizer, layer.weight, g, noise_var=nv, name=layer.parameter_name).noise_scale
+            return layer.rule.matrix(S).to(mean_grad.dtype) * grad_scale
+
+        return scale
+
     def metadata(self) -> Optional[dict]:
-        """The optimizer's class and param-group hyper-parameters, for the record."""
+        """The optimizer's class, rule, clock and param-group hyper-parameters, for the record."""
         opt = self.optimizer
         if opt is None:
             return None
         return {
             "class": type(opt).__name__,
+            "rule": self.rule_name,
+            "clock": "t = Σ_k η_k (the learning rate of each update; docs/theory.md §4)",
             "param_groups": [
                 {k: (v if isinstance(v, (int, float, bool, str, type(None))) else repr(v))
                  for k, v in g.items() if k != "params"}
@@ -124,11 +213,17 @@ class OptimizerView:
             ],
         }
 
-    def attach(self) -> list:
-        """A step post-hook that resets the backward count (None-safe); returns its handles."""
-        if self.optimizer is not None and hasattr(self.optimizer, "register_step_post_hook"):
-            return [self.optimizer.register_step_post_hook(self._stepped)]
-        return []
+    def attach(self, before_step: Optional[Callable] = None, after_step: Optional[Callable] = None) -> list:
+        """Step hooks: ``before_step()`` before and ``after_step()`` after every ``optimizer.step()``."""
+        if self.optimizer is None or not hasattr(self.optimizer, "register_step_post_hook"):
+            return []
 
-    def _stepped(self, *args) -> None:
-        self.backwards_since_step = 0
+        def post(*args):
+            self.backwards_since_step = 0
+            if after_step is not None:
+                after_step()
+
+        handles = [self.optimizer.register_step_post_hook(post)]
+        if before_step is not None:
+            handles.append(self.optimizer.register_step_pre_hook(lambda *args: before_step()))
+        return handles

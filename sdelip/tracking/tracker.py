@@ -53,6 +53,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
+import attrs
 import torch
 from torch import nn
 
@@ -69,7 +70,8 @@ from ..engines import Engine, EngineNotApplicableError, coupling_modules, make_e
 from ..rules.inventory import LeftOut, TrackedLayer, weight_inventory
 from .hooks import InputMismatchError, ModuleMonitor
 from .optimizer_view import NotPlainSGDWarning, OptimizerView
-from .measurement import decompose_layers, layer_terms_from_statistics, step_record
+from ..core.formulas import blank_coefficients
+from .measurement import decompose_layers, layer_terms_from_statistics, step_record, update_terms_from_statistics
 from .probes import lipschitz_lower_bound
 from ..record import RecordWriter, StepRecord, load_record
 from .metadata import build_metadata
@@ -77,6 +79,7 @@ from .schedule import Schedule, as_schedule
 from ..core.spectral import DEFAULT_GAP_TOL
 from .threads import use_threads
 from .checkpointing import CHECKPOINT_FORMAT, TrackerCheckpointing
+from .update import GradientEdit, PendingStep, gradient_edit, realised_increments, realised_network
 from .safety import GradientAccumulationError, SmallBatchWarning, check_one_backward_per_step, explain_overflow
 
 __all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "SmallBatchWarning", "GradientAccumulationError",
@@ -241,7 +244,8 @@ class Tracker(TrackerCheckpointing):
         self.monitor = ModuleMonitor(model, self.layers, check_inputs, example_input is not None, lambda: self.step)
         self.monitor.attach()
         self._ref_dtype, self._ref_device = self.monitor.ref_dtype, self.monitor.ref_device
-        self._hooks.extend(self.optim.attach())
+        self._pending: Optional[PendingStep] = None  # a tracked step waiting for optimizer.step()
+        self._hooks.extend(self.optim.attach(self._before_step, self._after_step))
 
         # -- record ---------------------------------------------------------------------------
         self.record_path = None if record is None else Path(record)
@@ -320,6 +324,7 @@ class Tracker(TrackerCheckpointing):
             raise RuntimeError("the tracker is closed")
         step = self.step
         check_losses(losses, step)
+        self._flush_pending(skipped=True)
         M = int(losses.shape[0])
         tracked = bool(self.schedule(step))
         check_one_backward_per_step(self, step)
@@ -332,9 +337,9 @@ class Tracker(TrackerCheckpointing):
             )
             tracked = False
         lr, wds = self._hyperparameters(step)
-        rec = None
+        rec = pending = None
         if tracked:
-            rec = self._tracked_backward(losses, batch, step, M, lr, wds)
+            rec, pending = self._tracked_backward(losses, batch, step, M, lr, wds)
         else:
             self.engine.plain_backward(losses)
         probes = None
@@ -343,16 +348,16 @@ class Tracker(TrackerCheckpointing):
             probes = self._probe(step)
         if rec is not None:
             if probes:
-                rec = StepRecord(rec.step, rec.t, rec.lr, rec.loss, rec.batch_size, rec.layers, rec.network,
-                                 rec.degenerate, probes)
-            if self.writer is not None:
-                if step == 0 or self._metadata.get("batch_size") is None:
-                    self._metadata["batch_size"] = M
+                rec = attrs.evolve(rec, probes=probes)
+            if step == 0 or self._metadata.get("batch_size") is None:
+                self._metadata["batch_size"] = M
+                if self.writer is not None:
                     self.writer.update_metadata({"batch_size": M})
-                self.writer.write(rec)
+            if pending is not None:  # finished and written at optimizer.step() (its hooks)
+                pending.record = rec
+                self._pending = pending
             else:
-                self.history.append(rec)
-            self.last = rec
+                self._write(rec)
         elif probes and self.writer is not None:
             self.writer.write_probes(step, probes)
         self._advance_time(step, lr)
@@ -360,6 +365,68 @@ class Tracker(TrackerCheckpointing):
         self.optim.backwards_since_step += 1
         self.engine.arm(self.schedule(self.step))
         return rec
+
+    def _write(self, rec: StepRecord) -> None:
+        if self.writer is not None:
+            self.writer.write(rec)
+        else:
+            self.history.append(rec)
+        self.last = rec
+
+    # ------------------------------------------------------------------------------------------
+    # the optimizer's step: what it did with the tracked gradient (sdelip.tracking.update)
+    def _before_step(self) -> None:
+        """Step pre-hook: the gradient the optimizer steps with, and the weights before the update."""
+        pend = self._pending
+        if pend is None or pend.before is not None:
+            return
+        used = {l.name: (None if l.weight.grad is None else l.weight.grad.detach()) for l in self.layers}
+        pend.edit = gradient_edit(pend.grads, used) if pend.grads is not None else GradientEdit(1.0)
+        if not pend.edit.unchanged and pend.recompute is not None:
+            with self._thread_limit():
+                rec, note = pend.recompute(pend.edit, used)
+            if rec is not None:
+                pend.record = attrs.evolve(rec, probes=pend.record.probes)
+            pend.modelled, pend.note = note is None, note
+        pend.before = {l.name: l.matrix().detach().clone() for l in self.layers}
+
+    def _after_step(self) -> None:
+        """Step post-hook: the realised increment of the update applied; the row is written."""
+        pend = self._pending
+        if pend is None or pend.before is None:
+            return
+        with self._thread_limit():
+            realised = realised_increments(self.layers, pend.decomps, pend.before, pend.lr)
+        self._pending = None
+        self._write(self._finished(pend, realised, stepped=True))
+
+    def _flush_pending(self, skipped: bool) -> None:
+        """Write a tracked step whose ``optimizer.step()`` did not come.
+
+        ``skipped``: the next backward came first (e.g. a ``GradScaler`` skipped the update on
+        an overflow): no update was applied, so the model coefficients do not describe one and
+        the step is flagged. At :meth:`close` the update was merely not observed.
+        """
+        pend, self._pending = self._pending, None
+        if pend is None:
+            return
+        if skipped:
+            pend.modelled, pend.note = False, "optimizer.step() was not called after this step's backward (no update)"
+        self._write(self._finished(pend, None, stepped=False))
+
+    def _finished(self, pend: PendingStep, realised, stepped: bool) -> StepRecord:
+        """The step's row with the realised increments and what the optimizer did."""
+        rec = pend.record
+        edit = pend.edit or GradientEdit(1.0)
+        layers, net = {}, dict(rec.network)
+        for name, q in rec.layers.items():
+            r = (None, None) if realised is None else realised[name]
+            layers[name] = {**q, "realised_drift": r[0], "realised_curvature": r[1]}
+        if realised is not None:
+            net.update(realised_network(self.layers, realised, pend.lr))
+        update = {"grad_scale": edit.scale if stepped else None, "update_modelled": bool(pend.modelled),
+                  "update_note": pend.note if pend.note is not None else edit.note}
+        return attrs.evolve(rec, layers=layers, network=net, update=update)
 
     def _advance_time(self, step: int, lr: float) -> None:
         # t_{k+1} = t_k + η_k, computed as t_anchor + (k + 1 − k_anchor)·η while η is constant, so
@@ -393,13 +460,51 @@ class Tracker(TrackerCheckpointing):
         with self._thread_limit():
             decomps = self._decompose_all(step)
         directions = {name: (d.u1, d.v1) for name, d in decomps.items()}
+        optim = self.optim
+        kwargs = {"scale": optim.noise_scale_fn()} if optim.elementwise else {}
         try:
-            stats = self.engine.backward(losses, directions, batch=batch, step=step)
+            stats = self.engine.backward(losses, directions, batch=batch, step=step, **kwargs)
         except NonFiniteError as exc:
             raise explain_overflow(exc, losses, self._ref_dtype) from None
-        with self._thread_limit():
-            terms = self._all_terms(decomps, stats, lr, wds, step)
-        return self._step_record(terms, losses, step, M, lr)
+        grads = None
+        if optim.observed:
+            grads = {l.name: (torch.zeros_like(l.weight) if l.weight.grad is None else l.weight.grad.detach().clone())
+                     for l in self.layers}
+
+        def terms_for(edit: GradientEdit, used) -> tuple:
+            """The row for the gradient the step uses (None, note) where it cannot be modelled."""
+            note = None
+            if not optim.modelled:
+                note = (f"the optimizer {type(self.optimizer).__name__} has no update rule (sdelip.optim): no model "
+                        "coefficients")
+            elif not edit.unchanged and not edit.uniform:
+                note = edit.note
+            elif not edit.unchanged and optim.elementwise:
+                note = (f"{edit.note}; the noise terms of {type(self.optimizer).__name__} depend on the gradient "
+                        "elementwise and are computed before the edit")
+            with self._thread_limit():
+                if note is not None:
+                    terms = self._all_terms(decomps, stats, lr, wds, step)
+                    terms = {k: blank_coefficients(v) for k, v in terms.items()}
+                elif all(optim._plain(l) for l in self.layers) and edit.scale == 1.0:
+                    terms = self._all_terms(decomps, stats, lr, wds, step)
+                else:
+                    models = {}
+                    for l in self.layers:
+                        g = used[l.name] if used is not None else grads[l.name]
+                        st = stats[l.name]
+                        nv = st.noise_var()
+                        nv = None if nv is None else nv.reshape(l.weight.shape).to(l.weight.dtype) * edit.scale ** 2
+                        models[l.name] = optim.layer_update(l, g.to(l.weight.dtype), nv, grad_scale=edit.scale)
+                    terms = update_terms_from_statistics(self.layers, decomps, stats, models, lr, self.split,
+                                                         self.extra_noise_var, step)
+            return self._step_record(terms, losses, step, M, lr), note
+
+        rec, note = terms_for(GradientEdit(1.0), None)
+        pending = None
+        if optim.observed:
+            pending = PendingStep(step, lr, rec, decomps, grads, recompute=terms_for, modelled=note is None, note=note)
+        return rec, pending
 
     def _thread_limit(self):
         """``threads`` torch threads for the tracker's own computations (a no-op for None or the current number)."""
@@ -448,6 +553,7 @@ class Tracker(TrackerCheckpointing):
         """Remove the hooks and close the record (idempotent)."""
         if self._closed:
             return
+        self._flush_pending(skipped=False)
         self._remove_hooks()
         if self.writer is not None:
             self.writer.close()
