@@ -62,7 +62,8 @@ def embedding_statistics(idx: torch.Tensor, delta: torch.Tensor, num_embeddings:
 
 
 def embedding_scaled_projections(idx: torch.Tensor, delta: torch.Tensor, num_embeddings: int, padding_idx,
-                                 S: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                 S: torch.Tensor, u1: torch.Tensor,
+                                 v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(S ∘ g_i) v1 (M, V) and (S ∘ g_i)ᵀ u1 (M, d) of g_i = Σ_p e_{idx_ip} δ_ipᵀ, from the rows S[idx_ip] only.
 
     ((S ∘ g_i) v1)_r = Σ_{p: idx_ip = r} δ_ip · (S[r] ∘ v1) (a scatter-add) and
