@@ -9,14 +9,19 @@ top singular pair of θ, and Σ_i g_i, Σ_i g_i ∘ g_i for the Prop 6 split. Th
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import attrs
 import torch
 
 from .._checks import NonFiniteError
 
-__all__ = ["EngineError", "LayerStatistics", "StatisticsAccumulator"]
+__all__ = ["EngineError", "LayerStatistics", "StatisticsAccumulator", "ScaleFn", "scaled_projections",
+           "check_scale"]
+
+#: ``scale(name, mean_grad, noise_var) -> Optional[Tensor]``: the elementwise preconditioner S
+#: (m, n) of a layer from its mini-batch mean gradient ḡ and diag Σ̂ (both (m, n)), or None.
+ScaleFn = Callable[[str, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 
 class EngineError(RuntimeError):
@@ -33,6 +38,11 @@ class LayerStatistics:
         Gtu: (M, n) the projections g_iᵀ u1.
         sum_g: (m, n) Σ_i g_i, or None when the split was not requested.
         sum_sq: (m, n) Σ_i g_i ∘ g_i, or None.
+        scale: (m, n) the elementwise preconditioner S of an engine's ``backward(..., scale=)``,
+            or None. When set, ``Gv`` and ``Gtu`` are the projections of the preconditioned
+            per-sample gradients, (S ∘ g_i) v1 and (S ∘ g_i)ᵀ u1, while ``sum_g`` and
+            ``sum_sq`` stay those of the raw g_i (so :meth:`mean` and :meth:`noise_var`
+            are ḡ and diag Σ̂ of the raw gradients).
     """
 
     M: int
@@ -40,6 +50,7 @@ class LayerStatistics:
     Gtu: torch.Tensor
     sum_g: Optional[torch.Tensor] = None
     sum_sq: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
 
     def mean(self) -> Optional[torch.Tensor]:
         """ḡ, the mini-batch mean gradient (m, n)."""
@@ -74,6 +85,40 @@ class LayerStatistics:
         if self.sum_sq is not None:
             self.sum_sq.mul_(s * s)
         return self
+
+
+def scaled_projections(G: torch.Tensor, S: torch.Tensor, u1: torch.Tensor,
+                       v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projections of preconditioned per-sample gradients: (S ∘ g_i) v1 and (S ∘ g_i)ᵀ u1.
+
+    Args:
+        G: (c, m, n) per-sample gradients g_i (materialised).
+        S: (m, n) the elementwise preconditioner.
+        u1: (m,), v1: (n,) the top singular pair.
+
+    Returns:
+        (c, m) and (c, n).
+    """
+    SG = G * S
+    return SG @ v1, SG.mT @ u1
+
+
+def check_scale(S, shape: tuple, like: torch.Tensor, name: str, step: Optional[int]) -> Optional[torch.Tensor]:
+    """The preconditioner returned by a ``scale`` callable as an (m, n) tensor of ``like``'s dtype/device.
+
+    Raises:
+        EngineError: naming the layer and step, when S is not a tensor of shape (m, n).
+    """
+    if S is None:
+        return None
+    at = f" at step {step}" if step is not None else ""
+    if not isinstance(S, torch.Tensor) or tuple(S.shape) != tuple(shape):
+        got = tuple(S.shape) if isinstance(S, torch.Tensor) else type(S).__name__
+        raise EngineError(
+            f"the scale callable returned {got} for layer {name!r}{at}; it must return None or an elementwise "
+            f"preconditioner S of the layer's weight-matrix shape {tuple(shape)}"
+        )
+    return S.detach().to(dtype=like.dtype, device=like.device)
 
 
 class StatisticsAccumulator:
@@ -117,6 +162,12 @@ class StatisticsAccumulator:
         c = Gv.shape[0]
         self.Gv[start : start + c] = Gv
         self.Gtu[start : start + c] = Gtu
+
+    def add_scaled(self, start: int, G: torch.Tensor, S: torch.Tensor) -> None:
+        """Store the projections (S ∘ g_i) v1, (S ∘ g_i)ᵀ u1 of per-sample gradients G (c, m, n) of samples
+        start..start+c−1 (a second pass over the samples, once S is known; Σ g_i and Σ g_i² untouched)."""
+        Gv, Gtu = scaled_projections(G.to(self.u1.dtype), S, self.u1, self.v1)
+        self.add_projections(start, Gv, Gtu)
 
     def result(self) -> LayerStatistics:
         return LayerStatistics(self.M, self.Gv, self.Gtu, self.sum_g, self.sum_sq)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .._checks import NonFiniteError  # noqa: F401  (re-exported)
-from ..core.statistics import EngineError, LayerStatistics, StatisticsAccumulator
+from ..core.statistics import EngineError, LayerStatistics, ScaleFn, StatisticsAccumulator
 
 if TYPE_CHECKING:  # the layers import the rules, which import these containers
     from ..rules.inventory import TrackedLayer
@@ -188,6 +188,7 @@ class Engine(abc.ABC):
         directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         batch=None,
         step: Optional[int] = None,
+        scale: Optional[ScaleFn] = None,
     ) -> dict[str, LayerStatistics]:
         """Run the step's backward of ``losses.mean()`` and return the per-sample statistics.
 
@@ -196,9 +197,21 @@ class Engine(abc.ABC):
             directions: layer name → (u1, v1) of the layer's weight matrix.
             batch: (inputs, targets), needed by engines with :attr:`needs_batch`.
             step: the step number, for messages.
+            scale: optional ``scale(name, mean_grad, noise_var) -> Optional[Tensor]``, called
+                per layer after the backward with ḡ = Σ_i g_i / M and diag Σ̂
+                (:meth:`LayerStatistics.noise_var`), both (m, n); Σ g_i and Σ g_i ∘ g_i are
+                then computed whatever ``split``. When it returns an elementwise preconditioner
+                S (m, n) (an optimizer's ∂P/∂g, Adam's D), the layer's ``Gv`` and ``Gtu`` are
+                (S ∘ g_i) v1 and (S ∘ g_i)ᵀ u1, ``sum_g`` and ``sum_sq`` stay those of the raw
+                g_i, and ``LayerStatistics.scale`` is S; None leaves the layer unchanged.
+                Without ``scale`` nothing changes.
 
         Returns:
             layer name → :class:`LayerStatistics` of g_i = ∇_θ ℓ_i (not ℓ_i / M).
+
+        Raises:
+            EngineError: ``scale`` returned something other than None or an (m, n) tensor
+                (named layer and step).
         """
 
     def _chunk(self, M: int, per_sample_bytes: int) -> int:

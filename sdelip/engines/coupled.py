@@ -26,6 +26,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..core.statistics import ScaleFn, check_scale
 from .base import VECTORISED_CHUNK_BYTES, Engine, LayerStatistics, StatisticsAccumulator
 
 __all__ = ["CoupledEngine"]
@@ -47,17 +48,22 @@ class CoupledEngine(Engine):
         self.batched = bool(batched)
 
     def backward(self, losses, directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch=None,
-                 step: Optional[int] = None) -> dict[str, LayerStatistics]:
+                 step: Optional[int] = None, scale: Optional[ScaleFn] = None) -> dict[str, LayerStatistics]:
+        """:meth:`Engine.backward`; with ``scale``, the backward of the mean loss keeps the graph and, once
+        S is known, a second pass of vector-Jacobian products projects S ∘ g_i (unless the whole batch
+        was one chunk, whose per-sample gradients are kept instead)."""
         M = losses.shape[0]
         weights = [layer.weight for layer in self.layers]
         accs = {}
+        split = self.split or scale is not None
         for layer in self.layers:
             u1, v1 = directions[layer.name]
-            accs[layer.name] = StatisticsAccumulator(M, layer.shape, u1, v1, self.split)
+            accs[layer.name] = StatisticsAccumulator(M, layer.shape, u1, v1, split)
         per_sample = 2 * sum(w.numel() * w.element_size() for w in weights)
         c = self._chunk(M, per_sample)
         eye = torch.eye(M, dtype=losses.dtype, device=losses.device)
         done = 0
+        kept = None
         if self.batched:
             try:
                 for s in range(0, M, c):
@@ -66,6 +72,8 @@ class CoupledEngine(Engine):
                         losses, weights, grad_outputs=eye[s:e], retain_graph=True,
                         is_grads_batched=True, allow_unused=True,
                     )
+                    if scale is not None and c >= M:  # one chunk: keep it for S ∘ g_i
+                        kept = [None if g is None else g.detach().clone() for g in grads]
                     self._add(accs, s, e, grads)
                     done = e
             except RuntimeError as exc:
@@ -80,13 +88,55 @@ class CoupledEngine(Engine):
             for i in range(M):
                 grads = torch.autograd.grad(losses[i], weights, retain_graph=True, allow_unused=True)
                 self._add(accs, i, i + 1, [None if g is None else g.unsqueeze(0) for g in grads])
-        losses.mean().backward()
+        losses.mean().backward(retain_graph=scale is not None and kept is None)
         out = {}
         for layer in self.layers:
             st = accs[layer.name].result()
             st.check_finite(layer.name, step)
             out[layer.name] = st
+        if scale is not None:
+            self._scaled_pass(losses, out, accs, scale, kept, c, step)
         return out
+
+    def _scaled_pass(self, losses, out, accs, scale, kept, c: int, step) -> None:
+        """S = scale(name, ḡ, diag Σ̂) per layer; the layers with S get the projections of S ∘ g_i."""
+        M = losses.shape[0]
+        S = {}
+        with torch.no_grad():
+            for layer in self.layers:
+                st, acc = out[layer.name], accs[layer.name]
+                S[layer.name] = check_scale(scale(layer.name, st.mean(), st.noise_var()), layer.shape, acc.u1,
+                                            layer.name, step)
+        todo = [k for k, layer in enumerate(self.layers) if S[layer.name] is not None]
+        if not todo:
+            return
+        weights = [self.layers[k].weight for k in todo]
+
+        def add(s, e, grads):
+            with torch.no_grad():
+                for k, G in zip(todo, grads):
+                    layer = self.layers[k]
+                    acc = accs[layer.name]
+                    if G is None:
+                        G = torch.zeros(e - s, *layer.shape, dtype=acc.u1.dtype, device=acc.u1.device)
+                    acc.add_scaled(s, G.reshape(e - s, *layer.shape), S[layer.name])
+
+        if kept is not None:
+            add(0, M, [kept[k] for k in todo])
+        elif self.batched:
+            eye = torch.eye(M, dtype=losses.dtype, device=losses.device)
+            for s in range(0, M, c):
+                e = min(M, s + c)
+                add(s, e, torch.autograd.grad(losses, weights, grad_outputs=eye[s:e], retain_graph=e < M,
+                                              is_grads_batched=True, allow_unused=True))
+        else:
+            for i in range(M):
+                grads = torch.autograd.grad(losses[i], weights, retain_graph=i < M - 1, allow_unused=True)
+                add(i, i + 1, [None if g is None else g.unsqueeze(0) for g in grads])
+        for k in todo:
+            name = self.layers[k].name
+            out[name].scale = S[name]
+            out[name].check_finite(name, step)
 
     def _add(self, accs, s, e, grads) -> None:
         with torch.no_grad():

@@ -45,10 +45,10 @@ from torch import nn
 from ..rules import BatchAxisError, Use, probe_batch_axis
 from ..rules.base import GENERAL, GENERAL_DONE
 from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
-from ..core.statistics import EngineError, LayerStatistics, StatisticsAccumulator
+from ..core.statistics import EngineError, LayerStatistics, ScaleFn, StatisticsAccumulator, check_scale
 from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users
 
-__all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "linear_statistics",
+__all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "combine_scaled_projections", "linear_statistics",
            "sequence_linear_statistics", "patch_statistics"]
 
 
@@ -116,6 +116,27 @@ def _first_view(use: Use, g: torch.Tensor) -> torch.Tensor:
     return g if isinstance(use.output, tuple) else use.rule.delta_view(use, g)
 
 
+def combine_scaled_projections(uses, M: int, S: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor,
+                               chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S ∘ g_i) v1 (M, m) and (S ∘ g_i)ᵀ u1 (M, n) of g_i = Σ_uses g_i,use (of ℓ_i as the hooks see it).
+
+    S ∘ g_i = Σ_uses S ∘ g_i,use, so the projections add: a use on the rows r contributes
+    (S[r] ∘ g_i,use) v1 to the rows r of the first and (S[r] ∘ g_i,use)ᵀ u1[r] to the second
+    (each by its rule's :meth:`~sdelip.rules.LayerRule.scaled_projections`).
+    """
+    m, n = u1.shape[0], v1.shape[0]
+    if len(uses) == 1 and uses[0].rows is None:
+        return uses[0].rule.scaled_projections(uses[0], S, u1, v1, M, chunk_bytes)
+    kw = dict(dtype=u1.dtype, device=u1.device)
+    Gv, Gtu = torch.zeros(M, m, **kw), torch.zeros(M, n, **kw)
+    for use in uses:
+        r = _rows(use, m)
+        gv, gtu = use.rule.scaled_projections(use, S[r], u1[r], v1, M, chunk_bytes)
+        Gv[:, r] += gv
+        Gtu += gtu
+    return Gv, Gtu
+
+
 class FactoredEngine(Engine):
     """Per-sample statistics from the layer rules' hooks, without per-sample gradients (THEORY.md §6).
 
@@ -172,7 +193,7 @@ class FactoredEngine(Engine):
         use.delta = use.rule.delta_view(use, grad.detach())
         uses = self._uses.get(layer.name, ())
         if layer.uses == 1 and len(uses) == 1 and use.rows is None and use.batch_axis is not None \
-                and use.batch_axis >= 0:
+                and use.batch_axis >= 0 and ctx["scale_fn"] is None:
             # the only use of the weight: its statistics now, so that x and δ are freed on schedule
             u1, v1 = ctx["directions"][layer.name]
             with torch.no_grad():
@@ -316,8 +337,18 @@ class FactoredEngine(Engine):
         directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
         batch=None,
         step: Optional[int] = None,
+        scale: Optional[ScaleFn] = None,
     ) -> dict[str, LayerStatistics]:
+        """The step's backward and the per-sample statistics (:meth:`Engine.backward`).
+
+        With ``scale``, the uses' inputs and output gradients are kept until the end of the
+        backward (no statistics inside the hooks); each layer's raw statistics (with Σ g_i
+        and Σ g_i² whatever ``split``) are computed and checked as without it, then S =
+        ``scale(name, ḡ, diag Σ̂)`` and, when S is not None, the projections of S ∘ g_i by the
+        rules (:func:`combine_scaled_projections`) replace ``Gv`` and ``Gtu``.
+        """
         M = losses.shape[0]
+        split = self.split or scale is not None
         if not self._uses:
             raise EngineError(
                 f"no forward pass of the tracked layers was recorded for step {step}: create the Tracker before "
@@ -335,14 +366,16 @@ class FactoredEngine(Engine):
                     and not getattr(w, "_post_accumulate_grad_hooks", None):
                 checked.add(layer.name)
                 before[layer.name] = None if w.grad is None else _dense(w.grad).clone()
-        from_grad = checked if self.split else set()
-        ctx = {"M": M, "directions": directions, "step": step, "scale": M, "sum_g_from_grad": from_grad}
+        from_grad = checked if split else set()
+        ctx = {"M": M, "directions": directions, "step": step, "scale": M, "sum_g_from_grad": from_grad,
+               "scale_fn": scale}
         self._ctx = ctx
         try:
             losses.mean().backward()
         finally:
             self._ctx = None
         uses, self._uses = self._uses, {}
+        live_uses: dict[str, list] = {}
         with torch.no_grad():
             for name, layer_uses in uses.items():
                 if name in self._stats:
@@ -354,12 +387,15 @@ class FactoredEngine(Engine):
                     if isinstance(u.delta, list):
                         u.delta = [torch.zeros_like(o) if d is None else d for o, d in zip(u.output, u.delta)]
                 u1, v1 = directions[name]
-                st = combine_uses(live, M, u1, v1, self.split, self.chunk_bytes, name not in from_grad)
+                st = combine_uses(live, M, u1, v1, split, self.chunk_bytes, name not in from_grad)
                 st.scale_(float(M))
                 st.check_finite(name, step)
                 self._stats[name] = st
+                if scale is not None:  # kept for the projections of S ∘ g_i, released by _apply_scale
+                    live_uses[name] = live
                 for u in layer_uses:
-                    u.release()
+                    if scale is None or not any(u is v for v in live):
+                        u.release()
         out = {}
         for layer in self.layers:
             u1, v1 = directions[layer.name]
@@ -369,7 +405,7 @@ class FactoredEngine(Engine):
                 z = dict(dtype=u1.dtype, device=u1.device)
                 st = LayerStatistics(
                     M, torch.zeros(M, m, **z), torch.zeros(M, n, **z),
-                    torch.zeros(m, n, **z) if self.split else None, torch.zeros(m, n, **z) if self.split else None,
+                    torch.zeros(m, n, **z) if split else None, torch.zeros(m, n, **z) if split else None,
                 )
             if layer.name in checked:
                 w = layer.weight
@@ -380,9 +416,30 @@ class FactoredEngine(Engine):
                 self._check_hidden_uses(layer.name, st, (gm.mT @ u1) * M, step)
                 if layer.name in from_grad:
                     st.sum_g = gm * M
+            if scale is not None:
+                self._apply_scale(layer, st, scale, live_uses.pop(layer.name, ()), M, u1, v1, step)
             out[layer.name] = st
         self._stats = {}
         return out
+
+    def _apply_scale(self, layer, st: LayerStatistics, scale: ScaleFn, live, M: int, u1, v1, step) -> None:
+        """S = scale(name, ḡ, diag Σ̂) of the raw statistics; with S, Gv and Gtu become those of S ∘ g_i."""
+        try:
+            with torch.no_grad():
+                S = check_scale(scale(layer.name, st.mean(), st.noise_var()), (u1.shape[0], v1.shape[0]), u1,
+                                layer.name, step)
+                if S is None:
+                    return
+                if live:  # δ of the hooks is that of ℓ_i / M
+                    Gv, Gtu = combine_scaled_projections(live, M, S, u1, v1, self.chunk_bytes)
+                    st.Gv, st.Gtu = Gv.mul_(float(M)), Gtu.mul_(float(M))
+                else:  # the layer was not applied, or the loss does not depend on it: g_i = 0
+                    st.Gv, st.Gtu = torch.zeros_like(st.Gv), torch.zeros_like(st.Gtu)
+                st.scale = S
+                st.check_finite(layer.name, step)
+        finally:
+            for u in live:
+                u.release()
 
     def _check_hidden_uses(self, name: str, st: LayerStatistics, total: torch.Tensor, step) -> None:
         """Σ_i g_iᵀ u1 from the hooks must equal ``total`` = (M ∇θ mean ℓ)ᵀ u1 from the same backward."""

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch.func import functional_call, grad, vmap
 
+from ..core.statistics import ScaleFn, check_scale
 from .base import VECTORISED_CHUNK_BYTES, Engine, LayerStatistics, StatisticsAccumulator
 
 __all__ = ["MaterialisedEngine", "fork_rng"]
@@ -67,7 +68,10 @@ class MaterialisedEngine(Engine):
             self._pnames[layer.name] = pname
 
     def backward(self, losses, directions: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch=None,
-                 step: Optional[int] = None) -> dict[str, LayerStatistics]:
+                 step: Optional[int] = None, scale: Optional[ScaleFn] = None) -> dict[str, LayerStatistics]:
+        """:meth:`Engine.backward`; with ``scale``, a second pass over the same chunks (the same random
+        draws: both passes start from the same forked RNG state) projects S ∘ g_i once S is known,
+        unless the whole batch is one chunk, whose per-sample gradients are kept instead."""
         if batch is None or not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise ValueError(
                 "the materialised engine recomputes per-sample gradients with torch.func and needs the "
@@ -102,14 +106,19 @@ class MaterialisedEngine(Engine):
         per_sample = 3 * elem * sum(w.numel() for w in wts.values())
         c = self.chunk_size or self._chunk(M, per_sample)
         accs = {}
+        split = self.split or scale is not None
         for layer in self.layers:
             u1, v1 = directions[layer.name]
-            accs[layer.name] = StatisticsAccumulator(M, layer.shape, u1, v1, self.split)
+            accs[layer.name] = StatisticsAccumulator(M, layer.shape, u1, v1, split)
+        kept = None
         with torch.no_grad(), fork_rng(x.device):
             for s in range(0, M, c):
                 e = min(M, s + c)
                 with torch.enable_grad():
                     G = per_sample_grad(wts, x[s:e], y[s:e])
+                if scale is not None and c >= M:  # one chunk: keep it for S ∘ g_i
+                    kept = {pn: G[pn].reshape(e - s, *layer.shape).clone()
+                            for layer, pn in zip(self.layers, wnames)}
                 for layer, pn in zip(self.layers, wnames):
                     accs[layer.name].add_per_sample(s, G[pn].reshape(e - s, *layer.shape), overwrite=True)
                 del G
@@ -118,4 +127,30 @@ class MaterialisedEngine(Engine):
             st = accs[layer.name].result()
             st.check_finite(layer.name, step)
             out[layer.name] = st
+        if scale is None:
+            return out
+        S = {}
+        with torch.no_grad():
+            for layer in self.layers:
+                st, acc = out[layer.name], accs[layer.name]
+                S[layer.name] = check_scale(scale(layer.name, st.mean(), st.noise_var()), layer.shape, acc.u1,
+                                            layer.name, step)
+        todo = [(layer, pn) for layer, pn in zip(self.layers, wnames) if S[layer.name] is not None]
+        if todo:
+            with torch.no_grad(), fork_rng(x.device):
+                for s in range(0, M, c):
+                    e = min(M, s + c)
+                    if kept is not None:
+                        G = kept
+                    else:
+                        with torch.enable_grad():
+                            G = per_sample_grad(wts, x[s:e], y[s:e])
+                    for layer, pn in todo:
+                        accs[layer.name].add_scaled(s, G[pn].reshape(e - s, *layer.shape), S[layer.name])
+                    del G
+            kept = None
+        for layer, _ in todo:
+            st = out[layer.name]
+            st.Gv, st.Gtu, st.scale = accs[layer.name].Gv, accs[layer.name].Gtu, S[layer.name]
+            st.check_finite(layer.name, step)
         return out

@@ -221,6 +221,27 @@ class LayerRule(abc.ABC):
     def per_sample_grads(self, use: Use, start: int, stop: int) -> torch.Tensor:
         """Per-sample gradients (c, m_rows, n) of samples start..stop−1 of one use (for summed uses)."""
 
+    def scaled_projections(self, use: Use, S: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, M: int,
+                           chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projections of the preconditioned per-sample gradients of one use: (S ∘ g_i) v1 and (S ∘ g_i)ᵀ u1.
+
+        ``S`` (m_rows, n) is the elementwise preconditioner and ``u1`` the top left singular
+        vector, both restricted to the rows ``use.rows``; g_i as in :meth:`statistics` (of ℓ_i
+        as the hooks see it). Returns (M, m_rows) and (M, n). The default forms the per-sample
+        gradients a chunk of samples at a time (:meth:`per_sample_grads`, memory
+        ``chunk_bytes``); rules whose :meth:`statistics` avoid them override it.
+        """
+        from ..core.statistics import scaled_projections
+
+        m, n = S.shape
+        c = int(max(1, min(M, chunk_bytes // max(1, 2 * m * n * u1.element_size()))))
+        Gv = torch.empty(M, m, dtype=u1.dtype, device=u1.device)
+        Gtu = torch.empty(M, n, dtype=u1.dtype, device=u1.device)
+        for s in range(0, M, c):
+            e = min(M, s + c)
+            Gv[s:e], Gtu[s:e] = scaled_projections(self.per_sample_grads(use, s, e).to(u1.dtype), S, u1, v1)
+        return Gv, Gtu
+
     def has_operator_norm_probe(self, module: nn.Module) -> bool:
         """Whether :meth:`operator_norm_probe` measures the exact operator norm of the module's linear map."""
         return False

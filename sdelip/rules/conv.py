@@ -26,10 +26,10 @@ from torch import nn
 
 from ..core.statistics import EngineError, LayerStatistics
 from .base import LayerRule, Use, register_rule
-from .linear import patch_statistics, statistics_buffers
+from .linear import patch_scaled_projections, patch_statistics, statistics_buffers
 
 __all__ = ["ConvRule", "ConvGeometry", "conv_statistics", "per_sample_conv_grads", "conv_projections",
-           "GROUPED_CONV_MIN_POSITIONS"]
+           "conv_scaled_projections", "GROUPED_CONV_MIN_POSITIONS"]
 
 #: Below this many output positions the per-sample gradients of a Conv2d are formed by
 #: unfolding and a batched matrix product; from it on by a grouped convolution backward
@@ -205,6 +205,53 @@ def conv_statistics(
     return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
 
 
+def conv_scaled_projections(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor, S: torch.Tensor,
+                            u1: torch.Tensor, v1: torch.Tensor, chunk_bytes: int,
+                            route: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S ∘ g_i) v1 (M, O) and (S ∘ g_i)ᵀ u1 (M, Kg) of a convolution, g_i = Σ_p δ_ip x_ipᵀ.
+
+    S (O, Kg) is elementwise on the reshaped kernel. A chunk of samples at a time
+    (``chunk_bytes``), by the same routes as :func:`conv_statistics`: for small 2-d maps from
+    the unfolded patches (:func:`~sdelip.rules.linear.patch_scaled_projections`: Σ_p δ_ip ∘
+    (S_j (x_ip ∘ v1)), or the chunk's g_i by one bmm when P ≥ 3, which costs half as much),
+    else from the chunk's per-sample gradients by the grouped convolution backward, S ∘ g_i,
+    then the two projections. ``route`` forces the patch route (tests).
+    """
+    x = geo.prepare(x)
+    delta = geo.lift_delta(delta)
+    M, O = delta.shape[0], delta.shape[1]
+    P = math.prod(delta.shape[2:])
+    Kg = v1.shape[0]
+    K = Kg * geo.groups
+    elem = x.element_size()
+    grouped = geo.spatial != 2 or P >= GROUPED_CONV_MIN_POSITIONS
+    if grouped:
+        per_sample = elem * (3 * O * Kg + 2 * x[0].numel() + 2 * delta[0].numel())
+    else:
+        per_sample = elem * (2 * K * P + 2 * max(O * Kg, (O + K) * P) + O * P)
+    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
+    Gv = torch.empty(M, O, dtype=u1.dtype, device=u1.device)
+    Gtu = torch.empty(M, Kg, dtype=u1.dtype, device=u1.device)
+    for s in range(0, M, c):
+        e = min(M, s + c)
+        if grouped:
+            SG = per_sample_conv_grads(geo, x[s:e], delta[s:e]).to(u1.dtype).mul_(S)
+            torch.matmul(SG, v1, out=Gv[s:e])
+            torch.matmul(SG.mT, u1, out=Gtu[s:e])
+            del SG
+            continue
+        Xt = _patches(geo, x[s:e]).to(u1.dtype)
+        if Xt.shape[2] != P:
+            raise EngineError(
+                f"unfolded input of the convolution has {Xt.shape[2]} positions but its output gradient has {P}; "
+                "the layer's input is not the tensor passed to its forward"
+            )
+        Dt = delta[s:e].reshape(e - s, O, P).to(u1.dtype)
+        Gv[s:e], Gtu[s:e] = patch_scaled_projections(Xt, Dt, S, u1, v1, geo.groups, route)
+        del Xt
+    return Gv, Gtu
+
+
 def conv_per_sample_grads(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Per-sample gradients (c, O, C/groups·prod(k)) of a chunk: unfold for small 2-d maps, else grouped."""
     x = geo.prepare(x)
@@ -260,3 +307,6 @@ class ConvRule(LayerRule):
 
     def per_sample_grads(self, use: Use, start: int, stop: int) -> torch.Tensor:
         return conv_per_sample_grads(ConvGeometry.of(use.module), use.x[start:stop], use.delta[start:stop])
+
+    def scaled_projections(self, use: Use, S, u1, v1, M, chunk_bytes):
+        return conv_scaled_projections(ConvGeometry.of(use.module), use.x, use.delta, S, u1, v1, chunk_bytes)

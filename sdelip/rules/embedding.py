@@ -9,6 +9,10 @@ each of its positions p on the row of its index: g_i = Σ_p e_{idx_ip} δ_ipᵀ 
     Σ_i g_i   = scatter of all δ_ip on their rows,
     Σ_i g_i ∘ g_i = Σ_(i, r) (Σ_{p: idx_ip = r} δ_ip)²  over the distinct (sample, row) pairs.
 
+With an elementwise preconditioner S (V, d), only the rows of the indices are read:
+
+    ((S ∘ g_i) v1)_r = Σ_{p: idx_ip = r} δ_ip · (S[r] ∘ v1),   (S ∘ g_i)ᵀ u1 = Σ_p u1[idx_ip] S[idx_ip] ∘ δ_ip.
+
 ``max_norm`` (the forward renormalises rows in place, which is not an SGD update) and
 ``scale_grad_by_freq`` (the gradient depends on the batch's counts, coupling the
 samples) are refused with the layer's name.
@@ -22,7 +26,7 @@ from torch import nn
 from ..core.statistics import LayerStatistics
 from .base import LayerRule, Use, register_rule
 
-__all__ = ["EmbeddingRule", "embedding_statistics", "embedding_per_sample_grads"]
+__all__ = ["EmbeddingRule", "embedding_statistics", "embedding_per_sample_grads", "embedding_scaled_projections"]
 
 
 def _flat(idx: torch.Tensor, delta: torch.Tensor, padding_idx):
@@ -55,6 +59,22 @@ def embedding_statistics(idx: torch.Tensor, delta: torch.Tensor, num_embeddings:
         rows = torch.zeros(keys.numel(), d, dtype=u1.dtype, device=u1.device).index_add_(0, inv, flat_D)
         sum_sq = torch.zeros(V, d, dtype=u1.dtype, device=u1.device).index_add_(0, keys % V, rows.square_())
     return LayerStatistics(M, Gv, Gtu, sum_g, sum_sq)
+
+
+def embedding_scaled_projections(idx: torch.Tensor, delta: torch.Tensor, num_embeddings: int, padding_idx,
+                                 S: torch.Tensor, u1: torch.Tensor,
+                                 v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S ∘ g_i) v1 (M, V) and (S ∘ g_i)ᵀ u1 (M, d) of g_i = Σ_p e_{idx_ip} δ_ipᵀ, from the rows S[idx_ip] only.
+
+    ((S ∘ g_i) v1)_r = Σ_{p: idx_ip = r} δ_ip · (S[r] ∘ v1) (a scatter-add) and
+    (S ∘ g_i)ᵀ u1 = Σ_p u1[idx_ip] (S[idx_ip] ∘ δ_ip); padding positions contribute nothing.
+    """
+    idx, D = _flat(idx, delta.to(u1.dtype), padding_idx)
+    M = D.shape[0]
+    SD = S[idx] * D  # (M, P, d): S[idx_ip] ∘ δ_ip
+    Gv = torch.zeros(M, num_embeddings, dtype=u1.dtype, device=u1.device).scatter_add_(1, idx, SD @ v1)
+    Gtu = (u1[idx].unsqueeze(-1) * SD).sum(1)
+    return Gv, Gtu
 
 
 def embedding_per_sample_grads(idx: torch.Tensor, delta: torch.Tensor, num_embeddings: int,
@@ -97,3 +117,8 @@ class EmbeddingRule(LayerRule):
         idx, d = self.batch_first(use)
         m = use.module
         return embedding_per_sample_grads(idx[start:stop], d[start:stop], m.num_embeddings, m.padding_idx)
+
+    def scaled_projections(self, use: Use, S, u1, v1, M, chunk_bytes):
+        idx, d = self.batch_first(use)
+        m = use.module
+        return embedding_scaled_projections(idx, d, m.num_embeddings, m.padding_idx, S, u1, v1)

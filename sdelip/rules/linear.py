@@ -5,6 +5,13 @@ Without a position axis, nothing of size M·m·n is formed:
     g_i v1 = δ_i (x_i · v1),   g_iᵀ u1 = x_i (δ_i · u1),
     Σ_i g_i = δᵀ x,            Σ_i g_i ∘ g_i = (δ ∘ δ)ᵀ (x ∘ x).
 
+With an elementwise preconditioner S (m, n) (Adam's D), the projections of S ∘ g_i are
+
+    (S ∘ g_i) v1 = Σ_p δ_ip ∘ (S (x_ip ∘ v1)),   (S ∘ g_i)ᵀ u1 = Σ_p x_ip ∘ (Sᵀ (δ_ip ∘ u1)),
+
+one product with S per sample and position (:func:`linear_scaled_projections`,
+:func:`patch_scaled_projections`).
+
 With position axes (sequences, a Linear on (M, T, d) or, sequence-first, (T, M, d)) the
 projections need only the positions, and Σ_i g_i ∘ g_i the per-sample gradients of this
 one layer, a chunk of samples at a time (:func:`patch_statistics`).
@@ -21,7 +28,8 @@ from ..core.statistics import LayerStatistics
 from .base import LayerRule, Use, register_rule
 
 __all__ = ["LinearRule", "LinearUses", "statistics_buffers", "linear_statistics", "sequence_linear_statistics",
-           "patch_statistics", "linear_use_statistics"]
+           "patch_statistics", "linear_use_statistics", "linear_scaled_projections", "patch_scaled_projections",
+           "linear_use_scaled_projections"]
 
 
 def linear_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor, split: bool,
@@ -133,6 +141,78 @@ def linear_use_statistics(x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor
     return sequence_linear_statistics(x, delta, u1, v1, split, chunk_bytes, with_sum_g)
 
 
+def linear_scaled_projections(x: torch.Tensor, delta: torch.Tensor, S: torch.Tensor, u1: torch.Tensor,
+                              v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S ∘ g_i) v1 = δ_i ∘ (S (x_i ∘ v1)) (M, m) and (S ∘ g_i)ᵀ u1 = x_i ∘ (Sᵀ (δ_i ∘ u1)) (M, n), g_i = δ_i x_iᵀ.
+
+    x (M, n), δ (M, m), S (m, n); one O(M·m·n) product each, no per-sample matrix.
+    """
+    return delta * ((x * v1) @ S.mT), x * ((delta * u1) @ S)
+
+
+def patch_scaled_projections(Xt: torch.Tensor, Dt: torch.Tensor, S: torch.Tensor, u1: torch.Tensor,
+                             v1: torch.Tensor, groups: int = 1,
+                             route: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S ∘ g_i) v1 and (S ∘ g_i)ᵀ u1 of g_i = Σ_p δ_ip x_ipᵀ for a chunk of samples.
+
+    Args:
+        Xt: (c, g·Kg, P) patches, channels first; Dt: (c, g·Og, P) output gradients.
+        S: (g·Og, Kg) the elementwise preconditioner; u1 (g·Og,), v1 (Kg,).
+        groups: g (block structure of g_i: the rows of group j see channels j·Kg..(j+1)·Kg−1).
+        route: ``"patches"``: Σ_p δ_ip ∘ (S_j (x_ip ∘ v1)) and Σ_j Σ_p x_ip ∘ (S_jᵀ (δ_ip ∘ u1_j)) by
+            batched matmuls (2·P·Og·Kg per sample and group); ``"per_sample"``: the chunk's g_i
+            (one bmm, P·Og·Kg) then (S ∘ g_i) v1, (S ∘ g_i)ᵀ u1 (3·Og·Kg); None: the cheaper
+            (patches only for P ≤ 2).
+
+    Returns:
+        (c, g·Og) and (c, Kg).
+    """
+    c, K, P = Xt.shape
+    O = Dt.shape[1]
+    g = groups
+    Kg, Og = K // g, O // g
+    if route is None:
+        route = "patches" if P <= 2 else "per_sample"
+    Xg = Xt.reshape(c, g, Kg, P)
+    Dg = Dt.reshape(c, g, Og, P)
+    Sg = S.reshape(g, Og, Kg)
+    if route == "patches":
+        Gv = (Dg * (Sg @ (Xg * v1.reshape(Kg, 1)))).sum(-1).reshape(c, O)
+        Gtu = (Xg * (Sg.mT @ (Dg * u1.reshape(g, Og, 1)))).sum(-1).sum(1)
+        return Gv, Gtu
+    if route != "per_sample":
+        raise ValueError(f"route must be 'patches', 'per_sample' or None, got {route!r}")
+    SG = (Dg @ Xg.mT).mul_(Sg)  # (c, g, Og, Kg): S ∘ g_i of the chunk
+    Gv = (SG @ v1).reshape(c, O)
+    Gtu = (SG.mT @ u1.reshape(g, Og, 1)).squeeze(-1).sum(1)
+    return Gv, Gtu
+
+
+def linear_use_scaled_projections(x: torch.Tensor, delta: torch.Tensor, S: torch.Tensor, u1: torch.Tensor,
+                                  v1: torch.Tensor, chunk_bytes: int,
+                                  route: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S ∘ g_i) v1 (M, m) and (S ∘ g_i)ᵀ u1 (M, n) of a linear map on batch-first x (M, …, n), δ (M, …, m).
+
+    g_i = Σ_p δ_ip x_ipᵀ over the positions p of the middle axes; a chunk of samples at a
+    time (``chunk_bytes``) when there are positions.
+    """
+    x, delta = x.to(u1.dtype), delta.to(u1.dtype)
+    if x.ndim == 2:
+        return linear_scaled_projections(x, delta, S, u1, v1)
+    M, n, m = x.shape[0], x.shape[-1], delta.shape[-1]
+    X = x.reshape(M, -1, n)
+    D = delta.reshape(M, -1, m)
+    P = X.shape[1]
+    per_sample = x.element_size() * (P * (n + m) + max(m * n, P * max(m, n)))
+    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
+    Gv = torch.empty(M, m, dtype=u1.dtype, device=u1.device)
+    Gtu = torch.empty(M, n, dtype=u1.dtype, device=u1.device)
+    for s in range(0, M, c):
+        e = min(M, s + c)
+        Gv[s:e], Gtu[s:e] = patch_scaled_projections(X[s:e].mT, D[s:e].mT, S, u1, v1, 1, route)
+    return Gv, Gtu
+
+
 def linear_per_sample_grads(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """g_i = Σ_p δ_ip x_ipᵀ of batch-first x (c, …, n) and δ (c, …, m): shape (c, m, n)."""
     c, n, m = x.shape[0], x.shape[-1], delta.shape[-1]
@@ -149,6 +229,10 @@ class LinearUses(LayerRule):
     def per_sample_grads(self, use: Use, start: int, stop: int) -> torch.Tensor:
         x, d = self.batch_first(use)
         return linear_per_sample_grads(x[start:stop], d[start:stop])
+
+    def scaled_projections(self, use: Use, S, u1, v1, M, chunk_bytes):
+        x, d = self.batch_first(use)
+        return linear_use_scaled_projections(x, d, S, u1, v1, chunk_bytes)
 
 
 @register_rule(nn.Linear)
