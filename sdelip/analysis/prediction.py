@@ -43,7 +43,40 @@ from ..core.formulas import lipschitz_moments
 from ..record import load_record
 from ..core.catalogue import COEFFICIENT_COLUMNS, LOG_K_COEFFICIENTS, network_column
 
-__all__ = ["predict", "drop_degenerate", "degenerate_steps", "PREDICTION_COLUMNS"]
+__all__ = ["predict", "drop_degenerate", "degenerate_steps", "check_modelled", "UnmodelledUpdateError",
+           "PREDICTION_COLUMNS"]
+
+
+class UnmodelledUpdateError(ValueError):
+    """A record's steps whose update the model coefficients do not describe (named, with the cause)."""
+
+
+def check_modelled(df: pd.DataFrame, what: str = "the prediction") -> None:
+    """Refuse a record with steps whose update is not modelled (``update_modelled`` False).
+
+    Such a step was taken by an optimizer without an update rule, with a gradient edited
+    between ``tracker.backward`` and ``optimizer.step()`` in a way the rule cannot follow, or
+    not taken at all; its coefficients are NaN or describe another update (docs/tracking.md,
+    "Optimizers"). The record's ``realised_*`` columns still hold what each update did.
+
+    Raises:
+        UnmodelledUpdateError: naming the first such steps and the recorded cause.
+    """
+    if "update_modelled" not in df.columns:
+        return
+    bad = df.loc[~df["update_modelled"].astype(bool)]
+    if len(bad) == 0:
+        return
+    steps = bad["step"].astype(int).tolist()
+    notes = [n for n in (bad["update_note"] if "update_note" in bad.columns else []) if isinstance(n, str)]
+    cause = notes[0] if notes else ("the record was written by sdelip 0.1 with the plain-SGD formulas for an "
+                                    "optimizer that is not plain SGD (momentum, Adam, …)")
+    raise UnmodelledUpdateError(
+        f"{what} needs the model coefficients of every step, but {len(steps)} step(s) of the record are not "
+        f"modelled (steps {steps[:8]}{' …' if len(steps) > 8 else ''}): {cause}. The realised increments "
+        "(realised_drift/<layer>, realised_curvature/<layer>) are recorded for every update; select the modelled "
+        "rows (df[df.update_modelled]) to predict a stretch of the run that is"
+    )
 
 #: Columns of :func:`predict`'s DataFrame.
 PREDICTION_COLUMNS = (
@@ -128,8 +161,11 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
 
     Raises:
         ValueError: missing columns, no rows, non-increasing times, non-finite coefficients.
+        UnmodelledUpdateError: steps whose update the coefficients do not describe
+            (:func:`check_modelled`: an optimizer without a rule, an edited gradient).
     """
     df = load_record(record) if not isinstance(record, pd.DataFrame) else record
+    check_modelled(df)
     K_col = network_column("sigma1")
     coefficients = [network_column(name) for name in LOG_K_COEFFICIENTS]  # μ_Z, κ_Z, λ_Z²
     need = ["step", "t", "Z", K_col, *coefficients]

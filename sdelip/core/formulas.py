@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .._checks import check_batch_size, check_finite, check_per_sample, check_positive
+from .catalogue import TERMS
 from .spectral import (
     DEFAULT_GAP_TOL,
     SpectralDecomposition,

@@ -50,6 +50,7 @@ from torch import nn
 
 from .._checks import check_positive
 from ..core.formulas import LipschitzMoments, lipschitz_moments, repeated_use_coefficients
+from ..analysis.prediction import check_modelled
 from ..core.catalogue import LOG_K_COEFFICIENTS, layer_column, network_column
 
 __all__ = ["ReducedLipschitzSDE", "record_lr"]
@@ -238,6 +239,7 @@ class ReducedLipschitzSDE(nn.Module):
                 step's position in its epoch, ``drift_source`` to ``"minibatch"``: a record's μ is
                 measured on each step's batch) of :class:`ReducedLipschitzSDE`.
         """
+        check_modelled(record, "the reduced SDE")
         lr = record_lr(record) if lr is None else check_positive(lr, "lr")
         if "step" not in record.columns:
             raise ValueError("the record has no 'step' column")
