@@ -253,8 +253,9 @@ def test_adam_variants_tensor_lr_fused_and_decoupled_flag():
 
 
 def test_adam_first_step_is_sign_like():
-    p = torch.nn.Parameter(torch.randn(4, 3, dtype=DT))
-    p.grad = torch.randn(4, 3, dtype=DT)
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3, generator=gen, dtype=DT))
+    p.grad = torch.randn(4, 3, generator=gen, dtype=DT).clamp_min(0.05) * torch.tensor([1.0, -1.0, 1.0], dtype=DT)
     mdl = update_model(torch.optim.Adam([p], lr=1e-3, eps=1e-12), p)
     assert mdl.first_step and mdl.step == 1
     assert torch.allclose(mdl.direction, torch.sign(p.grad), rtol=0, atol=1e-10)
@@ -316,13 +317,16 @@ def test_adam_noise_scale_and_noise_var_through_the_optimizer(cls):
 
 
 def test_amsgrad_noise_var_takes_the_max():
-    p = torch.nn.Parameter(torch.randn(3, 3, dtype=DT))
+    gen = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(3, 3, generator=gen, dtype=DT))
     opt = torch.optim.Adam([p], lr=0.01, betas=(0.9, 0.9), amsgrad=True)
     for k in range(3):
-        p.grad = torch.randn(3, 3, dtype=DT) * (3.0 if k == 0 else 0.1)
+        p.grad = torch.randn(3, 3, generator=gen, dtype=DT) * (3.0 if k == 0 else 0.1)
         opt.step()
-    p.grad = torch.randn(3, 3, dtype=DT) * 0.1
-    nv = torch.rand(3, 3, dtype=DT)
+    p.grad = torch.randn(3, 3, generator=gen, dtype=DT) * 0.1
+    nv = torch.rand(3, 3, generator=gen, dtype=DT)
+    st0 = opt.state[p]
+    assert bool((st0["max_exp_avg_sq"] > st0["exp_avg_sq"]).any())  # the max is active somewhere
     mdl = update_model(opt, p, noise_var=nv)
     st_ = opt.state[p]
     v_noise = torch.maximum(st_["max_exp_avg_sq"], 0.9 * st_["exp_avg_sq"] + 0.1 * (p.grad**2 + nv))

@@ -26,6 +26,11 @@ Nesterov               s(1 + β(1 − d))              β²·b_prev + (1 + β(1 
 (Nesterov: ĝ + β(β b_prev + (1 − d)ĝ) = β² b_prev + (1 + β(1 − d))ĝ.) Being affine, the
 model is exact: the mean over mini-batches of P is C + S·ḡ and its covariance S²Σ, so
 ``mean_direction = direction`` and ``linear_in_grad = True``.
+
+Caution for callers reading ``.grad`` after the step: the foreach path with Nesterov adds
+β·b to the gradients *in place* (``torch._foreach_add_(grads, bufs, alpha=momentum)``), so
+after ``step()`` the parameter's ``.grad`` holds P, not g (checked on torch 2.14). Read g
+before the step.
 """
 
 from __future__ import annotations
