@@ -110,6 +110,8 @@ class OptimizerRule(abc.ABC):
 
     #: the optimizer classes this rule is registered for (set by the decorator)
     optimizer_types: ClassVar[tuple] = ()
+    #: whether the noise scale S = ∂P/∂g is elementwise (a tensor) rather than one scalar
+    elementwise_noise_scale: ClassVar[bool] = True
 
     @abc.abstractmethod
     def _model(self, optimizer: torch.optim.Optimizer, group: dict, state: dict, param: torch.Tensor,

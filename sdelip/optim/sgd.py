@@ -46,6 +46,8 @@ __all__ = ["SGDRule"]
 class SGDRule(OptimizerRule):
     """Rule of torch.optim.SGD (module docstring)."""
 
+    elementwise_noise_scale = False
+
     def _model(self, optimizer, group, state, param, grad, noise_var, where):
         lr = scalar(group["lr"], "lr", where)
         beta = scalar(group["momentum"], "momentum", where)

@@ -33,6 +33,8 @@ from typing import Mapping, Optional
 import attrs
 import torch
 
+from ..core.increments import realised_increment
+
 __all__ = ["PendingStep", "GradientEdit", "gradient_edit", "realised_increments", "realised_network"]
 
 #: Relative tolerance of "the optimizer stepped with c times the tracked gradient".
@@ -148,15 +150,11 @@ def realised_increments(layers, decomps: Mapping, before: Mapping[str, torch.Ten
     out = {}
     for layer in layers:
         d = decomps[layer.name]
-        W0 = before[layer.name]
-        W1 = layer.matrix().detach()
         dtype = d.u1.dtype
-        delta = (W1.to(dtype) - W0.to(dtype))
-        a, b = delta @ d.v1, delta.mT @ d.u1
+        delta = layer.matrix().detach().to(dtype) - before[layer.name].to(dtype)
+        inc = realised_increment(d, delta)
         s1 = float(d.sigma1)
-        first = float(d.u1 @ a)
-        quad = float(d.hessian_quadform(a, b))
-        out[layer.name] = (first / (lr * s1), 0.5 * quad / (lr * s1))
+        out[layer.name] = (float(inc.first) / (lr * s1), float(inc.half_curvature) / (lr * s1))
     return out
 
 
