@@ -102,12 +102,14 @@ NAME = "ensemble_validation"
 
 def _config(s, args, seed, path, sampling="reshuffle"):
     """The :class:`sdelip.workbench.train.TrainConfig` of one run (every step tracked; ``path``: the record, or None)."""
+    from sdelip.tracking import TrackingOptions
     from sdelip.workbench.train import TrainConfig
 
     return TrainConfig(model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download,
                        lr=s["lr"], batch_size=s["batch_size"], steps=s["steps"], init_seed=INIT_SEED,
-                       sampling_seed=seed, sampling=sampling, track=True, track_every=1, split=False,
-                       record=None if path is None else str(path), decomposition=s["decomposition"],
+                       sampling_seed=seed, sampling=sampling, track=True,
+                       tracking=TrackingOptions(schedule=1, split=False, decomposition=s["decomposition"]),
+                       record=None if path is None else str(path),
                        max_train_samples=s["max_train_samples"], device=args.device, eval_test=False)
 
 
