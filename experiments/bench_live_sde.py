@@ -53,7 +53,7 @@ from bench_tracking import _reset_peak_rss, _status_kib, machine  # noqa: E402
 
 from sdelip.workbench.data import load_dataset  # noqa: E402
 from sdelip.workbench.models import build_model  # noqa: E402
-from sdelip.sde import LipschitzSDE, ParameterSDE  # noqa: E402
+from sdelip.sde import LipschitzSDE, LogKOptions, ParameterSDE  # noqa: E402
 
 #: name -> (model, dataset, M, η, trajectories)
 CONFIGS = {
@@ -81,8 +81,8 @@ def setup(name: str, device: str, n: int | None = None, engine: str = "factored"
     model = build_model(model_name, input_shape=shape, seed=0).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        extra = {"decomposition": DECOMPOSITION[0]} if cls is LipschitzSDE else {}
-        sde = cls(model, (X, Y), lr=lr, noise_batch_size=M, engine=engine, seed=0, on_degenerate="ignore", **extra)
+        extra = {"log_k": LogKOptions(decomposition=DECOMPOSITION[0], on_degenerate="ignore")} if cls is LipschitzSDE else {}
+        sde = cls(model, (X, Y), lr=lr, noise_batch_size=M, engine=engine, seed=0, **extra)
     return model, (X, Y), sde, (n or n_default)
 
 

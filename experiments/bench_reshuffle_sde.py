@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
-    "iid-batch": dict(sampling="iid", noise_coupling="shared", grad_source="batch", grad_batch_size=256),
-    "iid-full": dict(sampling="iid", noise_coupling="shared", grad_source="full"),
+    "iid-batch": dict(sampling="iid", noise=dict(coupling="shared"), drift=dict(source="batch", batch_size=256)),
+    "iid-full": dict(sampling="iid", noise=dict(coupling="shared"), drift=dict(source="full")),
     "reshuffle": dict(sampling="reshuffle"),
 }
 
@@ -61,14 +61,16 @@ def child(name: str, n: int, repeats: int) -> dict:
     sys.path.insert(0, str(ROOT))
     from sdelip import models
     from sdelip.workbench.data import load_dataset
-    from sdelip.sde import ParameterSDE
+    from sdelip.sde import DriftOptions, NoiseOptions, ParameterSDE
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     train = load_dataset("mnist-embedded")
     loader = torch.utils.data.DataLoader(getattr(train, "dataset", train), batch_size=64)
     model = models.MLP()
-    sde = ParameterSDE(model, loader, lr=0.05, **CONFIGS[name])
+    cfg = dict(CONFIGS[name])
+    options = {"noise": NoiseOptions(**cfg.pop("noise", {})), "drift": DriftOptions(**cfg.pop("drift", {}))}
+    sde = ParameterSDE(model, loader, lr=0.05, **cfg, **options)
     y0 = sde.initial_state(n)
     gen = torch.Generator().manual_seed(0)
     _reset_peak()

@@ -138,7 +138,8 @@ def train_task(config: dict, workdir: Path) -> dict:
     """Task function of one :func:`sdelip.workbench.train.train` run, its record written into ``workdir``.
 
     Args:
-        config: ``{"train": <TrainConfig keyword arguments except record>, "n_train": bool}``;
+        config: ``{"train": <TrainConfig keyword arguments except record, in the flat spelling of
+            TrainConfig.from_flat: the tracker's options as track_every, engine, split, ...>, "n_train": bool}``;
             with ``track`` the record is ``workdir/record.db``; with ``n_train`` the value
             also holds the training-set size.
         workdir: the task's folder.
@@ -153,7 +154,7 @@ def train_task(config: dict, workdir: Path) -> dict:
 
     kwargs = dict(config["train"])
     record = "record.db" if kwargs.get("track", True) else None
-    cfg = TrainConfig(**kwargs, record=str(Path(workdir) / record) if record else None)
+    cfg = TrainConfig.from_flat({**kwargs, "record": str(Path(workdir) / record) if record else None})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the data-fallback notice is stated in every summary instead
         res = train(cfg, progress=False)

@@ -102,12 +102,14 @@ NAME = "ensemble_validation"
 
 def _config(s, args, seed, path, sampling="reshuffle"):
     """The :class:`sdelip.workbench.train.TrainConfig` of one run (every step tracked; ``path``: the record, or None)."""
+    from sdelip.tracking import TrackingOptions
     from sdelip.workbench.train import TrainConfig
 
     return TrainConfig(model=s["model"], dataset=s["dataset"], data_root=args.data_root, download=args.download,
                        lr=s["lr"], batch_size=s["batch_size"], steps=s["steps"], init_seed=INIT_SEED,
-                       sampling_seed=seed, sampling=sampling, track=True, track_every=1, split=False,
-                       record=None if path is None else str(path), decomposition=s["decomposition"],
+                       sampling_seed=seed, sampling=sampling, track=True,
+                       tracking=TrackingOptions(schedule=1, split=False, decomposition=s["decomposition"]),
+                       record=None if path is None else str(path),
                        max_train_samples=s["max_train_samples"], device=args.device, eval_test=False)
 
 
@@ -167,7 +169,7 @@ def run_parameter_sde(config: dict, workdir: Path) -> dict:
     import torchsde
 
     from sdelip.workbench.models import build_model
-    from sdelip.sde import GridBrownian, LipschitzSDE, ParameterSDE
+    from sdelip.sde import DriftOptions, GridBrownian, LipschitzSDE, LogKOptions, NoiseOptions, ParameterSDE
     from sdelip.workbench.train import prepare_data
 
     s, n, chunk = config["settings"], int(config["n"]), int(config["chunk"])
@@ -180,13 +182,14 @@ def run_parameter_sde(config: dict, workdir: Path) -> dict:
     loader = torch.utils.data.DataLoader(info.dataset, batch_size=s["batch_size"])
     reshuffle = config["coupling"] == "reshuffle"
     if reshuffle:  # the epoch SDE: noise over all N samples on the epoch-pinned driver; K read as Π σ1(θ)
-        sde = ParameterSDE(model, loader, lr=lr, sampling="reshuffle", on_degenerate="ignore")
+        sde = ParameterSDE(model, loader, lr=lr, sampling="reshuffle")
         y = sde.initial_state(n, device=device)
         bm = sde.brownian_motion(n, seed=chunk + 1, dtype=y.dtype, device=device)
     else:
-        sde = LipschitzSDE(model, loader, lr=lr, grad_source="batch", grad_batch_size=s["grad_batch_size"],
-                           include_step_curvature=True, integrate=("step_curvature",), seed=10_007 * (chunk + 1),
-                           noise_coupling=config["coupling"], on_degenerate="ignore")
+        sde = LipschitzSDE(model, loader, lr=lr, drift=DriftOptions(source="batch", batch_size=s["grad_batch_size"]),
+                           log_k=LogKOptions(include_step_curvature=True, integrate=("step_curvature",),
+                                             on_degenerate="ignore"),
+                           seed=10_007 * (chunk + 1), noise=NoiseOptions(coupling=config["coupling"]))
         y = sde.initial_state(n, device=device)
         bm = GridBrownian(0.0, lr, (n, sde.brownian_size), seed=chunk + 1, dtype=y.dtype, device=device)
     L = len(sde.layers)

@@ -6,7 +6,8 @@ are private. The main entry points:
 - math core: :func:`decompose`, :func:`opnorm_jacobian`, :func:`opnorm_hessian_quadform`,
   :func:`opnorm_hessian_diag` (Lemma 12–13), :class:`GradientNoise` (Prop 5–7),
   :func:`layer_terms`, :func:`network_terms`, :func:`lipschitz_moments` (Thm 14–17);
-- tracking: :class:`Tracker`, :func:`load_record`, :func:`predict`;
+- tracking: :class:`Tracker` (options: :class:`TrackingOptions`, :class:`RecordOptions`,
+  :class:`RuntimeOptions`), :func:`load_record`, :func:`predict`;
 - simulation: :class:`ParameterSDE`, :class:`LipschitzSDE`, :class:`ReducedLipschitzSDE`,
   :func:`simulate`, :func:`simulate_record`;
 - workbench: :mod:`sdelip.workbench.models`, :mod:`sdelip.workbench.data`, :mod:`sdelip.workbench.regularizers`,
@@ -53,6 +54,7 @@ from .core.spectral import (
     weight_matrix,
 )
 from .tracking.tracker import InputMismatchError, NotPlainSGDWarning, Tracker
+from .tracking.options import RecordOptions, RuntimeOptions, TrackingOptions
 from .workbench.train import TrainConfig, TrainResult, train
 
 _legacy.install()  # old import paths (sdelip.tracker, sdelip.spectral, ...) for one release
@@ -69,7 +71,7 @@ __all__ = [
     "GradientNoise",
     "SpectralDecomposition", "decompose", "opnorm_hessian", "opnorm_hessian_diag", "opnorm_hessian_quadform",
     "opnorm_jacobian", "spectral_gap", "top_singular", "weight_matrix",
-    "Tracker", "StepRecord", "load_record", "load_metadata", "predict", "EveryN", "EveryStep", "LogSchedule",
+    "Tracker", "TrackingOptions", "RecordOptions", "RuntimeOptions", "StepRecord", "load_record", "load_metadata", "predict", "EveryN", "EveryStep", "LogSchedule",
     "GradientEstimate", "GridBrownian", "time_grid", "LipschitzSDE", "ParameterSDE", "ReducedLipschitzSDE", "SimulationResult", "simulate",
     "simulate_record",
     "TrainConfig", "TrainResult", "train",

@@ -28,6 +28,7 @@ from torch import nn
 from sdelip.tracking.checkpoint import CheckpointWriteError, UnsafeCheckpointError, save_checkpoint
 from sdelip.cli import main
 from sdelip.record import NotARecordError, RecordLockedError, copy_record, load_metadata, load_record, records_equal
+from sdelip.tracking.options import RecordOptions, RuntimeOptions, TrackingOptions
 from sdelip.tracking.tracker import CHECKPOINT_FORMAT, Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,10 +152,10 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path):
     # the holder died (kill -9): its lock went with it, a new writer is let in
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
-    with Tracker(model, opt, record=rec, overwrite=True) as tr:
+    with Tracker(model, opt, record=RecordOptions(rec, mode="overwrite")) as tr:
         _steps(tr, model, opt, 2)
         with pytest.raises(RecordLockedError):  # and two Trackers in one process exclude each other too
-            Tracker(model, opt, record=rec, overwrite=True)
+            Tracker(model, opt, record=RecordOptions(rec, mode="overwrite"))
     assert not (tmp_path / "r.db.lock").exists()
 
 
@@ -575,7 +576,7 @@ def test_degenerate_steps_are_reported_and_kept_out(tmp_path, capsys):
     nn.init.orthogonal_(model[0].weight)  # σ1 = σ2: spectral gap 0 at step 0
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rec = tmp_path / "r.db"
-    tr = Tracker(model, opt, record=rec, on_degenerate="ignore")
+    tr = Tracker(model, opt, record=rec, options=TrackingOptions(on_degenerate="ignore"))
     _steps(tr, model, opt, 12)
     tr.close()
     df = load_record(rec)

@@ -27,6 +27,7 @@ from sdelip.engines import (
 )
 from sdelip.rules.inventory import tracked_layers
 from sdelip.core.spectral import decompose, weight_matrix
+from sdelip.tracking.options import RuntimeOptions, TrackingOptions
 from sdelip.tracking.tracker import Tracker
 
 DT = torch.float64
@@ -84,12 +85,13 @@ def make_data(shape, M=6, classes=3, seed=0):
     return torch.randn(M, *shape, generator=g, dtype=DT), torch.randint(0, classes, (M,), generator=g)
 
 
-def one_step(model, x, y, engine, split=True, seed=0, **kw):
+def one_step(model, x, y, engine, split=True, seed=0, decomposition="fast", **kw):
     """Run one tracked step on a copy of `model`; returns (row, grads after backward)."""
     torch.manual_seed(seed)
     m = copy.deepcopy(model)
     opt = torch.optim.SGD(m.parameters(), lr=LR)
-    tr = Tracker(m, opt, engine=engine, split=split, loss_fn=CE, **kw)
+    tr = Tracker(m, opt, engine=engine, options=TrackingOptions(split=split, decomposition=decomposition), loss_fn=CE,
+                 **kw)
     torch.manual_seed(seed + 1)
     losses = CE(m(x), y)
     rec = tr.backward(losses, batch=(x, y))
@@ -248,7 +250,7 @@ def test_chunking_does_not_change_the_numbers():
     x, y = make_data((3, 8, 8), M=7, seed=8)
     big = one_step(model, x, y, "factored")[0]
     for eng in ("factored", "materialised", "coupled"):
-        small = one_step(model, x, y, eng, chunk_bytes=1)[0]  # one sample per chunk
+        small = one_step(model, x, y, eng, runtime=RuntimeOptions(chunk_bytes=1))[0]  # one sample per chunk
         assert_rows_agree(big, small, rtol=1e-11)
 
 

@@ -24,6 +24,7 @@ from sdelip.core.formulas import layer_terms
 from sdelip.engines import EngineError, SharedTensorWarning
 from sdelip.rules.inventory import UnsupportedLayerError, tracked_layers, weight_inventory
 from sdelip.rules import BatchAxisError, rule_for
+from sdelip.tracking.options import RuntimeOptions
 from sdelip.tracking.tracker import Tracker
 
 DT = torch.float64
@@ -406,7 +407,7 @@ def test_per_module_fallback_is_exact_and_unsupported_error_refuses_by_name():
     assert {"name": "gated.gain", "shape": [4], "reason": "a vector (scale/shift), not part of θ (Prop 9)"} in \
         tr.metadata["left_out"]
     with pytest.raises(UnsupportedLayerError, match=r"the weight matrix 'gated.W' \(4, 4\) of Gated has no layer rule"):
-        Tracker(copy.deepcopy(model), None, lr=LR, unsupported="error")
+        Tracker(copy.deepcopy(model), None, lr=LR, runtime=RuntimeOptions(unsupported="error"))
 
 
 def test_fallback_refuses_random_operations_by_name():

@@ -29,6 +29,7 @@ from sdelip.engines import EngineNotApplicableError, WeightUsesError, resolve_en
 from sdelip.rules.inventory import tracked_layers
 from sdelip.record import load_metadata, load_record
 from sdelip.core.spectral import weight_matrix
+from sdelip.tracking.options import RuntimeOptions, TrackingOptions
 from sdelip.tracking.tracker import Tracker
 
 DT = torch.float64
@@ -138,8 +139,8 @@ def power_terms(W, G, c, lr, wd=0.0, s2=0.0):
 
 def tracked_step(model, x, y, engine, split=True, wd=0.0, s2=0.0, **kw):
     m = copy.deepcopy(model)
-    tr = Tracker(m, torch.optim.SGD(m.parameters(), lr=LR, weight_decay=wd), engine=engine, split=split,
-                 loss_fn=CE, example_input=x, **kw)
+    tr = Tracker(m, torch.optim.SGD(m.parameters(), lr=LR, weight_decay=wd), engine=engine,
+                 options=TrackingOptions(split=split), loss_fn=CE, example_input=x, **kw)
     tr.extra_noise_var = s2
     row = tr.backward(CE(m(x), y), batch=(x, y)).as_row()
     tr.close()
@@ -224,7 +225,7 @@ def test_factored_tied_convs_both_per_sample_routes(grouped_from, monkeypatch):
     x, y = make_data((2, 5, 5), seed=3)
     ref, _ = tracked_step(model, x, y, "materialised")
     for chunk_bytes in (None, 1):  # one sample per chunk, too
-        row, _ = tracked_step(model, x, y, "factored", chunk_bytes=chunk_bytes)
+        row, _ = tracked_step(model, x, y, "factored", runtime=RuntimeOptions(chunk_bytes=chunk_bytes))
         for k, v in ref.items():
             if isinstance(v, float) and not np.isnan(v):
                 assert_close(row[k], v, f"factored vs materialised {k}")

@@ -22,6 +22,7 @@ from sdelip.tracking.probes import conv_operator_norm, lipschitz_lower_bound
 from sdelip.record import StepRecord, load_metadata, load_probes, load_record, records_equal
 from sdelip.tracking.schedule import EveryN, LogSchedule, StepList, as_schedule
 from sdelip.core.spectral import weight_matrix
+from sdelip.tracking.options import RecordOptions, RuntimeOptions, TrackingOptions
 from sdelip.tracking.tracker import InputMismatchError, NotPlainSGDWarning, SmallBatchWarning, Tracker
 
 DT = torch.float64
@@ -166,7 +167,7 @@ def test_extra_noise_var_adds_isotropic_noise_terms():
     tr = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1))
     base = tr.backward(ce(model(x), y)).as_row()
     model = small_mlp()
-    tr = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1), extra_noise_var=0.0)
+    tr = Tracker(model, torch.optim.SGD(model.parameters(), lr=0.1))
     tr.extra_noise_var = 0.02
     noisy = tr.backward(ce(model(x), y)).as_row()
     for n in ("0", "2", "4"):
@@ -179,7 +180,7 @@ def test_extra_noise_var_adds_isotropic_noise_terms():
 def test_metadata_and_context_manager(tmp_path):
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Tracker(model, opt, record=tmp_path / "m.db", metadata={"experiment": "unit", "seed": 7},
+    with Tracker(model, opt, record=RecordOptions(tmp_path / "m.db", metadata={"experiment": "unit", "seed": 7}),
                  schedule=2) as tr:
         train(tr, model, opt, 3)
     assert tr._closed
@@ -195,7 +196,7 @@ def test_metadata_and_context_manager(tmp_path):
 
     with pytest.raises(RecordExistsError):
         Tracker(model, opt, record=tmp_path / "m.db")
-    Tracker(model, opt, record=tmp_path / "m.db", overwrite=True).close()
+    Tracker(model, opt, record=RecordOptions(tmp_path / "m.db", mode="overwrite")).close()
     assert len(load_record(tmp_path / "m.db")) == 0
 
 
@@ -305,7 +306,7 @@ def test_degenerate_top_singular_value_warns_and_is_flagged(tmp_path):
     # on_degenerate="raise" refuses the step
     from sdelip._checks import DegenerateSpectrumError
 
-    tr = Tracker(model, opt, on_degenerate="raise")
+    tr = Tracker(model, opt, options=TrackingOptions(on_degenerate="raise"))
     with pytest.raises(DegenerateSpectrumError, match="layer '2'"):
         tr.backward(ce(model(x), y))
 
@@ -383,7 +384,8 @@ def test_tracker_probes_are_recorded(tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 3)).to(DT)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = torch.randn(3, 1, 5, 5, dtype=DT)
-    tr = Tracker(model, opt, record=tmp_path / "p.db", probe_every=2, probe_input=probe, schedule=[0, 1, 2, 3])
+    tr = Tracker(model, opt, record=tmp_path / "p.db", options=TrackingOptions(probe_every=2), probe_input=probe,
+                 schedule=[0, 1, 2, 3])
     for k in range(5):
         g = torch.Generator().manual_seed(k)
         x, y = torch.randn(4, 1, 5, 5, generator=g, dtype=DT), torch.randint(0, 3, (4,), generator=g)
@@ -409,6 +411,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import numpy as np
     import torch, torch.nn.functional as F
     from torch import nn
+    from sdelip.tracking.options import RecordOptions
     from sdelip.tracking.tracker import Tracker
 
     mode, record, ckpt, n_total, n_half = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
@@ -424,7 +427,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     if mode == "resume":
         tracker = Tracker.resume(ckpt, model, opt, generators=[gen], **kw)
     else:
-        tracker = Tracker(model, opt, record=record, overwrite=True, **kw)
+        tracker = Tracker(model, opt, record=RecordOptions(record, mode="overwrite"), **kw)
     while tracker.step < n_total:
         idx = torch.randint(0, 256, (16,), generator=gen)
         x = X[idx] + 0.01 * torch.from_numpy(np.random.randn(16, 10)) * random.random()
@@ -528,7 +531,8 @@ def test_resume_with_changed_tracker_options_is_refused_and_resumes_are_logged(t
     with pytest.raises(ValueError, match=r"schedule='every step' here, schedule='every 2 steps' in the checkpoint; "
                                          r"split=False here, split=True in the checkpoint"):
         other = small_mlp()
-        Tracker.resume(tmp_path / "c.pt", other, torch.optim.SGD(other.parameters(), lr=0.1), split=False)
+        Tracker.resume(tmp_path / "c.pt", other, torch.optim.SGD(other.parameters(), lr=0.1),
+                       options=TrackingOptions(split=False))
     assert load_record(tmp_path / "r.db")["step"].tolist() == [0, 2]  # untouched
     model = small_mlp(seed=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

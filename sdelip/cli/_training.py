@@ -12,14 +12,16 @@ from ._records import _degenerate, _load, _simulate, prediction_summary, terms_s
 
 
 def _train_config(args, record: Optional[str]):
+    from ..tracking.options import TrackingOptions
     from ..workbench.train import TrainConfig
 
+    tracking = TrackingOptions(engine=args.engine, schedule=_schedule(args.track_every), split=not args.no_split,
+                               decomposition=args.decomposition, probe_every=args.probe_every)
     return TrainConfig(
         model=args.model, dataset=args.dataset, data_root=args.data_root, download=args.download, lr=args.lr,
         batch_size=args.batch_size, steps=args.steps, init=args.init, init_std=args.init_std,
         init_seed=args.init_seed, sampling_seed=args.sampling_seed, regularizer=args.regularizer,
-        track=True, track_every=_schedule(args.track_every), engine=args.engine, split=not args.no_split,
-        decomposition=args.decomposition, probe_every=args.probe_every, record=record,
+        track=True, tracking=tracking, record=record,
         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         max_train_samples=args.max_train_samples, device=args.device, dtype=args.dtype,
         overwrite=getattr(args, "overwrite", False), threads=args.threads,
@@ -42,7 +44,8 @@ def _schedule(value: str):
 
 
 def _track_flags() -> dict:
-    """TrainConfig field → the ``sdelip track`` flag that sets it (from the parser itself)."""
+    """TrainConfig option (flat spelling, :meth:`TrainConfig.to_flat`) → the ``sdelip track`` flag that sets it
+    (from the parser itself)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--overwrite", action="store_true")
     _add_training_options(p)
@@ -52,7 +55,7 @@ def _track_flags() -> dict:
 
 
 def cli_option(option: str, value) -> str:
-    """A TrainConfig option as the ``sdelip track`` command line spells it, e.g. ``--lr 0.01``."""
+    """A TrainConfig option (flat spelling) as the ``sdelip track`` command line spells it, e.g. ``--lr 0.01``."""
     from ..workbench.regularizers import PRESETS, RegularizerConfig
 
     flag = _track_flags().get(option)

@@ -137,8 +137,9 @@ class RecordWriter:
             n_steps = con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
             if mode == "new" and n_steps > 0:
                 raise RecordExistsError(
-                    f"record {str(self.path)!r} already holds {n_steps} step(s); pass overwrite=True to start a new "
-                    "record there, or resume the run from a checkpoint (Tracker.resume) to continue it"
+                    f"record {str(self.path)!r} already holds {n_steps} step(s); pass mode='overwrite' (a Tracker: "
+                    "record=RecordOptions(path, mode='overwrite')) to start a new record there, or resume the run "
+                    "from a checkpoint (Tracker.resume) to continue it"
                 )
             wanted = [(name, kind, int(shape[0]), int(shape[1]), int(uses)) for name, kind, shape, uses in layers]
             if existing and [tuple(r) for r in existing] != wanted:

@@ -24,6 +24,7 @@ from .evaluation import Evaluation, ExtraRows, NoiseObserver
 from .noise.materialised import GradientEstimate
 from .layout import ParamLayout
 from .lipschitz_sde import LipschitzSDE, LogLipschitzRows
+from .options import ComputeOptions, DriftOptions, LogKOptions, NoiseOptions
 from .parameter_sde import ParameterSDE
 from .reduced import ReducedLipschitzSDE, record_lr
 from .simulate import SimulationResult, simulate, simulate_record
@@ -38,6 +39,10 @@ __all__ = [
     "ParameterSDE",
     "LipschitzSDE",
     "LogLipschitzRows",
+    "DriftOptions",
+    "NoiseOptions",
+    "ComputeOptions",
+    "LogKOptions",
     "DenseDiffusion",
     "Evaluation",
     "ExtraRows",

@@ -31,7 +31,8 @@ into Thm 14's terms.
 
 from __future__ import annotations
 
-from typing import Dict
+import inspect
+from typing import Dict, Optional
 
 import attrs
 import torch
@@ -42,6 +43,10 @@ from ..core.formulas import optimization_drift
 from ..engines.base import DEFAULT_CHUNK_BYTES
 from ..core.catalogue import INTEGRABLE_TERMS, SDE_TERMS
 from .evaluation import Evaluation, ExtraRows, NoiseObserver
+from .._deprecation import take_deprecated
+from ..rules.inventory import tracked_layers
+from .options import (DEPRECATED_LIPSCHITZ_SDE_KEYWORDS, SPELLED, ComputeOptions, DriftOptions, LogKOptions,
+                      NoiseOptions, evolve)
 from .parameter_sde import ParameterSDE
 
 __all__ = ["LipschitzSDE", "LogLipschitzRows"]
@@ -243,25 +248,28 @@ class LipschitzSDE(ParameterSDE):
 
     Args:
         model, loader, lr: as in :class:`ParameterSDE` (all its keyword options apply).
-        include_drift: keep μ in the log K drift.
-        include_noise_curvature: keep κ (Thm 14's noise-curvature entropy production).
-        include_ito_correction: keep −½‖λ‖² (the Itô correction of log, Thm 15).
-        include_diffusion: keep the diffusion row λᵀ dB.
-        include_step_curvature: add (η/2σ1) ∇Lᵀ H ∇L to the log K drift: the O(η) drift of
-            a discrete SGD step that the SDE drops (THEORY.md §4; the tracker's
+        log_k: a :class:`~sdelip.sde.options.LogKOptions`, the log K rows' options:
+            ``include_drift``, ``include_noise_curvature``, ``include_ito_correction``,
+            ``include_diffusion`` keep μ, κ, −½‖λ‖² and the diffusion row λᵀ dB;
+            ``include_step_curvature`` adds (η/2σ1) ∇Lᵀ H ∇L to the log K drift: the O(η)
+            drift of a discrete SGD step that the SDE drops (THEORY.md §4; the tracker's
             ``step_curvature``). Euler with dt = η moves θ by discrete steps, so Π σ1(θ)
             contains this drift; with the switch the Itô-integrated log K does too
             (at dt = η; for dt → 0 it overshoots by ∫ step_curvature). Off by default:
             Def 10 has no such term. Reported by :meth:`terms` as ``step_curvature``.
-        integrate: names of terms (among ``"drift"``, ``"noise_curvature"``,
+            ``integrate``: names of terms (among ``"drift"``, ``"noise_curvature"``,
             ``"diffusion_sq"``, ``"step_curvature"``) whose time integral ∫ term^(ℓ) dt per
             layer is carried as extra state columns (no diffusion); read them with
-            :meth:`integrated`. E.g. ``integrate=("step_curvature",)`` with the step
-            curvature on gives log K with and without it from one run.
-        decomposition: ``"auto"`` (the tracker's Gram route for CPU layers of at least
-            :data:`FAST_MIN_DIM` rows and columns, a batched SVD otherwise and on CUDA),
-            ``"fast"`` or ``"svd"``.
-        **kwargs: keyword options of :class:`ParameterSDE`.
+            :meth:`integrated`. E.g. ``LogKOptions(include_step_curvature=True,
+            integrate=("step_curvature",))`` gives log K with and without it from one run.
+            ``decomposition``: ``"auto"`` (the tracker's Gram route for CPU layers of at
+            least :data:`FAST_MIN_DIM` rows and columns, a batched SVD otherwise and on
+            CUDA), ``"fast"`` or ``"svd"``. ``gap_tol``, ``on_degenerate``: Assumption 11's
+            tolerance and policy for a degenerate σ1.
+        **kwargs: keyword options of :class:`ParameterSDE`. The flat keywords of earlier
+            releases (``include_*``, ``integrate``, ``decomposition``, ``gap_tol``,
+            ``on_degenerate`` and those of :class:`ParameterSDE`) still work for this
+            release with a DeprecationWarning naming their replacement.
 
     The log K rows are :attr:`extra_rows`, a :class:`LogLipschitzRows`; their options are
     its attributes (``sde.extra_rows.integrate``, …, also readable on the system).
@@ -271,28 +279,27 @@ class LipschitzSDE(ParameterSDE):
     parameters' SDE exactly.
     """
 
-    def __init__(
-        self,
-        model,
-        loader=None,
-        lr: float = None,
-        *,
-        include_drift: bool = True,
-        include_noise_curvature: bool = True,
-        include_ito_correction: bool = True,
-        include_diffusion: bool = True,
-        include_step_curvature: bool = False,
-        integrate: tuple = (),
-        decomposition: str = "auto",
-        **kwargs,
-    ):
+    def __init__(self, model, loader=None, lr: float = None, *, log_k: Optional[LogKOptions] = None, **kwargs):
+        params = set(inspect.signature(ParameterSDE.__init__).parameters)
+        old = {k: kwargs.pop(k) for k in list(kwargs) if k not in params}
+        moved = take_deprecated("LipschitzSDE", old, DEPRECATED_LIPSCHITZ_SDE_KEYWORDS, SPELLED)
+        for group, cls in (("drift", DriftOptions), ("noise", NoiseOptions), ("compute", ComputeOptions)):
+            if group in moved:
+                kwargs[group] = evolve(kwargs.get(group), cls, moved[group])
+        if "layers" in moved and kwargs.get("layers") is None:
+            kwargs["layers"] = tracked_layers(model, moved["layers"]["example_input"])
+        log_k = evolve(log_k, LogKOptions, moved.get("log_k", {}))
+        self.log_k_options = log_k
         check_lipschitz_sde_sampling(kwargs.get("sampling", "iid"))
         super().__init__(model, loader, lr, **kwargs)
-        integrate = check_lipschitz_sde_options(integrate, INTEGRABLE, decomposition)
+        self.gap_tol, self.on_degenerate = log_k.gap_tol, log_k.on_degenerate
+        integrate = check_lipschitz_sde_options(log_k.integrate, INTEGRABLE, log_k.decomposition)
         self.extra_rows = LogLipschitzRows(
-            self.layout.layer_blocks, include_drift=include_drift, include_noise_curvature=include_noise_curvature,
-            include_ito_correction=include_ito_correction, include_diffusion=include_diffusion,
-            include_step_curvature=include_step_curvature, integrate=integrate, decomposition=decomposition,
+            self.layout.layer_blocks, include_drift=log_k.include_drift,
+            include_noise_curvature=log_k.include_noise_curvature,
+            include_ito_correction=log_k.include_ito_correction, include_diffusion=log_k.include_diffusion,
+            include_step_curvature=log_k.include_step_curvature, integrate=integrate,
+            decomposition=log_k.decomposition,
         )
 
     @property
@@ -301,18 +308,19 @@ class LipschitzSDE(ParameterSDE):
 
     @property
     def integrate(self) -> tuple:
-        """The terms whose integrals the state carries (``integrate=``)."""
+        """The terms whose integrals the state carries (``LogKOptions.integrate``)."""
         return self.extra_rows.integrate
 
     @property
     def decomposition(self) -> str:
-        """The decomposition route option (``decomposition=``; :meth:`LogLipschitzRows.route`)."""
+        """The decomposition route option (``LogKOptions.decomposition``; :meth:`LogLipschitzRows.route`)."""
         return self.extra_rows.decomposition
 
     def integrated(self, ys: torch.Tensor, name: str, per_layer: bool = True) -> torch.Tensor:
         """∫_0^t term^(ℓ) ds of a term named in ``integrate``: (..., L), or the sum over layers."""
         if name not in self.integrate:
-            raise KeyError(f"{name!r} is not integrated; pass integrate=({name!r},) (integrated: {self.integrate})")
+            raise KeyError(f"{name!r} is not integrated; pass log_k=LogKOptions(integrate=({name!r},)) (integrated: "
+                           f"{self.integrate})")
         start = self.n_params + self.n_layers * (1 + self.integrate.index(name))
         z = ys[..., start : start + self.n_layers]
         return z if per_layer else z.sum(-1)

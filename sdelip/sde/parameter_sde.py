@@ -73,6 +73,9 @@ from .noise.materialised import GradientEstimate
 from .layout import ParamLayout
 from .brownian import GridBrownian
 from .epoch_brownian import EpochBrownian
+from .._deprecation import take_deprecated
+from .options import (DEPRECATED_PARAMETER_SDE_KEYWORDS, SPELLED, ComputeOptions, DriftOptions, NoiseOptions,
+                      evolve)
 from .noise.factor import centred_rows, factored_increments, reshuffled_evaluation, reshuffled_increments, rows_times
 
 __all__ = ["ParameterSDE"]
@@ -108,23 +111,6 @@ class ParameterSDE(nn.Module):
         loss_fn: ``loss_fn(output, target)`` returning the mean loss of a batch
             (default cross-entropy); the per-sample loss is its value on one sample.
         noise_batch_size: M, samples per noise mini-batch (default: the loader's batch size).
-        grad_source: where the expected gradient comes from: ``"full"`` (the training
-            set), ``"batch"`` (an independent batch of ``grad_batch_size`` samples per
-            trajectory and evaluation, with the diffusion shrunk to keep Def 4's step
-            covariance, see the module docstring) or ``"auto"`` (full if the training set
-            has at most ``full_max`` samples, batch otherwise).
-        full_max: threshold of ``"auto"``.
-        grad_batch_size: B, size of the independent expected-gradient batch.
-        compensate_drift_noise: shrink the diffusion by √(1 − (dt/η)(M/B)) when the drift
-            comes from batches (default); False keeps the full diffusion.
-        dt: the Euler step the compensation is calibrated for (default η).
-        shared_noise_batch: draw one noise mini-batch per evaluation for all
-            trajectories instead of one per trajectory.
-        noise_coupling: ``"layers"`` (default with ``sampling="iid"``): an independent
-            M-dimensional Brownian motion per noise block, block-diagonal noise across
-            layers (Assumption 3); ``"shared"``: one M-dimensional Brownian motion for all
-            blocks, the full covariance of the mini-batch gradient across layers (SGD's own
-            noise; the only coupling, and the default, with ``sampling="reshuffle"``).
         sampling: ``"iid"`` (default): the noise of independent mini-batches (Def 4);
             ``"reshuffle"``: the noise of SGD with reshuffled epochs (mini-batches without
             replacement within a permutation per epoch): the dataset-level factor
@@ -133,25 +119,28 @@ class ParameterSDE(nn.Module):
             ⌊N/M⌋ steps (:meth:`brownian_motion`); drift and noise from one weighted pass
             over the data (:mod:`sdelip.sde.noise.reshuffle`; docs/sde.md, "Reshuffled epochs").
             Needs a materialised training set and the full-set drift.
-        weight_decay: λ_wd of SGD's L2 penalty: the drift becomes −(∇L + λ_wd θ).
         seed: seed of the data sampling (:meth:`reseed` restarts it).
-        layers: the tracked layers (default :func:`sdelip.tracked_layers`).
-        example_input: passed to :func:`sdelip.tracked_layers` to order the layers.
+        engine: ``"auto"`` (factored, or materialised with ``gradient_fn``),
+            ``"factored"`` or ``"materialised"`` (see the module docstring).
         gradient_fn: replaces the model-and-data estimator: a callable
             ``gradient_fn(params) -> GradientEstimate`` with params {name: (n, *shape)};
             requires ``noise_batch_size`` and the materialised engine.
-        engine: ``"auto"`` (factored, or materialised with ``gradient_fn``),
-            ``"factored"`` or ``"materialised"`` (see the module docstring).
-        traj_chunk: trajectories per batched gradient call (default: from ``chunk_bytes``).
-        chunk_bytes: memory budget of one chunk of trajectories (default 512 MiB on CPU,
-            a quarter of the free memory on CUDA).
-        data_chunk: samples per batched call of the expected gradient.
-        max_cached: largest dataset materialised in memory (see ``DataSource``).
-        dense_diffusion: whether :class:`~sdelip.sde.DenseDiffusion` may build the dense
-            diffusion matrix ``g`` (True, False, or None: only while state × Brownian
-            size is at most 2²² per trajectory).
-        gap_tol: relative-gap tolerance of Assumption 11 (Lipschitz terms).
-        on_degenerate: ``"warn"``, ``"raise"`` or ``"ignore"`` for a degenerate σ1.
+        layers: the tracked layers (default :func:`sdelip.tracked_layers`; to order them by a
+            forward pass, ``layers=sdelip.tracked_layers(model, example_input)``).
+        drift: a :class:`~sdelip.sde.options.DriftOptions`: weight decay λ_wd, where the
+            expected gradient comes from (``source``, ``full_max``, ``batch_size``) and the
+            diffusion's compensation for a batch drift (``compensate``, ``dt``).
+        noise: a :class:`~sdelip.sde.options.NoiseOptions`: the coupling of the noise blocks
+            (``"layers"``: Assumption 3; ``"shared"``: SGD's full covariance) and one shared
+            noise mini-batch for all trajectories.
+        compute: a :class:`~sdelip.sde.options.ComputeOptions`: trajectory and data chunks,
+            the memory budget, the largest cached dataset, the dense diffusion switch.
+
+    The flat keywords of earlier releases (``weight_decay``, ``grad_source``, ``full_max``,
+    ``grad_batch_size``, ``compensate_drift_noise``, ``dt``, ``noise_coupling``,
+    ``shared_noise_batch``, ``traj_chunk``, ``chunk_bytes``, ``data_chunk``, ``max_cached``,
+    ``dense_diffusion``, ``example_input``, ``gap_tol``, ``on_degenerate``) still work for
+    this release with a DeprecationWarning naming their replacement.
     """
 
     def __init__(
@@ -162,42 +151,38 @@ class ParameterSDE(nn.Module):
         *,
         loss_fn: Optional[Callable] = None,
         noise_batch_size: Optional[int] = None,
-        grad_source: str = "auto",
-        full_max: int = 10_000,
-        grad_batch_size: int = 4096,
-        compensate_drift_noise: bool = True,
-        dt: Optional[float] = None,
-        shared_noise_batch: bool = False,
-        noise_coupling: Optional[str] = None,
         sampling: str = "iid",
-        weight_decay: float = 0.0,
         seed: int = 0,
-        layers: Optional[list] = None,
-        example_input: Optional[torch.Tensor] = None,
-        gradient_fn: Optional[Callable[[Dict[str, torch.Tensor]], GradientEstimate]] = None,
         engine: str = "auto",
-        traj_chunk: Optional[int] = None,
-        chunk_bytes: Optional[int] = None,
-        data_chunk: int = 4096,
-        max_cached: int = 50_000,
-        dense_diffusion: Optional[bool] = None,
-        gap_tol: float = DEFAULT_GAP_TOL,
-        on_degenerate: str = "warn",
+        gradient_fn: Optional[Callable[[Dict[str, torch.Tensor]], GradientEstimate]] = None,
+        layers: Optional[list] = None,
+        drift: Optional[DriftOptions] = None,
+        noise: Optional[NoiseOptions] = None,
+        compute: Optional[ComputeOptions] = None,
+        **deprecated,
     ):
         super().__init__()
+        moved = take_deprecated(type(self).__name__, deprecated, DEPRECATED_PARAMETER_SDE_KEYWORDS,
+                                {**SPELLED, "log_k": "LipschitzSDE(log_k=LogKOptions(...)); ParameterSDE does not use it"})
+        drift = evolve(drift, DriftOptions, moved.get("drift", {}))
+        noise = evolve(noise, NoiseOptions, moved.get("noise", {}))
+        compute = evolve(compute, ComputeOptions, moved.get("compute", {}))
+        log_k = moved.get("log_k", {})
+        example_input = moved.get("layers", {}).get("example_input")
+        self.drift_options, self.noise_options, self.compute_options = drift, noise, compute
         self.lr = check_sde_lr(lr, "ParameterSDE")
-        self.dt = check_positive(dt, "dt") if dt is not None else self.lr
+        self.dt = check_positive(drift.dt, "dt") if drift.dt is not None else self.lr
         self.noise_type = "general"
         self.sde_type = "ito"
         self.model = model
         self.layers: list[TrackedLayer] = list(layers) if layers is not None else tracked_layers(model, example_input)
         self.layout = ParamLayout(model, self.layers)
-        self.weight_decay = float(weight_decay)
-        self.gap_tol = float(gap_tol)
-        self.on_degenerate = on_degenerate
-        self.chunks = ChunkPlan(traj_chunk, chunk_bytes)
-        self.dense_diffusion = dense_diffusion
-        self.noise_coupling = check_sde_sampling(sampling, noise_coupling)
+        self.weight_decay = drift.weight_decay
+        self.gap_tol = float(log_k.get("gap_tol", DEFAULT_GAP_TOL))  # the log K rows' (LipschitzSDE)
+        self.on_degenerate = log_k.get("on_degenerate", "warn")
+        self.chunks = ChunkPlan(compute.traj_chunk, compute.chunk_bytes)
+        self.dense_diffusion = compute.dense_diffusion
+        self.noise_coupling = check_sde_sampling(sampling, noise.coupling)
         self.sampling = sampling
         self.reshuffle = None
         engine = check_sde_engine(engine)
@@ -213,12 +198,13 @@ class ParameterSDE(nn.Module):
             self.engine = "materialised"
         else:
             est = model_estimator(model, self.layout, self.layers, loader, sampling=sampling, engine=engine,
-                                  loss_fn=loss_fn, M=noise_batch_size, grad_source=grad_source, full_max=full_max,
-                                  grad_batch_size=grad_batch_size, shared_noise_batch=shared_noise_batch,
-                                  seed=seed, traj_chunk=traj_chunk, data_chunk=data_chunk, max_cached=max_cached)
+                                  loss_fn=loss_fn, M=noise_batch_size, grad_source=drift.source,
+                                  full_max=drift.full_max, grad_batch_size=drift.batch_size,
+                                  shared_noise_batch=noise.shared_batch, seed=seed, traj_chunk=compute.traj_chunk,
+                                  data_chunk=compute.data_chunk, max_cached=compute.max_cached)
             self.data, self.gradient_fn, self.M, self.engine = est.data, est.gradient_fn, est.M, est.engine
             self.factored, self.reshuffle = est.factored, est.reshuffle
-            if self.gradient_fn.grad_source == "batch" and compensate_drift_noise:
+            if self.gradient_fn.grad_source == "batch" and drift.compensate:
                 self.noise_scale = self._drift_noise_compensation(self.gradient_fn.grad_batch_size)
         check_sde_noise_batch(self.M)
         self._cache: Optional[Evaluation] = None

@@ -4,6 +4,7 @@
 module                 what it holds
 =====================  ======================================================================
 ``tracker``            :class:`Tracker`, the orchestrator of one tracked step
+``options``            the tracker's option objects (what shapes the record, the record, runtime)
 ``measurement``        decompositions → Thm 14 terms per layer → the record row
 ``optimizer_view``     what the tracker reads from the optimizer (η, weight decay, …)
 ``hooks``              the tracker's own forward hooks: inputs and the uses of each weight
@@ -20,7 +21,8 @@ module                 what it holds
 May import: :mod:`sdelip.core`, :mod:`sdelip.rules`, :mod:`sdelip.engines`, :mod:`sdelip.record`.
 """
 
+from .options import RecordOptions, RuntimeOptions, TrackingOptions
 from .schedule import EveryN, EveryStep, LogSchedule
 from .tracker import InputMismatchError, NotPlainSGDWarning, Tracker
 
-__all__ = ["Tracker", "InputMismatchError", "NotPlainSGDWarning", "EveryN", "EveryStep", "LogSchedule"]
+__all__ = ["Tracker", "TrackingOptions", "RecordOptions", "RuntimeOptions", "InputMismatchError", "NotPlainSGDWarning", "EveryN", "EveryStep", "LogSchedule"]

@@ -16,10 +16,12 @@ import os
 import warnings
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import attrs
 import numpy as np
 import torch
 from torch import nn
 
+from .options import RecordOptions
 from .checkpoint import CHECKPOINT_FORMAT, Checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from ..record import StepRecord
 from .resume import here_and_there, option_changes
@@ -47,10 +49,11 @@ class TrackerCheckpointing:
         }
 
     def _options(self) -> dict:
-        """The tracker options that shape a record; a resumed run must keep them."""
-        return {"engine": self.engine.name, "schedule": self.schedule.describe(), "split": self.split,
-                "decomposition": self.decomposition, "gap_tol": self.gap_tol, "on_degenerate": self.on_degenerate,
-                "probe_every": self.probe_every, "uses": {l.name: l.uses for l in self.layers}}
+        """The tracker options that shape a record, a resumed run must keep them: the fields of its
+        :class:`~sdelip.tracking.options.TrackingOptions` (the engine and schedule as resolved) and the uses of
+        every weight."""
+        return {**self.options.compared(self.engine.name, self.schedule.describe()),
+                "uses": {l.name: l.uses for l in self.layers}}
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         """The checkpointed tracker state belongs to a run with this tracker's layers and options."""
@@ -179,7 +182,9 @@ class TrackerCheckpointing:
         """Continue a run from a :meth:`checkpoint` in a new process.
 
         Builds the tracker with the same options (pass them again in ``kwargs``; the
-        record defaults to the checkpoint's), appends to the existing record after
+        record defaults to the checkpoint's, and is opened with ``mode="append"``
+        whether given as a path or a :class:`~sdelip.tracking.options.RecordOptions`),
+        appends to the existing record after
         truncating it to the checkpoint's step, and restores model, optimizer, RNGs and
         ``generators``. The loop then continues at step ``tracker.step``, and the record
         is the one an uninterrupted run would have written; its ``resumed_at`` metadata
@@ -193,9 +198,9 @@ class TrackerCheckpointing:
                 ``optimizer.load_state_dict`` does.
         """
         state = _read(checkpoint)
-        kwargs.setdefault("record", state.tracker["record"])
+        record = RecordOptions.of(kwargs.pop("record", state.tracker["record"]))
         kwargs.pop("overwrite", None)
-        tracker = cls(model, optimizer, _record_mode="append", **kwargs)
+        tracker = cls(model, optimizer, record=attrs.evolve(record, mode="append"), **kwargs)
         try:
             tracker.restore(state, generators)
         except BaseException:

@@ -50,8 +50,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Callable, Optional, Union
 
 import attrs
 import torch
@@ -59,12 +58,10 @@ from torch import nn
 
 from .._checks import (
     NonFiniteError,
-    check_choice,
     check_engine_loss_fn,
     check_losses,
     check_module,
     check_non_negative_int,
-    check_optional_positive_int,
 )
 from ..engines import Engine, EngineNotApplicableError, coupling_modules, make_engine, resolve_engine_name
 from ..rules.inventory import LeftOut, TrackedLayer, weight_inventory
@@ -76,19 +73,26 @@ from .probes import lipschitz_lower_bound
 from ..record import RecordWriter, StepRecord, load_record
 from .metadata import build_metadata
 from .schedule import Schedule, as_schedule
-from ..core.spectral import DEFAULT_GAP_TOL
+from .options import RecordOptions, RuntimeOptions, TrackingOptions, tracker_options
 from .threads import use_threads
 from .checkpointing import CHECKPOINT_FORMAT, TrackerCheckpointing
 from .update import GradientEdit, PendingStep, gradient_edit, realised_increments, realised_network
 from .safety import GradientAccumulationError, SmallBatchWarning, check_one_backward_per_step, explain_overflow
 
-__all__ = ["Tracker", "NotPlainSGDWarning", "InputMismatchError", "SmallBatchWarning", "GradientAccumulationError",
+__all__ = ["Tracker", "TrackingOptions", "RecordOptions", "RuntimeOptions", "NotPlainSGDWarning", "InputMismatchError", "SmallBatchWarning", "GradientAccumulationError",
            "CHECKPOINT_FORMAT"]
 
 
 
 class Tracker(TrackerCheckpointing):
     """Measure the Lipschitz dynamics (Thm 14–15) of a model during ordinary SGD training.
+
+    The simple case is ``Tracker(model, optimizer, record="run.db")``; the common options
+    are keywords, the others grouped in small frozen option objects
+    (:mod:`sdelip.tracking.options`): :class:`~sdelip.tracking.options.TrackingOptions`
+    (what is measured and how: the options that shape the record, which a resumed run
+    keeps), :class:`~sdelip.tracking.options.RecordOptions` (where and how the record is
+    written) and :class:`~sdelip.tracking.options.RuntimeOptions` (how the tracker runs).
 
     Args:
         model: the network. Its weight matrices, found through the layer rules
@@ -100,57 +104,41 @@ class Tracker(TrackerCheckpointing):
             parameters are trained but not tracked; :attr:`left_out` lists them.
         optimizer: the optimizer stepping the model; η and the weight decay are read from
             the param group of each tracked weight at every step. None needs ``lr``.
-        record: path of the SQLite record (:mod:`sdelip.record`), or None to keep the
-            rows in memory (:attr:`history`).
-        engine: ``"auto"`` (coupled when a BatchNorm normalises with batch statistics,
-            factored otherwise), ``"factored"``, ``"materialised"`` or ``"coupled"``.
-        schedule: which steps to track: None or 1 (every step), an int N (every N
-            steps), ``"log"``, a :class:`~sdelip.tracking.schedule.Schedule` or a callable.
-        split: also compute the Prop 6 variance/covariance split of κ.
-        extra_noise_var: s² of an isotropic perturbation N(0, s² I) added to the batch
-            gradient after the backward (noisy-gradient runs, Sec 8.4); settable attribute.
-        metadata: extra run metadata merged into the record's.
+        record: path of the SQLite record (:mod:`sdelip.record`), None to keep the rows in
+            memory (:attr:`history`), or a :class:`~sdelip.tracking.options.RecordOptions`
+            (path, mode ``"new"``/``"overwrite"``/``"append"``, durability, run metadata,
+            seed, an already held record lock).
+        engine: ``"auto"``, ``"factored"``, ``"materialised"`` or ``"coupled"``; sets
+            ``options.engine`` (None: the options' value, ``"auto"`` by default).
+        schedule: which steps to track: 1 (every step), an int N (every N steps),
+            ``"log"``, a :class:`~sdelip.tracking.schedule.Schedule`, a callable or an
+            iterable of steps; sets ``options.schedule`` (None: the options' value, every
+            step by default).
+        options: a :class:`~sdelip.tracking.options.TrackingOptions`: engine, schedule,
+            the Prop 6 split, the decomposition route, the gap tolerance and the policy
+            for a degenerate σ1, the probe interval.
         example_input: an input batch used once to order the layers by a forward pass and
             to count how many times each tracked module is called in it (tied weights and
             modules called several times, :func:`sdelip.rules.inventory.tracked_layers`). Without it
             every module is taken to be called once per forward pass.
         loss_fn: ``loss_fn(outputs, targets)`` → per-sample losses; the materialised engine
             needs it (and ``batch=`` in :meth:`backward`).
-        decomposition: how the operator-norm derivatives (Lemma 12–13) are evaluated:
-            ``"fast"`` (default; the top two eigenpairs and the resolvent of the smaller
-            Gram matrix, :mod:`sdelip.core.decompositions` — same numbers as the SVD route,
-            several times cheaper on CPU; falls back to ``"svd"`` for a degenerate
-            spectrum), ``"svd"`` (full thin SVD, :func:`sdelip.core.spectral.decompose`) or
-            ``"gram"`` (full eigendecomposition of the smaller Gram matrix). The Gram
-            routes square the condition number: in float32 expect relative errors of
-            about 1e-7 / gap.
-        on_degenerate: ``"warn"`` (default), ``"raise"`` or ``"ignore"`` when σ1 is (nearly)
-            repeated (Assumption 11); a degenerate layer is flagged in the record.
-        gap_tol: relative gap (σ1 − σ2)/σ1 below which σ1 counts as degenerate.
-        probe_every: every this many steps, measure the exact operator norm of each Conv2d
-            on its actual input shape and, with ``probe_input``, an empirical lower bound of
-            the network's Lipschitz constant (:mod:`sdelip.tracking.probes`).
-        probe_input: (N, …) probe inputs for the Lipschitz lower bound.
         lr: the learning rate when ``optimizer`` is None.
-        overwrite: replace an existing record file that already holds steps.
-        durability: ``"process"`` or ``"power"`` (see :class:`~sdelip.record.RecordWriter`).
-        chunk_bytes: memory budget of one chunk of per-sample intermediates (default: 8 MiB
-            for the factored engine, 32 MiB for the vectorised ones).
-        check_inputs: check on every forward that inputs match the model's device and dtype.
-        seed: the run's seed, stored in the metadata (default: ``torch.initial_seed()``).
         start_step: the index of the first step (for a run continued by the caller's own
             checkpointing): the step counter starts there, t = start_step·η (constant η
             assumed), and an existing record is continued after dropping its rows from
             ``start_step`` on. :meth:`checkpoint` / :meth:`resume` restore the exact state
             instead (SDE time, RNGs, optimizer).
-        threads: torch threads for the tracker's own computations (decompositions and
-            terms; the per-sample statistics run inside the backward with the training's
-            threads). None keeps the current setting; 1 avoids the busy-waiting slowdowns
-            of multi-threaded small linear algebra on a machine shared with other jobs.
-        unsupported: a trainable weight matrix without a layer rule is tracked exactly by
-            the per-module fallback (``"fallback"``, per-sample gradients of that module
-            alone by ``torch.func``) or refused at construction with its name
-            (``"error"``, :class:`~sdelip.rules.inventory.UnsupportedLayerError`).
+        probe_input: (N, …) probe inputs for the Lipschitz lower bound measured every
+            ``options.probe_every`` steps.
+        runtime: a :class:`~sdelip.tracking.options.RuntimeOptions`: chunk memory budget,
+            threads, input checks, weights without a layer rule.
+
+    The flat keywords of earlier releases (``split``, ``decomposition``, ``gap_tol``,
+    ``on_degenerate``, ``probe_every``, ``overwrite``, ``durability``, ``metadata``,
+    ``seed``, ``chunk_bytes``, ``threads``, ``check_inputs``, ``unsupported``,
+    ``extra_noise_var``) still work for this release with a DeprecationWarning naming
+    their replacement.
 
     Attributes:
         step: the number of :meth:`backward` calls so far (the next step's index k).
@@ -159,6 +147,12 @@ class Tracker(TrackerCheckpointing):
         left_out: every parameter that is not tracked, with the reason
             (:class:`~sdelip.rules.inventory.LeftOut`; also in the record's metadata).
         engine: the :class:`~sdelip.engines.Engine` in use (``engine.name``).
+        options: the :class:`~sdelip.tracking.options.TrackingOptions` in use (``engine`` and
+            ``schedule`` as given; the resume check compares them).
+        record_options, runtime: the :class:`~sdelip.tracking.options.RecordOptions` and
+            :class:`~sdelip.tracking.options.RuntimeOptions` in use.
+        extra_noise_var: s² of an isotropic perturbation N(0, s² I) added to the batch
+            gradient after the backward (noisy-gradient runs, Sec 8.4); 0 unless set.
         history: the tracked steps' :class:`~sdelip.record.StepRecord` when ``record`` is None.
         last: the most recent :class:`~sdelip.record.StepRecord`.
     """
@@ -167,49 +161,37 @@ class Tracker(TrackerCheckpointing):
         self,
         model: nn.Module,
         optimizer: Optional[torch.optim.Optimizer] = None,
-        record: Union[None, str, os.PathLike] = None,
-        engine: Union[str, type] = "auto",
+        record: Union[None, str, os.PathLike, RecordOptions] = None,
+        *,
+        engine: Union[None, str, type] = None,
         schedule=None,
-        split: bool = True,
-        extra_noise_var: float = 0.0,
-        metadata: Optional[Mapping[str, Any]] = None,
+        options: Optional[TrackingOptions] = None,
         example_input: Optional[torch.Tensor] = None,
         loss_fn: Optional[Callable] = None,
-        decomposition: str = "fast",
-        on_degenerate: str = "warn",
-        gap_tol: float = DEFAULT_GAP_TOL,
-        probe_every: Optional[int] = None,
-        probe_input: Optional[torch.Tensor] = None,
         lr: Optional[float] = None,
-        overwrite: bool = False,
-        durability: str = "process",
-        chunk_bytes: Optional[int] = None,
-        check_inputs: bool = True,
-        seed: Optional[int] = None,
         start_step: int = 0,
-        threads: Optional[int] = None,
-        unsupported: str = "fallback",
-        _record_mode: Optional[str] = None,
-        _record_lock=None,
+        probe_input: Optional[torch.Tensor] = None,
+        runtime: Optional[RuntimeOptions] = None,
+        **deprecated,
     ):
         check_module(model)
-        check_choice(decomposition, "decomposition", ("fast", "svd", "gram"))
-        check_choice(on_degenerate, "on_degenerate", ("warn", "raise", "ignore"))
-        self.probe_every = check_optional_positive_int(probe_every, "probe_every")
-        self.threads = check_optional_positive_int(threads, "threads")
+        options, rec, runtime, extra_noise_var = tracker_options(engine, schedule, options, record, runtime, deprecated)
+        self.options, self.record_options, self.runtime = options, rec, runtime
+        self.probe_every = options.probe_every
+        self.threads = runtime.threads
         start_step = check_non_negative_int(start_step, "start_step")
         self.model = model
         self.optimizer = optimizer
-        self.unsupported = unsupported
+        self.unsupported = runtime.unsupported
         self.layers: list[TrackedLayer]
         self.left_out: list[LeftOut]
-        self.layers, self.left_out = weight_inventory(model, unsupported, example_input)
-        self.schedule: Schedule = as_schedule(schedule)
-        self.split = bool(split)
-        self.extra_noise_var = float(extra_noise_var)
-        self.decomposition = decomposition
-        self.on_degenerate = on_degenerate
-        self.gap_tol = float(gap_tol)
+        self.layers, self.left_out = weight_inventory(model, runtime.unsupported, example_input)
+        self.schedule: Schedule = as_schedule(options.schedule)
+        self.split = options.split
+        self.extra_noise_var = extra_noise_var
+        self.decomposition = options.decomposition
+        self.on_degenerate = options.on_degenerate
+        self.gap_tol = options.gap_tol
         self.probe_input = probe_input
         self.loss_fn = loss_fn
         self.step = 0
@@ -226,10 +208,11 @@ class Tracker(TrackerCheckpointing):
         self.optim.warn(stacklevel=3)
 
         # -- engine ---------------------------------------------------------------------------
+        engine = options.engine
         self.engine_requested = engine if isinstance(engine, str) else getattr(engine, "name", str(engine))
         name = resolve_engine_name(model, engine)
         check_engine_loss_fn(name, loss_fn)
-        self.engine: Engine = make_engine(name, model, self.layers, split=self.split, chunk_bytes=chunk_bytes,
+        self.engine: Engine = make_engine(name, model, self.layers, split=self.split, chunk_bytes=runtime.chunk_bytes,
                                           loss_fn=loss_fn)
         self.engine.check_applicable()
         self.engine.attach()
@@ -241,18 +224,18 @@ class Tracker(TrackerCheckpointing):
         self.engine.arm(self.schedule(self.step))
 
         # -- hooks: input checks, probe shapes, the uses of every weight; one backward per step ---
-        self.monitor = ModuleMonitor(model, self.layers, check_inputs, example_input is not None, lambda: self.step)
+        self.monitor = ModuleMonitor(model, self.layers, runtime.check_inputs, example_input is not None, lambda: self.step)
         self.monitor.attach()
         self._ref_dtype, self._ref_device = self.monitor.ref_dtype, self.monitor.ref_device
         self._pending: Optional[PendingStep] = None  # a tracked step waiting for optimizer.step()
         self._hooks.extend(self.optim.attach(self._before_step, self._after_step))
 
         # -- record ---------------------------------------------------------------------------
-        self.record_path = None if record is None else Path(record)
+        self.record_path = rec.path
         self.writer: Optional[RecordWriter] = None
-        self._metadata = build_metadata(self, metadata, seed)
+        self._metadata = build_metadata(self, rec.metadata, rec.seed)
         if self.record_path is not None:
-            mode = _record_mode or ("overwrite" if overwrite else "new")
+            mode = rec.mode
             if start_step and mode == "new":
                 mode = "append"
             try:
@@ -261,15 +244,15 @@ class Tracker(TrackerCheckpointing):
                     [(l.name, l.kind, l.shape, l.uses) for l in self.layers],
                     self._metadata,
                     mode=mode,
-                    durability=durability,
-                    lock=_record_lock,
+                    durability=rec.durability,
+                    lock=rec.lock,
                 )
             except BaseException:
                 self._remove_hooks()
                 raise
             if mode == "append":  # the record's metadata is the run's: keep it (batch size, earlier resumes)
                 self._metadata = {**self._metadata, **self.writer.metadata()}
-            if start_step and _record_mode is None:
+            if start_step and rec.mode != "append":
                 self._continue_record(start_step)
 
     # ------------------------------------------------------------------------------------------

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import functools
+import warnings
+from typing import Any, Mapping, Optional
 
 import attrs
 import torch
 
 from .._checks import check_device, check_one_of, check_positive_int, check_positive_number, check_tracked_batch_size
+from ..tracking.options import TrackingOptions
 from .regularizers import RegularizerConfig, get_preset
 
-__all__ = ["TrainConfig", "TrainResult"]
+__all__ = ["TrainConfig", "TrainResult", "FLAT_TRACKING"]
+
+#: TrackingOptions field → its name in the flat spelling of a :class:`TrainConfig`
+#: (:meth:`TrainConfig.to_flat`: checkpoints, the record's ``config`` metadata, experiment
+#: task configs, the ``sdelip track`` flags), in the order of the flat spelling.
+FLAT_TRACKING = {"schedule": "track_every", "engine": "engine", "split": "split", "decomposition": "decomposition",
+                 "gap_tol": "gap_tol", "on_degenerate": "on_degenerate", "probe_every": "probe_every"}
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -23,6 +32,14 @@ def _regularizer(value) -> RegularizerConfig:
     if isinstance(value, dict):
         return RegularizerConfig(**value)
     raise TypeError(f"regularizer must be a preset name, a dict or a RegularizerConfig, got {type(value).__name__}")
+
+
+def _tracking(value) -> TrackingOptions:
+    if isinstance(value, TrackingOptions):
+        return value
+    if isinstance(value, Mapping):
+        return TrackingOptions(**value)
+    raise TypeError(f"tracking must be a TrackingOptions or a dict of its fields, got {type(value).__name__}")
 
 
 def _positive_int(instance, attribute, value):
@@ -52,14 +69,11 @@ class TrainConfig:
             steps: the independent mini-batches that Def 4 models).
         regularizer: preset name, dict or :class:`RegularizerConfig`.
         track: attach the tracker.
-        track_every: the tracker's schedule (int N or ``"log"``).
-        engine: per-sample statistics engine (``"auto"``, ``"factored"``, ...).
-        split: compute the Prop 6 variance/covariance split of κ.
-        decomposition: ``"fast"`` (default: top eigenpairs and the resolvent of the
-            smaller Gram matrix, falling back to the SVD on a degenerate spectrum), ``"svd"``
-            or ``"gram"`` (see :class:`sdelip.tracking.tracker.Tracker`).
-        probe_every: every N steps also record exact conv norms and an empirical
-            lower bound of the Lipschitz constant (None: never).
+        tracking: the tracker's :class:`~sdelip.tracking.options.TrackingOptions` (or a dict
+            of its fields): engine, schedule (int N or ``"log"``; default every step), the
+            Prop 6 split of κ, the decomposition route, gap tolerance and degenerate-σ1
+            policy, the probe interval (every N steps also record exact conv norms and an
+            empirical lower bound of the Lipschitz constant). Given to the tracker as is.
         record: path of the SQLite record (None: no record on disk).
         checkpoint: path of the checkpoint file (None: no checkpoints; ``sdelip track``
             defaults to ``<record>.ckpt``). An existing one is resumed: the run continues
@@ -98,11 +112,7 @@ class TrainConfig:
     sampling: str = attrs.field(default="reshuffle", validator=attrs.validators.in_(("reshuffle", "iid")))
     regularizer: RegularizerConfig = attrs.field(factory=RegularizerConfig, converter=_regularizer)
     track: bool = True
-    track_every: Union[int, str] = 1
-    engine: str = "auto"
-    split: bool = True
-    decomposition: str = "fast"
-    probe_every: Optional[int] = None
+    tracking: TrackingOptions = attrs.field(factory=TrackingOptions, converter=_tracking)
     record: Optional[str] = None
     checkpoint: Optional[str] = None
     checkpoint_every: Optional[int] = None
@@ -118,6 +128,58 @@ class TrainConfig:
         check_tracked_batch_size(self.batch_size, self.track)
         check_one_of(self.dtype, "dtype", tuple(_DTYPES))
         check_device(self.device)
+
+    def to_flat(self) -> dict:
+        """The configuration in its flat spelling: the fields, with ``tracking`` spelled out in place.
+
+        The tracker's options go under their :data:`FLAT_TRACKING` names (``track_every``,
+        ``engine``, ``split``, ``decomposition``, ``gap_tol``, ``on_degenerate``,
+        ``probe_every``): the spelling of checkpoints, of the record's ``config`` metadata
+        and of the experiments' task configs. :meth:`from_flat` reads it back.
+        """
+        out = {}
+        for f in attrs.fields(TrainConfig):
+            value = getattr(self, f.name)
+            if f.name == "tracking":
+                out.update({flat: getattr(value, field) for field, flat in FLAT_TRACKING.items()})
+            else:
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "TrainConfig":
+        """A configuration from its flat spelling (:meth:`to_flat`; keys it lacks keep their defaults)."""
+        return cls(**_nest(flat))
+
+
+def _nest(kwargs: Mapping[str, Any]) -> dict:
+    """Keyword arguments with the flat tracker options (:data:`FLAT_TRACKING` names) moved into ``tracking``."""
+    fields = {field: flat for field, flat in FLAT_TRACKING.items() if flat in kwargs}
+    if not fields:
+        return dict(kwargs)
+    out = {k: v for k, v in kwargs.items() if k not in fields.values()}
+    base = _tracking(out.get("tracking", TrackingOptions()))
+    out["tracking"] = attrs.evolve(base, **{field: kwargs[flat] for field, flat in fields.items()})
+    return out
+
+
+_attrs_init = TrainConfig.__init__
+
+
+@functools.wraps(_attrs_init)
+def _init(self, *args, **kwargs):
+    flat = [flat for flat in FLAT_TRACKING.values() if flat in kwargs]
+    if flat:
+        warnings.warn(f"TrainConfig({', '.join(k + '=...' for k in flat)}) is deprecated and will be removed in the "
+                      "next release: pass tracking=TrackingOptions(...) (fields "
+                      + ", ".join(f"{flat}→{field}" if flat != field else field for field, flat in FLAT_TRACKING.items()
+                                  if flat in kwargs)
+                      + "), or TrainConfig.from_flat(...) for the flat spelling", DeprecationWarning, stacklevel=2)
+        kwargs = _nest(kwargs)
+    _attrs_init(self, *args, **kwargs)
+
+
+TrainConfig.__init__ = _init
 
 
 @attrs.frozen

@@ -177,8 +177,9 @@ def _product_norm(model) -> float:
 
 
 def _run_options(config: TrainConfig) -> dict:
-    """The options that determine a run's numbers (all but :data:`RESUME_FREE_OPTIONS`)."""
-    return {f.name: getattr(config, f.name) for f in attrs.fields(TrainConfig) if f.name not in RESUME_FREE_OPTIONS}
+    """The options that determine a run's numbers (all but :data:`RESUME_FREE_OPTIONS`), in the flat spelling
+    (:meth:`TrainConfig.to_flat`: the tracker's options under their flat names, as the checkpoints store them)."""
+    return {k: v for k, v in config.to_flat().items() if k not in RESUME_FREE_OPTIONS}
 
 
 def _as_metadata(value):
@@ -293,6 +294,7 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
 
 
 def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device) -> TrainResult:
+    from ..tracking.options import RecordOptions
     from ..tracking.tracker import Tracker
 
     if config.overwrite:
@@ -322,7 +324,7 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
     if config.track:
         example, _ = batches(0)
         metadata = {
-            "config": {k: _as_metadata(v) for k, v in attrs.asdict(config, recurse=False).items()},
+            "config": {k: _as_metadata(v) for k, v in config.to_flat().items()},
             "regularizers": reg.active(),
             "data": info.name,
             "data_source": info.source,
@@ -330,11 +332,10 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
             "init_seed": config.init_seed,
             "sampling_seed": config.sampling_seed,
         }
-        tracker = Tracker(model, optimizer, record=config.record, engine=config.engine, schedule=config.track_every,
-                          split=config.split, metadata=metadata, decomposition=config.decomposition,
-                          example_input=example[:2].to(device=device, dtype=dtype),
-                          probe_every=config.probe_every, start_step=start_step, _record_lock=lock,
-                          overwrite=resume_state is not None and start_step == 0)  # resumed at 0: start over
+        mode = "overwrite" if resume_state is not None and start_step == 0 else "new"  # resumed at 0: start over
+        tracker = Tracker(model, optimizer, record=RecordOptions(config.record, mode=mode, metadata=metadata, lock=lock),
+                          options=config.tracking, example_input=example[:2].to(device=device, dtype=dtype),
+                          start_step=start_step)
         if noisy is not None:
             tracker.extra_noise_var = noisy.noise_variance
 
