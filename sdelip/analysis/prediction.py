@@ -41,7 +41,7 @@ import pandas as pd
 
 from ..core.formulas import lipschitz_moments
 from ..record import load_record
-from ..core.catalogue import COEFFICIENT_COLUMNS, LOG_K_COEFFICIENTS, network_column
+from ..core.catalogue import COEFFICIENT_COLUMNS, LOG_K_COEFFICIENTS, layer_column, network_column
 
 __all__ = ["predict", "drop_degenerate", "degenerate_steps", "check_modelled", "UnmodelledUpdateError",
            "PREDICTION_COLUMNS"]
@@ -148,17 +148,17 @@ def _discrete_mean(df: pd.DataFrame, K0: float, dt: np.ndarray, mean_K: np.ndarr
     O(Δt²) terms a² of large steps (an adaptive method's first steps move σ1 by several per
     cent). Records without per-layer step curvature fall back to that exponential.
     """
-    layers = [c[len("drift/"):] for c in df.columns if c.startswith("drift/")]
-    need = [f"{q}/{l}" for l in layers for q in ("noise_curvature", "step_curvature", "diffusion_sq")]
-    if not layers or any(c not in df.columns for c in need):
+    prefix = layer_column("drift", "")
+    layers = [c[len(prefix):] for c in df.columns if c.startswith(prefix)]
+    names = ("drift", "noise_curvature", "step_curvature", "diffusion_sq")
+    if not layers or any(layer_column(q, l) not in df.columns for l in layers for q in names):
         sc = df[network_column("step_curvature")].to_numpy(dtype=np.float64)[:-1]
         return mean_K * np.exp(np.concatenate([[0.0], np.cumsum(sc * dt)]))
     log_growth = np.zeros(len(dt))
     for l in layers:
         c = int(df[f"uses/{l}"].iloc[0]) if f"uses/{l}" in df.columns else 1
-        a = (df[f"drift/{l}"] + df[f"noise_curvature/{l}"] + df[f"step_curvature/{l}"]).to_numpy(np.float64)[:-1] * dt
-        lam2 = df[f"diffusion_sq/{l}"].to_numpy(np.float64)[:-1] * dt
-        log_growth += np.log((1.0 + a) ** c + 0.5 * c * (c - 1) * lam2)
+        mu, kappa, step, lam2 = (df[layer_column(q, l)].to_numpy(np.float64)[:-1] * dt for q in names)
+        log_growth += np.log((1.0 + mu + kappa + step) ** c + 0.5 * c * (c - 1) * lam2)
     return K0 * np.exp(np.concatenate([[0.0], np.cumsum(log_growth)]))
 
 
