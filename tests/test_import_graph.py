@@ -88,3 +88,20 @@ def test_the_cycle_check_finds_a_lazy_import_cycle():
     src = "def f():\n    from .b import g\n"
     found = [n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)]
     assert [(n.level, n.module) for n in found] == [(1, "b")]
+
+
+def test_public_errors_are_defined_once_in_sdelip_errors():
+    """Every exception and warning class of sdelip is defined in sdelip/errors.py, re-exported by sdelip."""
+    import sdelip.errors
+
+    defined = {}
+    for name, (path, _) in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and (node.name.endswith("Error") or node.name.endswith("Warning")):
+                defined.setdefault(node.name, []).append(name)
+    assert defined and all(where == ["sdelip.errors"] for where in defined.values()), defined
+    assert set(defined) == set(sdelip.errors.__all__)
+    for name in sdelip.errors.__all__:
+        cls = getattr(sdelip, name)
+        assert cls is getattr(sdelip.errors, name) and issubclass(cls, (Exception, Warning)), name
+    assert import_graph()["sdelip.errors"] == set(), "sdelip.errors imports nothing of sdelip"

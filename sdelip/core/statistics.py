@@ -15,12 +15,9 @@ import attrs
 import torch
 
 from .._checks import NonFiniteError
+from ..errors import EngineError  # noqa: F401  (defined there, re-exported)
 
 __all__ = ["EngineError", "LayerStatistics", "StatisticsAccumulator"]
-
-
-class EngineError(RuntimeError):
-    """An engine could not compute the per-sample statistics of a step."""
 
 
 @attrs.define
@@ -120,5 +117,3 @@ class StatisticsAccumulator:
 
     def result(self) -> LayerStatistics:
         return LayerStatistics(self.M, self.Gv, self.Gtu, self.sum_g, self.sum_sq)
-
-

@@ -16,11 +16,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import NotPlainSGDWarning  # noqa: F401  (defined there, re-exported)
+
 __all__ = ["OptimizerView", "NotPlainSGDWarning"]
-
-
-class NotPlainSGDWarning(UserWarning):
-    """The optimizer is not plain SGD (momentum, Nesterov, Adam, …): Thm 14 assumes plain SGD."""
 
 
 class OptimizerView:
