@@ -71,6 +71,9 @@ def weight_matrix(weight: torch.Tensor | torch.nn.Module) -> torch.Tensor:
 class SpectralDecomposition:
     """A thin SVD θ = U diag(S) Vᵀ with singular values in descending order.
 
+    Implements :class:`sdelip.core.decompositions.Decomposition` (the primitives that
+    :func:`sdelip.core.formulas.terms_from_projections` consumes).
+
     Attributes:
         U: (m, p) left singular vectors.
         S: (p,) singular values, descending.
