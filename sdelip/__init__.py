@@ -10,13 +10,40 @@ are private. The main entry points:
   :class:`RuntimeOptions`), :func:`load_record`, :func:`predict`;
 - simulation: :class:`ParameterSDE`, :class:`LipschitzSDE`, :class:`ReducedLipschitzSDE`,
   :func:`simulate`, :func:`simulate_record`;
+- errors: every public exception and warning, defined in :mod:`sdelip.errors`;
 - workbench: :mod:`sdelip.workbench.models`, :mod:`sdelip.workbench.data`, :mod:`sdelip.workbench.regularizers`,
   :func:`train`, :mod:`sdelip.analysis.plotting`, and the ``sdelip`` command line.
 """
 
 from . import _legacy
 from .workbench import data, models, regularizers
-from ._checks import DegenerateSpectrumError, DegenerateSpectrumWarning, NonFiniteError
+from . import errors
+from .errors import (
+    BatchAxisError,
+    CheckpointError,
+    CheckpointWriteError,
+    DatasetFallbackWarning,
+    DatasetNotFoundError,
+    DegenerateSpectrumError,
+    DegenerateSpectrumWarning,
+    EngineError,
+    EngineNotApplicableError,
+    GradientAccumulationError,
+    InputMismatchError,
+    NoTrackableLayerError,
+    NonFiniteError,
+    NotARecordError,
+    NotPlainSGDWarning,
+    RecordExistsError,
+    RecordLockedError,
+    ResumeError,
+    RuleError,
+    SharedTensorWarning,
+    SmallBatchWarning,
+    UnsafeCheckpointError,
+    UnsupportedLayerError,
+    WeightUsesError,
+)
 from .core.formulas import (
     LayerTerms,
     LipschitzMoments,
@@ -26,7 +53,7 @@ from .core.formulas import (
     network_terms,
     terms_from_projections,
 )
-from .rules.inventory import NoTrackableLayerError, TrackedLayer, tracked_layers
+from .rules.inventory import TrackedLayer, tracked_layers
 from .core.noise import GradientNoise
 from .analysis.prediction import predict
 from .record import StepRecord, load_metadata, load_record
@@ -53,7 +80,7 @@ from .core.spectral import (
     top_singular,
     weight_matrix,
 )
-from .tracking.tracker import InputMismatchError, NotPlainSGDWarning, Tracker
+from .tracking.tracker import Tracker
 from .tracking.options import RecordOptions, RuntimeOptions, TrackingOptions
 from .workbench.train import TrainConfig, TrainResult, train
 
@@ -63,8 +90,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "data", "models", "regularizers",
-    "DegenerateSpectrumError", "DegenerateSpectrumWarning", "NonFiniteError", "NotPlainSGDWarning", "InputMismatchError",
-    "NoTrackableLayerError",
+    "errors", *errors.__all__,  # every public exception and warning (sdelip.errors)
     "LayerTerms", "LipschitzMoments", "NetworkTerms", "layer_terms", "lipschitz_moments", "network_terms",
     "terms_from_projections",
     "TrackedLayer", "tracked_layers",

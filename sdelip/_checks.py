@@ -6,6 +6,9 @@ formulas), so that errors name the offending argument, layer, step and value ins
 surfacing as shape errors deep inside a matrix product. Checks of a module's own data
 rather than of an argument (a record's columns, a coefficient table's shape, a dataset's
 files) raise where that data is read, in the same style.
+
+Validators only: the exceptions and warnings they raise are defined in :mod:`sdelip.errors`
+(imported here, so ``from sdelip._checks import NonFiniteError`` keeps working).
 """
 
 from __future__ import annotations
@@ -16,23 +19,7 @@ from typing import Optional
 
 import torch
 
-
-class DegenerateSpectrumWarning(UserWarning):
-    """The top singular value of a weight matrix is (nearly) repeated.
-
-    Lemma 13 and Theorem 14 assume σ1 > σ2 (Assumption 11). When the relative gap
-    (σ1 − σ2)/σ1 falls below the tolerance the operator-norm Hessian is
-    ill-conditioned; sdelip clamps the gap and flags the value instead of
-    returning inf or NaN.
-    """
-
-
-class DegenerateSpectrumError(ValueError):
-    """Raised instead of :class:`DegenerateSpectrumWarning` when asked to, or when σ1 = 0."""
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient or dynamics term is NaN or infinite."""
+from .errors import DegenerateSpectrumError, DegenerateSpectrumWarning, NonFiniteError  # noqa: F401  (defined there, re-exported)
 
 
 def _where(name: Optional[str]) -> str:

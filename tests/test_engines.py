@@ -375,7 +375,7 @@ def test_factored_requires_the_forward_after_tracker_creation():
 @pytest.mark.parametrize("shape", [(5, 9), (9, 5), (6, 6), (1, 7), (7, 1), (30, 50), (50, 30)])
 def test_fast_curvature_equals_the_svd_route(shape):
     """The resolvent formulas of sdelip.core.decompositions reproduce Lemma 13 via sdelip.core.spectral."""
-    from sdelip.core.decompositions import fast_layer_terms, gram_curvature
+    from sdelip.core.decompositions import gram_curvature
 
     torch.manual_seed(sum(shape))
     m, n = shape
@@ -386,7 +386,7 @@ def test_fast_curvature_equals_the_svd_route(shape):
     c = gram_curvature(W, 1e-6)
     assert c is not None and float(c.sigma1) == pytest.approx(float(d.sigma1), rel=1e-14)
     a = terms_from_projections(d, G @ d.v1, G.mT @ d.u1, 0.1, noise_var=N, weight_decay=0.01, extra_noise_var=0.003)
-    b = fast_layer_terms(c, G @ c.v1, G.mT @ c.u1, 0.1, noise_var=N, weight_decay=0.01, extra_noise_var=0.003)
+    b = terms_from_projections(c, G @ c.v1, G.mT @ c.u1, 0.1, noise_var=N, weight_decay=0.01, extra_noise_var=0.003)
     for q in ("sigma1", "drift", "diffusion_sq", "noise_curvature", "noise_curvature_var", "noise_curvature_cov", "gap",
               "step_curvature"):
         assert rel_close(float(getattr(a, q)), float(getattr(b, q)), 1e-11), (q, float(getattr(a, q)), float(getattr(b, q)))
@@ -462,11 +462,12 @@ def test_batched_decomposition_is_the_per_layer_one_with_its_gap_tolerance(route
     b = decompose_batched(W, route, tol)
     Gv, Gtu = torch.randn(n, M, m, generator=gen, dtype=DT), torch.randn(n, M, k, generator=gen, dtype=DT)
     a, c = torch.randn(n, m, generator=gen, dtype=DT), torch.randn(n, k, generator=gen, dtype=DT)
-    kappa, lam2 = b.terms(Gv, Gtu, 0.1)
+    tb = terms_from_projections(b, Gv, Gtu, 0.1)
     quad = b.hessian_quadform(a, c)
     for j in range(n):
         d = decompose(W[j], gap_tol=tol, on_degenerate="ignore")
-        t = d.terms(Gv[j], Gtu[j], 0.1)
-        torch.testing.assert_close(kappa[j], t.noise_curvature, rtol=1e-9, atol=0)
-        torch.testing.assert_close(lam2[j], t.diffusion_sq, rtol=1e-9, atol=0)
+        t = terms_from_projections(d, Gv[j], Gtu[j], 0.1)
+        for q in ("sigma1", "drift", "diffusion_sq", "noise_curvature", "step_curvature"):
+            torch.testing.assert_close(getattr(tb, q)[j], getattr(t, q), rtol=1e-9, atol=0)
+        assert bool(tb.degenerate[j]) == t.degenerate
         torch.testing.assert_close(quad[j], d.hessian_quadform(a[j], c[j]), rtol=1e-9, atol=0)

@@ -159,17 +159,19 @@ def test_simulate_front_end_with_lipschitz_sde():
 @pytest.mark.parametrize("mutation", ["kappa", "half_lambda_sq"])
 def test_pathwise_check_goes_red_when_a_term_is_lost_in_the_code(mutation, monkeypatch):
     """A bug that loses κ, or the ½ of the Itô correction, in the term computation is caught."""
-    from sdelip.core.decompositions import BatchedDecomposition
+    import attrs
 
-    orig = BatchedDecomposition.terms
+    from sdelip.sde import lipschitz_sde
 
-    def mutated(*args):
-        kappa, lam2 = orig(*args)
+    orig = lipschitz_sde.terms_from_projections
+
+    def mutated(*args, **kwargs):
+        t = orig(*args, **kwargs)
         if mutation == "kappa":
-            return torch.zeros_like(kappa), lam2
-        return kappa, 0.0 * lam2  # the −½‖λ‖² correction disappears; λ itself stays
+            return attrs.evolve(t, noise_curvature=torch.zeros_like(t.noise_curvature))
+        return attrs.evolve(t, diffusion_sq=0.0 * t.diffusion_sq)  # the −½‖λ‖² correction disappears; λ stays
 
-    monkeypatch.setattr(BatchedDecomposition, "terms", mutated)
+    monkeypatch.setattr(lipschitz_sde, "terms_from_projections", mutated)
     with pytest.raises(AssertionError, match="mean discrepancy"):
         check_unbiased(_pathwise(0.0125))
 

@@ -27,6 +27,28 @@ def test_every_term_is_a_field_of_the_dynamics_records():
     assert len(set(ranks)) == len(ranks)
 
 
+def test_every_term_and_layer_terms_field_has_a_repeated_use_rule():
+    """A weight applied c times: each term of its factor σ1^c comes from a rule, none is dropped."""
+    for t in T.TERMS:
+        assert callable(t.repeated_use), f"the term {t.name!r} has no repeated_use rule"
+    rules = T.repeated_use_rules()
+    assert set(rules) == {f.name for f in attrs.fields(LayerTerms)}
+    assert all(callable(r) for r in rules.values())
+
+
+def test_a_term_without_a_repeated_use_rule_is_an_error_not_none(monkeypatch):
+    from sdelip.core.formulas import layer_terms, repeated_use_terms
+
+    gen = torch.Generator().manual_seed(0)
+    t = layer_terms(torch.randn(3, 4, generator=gen, dtype=torch.float64),
+                    torch.randn(5, 3, 4, generator=gen, dtype=torch.float64), 0.1, split=False)
+    assert repeated_use_terms(t, 2, 0.1).step_curvature is not None
+    lost = tuple(attrs.evolve(x, repeated_use=None) if x.name == "step_curvature" else x for x in T.TERMS)
+    monkeypatch.setattr(T, "TERMS", lost)
+    with pytest.raises(ValueError, match="step_curvature .*no repeated-use rule"):
+        repeated_use_terms(t, 2, 0.1)
+
+
 def test_record_schema_rows_and_sde_names_derive_from_the_spec(tmp_path):
     assert LAYER_QUANTITIES == tuple(t.column for t in T.TERMS + T.REALISED_TERMS)
     assert NETWORK_QUANTITIES == ("Z", "K", "drift_Z", "noise_curvature_Z", "diffusion_sq_Z", "noise_curvature_var_Z",

@@ -376,3 +376,33 @@ def test_records_of_untied_models_have_no_uses_columns(tmp_path):
     df = load_record(tmp_path / "plain.db")
     assert not [c for c in df.columns if c.startswith("uses/")]
     assert load_metadata(tmp_path / "plain.db")["layers"][0] == {"name": "0", "kind": "Linear", "shape": [5, 4]}
+
+
+@pytest.mark.parametrize("c", [2, 3])
+def test_repeated_use_terms_give_every_field_of_the_factor(c):
+    """repeated_use_terms derives every LayerTerms field of σ1^c (by its catalogue rule) as the dense
+    Thm 14 oracle of f = σ1^c gives it; a field without an oracle value here fails the test."""
+    import attrs
+
+    from sdelip.core.formulas import LayerTerms, repeated_use_terms, terms_from_projections
+    from sdelip.core.spectral import decompose
+
+    gen = torch.Generator().manual_seed(c)
+    W = torch.randn(4, 6, generator=gen, dtype=DT)
+    G = torch.randn(7, 4, 6, generator=gen, dtype=DT) + torch.randn(4, 6, generator=gen, dtype=DT)
+    lr, wd, s2, M = 0.1, 0.01, 0.003, 7
+    d = decompose(W)
+    E = G - G.mean(0)
+    noise_var = (E * E).sum(0) / (M * (M - 1))
+    t = terms_from_projections(d, G @ d.v1, G.mT @ d.u1, lr, noise_var=noise_var, weight_decay=wd,
+                               extra_noise_var=s2, diffusion_split=True)
+    f = repeated_use_terms(t, c, lr, s2)
+    want = power_terms(W, G, c, lr, wd, s2)
+    want["sigma1"] = math.exp(want.pop("Z"))
+    want["gap"] = float(d.gap)
+    grad_f = c * float(d.sigma1) ** (c - 1) * torch.outer(d.u1, d.v1)
+    want["diffusion_sq_var"] = lr / want["sigma1"] ** 2 * float((grad_f**2 * (noise_var + s2)).sum())
+    assert set(want) == {a.name for a in attrs.fields(LayerTerms)} - {"degenerate"}
+    for q, v in want.items():
+        assert_close(float(getattr(f, q)), v, q, rtol=1e-9)
+    assert f.degenerate is t.degenerate

@@ -1,13 +1,13 @@
-"""Fast operator-norm curvature of one layer from its smaller Gram matrix (no full SVD).
+"""The decomposition protocol, and fast operator-norm curvature of one layer from its smaller Gram matrix.
 
-Both decompositions of a layer — :class:`sdelip.core.spectral.SpectralDecomposition` (thin
-SVD) and :class:`GramCurvature` (this module) — offer one interface used by the tracker
-and the batched SDE path alike: ``sigma1``, ``u1``, ``v1``, ``gap``, ``degenerate``,
-``terms(Gv, Gtu, lr, ...)`` (Thm 14 from the per-sample projections) and
-``hessian_quadform(a, b)`` (gᵀHg of one gradient, Lemma 13). :func:`decompose_layer`
-picks the route. :func:`decompose_batched` decomposes one layer's weight matrices over a
-batch of SDE trajectories by either route and offers the same names, per trajectory
-(:class:`BatchedDecomposition`).
+Every decomposition of a layer exposes the primitives of :class:`Decomposition` (a
+``typing.Protocol``): σ1, u1, v1, the gap, the degenerate flag, the Hessian's quadratic
+forms (of one matrix and summed over rows) and its diagonal/trace products. The one Thm 14
+formula, :func:`sdelip.core.formulas.terms_from_projections`, consumes only these, on every
+route: :class:`sdelip.core.spectral.SpectralDecomposition` (thin SVD), :class:`GramCurvature`
+(this module) and :class:`BatchedDecomposition` (one layer over a batch of SDE trajectories,
+every primitive with a leading trajectory axis). :func:`decompose_layer` picks the route of one
+weight matrix, :func:`decompose_batched` that of a batch.
 
 The Thm 14 terms need, besides σ1, u1, v1, the operator-norm Hessian H (Lemma 13) only
 through the quadratic forms vec(E_i)ᵀ H vec(E_i) and, for the Prop 6 split, ⟨diag H, diag Σ̂⟩.
@@ -37,24 +37,57 @@ eigensolver (the two largest eigenpairs of G). A degenerate spectrum (relative g
 the tolerance, Assumption 11) or a failed factorisation falls back to the SVD route of
 :mod:`sdelip.core.spectral`, which clamps the gap and flags it.
 
-:func:`fast_layer_terms` mirrors :func:`sdelip.core.formulas.terms_from_projections`; the tests
-check that both give the same numbers.
+The tests check that both routes give the same terms.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Protocol, runtime_checkable
 
 import attrs
 import torch
 from torch.func import vmap
 
-from .formulas import LayerTerms, assemble_terms, diffusion_sq_from_projections, jacobian_var_dot, optimization_drift
 from .spectral import DEFAULT_GAP_TOL, SpectralDecomposition, decompose
 
-__all__ = ["GramCurvature", "gram_curvature", "fast_layer_terms", "top_eigenpairs", "decompose_layer",
+__all__ = ["Decomposition", "GramCurvature", "gram_curvature", "top_eigenpairs", "decompose_layer",
            "DECOMPOSITIONS", "BatchedDecomposition", "decompose_batched"]
+
+
+@runtime_checkable
+class Decomposition(Protocol):
+    """The primitives of one layer's decomposition θ ↦ (σ1, u1, v1, H) that the Thm 14 terms consume.
+
+    Implemented by :class:`~sdelip.core.spectral.SpectralDecomposition`, :class:`GramCurvature`
+    and, with a leading trajectory axis on every value, :class:`BatchedDecomposition`. Vectors
+    and matrices are in the orientation of the original θ (m × n); H is the operator-norm
+    Hessian of Lemma 13 (null-space directions of a rectangular θ included, THEORY.md §3).
+
+    Attributes:
+        sigma1: σ1 = ‖θ‖_op (Prop 9).
+        u1, v1: the top left (m,) and right (n,) singular vectors.
+        gap: the relative spectral gap (σ1 − σ2)/σ1 (Assumption 11).
+        degenerate: True when the gap was below tolerance and H's weights were clamped.
+    """
+
+    sigma1: torch.Tensor
+    u1: torch.Tensor
+    v1: torch.Tensor
+    gap: torch.Tensor
+    degenerate: bool
+
+    def hessian_quadform(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """gᵀ H g of one matrix g from a = g v1 (m,) and b = gᵀ u1 (n,) (Lemma 13)."""
+
+    def hessian_quadform_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Σ_i vec(E_i)ᵀ H vec(E_i) from the rows A_i = E_i v1 (M, m) and B_i = E_iᵀ u1 (M, n)."""
+
+    def hessian_diag_dot(self, N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(⟨diag H, N⟩, tr H) for an (m × n) matrix N (the Prop 6 split, Sec 8.4 noise)."""
+
+    def hessian_trace(self) -> torch.Tensor:
+        """tr H."""
 
 #: The decomposition routes of :func:`decompose_layer`.
 DECOMPOSITIONS = ("fast", "svd", "gram")
@@ -136,6 +169,10 @@ class GramCurvature:
     degenerate: bool = False
 
     def hessian_quadform_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Σ_i vec(E_i)ᵀ H vec(E_i) for rows A_i = E_i v1, B_i = E_iᵀ u1 (original orientation)."""
+        return self._oriented_quadform_sum(*((B, A) if self.transposed else (A, B)))
+
+    def _oriented_quadform_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """Σ_i vec(E_i)ᵀ H vec(E_i) for rows A_i = E_i v1, B_i = E_iᵀ u1 of the oriented θ."""
         s1 = self.sigma1
         Y = torch.addmm(A, B, self.theta.mT, beta=float(s1))  # σ1 A + B θᵀ
@@ -157,16 +194,10 @@ class GramCurvature:
         trace = s1 * dR.sum() + r.sum()
         return first + second + third, trace
 
-    def terms(self, Gv: torch.Tensor, Gtu: torch.Tensor, lr: float, *, noise_var=None, weight_decay: float = 0.0,
-              extra_noise_var: float = 0.0, diffusion_split: bool = False) -> LayerTerms:
-        """Thm 14 terms from the projections (:func:`fast_layer_terms`)."""
-        return fast_layer_terms(self, Gv, Gtu, lr, noise_var=noise_var, weight_decay=weight_decay,
-                                extra_noise_var=extra_noise_var, diffusion_split=diffusion_split)
-
     def hessian_quadform(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """gᵀ H g of one matrix g from a = g v1 and b = gᵀ u1 (original orientation, Lemma 13)."""
         A, B = (b, a) if self.transposed else (a, b)
-        return self.hessian_quadform_sum(A[None], B[None])
+        return self._oriented_quadform_sum(A[None], B[None])
 
     def hessian_trace(self) -> torch.Tensor:
         """tr H = σ1 tr R + Σ_j r_j."""
@@ -221,55 +252,6 @@ def gram_curvature(
     )
 
 
-def fast_layer_terms(
-    c: GramCurvature,
-    Gv: torch.Tensor,
-    Gtu: torch.Tensor,
-    lr: float,
-    noise_var: Optional[torch.Tensor] = None,
-    weight_decay: float = 0.0,
-    extra_noise_var: float = 0.0,
-    diffusion_split: bool = False,
-) -> LayerTerms:
-    """Thm 14 terms from the projections, as :func:`sdelip.core.formulas.terms_from_projections`.
-
-    Args:
-        c: the layer's :class:`GramCurvature`.
-        Gv: (M, m0) per-sample g_i v1; Gtu: (M, n0) per-sample g_iᵀ u1 (original orientation).
-        lr: η.
-        noise_var: diag Σ̂ (m0 × n0) for the Prop 6 split, or None.
-        weight_decay: λ_wd (μ −= λ_wd).
-        extra_noise_var: s² of an isotropic perturbation of the batch gradient (Sec 8.4).
-        diffusion_split: with ``noise_var``, also compute ``diffusion_sq_var``.
-    """
-    M = Gv.shape[0]
-    s1 = c.sigma1
-    mean_v, mean_u = Gv.mean(0), Gtu.mean(0)
-    Ev = Gv - mean_v
-    Eu = Gtu - mean_u
-    A, B = (Eu, Ev) if c.transposed else (Ev, Eu)
-    cst = 1.0 / (M * (M - 1))
-    proj = Ev @ c.u1
-    diffusion_sq = diffusion_sq_from_projections(proj, s1, lr, M)
-    noise_curvature = lr / (2 * s1) * cst * c.hessian_quadform_sum(A, B)
-    mA, mB = (mean_u, mean_v) if c.transposed else (mean_v, mean_u)
-    step_curvature = lr / (2 * s1) * c.hessian_quadform_sum(mA[None], mB[None]) - noise_curvature
-    drift = optimization_drift(mean_v @ c.u1, s1, weight_decay)
-    trace = []  # hessian_diag_dot returns tr H too: reuse it for the extra noise
-
-    def diag_dot():
-        dot, tr = c.hessian_diag_dot(noise_var)
-        trace.append(tr)
-        return dot
-
-    return assemble_terms(
-        s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, c.gap, False,
-        noise_var_dot=None if noise_var is None else diag_dot,
-        hessian_trace=lambda: trace[0] if trace else c.hessian_trace(), extra_noise_var=extra_noise_var,
-        jacobian_var_dot=jacobian_var_dot(c.u1, c.v1, noise_var) if diffusion_split else None,
-    )
-
-
 def decompose_layer(W: torch.Tensor, method: str = "fast", gap_tol: float = 1e-6, on_degenerate: str = "warn",
                     name: Optional[str] = None, step: Optional[int] = None):
     """The decomposition of one weight matrix by a route of :data:`DECOMPOSITIONS`.
@@ -293,8 +275,9 @@ def decompose_layer(W: torch.Tensor, method: str = "fast", gap_tol: float = 1e-6
 class BatchedDecomposition:
     """The decompositions of one layer's weight matrices over a batch of trajectories.
 
-    The interface of the per-layer decompositions (module docstring), one value per
-    trajectory: the SDE systems' route to Thm 14's terms (:mod:`sdelip.sde`).
+    The :class:`Decomposition` protocol with a leading trajectory axis on every value and
+    argument: the SDE systems' route to Thm 14's terms (:mod:`sdelip.sde`), through the same
+    :func:`sdelip.core.formulas.terms_from_projections` as one layer.
 
     Attributes:
         sigma1: (n,) σ1 (Prop 9); u1: (n, m); v1: (n, k); gap: (n,) relative gaps.
@@ -312,34 +295,49 @@ class BatchedDecomposition:
     curvature: Optional[list] = None
     gap_tol: float = DEFAULT_GAP_TOL
 
-    def terms(self, Gv: torch.Tensor, Gtu: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Thm 14's κ and ‖λ‖² per trajectory, each (n,), from the per-sample projections.
+    @property
+    def degenerate(self) -> torch.Tensor:
+        """(n,) bool: the gap below ``gap_tol``, where the Hessian's weights are clamped (Assumption 11)."""
+        if self.svd is not None:
+            return self.gap < self.gap_tol
+        return torch.tensor([bool(c.degenerate) for c in self.curvature])
 
-        Gv (n, M, m) and Gtu (n, M, k) are g_i v1 and g_iᵀ u1 of each trajectory's noise
-        mini-batch; the terms are those of :func:`sdelip.core.formulas.terms_from_projections`
-        (SVD route) or of :func:`fast_layer_terms` (Gram route), which agree.
+    def per_trajectory(self, fn: Callable, *args):
+        """fn(decomposition_j, *args_j) for every trajectory j, stacked along a leading axis.
+
+        ``args`` are tensors with a leading trajectory axis, or None (passed as is). ``fn``
+        returns a tensor or a tuple/dict of tensors. The SVD route maps ``fn`` with
+        ``torch.func.vmap`` over one :class:`~sdelip.core.spectral.SpectralDecomposition` per
+        trajectory; the Gram route calls it on each trajectory's decomposition and stacks.
         """
         if self.svd is not None:
-            def one(U, S, V, Gv, Gtu):
-                t = SpectralDecomposition(U=U, S=S, V=V, gap_tol=self.gap_tol).terms(Gv, Gtu, lr)
-                return t.noise_curvature, t.diffusion_sq
+            def one(U, S, V, *a):
+                return fn(SpectralDecomposition(U=U, S=S, V=V, gap_tol=self.gap_tol), *a)
 
-            return vmap(one)(*self.svd, Gv, Gtu)
-        out = []
-        for c, gv, gtu in zip(self.curvature, Gv, Gtu):
-            t = c.terms(gv, gtu, lr)
-            out.append(torch.stack([t.noise_curvature, t.diffusion_sq]))
-        kappa, lam2 = torch.stack(out).unbind(1)
-        return kappa, lam2
+            return vmap(one, in_dims=(0, 0, 0) + tuple(None if x is None else 0 for x in args))(*self.svd, *args)
+        outs = [fn(c, *(None if x is None else x[j] for x in args)) for j, c in enumerate(self.curvature)]
+        first = outs[0]
+        if isinstance(first, dict):
+            return {k: torch.stack([o[k] for o in outs]) for k in first}
+        if isinstance(first, tuple):
+            return tuple(torch.stack(col) for col in zip(*outs))
+        return torch.stack(outs)
 
     def hessian_quadform(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """gᵀ H g per trajectory (n,) from a = g v1 (n, m) and b = gᵀ u1 (n, k) (Lemma 13)."""
-        if self.svd is not None:
-            def one(U, S, V, a, b):
-                return SpectralDecomposition(U=U, S=S, V=V, gap_tol=self.gap_tol).hessian_quadform(a, b)
+        return self.per_trajectory(lambda d, a, b: d.hessian_quadform(a, b), a, b)
 
-            return vmap(one)(*self.svd, a, b)
-        return torch.stack([c.hessian_quadform(x, y) for c, x, y in zip(self.curvature, a, b)])
+    def hessian_quadform_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Σ_i vec(E_i)ᵀ H vec(E_i) per trajectory (n,) from rows A (n, M, m) and B (n, M, k)."""
+        return self.per_trajectory(lambda d, A, B: d.hessian_quadform_sum(A, B), A, B)
+
+    def hessian_diag_dot(self, N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(⟨diag H, N⟩, tr H) per trajectory, each (n,), for N (n, m, k)."""
+        return self.per_trajectory(lambda d, N: tuple(d.hessian_diag_dot(N)), N)
+
+    def hessian_trace(self) -> torch.Tensor:
+        """tr H per trajectory (n,)."""
+        return self.per_trajectory(lambda d: d.hessian_trace())
 
 
 def decompose_batched(W: torch.Tensor, route: str, gap_tol: float) -> BatchedDecomposition:

@@ -28,14 +28,9 @@ import numpy as np
 import torch
 
 from .._checks import check_batch_size, check_finite, check_per_sample, check_positive
-from .catalogue import TERMS
-from .spectral import (
-    DEFAULT_GAP_TOL,
-    SpectralDecomposition,
-    decompose,
-    hessian_quadform_from_projections,
-    opnorm_hessian_diag,
-)
+from .catalogue import TERMS, repeated_use_rules, term
+from .decompositions import BatchedDecomposition, Decomposition
+from .spectral import DEFAULT_GAP_TOL, decompose
 
 __all__ = [
     "LayerTerms",
@@ -152,7 +147,7 @@ def diffusion_sq_from_projections(proj: torch.Tensor, sigma1, lr: float, M: int)
 
 
 def terms_from_projections(
-    d: SpectralDecomposition,
+    d: Decomposition,
     Gv: torch.Tensor,
     Gtu: torch.Tensor,
     lr: float,
@@ -164,7 +159,10 @@ def terms_from_projections(
 ) -> LayerTerms:
     """Thm 14 terms of one layer from the projections of its per-sample gradients.
 
-    This is the factored core (THEORY.md §6): with E_i = g_i − ḡ,
+    The one formula of the terms, on every route: ``d`` is any
+    :class:`~sdelip.core.decompositions.Decomposition` (thin SVD, Gram matrix, or a
+    :class:`~sdelip.core.decompositions.BatchedDecomposition` over SDE trajectories), and only
+    its primitives are used. This is the factored core (THEORY.md §6): with E_i = g_i − ḡ,
 
         ‖λ‖² = (η/σ1²) (1/(M(M−1))) Σ_i (u1ᵀ E_i v1)²
         κ    = (η/2σ1) (1/(M(M−1))) Σ_i vec(E_i)ᵀ H vec(E_i)
@@ -182,7 +180,7 @@ def terms_from_projections(
     adds η s²/σ1² to ‖λ‖² and (η/2σ1) s² tr H to κ (all of it to κ_var).
 
     Args:
-        d: thin decomposition of θ.
+        d: the decomposition of θ (:class:`~sdelip.core.decompositions.Decomposition`).
         Gv: (M, m) per-sample g_i v1.
         Gtu: (M, n) per-sample g_iᵀ u1.
         lr: learning rate η (SDE time step).
@@ -194,50 +192,69 @@ def terms_from_projections(
         diffusion_split: with ``noise_var``, also compute ``diffusion_sq_var``
             = (η/σ1²) Σ_j (u1 v1ᵀ)_j² (diag Σ̂)_j.
 
+        With a :class:`~sdelip.core.decompositions.BatchedDecomposition` of n trajectories,
+        ``Gv``, ``Gtu``, ``grad_proj`` and ``noise_var`` carry a leading axis n, and so does
+        every field of the result (``degenerate`` is an (n,) bool tensor): the formula is
+        applied to each trajectory (:meth:`~sdelip.core.decompositions.BatchedDecomposition.per_trajectory`).
+
     Returns:
         :class:`LayerTerms`.
     """
+    if isinstance(d, BatchedDecomposition):
+        def one(dj, Gv, Gtu, grad_proj, noise_var):
+            t = terms_from_projections(dj, Gv, Gtu, lr, grad_proj=grad_proj, noise_var=noise_var,
+                                       weight_decay=weight_decay, extra_noise_var=extra_noise_var,
+                                       diffusion_split=diffusion_split)
+            return {k: v for k, v in _tensor_terms(t).items() if v is not None}
+
+        fields = d.per_trajectory(one, Gv, Gtu, grad_proj, noise_var)
+        return LayerTerms(**{k: fields.get(k) for k in _tensor_terms(None)}, degenerate=d.degenerate)
     M = Gv.shape[0]
     check_batch_size(M)
-    s1, u1 = d.S[0], d.U[:, 0]
+    s1, u1 = d.sigma1, d.u1
     mean_v, mean_u = Gv.mean(0), Gtu.mean(0)
     Ev = Gv - mean_v
     Eu = Gtu - mean_u
     c = 1.0 / (M * (M - 1))
     proj = Ev @ u1  # u1ᵀ E_i v1
     diffusion_sq = diffusion_sq_from_projections(proj, s1, lr, M)
-    noise_curvature = lr / (2 * s1) * c * hessian_quadform_from_projections(d, Ev, Eu).sum()
-    step_curvature = lr / (2 * s1) * hessian_quadform_from_projections(d, mean_v, mean_u) - noise_curvature
+    noise_curvature = lr / (2 * s1) * c * d.hessian_quadform_sum(Ev, Eu)
+    step_curvature = lr / (2 * s1) * d.hessian_quadform(mean_v, mean_u) - noise_curvature
     if grad_proj is None:
         grad_proj = mean_v @ u1
     drift = optimization_drift(grad_proj, s1, weight_decay)
-    diag_h = []  # computed at most once, only if needed
+    trace = []  # hessian_diag_dot returns tr H too: reuse it for the extra noise
 
-    def diag():
-        if not diag_h:
-            diag_h.append(opnorm_hessian_diag(d))
-        return diag_h[0]
+    def diag_dot():
+        dot, tr = d.hessian_diag_dot(noise_var)
+        trace.append(tr)
+        return dot
 
-    return assemble_terms(
+    return _assemble_terms(
         s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, d.gap, d.degenerate,
-        noise_var_dot=None if noise_var is None else (lambda: (diag() * noise_var).sum()),
-        hessian_trace=lambda: diag().sum(), extra_noise_var=extra_noise_var,
-        jacobian_var_dot=jacobian_var_dot(u1, d.v1, noise_var) if diffusion_split else None,
+        noise_var_dot=None if noise_var is None else diag_dot,
+        hessian_trace=lambda: trace[0] if trace else d.hessian_trace(), extra_noise_var=extra_noise_var,
+        jacobian_var_dot=_jacobian_var_dot(u1, d.v1, noise_var) if diffusion_split else None,
     )
 
 
-def jacobian_var_dot(u1: torch.Tensor, v1: torch.Tensor, noise_var: Optional[torch.Tensor]):
+def _tensor_terms(t: Optional[LayerTerms]) -> dict:
+    """The tensor fields of ``t`` (every field but ``degenerate``), by name; with t = None, the names → None."""
+    return {f.name: None if t is None else getattr(t, f.name) for f in attrs.fields(LayerTerms) if f.name != "degenerate"}
+
+
+def _jacobian_var_dot(u1: torch.Tensor, v1: torch.Tensor, noise_var: Optional[torch.Tensor]):
     """A callable → Σ_j J_j² (diag Σ̂)_j = (u1∘u1)ᵀ diag Σ̂ (v1∘v1), or None without ``noise_var``."""
     if noise_var is None:
         return None
     return lambda: (u1 * u1) @ noise_var @ (v1 * v1)
 
 
-def assemble_terms(
+def _assemble_terms(
     s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, gap, degenerate,
     noise_var_dot=None, hessian_trace=None, extra_noise_var: float = 0.0, jacobian_var_dot=None,
 ) -> LayerTerms:
-    """The common tail of every route to the Thm 14 terms: the Prop 6 split and Sec 8.4 noise.
+    """The tail of :func:`terms_from_projections`: the Prop 6 split and Sec 8.4 noise.
 
     Args:
         s1, lr, drift, diffusion_sq, noise_curvature, step_curvature, gap, degenerate: the
@@ -326,6 +343,13 @@ def layer_terms(
     )
 
 
+def _uses(uses) -> int:
+    c = int(uses)
+    if c < 1:
+        raise ValueError(f"a weight is applied at least once, got uses = {uses!r}")
+    return c
+
+
 def repeated_use_coefficients(uses: int, drift, noise_curvature, diffusion_sq):
     """(μ, κ, ‖λ‖²) of σ1(θ)^c from those of σ1(θ): (cμ, cκ + ½c(c−1)‖λ‖², c²‖λ‖²).
 
@@ -333,14 +357,21 @@ def repeated_use_coefficients(uses: int, drift, noise_curvature, diffusion_sq):
 
         df/f = c (μ + κ) dt + ½ c(c−1) ‖λ‖² dt + c λᵀ dB,
 
-    one Brownian motion B driving all c uses. Works on floats, arrays and tensors alike.
+    one Brownian motion B driving all c uses: the ``repeated_use`` rules of these three terms'
+    entries in :data:`sdelip.core.catalogue.TERMS`. Works on floats, arrays and tensors alike.
     """
-    c = int(uses)
-    if c < 1:
-        raise ValueError(f"a weight is applied at least once, got uses = {uses!r}")
+    c = _uses(uses)
     if c == 1:
         return drift, noise_curvature, diffusion_sq
-    return c * drift, c * noise_curvature + 0.5 * c * (c - 1) * diffusion_sq, c * c * diffusion_sq
+    t = _Coefficients(drift, noise_curvature, diffusion_sq)
+    return tuple(term(k).repeated_use(t, c, None, 0.0) for k in ("drift", "noise_curvature", "diffusion_sq"))
+
+
+@attrs.frozen
+class _Coefficients:
+    drift: object
+    noise_curvature: object
+    diffusion_sq: object
 
 
 def repeated_use_terms(t: LayerTerms, uses: int, lr: float, extra_noise_var: float = 0.0) -> LayerTerms:
@@ -359,6 +390,10 @@ def repeated_use_terms(t: LayerTerms, uses: int, lr: float, extra_noise_var: flo
     (η/2f) ∇Lᵀ∇²f ∇L = c (η/2σ1) ∇LᵀH∇L + ½c(c−1) η μ², with η μ² estimated without bias by
     η μ̂² − ‖λ‖²_sampling (Var μ̂ = ‖λ‖²_sampling / η, ‖λ‖² without the extra noise).
 
+    Every field of :class:`LayerTerms` is derived by its rule: the ``repeated_use`` of its
+    :data:`sdelip.core.catalogue.TERMS` entry, or :data:`~sdelip.core.catalogue.AUXILIARY_REPEATED_USE`
+    for the fields that are not record columns. A field without a rule is an error, never None.
+
     Args:
         t: the Thm 14 terms of θ (with ``diffusion_sq_var`` when the split is wanted).
         uses: c ≥ 1; c = 1 returns ``t`` itself.
@@ -367,26 +402,23 @@ def repeated_use_terms(t: LayerTerms, uses: int, lr: float, extra_noise_var: flo
 
     Returns:
         :class:`LayerTerms` of the factor, ``sigma1`` = σ1(θ)^c.
+
+    Raises:
+        ValueError: c < 1; the Prop 6 split without ``diffusion_sq_var``; a LayerTerms field
+            without a repeated-use rule.
     """
-    if int(uses) == 1:
+    c = _uses(uses)
+    if c == 1:
         return t
-    c = int(uses)
-    drift, nc, dsq = repeated_use_coefficients(c, t.drift, t.noise_curvature, t.diffusion_sq)
-    pair = 0.5 * c * (c - 1)
-    nc_var = None
-    if t.noise_curvature_var is not None:
-        if t.diffusion_sq_var is None:
-            raise ValueError("the Prop 6 split of a weight used more than once needs diffusion_sq_var")
-        nc_var = c * t.noise_curvature_var + pair * t.diffusion_sq_var
-    step = None
-    if t.step_curvature is not None:
-        sampling = t.diffusion_sq - lr * extra_noise_var / t.sigma1**2
-        step = c * t.step_curvature + pair * (lr * t.drift**2 - sampling)
-    return LayerTerms(
-        sigma1=t.sigma1**c, drift=drift, diffusion_sq=dsq, noise_curvature=nc, noise_curvature_var=nc_var,
-        noise_curvature_cov=None if nc_var is None else nc - nc_var, gap=t.gap, degenerate=t.degenerate,
-        step_curvature=step, diffusion_sq_var=None if t.diffusion_sq_var is None else c * c * t.diffusion_sq_var,
-    )
+    rules = repeated_use_rules()
+    fields = [f.name for f in attrs.fields(LayerTerms)]
+    missing = [name for name in fields if rules.get(name) is None]
+    if missing:
+        raise ValueError(
+            f"the term(s) {', '.join(missing)} of a weight applied {c} times have no repeated-use rule: "
+            "give each its rule (Term.repeated_use in sdelip.core.catalogue)"
+        )
+    return LayerTerms(**{name: rules[name](t, c, lr, extra_noise_var) for name in fields})
 
 
 def network_terms(layers: Sequence[LayerTerms]) -> NetworkTerms:

@@ -71,6 +71,9 @@ def weight_matrix(weight: torch.Tensor | torch.nn.Module) -> torch.Tensor:
 class SpectralDecomposition:
     """A thin SVD θ = U diag(S) Vᵀ with singular values in descending order.
 
+    Implements :class:`sdelip.core.decompositions.Decomposition` (the primitives that
+    :func:`sdelip.core.formulas.terms_from_projections` consumes).
+
     Attributes:
         U: (m, p) left singular vectors.
         S: (p,) singular values, descending.
@@ -109,17 +112,22 @@ class SpectralDecomposition:
             return torch.ones((), dtype=self.S.dtype, device=self.S.device)
         return (self.S[0] - self.S[1]) / self.S[0]
 
-    def terms(self, Gv: torch.Tensor, Gtu: torch.Tensor, lr: float, *, noise_var=None, weight_decay: float = 0.0,
-              extra_noise_var: float = 0.0, diffusion_split: bool = False):
-        """Thm 14 terms from the projections (:func:`sdelip.core.formulas.terms_from_projections`)."""
-        from .formulas import terms_from_projections  # dynamics builds on this module
-
-        return terms_from_projections(self, Gv, Gtu, lr, noise_var=noise_var, weight_decay=weight_decay,
-                                      extra_noise_var=extra_noise_var, diffusion_split=diffusion_split)
-
     def hessian_quadform(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """gᵀ H g of one matrix g from a = g v1 and b = gᵀ u1 (Lemma 13)."""
         return hessian_quadform_from_projections(self, a, b)
+
+    def hessian_quadform_sum(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Σ_i vec(E_i)ᵀ H vec(E_i) from the rows A_i = E_i v1 (M, m) and B_i = E_iᵀ u1 (M, n) (Lemma 13)."""
+        return hessian_quadform_from_projections(self, A, B).sum()
+
+    def hessian_diag_dot(self, N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(⟨diag H, N⟩, tr H) for an (m × n) matrix N, from the diagonal D of :func:`opnorm_hessian_diag`."""
+        D = opnorm_hessian_diag(self)
+        return (D * N).sum(), D.sum()
+
+    def hessian_trace(self) -> torch.Tensor:
+        """tr H, the sum of the diagonal of :func:`opnorm_hessian_diag` (Lemma 13)."""
+        return opnorm_hessian_diag(self).sum()
 
     def hessian_weights(self) -> torch.Tensor:
         """w_k = 1/(σ1² − σk²) for k ≥ 2 and w_1 = 0 (Lemma 13), shape (p,).

@@ -15,6 +15,7 @@ import attrs
 import torch
 
 from .._checks import NonFiniteError
+from ..errors import EngineError  # noqa: F401  (defined there, re-exported)
 
 __all__ = ["EngineError", "LayerStatistics", "StatisticsAccumulator", "ScaleFn", "scaled_projections",
            "check_scale"]
@@ -22,10 +23,6 @@ __all__ = ["EngineError", "LayerStatistics", "StatisticsAccumulator", "ScaleFn",
 #: ``scale(name, mean_grad, noise_var) -> Optional[Tensor]``: the elementwise preconditioner S
 #: (m, n) of a layer from its mini-batch mean gradient ḡ and diag Σ̂ (both (m, n)), or None.
 ScaleFn = Callable[[str, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
-
-
-class EngineError(RuntimeError):
-    """An engine could not compute the per-sample statistics of a step."""
 
 
 @attrs.define
@@ -171,5 +168,3 @@ class StatisticsAccumulator:
 
     def result(self) -> LayerStatistics:
         return LayerStatistics(self.M, self.Gv, self.Gtu, self.sum_g, self.sum_sq)
-
-

@@ -32,6 +32,7 @@ from torch import nn
 
 from .._checks import NonFiniteError  # noqa: F401  (re-exported)
 from ..core.statistics import EngineError, LayerStatistics, ScaleFn, StatisticsAccumulator
+from ..errors import EngineNotApplicableError, WeightUsesError  # noqa: F401  (defined there, re-exported)
 
 if TYPE_CHECKING:  # the layers import the rules, which import these containers
     from ..rules.inventory import TrackedLayer
@@ -55,18 +56,6 @@ DEFAULT_CHUNK_BYTES = 8 * 2**20
 #: Default chunk budget of the vectorised engines (materialised, coupled), whose cost per
 #: chunk is dominated by one vmap'd call.
 VECTORISED_CHUNK_BYTES = 32 * 2**20
-
-
-class EngineNotApplicableError(ValueError):
-    """The requested engine does not apply to this model (e.g. factored with BatchNorm)."""
-
-
-class WeightUsesError(EngineError):
-    """A forward pass applied a tracked weight a different number of times than the tracker counts.
-
-    The product bound K contains σ1(θ)^c for a weight applied c times (Prop 8), so the
-    number of uses must be known and the same in every forward pass.
-    """
 
 
 def coupling_modules(model: nn.Module) -> list[str]:

@@ -47,13 +47,10 @@ from ..rules.base import GENERAL, GENERAL_DONE
 from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
 from ..core.statistics import EngineError, LayerStatistics, ScaleFn, StatisticsAccumulator, check_scale
 from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users
+from ..errors import SharedTensorWarning  # noqa: F401  (defined there, re-exported)
 
 __all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "combine_scaled_projections", "linear_statistics",
            "sequence_linear_statistics", "patch_statistics"]
-
-
-class SharedTensorWarning(UserWarning):
-    """A tracked layer's output does not carry the samples on one axis: exact, but a batched backward per step."""
 
 
 def _rows(use: Use, m: int) -> slice:

@@ -14,6 +14,7 @@ import attrs
 import numpy as np
 
 from ..core.catalogue import layer_columns, network_columns
+from ..errors import NotARecordError, RecordExistsError  # noqa: F401  (defined there, re-exported)
 
 __all__ = [
     "LAYER_QUANTITIES",
@@ -76,14 +77,6 @@ CREATE TABLE IF NOT EXISTS probes (
     step INTEGER NOT NULL, name TEXT NOT NULL, value REAL, PRIMARY KEY (step, name)
 ) WITHOUT ROWID;
 """
-
-
-class RecordExistsError(FileExistsError):
-    """The record file already holds steps and neither append nor overwrite was asked for."""
-
-
-class NotARecordError(ValueError):
-    """A path is not an sdelip record: a directory, not an SQLite file, another program's database, or damaged."""
 
 
 def remove_record(path: Union[str, os.PathLike]) -> None:

@@ -24,16 +24,14 @@ import socket
 from pathlib import Path
 from typing import Optional, Union
 
+from ..errors import RecordLockedError  # noqa: F401  (defined there, re-exported)
+
 try:  # pragma: no cover - always present on POSIX
     import fcntl
 except ImportError:  # pragma: no cover - Windows: no locking
     fcntl = None
 
 __all__ = ["RecordLock", "RecordLockedError", "lock_path"]
-
-
-class RecordLockedError(RuntimeError):
-    """Another writer holds the record (the message names it)."""
 
 
 def lock_path(record: Union[str, os.PathLike]) -> Path:

@@ -26,6 +26,8 @@ import attrs
 import torch
 from torch import nn
 
+from ..errors import BatchAxisError, RuleError  # noqa: F401  (defined there, re-exported)
+
 __all__ = [
     "LayerRule",
     "Use",
@@ -47,14 +49,6 @@ __all__ = [
 GENERAL = -1
 #: ... once they are in place (x expanded over the samples, δ per sample, samples on axis 0).
 GENERAL_DONE = -2
-
-
-class RuleError(RuntimeError):
-    """A rule could not compute the statistics of a use (message names the layer and step)."""
-
-
-class BatchAxisError(RuleError):
-    """The axis of a layer's input that carries the samples cannot be determined."""
 
 
 @attrs.define(eq=False)

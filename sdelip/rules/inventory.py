@@ -36,20 +36,13 @@ from torch import nn
 
 from .. import rules as _rules
 from . import FALLBACK, Claim, LayerRule
+from ..errors import NoTrackableLayerError, UnsupportedLayerError  # noqa: F401  (defined there, re-exported)
 
 __all__ = ["TrackedLayer", "tracked_layers", "weight_inventory", "LeftOut", "NoTrackableLayerError",
            "UnsupportedLayerError", "UNSUPPORTED", "operator_norms", "product_norm"]
 
 #: What :func:`tracked_layers` does with a weight matrix that no rule names.
 UNSUPPORTED = ("fallback", "error")
-
-
-class NoTrackableLayerError(ValueError):
-    """The model has no trainable weight matrix to track."""
-
-
-class UnsupportedLayerError(ValueError):
-    """A trainable weight matrix has no layer rule and ``unsupported="error"`` was asked for."""
 
 
 def _calls_default(layer: "TrackedLayer") -> tuple:

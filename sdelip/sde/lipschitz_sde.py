@@ -39,7 +39,7 @@ import torch
 
 from .._checks import check_gap, check_lipschitz_sde_options, check_lipschitz_sde_sampling
 from ..core.decompositions import BatchedDecomposition, decompose_batched
-from ..core.formulas import optimization_drift
+from ..core.formulas import terms_from_projections
 from ..engines.base import DEFAULT_CHUNK_BYTES
 from ..core.catalogue import INTEGRABLE_TERMS, SDE_TERMS
 from .evaluation import Evaluation, ExtraRows, NoiseObserver
@@ -170,8 +170,8 @@ class LogLipschitzRows(ExtraRows):
             m, k = observer.Ws[i].shape[1:]
             gW = ev.grad[wname].to(y.dtype).reshape(-1, m, k).expand(n, m, k)
             grad_proj = torch.einsum("na,nab,nb->n", d.u1, gW, d.v1)
-            mu = optimization_drift(grad_proj, d.sigma1, sde.weight_decay)
-            kappa, lam2 = d.terms(Gv[i], Gtu[i], sde.lr)
+            t = terms_from_projections(d, Gv[i], Gtu[i], sde.lr, grad_proj=grad_proj, weight_decay=sde.weight_decay)
+            mu, kappa, lam2 = t.drift, t.noise_curvature, t.diffusion_sq
             if self.include_step_curvature or "step_curvature" in self.integrate:
                 sc = self._step_curvature(sde, d, gW, kappa)
                 terms.setdefault("step_curvature", []).append(sc)

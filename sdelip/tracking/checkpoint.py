@@ -40,6 +40,8 @@ import attrs
 import numpy as np
 import torch
 
+from ..errors import CheckpointError, CheckpointWriteError, UnsafeCheckpointError  # noqa: F401  (defined there, re-exported)
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "LEGACY_FORMATS",
@@ -63,24 +65,6 @@ _PLAIN_SCALARS = (str, int, float, bool, type(None))
 CHECKPOINT_FORMAT = "sdelip-checkpoint-3"
 #: Earlier formats that :func:`read_checkpoint` still reads, by the writer that wrote them.
 LEGACY_FORMATS = {"tracker": "sdelip-checkpoint-2", "train": "sdelip-train-checkpoint-3"}
-
-
-class CheckpointError(ValueError):
-    """A file is not a usable sdelip checkpoint (missing, truncated, another format)."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint file holds Python objects other than tensors and plain containers.
-
-    Loading such a file with pickle could run arbitrary code, so it is refused unread.
-    """
-
-
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (disk full, no permission, …); the previous one is intact."""
-
-    def __str__(self) -> str:  # the message alone, without "[Errno N]"
-        return str(self.strerror)
 
 
 def tmp_path(path: Union[str, os.PathLike]) -> Path:

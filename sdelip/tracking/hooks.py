@@ -21,12 +21,9 @@ import torch
 from torch import nn
 
 from ..engines import WeightUsesError
+from ..errors import InputMismatchError  # noqa: F401  (defined there, re-exported)
 
 __all__ = ["ModuleMonitor", "InputMismatchError"]
-
-
-class InputMismatchError(TypeError):
-    """The model's parameters and the data are on different devices or have different dtypes."""
 
 
 def _times(n: int) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from .._checks import NonFiniteError, check_finite
 from ..core.decompositions import decompose_layer
-from ..core.formulas import LayerTerms, network_terms, repeated_use_terms
+from ..core.formulas import LayerTerms, network_terms, repeated_use_terms, terms_from_projections
 from ..record import StepRecord
 from ..core.catalogue import TERMS, network_columns
 
@@ -55,9 +55,9 @@ def layer_terms_from_statistics(layers: Sequence, decomps: Mapping, stats: Mappi
     for layer in layers:
         st = stats[layer.name]
         noise_var = st.noise_var() if split else None
-        tt = decomps[layer.name].terms(st.Gv, st.Gtu, lr, noise_var=noise_var,
-                                       weight_decay=weight_decays[layer.name], extra_noise_var=extra_noise_var,
-                                       diffusion_split=layer.uses > 1)
+        tt = terms_from_projections(decomps[layer.name], st.Gv, st.Gtu, lr, noise_var=noise_var,
+                                    weight_decay=weight_decays[layer.name], extra_noise_var=extra_noise_var,
+                                    diffusion_split=layer.uses > 1)
         check_terms(tt, layer.name, step)
         terms[layer.name] = tt
     return terms
@@ -103,7 +103,7 @@ def update_terms_from_statistics(layers: Sequence, decomps: Mapping, stats: Mapp
         P = um.direction.to(d.u1.dtype)
         Gv = Gv - Gv.mean(0) + P @ d.v1
         Gtu = Gtu - Gtu.mean(0) + P.mT @ d.u1
-        tt = d.terms(Gv, Gtu, lr, noise_var=noise_var, weight_decay=0.0, extra_noise_var=extra,
+        tt = terms_from_projections(d, Gv, Gtu, lr, noise_var=noise_var, weight_decay=0.0, extra_noise_var=extra,
                      diffusion_split=layer.uses > 1)
         check_terms(tt, layer.name, step)
         terms[layer.name] = tt

@@ -22,15 +22,9 @@ import attrs
 import numpy as np
 import torch
 
+from ..errors import NotPlainSGDWarning  # noqa: F401  (defined there, re-exported)
+
 __all__ = ["OptimizerView", "NotPlainSGDWarning", "LayerUpdate"]
-
-
-class NotPlainSGDWarning(UserWarning):
-    """The optimizer has no update rule in :mod:`sdelip.optim`: only realised increments are recorded.
-
-    (Until sdelip 0.1 this warned for every optimizer but plain SGD and the terms were then
-    computed as for plain SGD; optimizers with a rule are now modelled exactly.)
-    """
 
 
 @attrs.frozen

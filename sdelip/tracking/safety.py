@@ -13,17 +13,10 @@ import torch
 from .._checks import NonFiniteError
 from ..record import record_steps
 from .resume import here_and_there, option_changes
+from ..errors import GradientAccumulationError, SmallBatchWarning  # noqa: F401  (defined there, re-exported)
 
 __all__ = ["SmallBatchWarning", "GradientAccumulationError", "check_continuation", "explain_overflow",
            "accumulation_message", "check_one_backward_per_step"]
-
-
-class SmallBatchWarning(UserWarning):
-    """A tracked step has a mini-batch of one sample: it is not tracked (Prop 5 needs M ≥ 2)."""
-
-
-class GradientAccumulationError(RuntimeError):
-    """Several :meth:`Tracker.backward` calls per optimizer step (gradient accumulation)."""
 
 
 def accumulation_message(step: int) -> str:

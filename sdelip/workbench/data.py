@@ -59,6 +59,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import DatasetFallbackWarning, DatasetNotFoundError  # noqa: F401  (defined there, re-exported)
+
 __all__ = [
     "DATASET_NAMES",
     "DatasetInfo",
@@ -142,14 +144,6 @@ class DatasetInfo:
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-
-class DatasetFallbackWarning(UserWarning):
-    """A requested dataset was unavailable and a documented substitute was loaded."""
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """Dataset files are missing (and could not be downloaded)."""
 
 
 class TensorImageDataset(Dataset):
