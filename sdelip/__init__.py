@@ -15,11 +15,14 @@ are private. The main entry points:
   :func:`train`, :mod:`sdelip.analysis.plotting`, and the ``sdelip`` command line.
 """
 
-from . import _legacy
+from . import _legacy, optim
 from .workbench import data, models, regularizers
 from . import errors
 from .errors import (
     BatchAxisError,
+    NoOptimizerRuleError,
+    UnmodelledUpdateError,
+    UnsupportedOptimizerError,
     CheckpointError,
     CheckpointWriteError,
     DatasetFallbackWarning,
@@ -89,6 +92,7 @@ _legacy.install()  # old import paths (sdelip.tracker, sdelip.spectral, ...) for
 __version__ = "0.1.0"
 
 __all__ = [
+    "NoOptimizerRuleError", "UnmodelledUpdateError", "UnsupportedOptimizerError",
     "data", "models", "regularizers",
     "errors", *errors.__all__,  # every public exception and warning (sdelip.errors)
     "LayerTerms", "LipschitzMoments", "NetworkTerms", "layer_terms", "lipschitz_moments", "network_terms",

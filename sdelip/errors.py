@@ -16,7 +16,8 @@ __all__ = [
     "NoTrackableLayerError", "UnsupportedLayerError", "InputMismatchError", "NotPlainSGDWarning",
     "SmallBatchWarning", "GradientAccumulationError", "CheckpointError", "UnsafeCheckpointError",
     "CheckpointWriteError", "ResumeError", "RecordExistsError", "NotARecordError", "RecordLockedError",
-    "DatasetFallbackWarning", "DatasetNotFoundError",
+    "DatasetFallbackWarning", "DatasetNotFoundError", "NoOptimizerRuleError", "UnsupportedOptimizerError",
+    "UnmodelledUpdateError",
 ]
 
 
@@ -190,3 +191,17 @@ class DatasetFallbackWarning(UserWarning):
 
 class DatasetNotFoundError(FileNotFoundError):
     """Dataset files are missing (and could not be downloaded)."""
+
+class NoOptimizerRuleError(LookupError):
+    """No rule is registered for the optimizer's exact class (message lists the supported ones)."""
+
+
+class UnsupportedOptimizerError(ValueError):
+    """A registered optimizer is configured (or used) in a way its rule does not model exactly.
+
+    The message names the optimizer, the parameter and the cause.
+    """
+
+
+class UnmodelledUpdateError(ValueError):
+    """A record's steps whose update the model coefficients do not describe (named, with the cause)."""

@@ -39,6 +39,8 @@ from typing import Optional, Union
 import numpy as np
 import pandas as pd
 
+from ..errors import UnmodelledUpdateError  # noqa: F401  (defined there, re-exported)
+
 from ..core.formulas import lipschitz_moments
 from ..record import load_record
 from ..core.catalogue import COEFFICIENT_COLUMNS, LOG_K_COEFFICIENTS, layer_column, network_column
@@ -47,8 +49,6 @@ __all__ = ["predict", "drop_degenerate", "degenerate_steps", "check_modelled", "
            "PREDICTION_COLUMNS"]
 
 
-class UnmodelledUpdateError(ValueError):
-    """A record's steps whose update the model coefficients do not describe (named, with the cause)."""
 
 
 def check_modelled(df: pd.DataFrame, what: str = "the prediction") -> None:

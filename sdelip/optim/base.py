@@ -29,6 +29,8 @@ from typing import Callable, ClassVar, Optional, Union
 import attrs
 import torch
 
+from ..errors import NoOptimizerRuleError, UnsupportedOptimizerError  # noqa: F401  (defined there, re-exported)
+
 __all__ = [
     "UpdateModel",
     "OptimizerRule",
@@ -42,15 +44,8 @@ __all__ = [
 ]
 
 
-class NoOptimizerRuleError(LookupError):
-    """No rule is registered for the optimizer's exact class (message lists the supported ones)."""
 
 
-class UnsupportedOptimizerError(ValueError):
-    """A registered optimizer is configured (or used) in a way its rule does not model exactly.
-
-    The message names the optimizer, the parameter and the cause.
-    """
 
 
 @attrs.frozen

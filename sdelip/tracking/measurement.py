@@ -104,7 +104,7 @@ def update_terms_from_statistics(layers: Sequence, decomps: Mapping, stats: Mapp
         Gv = Gv - Gv.mean(0) + P @ d.v1
         Gtu = Gtu - Gtu.mean(0) + P.mT @ d.u1
         tt = terms_from_projections(d, Gv, Gtu, lr, noise_var=noise_var, weight_decay=0.0, extra_noise_var=extra,
-                     diffusion_split=layer.uses > 1)
+                                    diffusion_split=layer.uses > 1)
         check_terms(tt, layer.name, step)
         terms[layer.name] = tt
     return terms
