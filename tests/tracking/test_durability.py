@@ -30,7 +30,7 @@ from sdelip.cli import main
 from sdelip.record import NotARecordError, RecordLockedError, copy_record, load_metadata, load_record, records_equal
 from sdelip.tracking.tracker import CHECKPOINT_FORMAT, Tracker
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 TINY = ["--dataset", "mnist-embedded", "--batch-size", "8", "--max-train-samples", "96", "--no-progress"]

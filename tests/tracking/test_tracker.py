@@ -25,7 +25,7 @@ from sdelip.core.spectral import weight_matrix
 from sdelip.tracking.tracker import InputMismatchError, NotPlainSGDWarning, SmallBatchWarning, Tracker
 
 DT = torch.float64
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ce(out, y):
