@@ -4,7 +4,7 @@ import torch
 
 
 def autograd_hessian(W: torch.Tensor) -> torch.Tensor:
-    """Hessian of W ↦ σ1(W) by autograd, permuted to column-major vec order (THEORY.md §3)."""
+    """Hessian of W ↦ σ1(W) by autograd, permuted to column-major vec order (docs/theory.md §5)."""
     m, n = W.shape
     H = torch.autograd.functional.hessian(lambda X: torch.linalg.svdvals(X)[0], W)
     return H.permute(1, 0, 3, 2).reshape(m * n, m * n)

@@ -10,7 +10,7 @@ tracked steps k_0 < k_1 < … with SDE times t_0 < t_1 < … — the prediction 
   K_std² = Var[K] = E[K]² (e^{Var Z} − 1) (Eq. 16),
 
 with Δt_i = t_{i+1} − t_i. The coefficients measured at a tracked step are held constant
-until the next tracked step (left Riemann sums, THEORY.md §1): for a record of every step
+until the next tracked step (left Riemann sums, docs/theory.md §1): for a record of every step
 Δt_i = η and the sums are the ∫ … ds of Thm 16–17 on the step grid; for a sparse schedule
 (every N steps, logarithmic) the same rule integrates over the actual spacing, which is
 exact only if the coefficients change little between tracked steps.
@@ -124,7 +124,7 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
         Z_observed, Z_path, K_path, K_mean, K_std, Z_mean, Z_std, degenerate (the step is
         flagged; its coefficients were held from the previous step unless included), and, when the record has
         ``step_curvature_Z``, K_mean_discrete: the Thm 17 mean with the O(η) drift of the
-        discrete step, (η/2σ1)∇LᵀH∇L per layer, added (not in the paper; THEORY.md §4).
+        discrete step, (η/2σ1)∇LᵀH∇L per layer, added (not in the paper; docs/theory.md §6).
 
     Raises:
         ValueError: missing columns, no rows, non-increasing times, non-finite coefficients.
@@ -173,7 +173,7 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
     )
     step_col = network_column("step_curvature")
     if step_col in df.columns:
-        # Beyond Thm 17: the mean with the O(η) drift of the discrete step added (THEORY.md §4),
+        # Beyond Thm 17: the mean with the O(η) drift of the discrete step added (docs/theory.md §6),
         # E[K] ≈ K0 exp ∫(μ_Z + κ_Z + step_curvature_Z). NaN where a record predates the column.
         sc = df[step_col].to_numpy(dtype=np.float64)[:-1]
         out["K_mean_discrete"] = mom.mean_K * np.exp(np.concatenate([[0.0], np.cumsum(sc * dt)]))

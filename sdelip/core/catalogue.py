@@ -71,7 +71,7 @@ TERMS: tuple = (
     Term("gap", "gap", None, 0, "(σ1 − σ2)/σ1", "gap", "relative spectral gap", "Assumption 11",
          coefficient=False),
     Term("step_curvature", "step_curvature", "step_curvature_Z", 7, "(η/2σ1)∇LᵀH∇L", "step_curvature",
-         "discrete-step drift", "THEORY.md §4", integrable=True),
+         "discrete-step drift", "docs/theory.md §6", integrable=True),
 )
 
 _BY_NAME = {t.name: t for t in TERMS}

@@ -1,4 +1,4 @@
-"""What the tracker reads from the optimizer: η and the weight decay of each tracked weight (Def 4, THEORY.md §4).
+"""What the tracker reads from the optimizer: η and the weight decay of each tracked weight (Def 4, docs/theory.md §6).
 
 The theory is plain SGD. :class:`OptimizerView` maps every tracked weight to its param
 group, reads η and the SGD weight decay in effect for each update, refuses tracked

@@ -17,13 +17,13 @@ from an engine (:mod:`sdelip.engines`), and computes per layer the Thm 14 terms 
 noise curvature κ with its Prop 6 variance/covariance split, diffusion ‖λ‖² — the
 operator norm σ1 = K^(ℓ) and the relative spectral gap, and per network the Thm 15
 sums and Z = Σ log σ1, K = e^Z. Row k of the record is measured at the parameters before
-update k on step k's mini-batch, at SDE time t_k = Σ_{j<k} η_j (THEORY.md §1).
+update k on step k's mini-batch, at SDE time t_k = Σ_{j<k} η_j (docs/theory.md §1).
 
 The theory is plain SGD (Def 4): η is the optimizer's learning rate; SGD weight decay is
-reflected exactly in the drift (μ −= λ_wd, THEORY.md §4); momentum or another optimizer
+reflected exactly in the drift (μ −= λ_wd, docs/theory.md §6); momentum or another optimizer
 gives a :class:`NotPlainSGDWarning` and the terms are computed as for plain SGD. The
 expected gradient ∇L of μ is estimated by the step's mini-batch mean, whose realisation is
-the update actually applied (THEORY.md §5).
+the update actually applied (docs/theory.md §2).
 
 K is the product bound of Prop 8 over the tracked weight matrices (:mod:`sdelip.rules.inventory`,
 :mod:`sdelip.rules`): it treats every activation as 1-Lipschitz and ignores skip
