@@ -2,8 +2,10 @@
 
 The tests live in folders that mirror the packages (tests/core/, tests/rules/, …); the
 support modules shared by them stay here at the root: ``oracles`` (independent float64
-oracles and helpers used by several test files), ``strategies`` (Hypothesis strategies) and
-``sweep_tasks`` (task functions a sweep imports by module name, also in subprocesses).
+oracles and helpers used by several test files), ``strategies`` (Hypothesis strategies),
+``faults`` (the tiny tracked run and the ``sdelip`` subprocess of the fault tests,
+tests/*/test_*_durability.py) and ``sweep_tasks`` (task functions a sweep imports by module
+name, also in subprocesses). No test module imports another test module.
 This folder is put on ``sys.path`` so that ``from oracles import ...`` works from every
 subfolder whatever pytest's import mode.
 """
