@@ -37,6 +37,7 @@ def _rows(rec) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_continues_the_run(tmp_path):
     steps = 200  # long enough that a quiet machine cannot finish before the poll below sees 19 rows
     args = ["track", "--record", tmp_path / "r.db", "--steps", steps, "--lr", "0.05", *TINY]

@@ -130,6 +130,7 @@ READ = "from sdelip.record import load_record; import sys; print(len(load_record
        "else {path!r})))"
 
 
+@pytest.mark.slow
 def test_closed_record_is_one_file_readable_read_only(tmp_path):
     folder = tmp_path / "runs"
     folder.mkdir()

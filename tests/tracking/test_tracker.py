@@ -441,6 +441,7 @@ def _run(script, *args, **kw):
                           capture_output=True, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_resume_in_new_process_continues_the_record_exactly(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)
