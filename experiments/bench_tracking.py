@@ -236,8 +236,8 @@ def breakdown(name: str, steps: int, warmup: int, decomposition: str) -> dict:
         (RecordWriter, "write", "record write"),
     ]
     for rule in {type(r) for r in rules.registered_rules().values()} | {rules.FallbackRule}:
-        patches.append((rule, "statistics", "rule statistics (THEORY.md §6)"))
-        patches.append((rule, "per_sample_grads", "rule statistics (THEORY.md §6)"))
+        patches.append((rule, "statistics", "rule statistics (docs/theory.md §8)"))
+        patches.append((rule, "per_sample_grads", "rule statistics (docs/theory.md §8)"))
     saved = []
     for owner, attr, label in patches:
         if attr in vars(owner):
@@ -261,7 +261,7 @@ def breakdown(name: str, steps: int, warmup: int, decomposition: str) -> dict:
         with contextlib.suppress(Exception):
             tracker.close()
     out = {k: v / steps for k, v in acc.items()}
-    inner = sum(out.get(k, 0.0) for k in ("rule statistics (THEORY.md §6)", "hidden-use check",
+    inner = sum(out.get(k, 0.0) for k in ("rule statistics (docs/theory.md §8)", "hidden-use check",
                                            "batch-axis probe + general per-sample deltas"))
     out["autograd backward with hooks"] = out.pop("engine backward (total)", 0.0) - inner
     out["tracked step (total)"] = total / steps

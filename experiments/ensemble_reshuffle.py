@@ -115,9 +115,9 @@ def reduce_reshuffle(args, results: dict, out: Path) -> dict:
     S, alpha = n_train // M, M / n_train
     reduced = {}
     # The records' μ is each step's mini-batch's: along reshuffled SGD its mean carries the pinned noise's restoring
-    # drift, so the pinned system keeps Thm 17's drift (drift_source="minibatch"; docs/theory.md).
+    # drift, so the pinned system keeps Thm 17's drift (drift_source="minibatch"; docs/theory.md §10).
     pinned = dict(steps_per_epoch=S, batch_fraction=alpha, drift_source="minibatch")
-    step_curv = mean_coefficient(records, layers, "step_curvature")  # the O(η) drift of a discrete step (THEORY.md §4), an ablation of the mean
+    step_curv = mean_coefficient(records, layers, "step_curvature")  # the O(η) drift of a discrete step (docs/theory.md §6), an ablation of the mean
     for name, epochs, extra in ((RESHUFFLE_MODELS[2], pinned, 0.0), (RESHUFFLE_MODELS[3], {}, 0.0),
                                 (RESHUFFLE_MODELS[4], pinned, step_curv)):
         sde = ReducedLipschitzSDE(mu + extra, kappa, lam2, dt=lr, K0=K0, layer_names=layers, dtype=torch.float64,
@@ -160,7 +160,7 @@ def reduce_reshuffle(args, results: dict, out: Path) -> dict:
         f"{S}, batch_fraction = {alpha:.4g}; the records' mini-batch μ already carries the pinned noise's restoring "
         "drift, so the drift is Thm 17's: drift_source='minibatch') and with Thm 17's independent increments; "
         f"'{RESHUFFLE_MODELS[4]}' adds the records' mean step curvature (η/2σ1)∇LᵀH∇L to μ (the drift of a discrete "
-        "step that the SDE drops, THEORY.md §4): an ablation of the mean.",
+        "step that the SDE drops, docs/theory.md §6): an ablation of the mean.",
         f"var_ratio_K: Var(real) / Var(model) with a {s['n_boot']}-resample percentile bootstrap 95% interval (real runs "
         "resampled, and the parameter SDEs' trajectories; the reduced systems' variance taken as exact). in_target: "
         "ratio in [0.5, 2], its interval containing 1 and the mean of K within 1 % (issue #19's target).",

@@ -14,7 +14,7 @@ From one initialisation, three ensembles are set side by side at every step:
    √η Σ(θ)^{1/2} estimated live from the model and the data at every trajectory's own θ.
    Its K is read three ways: Π σ1(θ(t)) of the simulated parameters (``direct``), the
    Itô-integrated log K of Thm 14 (``Itô``), and the same with the O(η) drift of a
-   discrete step, (η/2σ1)∇Lᵀ H ∇L, added (``Itô + step curvature``: THEORY.md §4; it
+   discrete step, (η/2σ1)∇Lᵀ H ∇L, added (``Itô + step curvature``: docs/theory.md §6; it
    removes the discrete-step bias from the comparison). The drift comes from an
    independent batch of B samples per trajectory and step, with the diffusion shrunk by
    √(1 − M/B) so that one step's covariance stays Def 4's (docs/sde.md).

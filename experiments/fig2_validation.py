@@ -13,7 +13,7 @@ prediction over the run as numbers:
 - the relative change of K over the run, for scale (an error is small only next to it).
 
 Thm 14 keeps the O(η) terms of one SGD step; the O(η²) remainder of the drift, e.g.
-½η²∇Lᵀ H ∇L / σ1 (THEORY.md §4), is left out. With ``eta_check = c`` (quick scale) the
+½η²∇Lᵀ H ∇L / σ1 (docs/theory.md §6), is left out. With ``eta_check = c`` (quick scale) the
 unregularised run is repeated with η/c and c× the steps (the same SDE time): if the
 error is that remainder, it shrinks about c-fold.
 

@@ -44,4 +44,4 @@ timeout 90 python3 experiments/bench_live_sde.py --device cuda --configs mlp256 
 echo "== tracking (tracked / plain SGD step) =="
 timeout 120 python3 experiments/bench_tracking.py --device cuda --no-memory --steps 20 --json "$OUT/tracking.json"
 echo "== CUDA tests =="
-timeout 60 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_sde_factored.py tests/test_sde_reduced.py
+timeout 60 python3 -m pytest -q -p no:cacheprovider -k cuda tests/sde/test_sde_factored.py tests/sde/test_sde_reduced.py

@@ -1,4 +1,4 @@
-"""Task functions for tests/test_sweep.py (top-level functions of an importable module, as sweeps need)."""
+"""Task functions for tests/workbench/test_sweep.py (top-level functions of an importable module, as sweeps need)."""
 
 from __future__ import annotations
 

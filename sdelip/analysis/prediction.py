@@ -10,7 +10,7 @@ tracked steps k_0 < k_1 < … with SDE times t_0 < t_1 < … — the prediction 
   K_std² = Var[K] = E[K]² (e^{Var Z} − 1) (Eq. 16),
 
 with Δt_i = t_{i+1} − t_i. The coefficients measured at a tracked step are held constant
-until the next tracked step (left Riemann sums, THEORY.md §1): for a record of every step
+until the next tracked step (left Riemann sums, docs/theory.md §1): for a record of every step
 Δt_i = η and the sums are the ∫ … ds of Thm 16–17 on the step grid; for a sparse schedule
 (every N steps, logarithmic) the same rule integrates over the actual spacing, which is
 exact only if the coefficients change little between tracked steps.

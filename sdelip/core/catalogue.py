@@ -146,7 +146,7 @@ TERMS: tuple = (
     Term("gap", "gap", None, 0, "(σ1 − σ2)/σ1", "gap", "relative spectral gap", "Assumption 11",
          coefficient=False, repeated_use=_unchanged("gap")),
     Term("step_curvature", "step_curvature", "step_curvature_Z", 7, "(η/2σ1)∇LᵀH∇L", "step_curvature",
-         "discrete-step drift", "THEORY.md §4", integrable=True, repeated_use=_step_curvature),
+         "discrete-step drift", "docs/theory.md §6", integrable=True, repeated_use=_step_curvature),
 )
 
 #: What the optimizer's update actually did to each layer's σ1 (docs/theory.md §4): measured after

@@ -13,7 +13,7 @@ The Thm 14 terms need, besides σ1, u1, v1, the operator-norm Hessian H (Lemma 1
 through the quadratic forms vec(E_i)ᵀ H vec(E_i) and, for the Prop 6 split, ⟨diag H, diag Σ̂⟩.
 :mod:`sdelip.core.spectral` evaluates both from a full thin SVD θ = U S Vᵀ. This module
 evaluates the same numbers from the resolvent of the smaller Gram matrix, which on a CPU
-is several times cheaper than the SVD (THEORY.md §6: the decomposition dominates).
+is several times cheaper than the SVD (docs/theory.md §5; timings in docs/performance.md).
 
 Orient θ so that m ≤ n (transpose otherwise: σ1 and H are invariant, u ↔ v), let
 G = θθᵀ (m × m), λ1 = σ1², and
@@ -21,13 +21,13 @@ G = θθᵀ (m × m), λ1 = σ1², and
     R = Σ_{k≥2} u_k u_kᵀ / (σ1² − σ_k²) = (λ1 I − G + λ1 u1u1ᵀ)⁻¹ − u1u1ᵀ/λ1,
 
 the pseudo-inverse of λ1 I − G on the complement of u1 (one Cholesky factorisation of an
-SPD matrix and its inverse; on this CPU the explicit inverse followed by a matrix product
-is faster than triangular solves with n right-hand sides). With a_k = u_kᵀ E v1 and c_k = u_kᵀ θ Eᵀ u1 = σ_k b_k, Lemma 13's quadratic
-form (THEORY.md §3, null-space directions included) regroups, term by term, into
+SPD matrix and its inverse; the explicit inverse followed by a matrix product rather than
+triangular solves with n right-hand sides, see docs/performance.md). With a_k = u_kᵀ E v1 and c_k = u_kᵀ θ Eᵀ u1 = σ_k b_k, Lemma 13's quadratic
+form (docs/theory.md §5, null-space directions included) regroups, term by term, into
 
     vec(E)ᵀ H vec(E) = (1/σ1) [ yᵀ R y + ‖Eᵀu1‖² − (v1 · Eᵀu1)² ],   y = σ1 E v1 + θ Eᵀ u1,
 
-and THEORY.md §3's diagonal D into
+and docs/theory.md §5's diagonal D into
 
     D = σ1 diag(R) (v1∘v1)ᵀ + (u1∘u1) rᵀ + 2 (u1 v1ᵀ) ∘ (Rθ),
     r = (1 − v1∘v1 + colsum(θ ∘ Rθ)) / σ1,          tr H = σ1 tr R + Σ r,
@@ -62,7 +62,7 @@ class Decomposition(Protocol):
     Implemented by :class:`~sdelip.core.spectral.SpectralDecomposition`, :class:`GramCurvature`
     and, with a leading trajectory axis on every value, :class:`BatchedDecomposition`. Vectors
     and matrices are in the orientation of the original θ (m × n); H is the operator-norm
-    Hessian of Lemma 13 (null-space directions of a rectangular θ included, THEORY.md §3).
+    Hessian of Lemma 13 (null-space directions of a rectangular θ included, docs/theory.md §5).
 
     Attributes:
         sigma1: σ1 = ‖θ‖_op (Prop 9).
@@ -123,8 +123,7 @@ def top_eigenpairs(G: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, torch.Ten
     On CPU, LAPACK's MRRR driver (``scipy.linalg.eigh(..., driver="evr")``) computes only
     those k pairs, single-threaded: the tridiagonal reduction of a matrix this small gains
     nothing from threads, and busy-waiting BLAS threads on a shared machine can make it a
-    hundred times slower (measured: 1.4 ms → 740 ms for 256 × 256 at load average 4 on
-    2 cores).
+    hundred times slower (docs/performance.md, "Threads").
     """
     m = G.shape[0]
     k = min(k, m)

@@ -1,6 +1,6 @@
 """The terms of the Lipschitz dynamics (Thm 14, 15, 16, 17).
 
-Per layer (Thm 14, THEORY.md §4), with ∇L the expected gradient and Σ̂ the Prop 5
+Per layer (Thm 14, docs/theory.md §6), with ∇L the expected gradient and Σ̂ the Prop 5
 estimate of the mini-batch gradient covariance:
 
 - drift            μ  = −u1ᵀ ∇L v1 / σ1
@@ -14,7 +14,7 @@ applied c > 1 times (tied weights) contributes the factor σ1^c to K, whose term
 those of :func:`repeated_use_terms`.
 
 All per-layer terms are computed from the two projections g_i v1 and g_iᵀ u1 of each
-per-sample gradient (THEORY.md §6): no mn × mn matrix is ever formed, and the
+per-sample gradient (docs/theory.md §8): no mn × mn matrix is ever formed, and the
 per-sample gradients themselves are optional (:func:`terms_from_projections`).
 """
 
@@ -67,7 +67,7 @@ class LayerTerms:
         degenerate: True when the gap was below tolerance and the Hessian was clamped.
         step_curvature: (η/2σ1) ∇Lᵀ H ∇L, estimated without bias from the mini-batch as
             (η/2σ1)(ḡᵀHḡ − tr(HΣ̂)): the O(η) drift of ΔK/K per unit time that a discrete
-            SGD step adds and the SDE drops (THEORY.md §4; the paper's Sec 9 limitation 3).
+            SGD step adds and the SDE drops (docs/theory.md §6; the paper's Sec 9 limitation 3).
             Not part of Thm 14; None when not computed.
         diffusion_sq_var: the part of ‖λ‖² due to the variances (diagonal) of Σ̂,
             (η/σ1²) Σ_j J_j² (diag Σ̂)_j: the Prop 6 split applied to ‖λ‖², needed for the
@@ -162,7 +162,7 @@ def terms_from_projections(
     The one formula of the terms, on every route: ``d`` is any
     :class:`~sdelip.core.decompositions.Decomposition` (thin SVD, Gram matrix, or a
     :class:`~sdelip.core.decompositions.BatchedDecomposition` over SDE trajectories), and only
-    its primitives are used. This is the factored core (THEORY.md §6): with E_i = g_i − ḡ,
+    its primitives are used. This is the factored core (docs/theory.md §8): with E_i = g_i − ḡ,
 
         ‖λ‖² = (η/σ1²) (1/(M(M−1))) Σ_i (u1ᵀ E_i v1)²
         κ    = (η/2σ1) (1/(M(M−1))) Σ_i vec(E_i)ᵀ H vec(E_i)
@@ -175,7 +175,7 @@ def terms_from_projections(
 
     Beyond Thm 14, ``step_curvature`` = (η/2σ1)(ḡᵀHḡ − tr(HΣ̂)) estimates without bias the
     drift (η/2σ1)∇LᵀH∇L of a discrete step, E[ΔK/K] = (μ + κ + step_curvature)η + O(η³)
-    for a symmetric noise distribution, which the SDE drops (THEORY.md §4). An isotropic
+    for a symmetric noise distribution, which the SDE drops (docs/theory.md §6). An isotropic
     gradient perturbation with covariance s²I added to the mini-batch gradient (Sec 8.4)
     adds η s²/σ1² to ‖λ‖² and (η/2σ1) s² tr H to κ (all of it to κ_var).
 
@@ -470,7 +470,7 @@ def lipschitz_moments(K0, drift_Z, noise_curvature_Z, diffusion_sq_Z, dt) -> Lip
     """Thm 17: E[Z], Var[Z], E[K], Var[K] from per-step network coefficients.
 
     Coefficient k holds on [k·dt, (k+1)·dt) (one value per SGD step, dt = η), so every
-    integral ∫_0^{t_k} f ds is the left sum Σ_{j<k} f_j·dt (THEORY.md §1). Exact when the
+    integral ∫_0^{t_k} f ds is the left sum Σ_{j<k} f_j·dt (docs/theory.md §1). Exact when the
     coefficients are deterministic functions of time.
 
         E[Z(t)] = Z0 + ∫(μ_Z + κ_Z − ½λ_Z²),   Var[Z(t)] = ∫λ_Z²,

@@ -6,7 +6,7 @@ For a weight matrix θ = Σ σ_j u_j v_jᵀ with a simple top singular value and
 
 the first term the operator norm's Jacobian J = v1 ⊗ u1 applied to Δ (Lemma 12), the second
 its Hessian H (Lemma 13) as a quadratic form. H is evaluated matrix-free from the two
-projections a = Δv1 and b = Δᵀu1 (THEORY.md §3): with a_k = u_kᵀa, b_k = v_kᵀb and
+projections a = Δv1 and b = Δᵀu1 (docs/theory.md §5): with a_k = u_kᵀa, b_k = v_kᵀb and
 w_k = 1/(σ1² − σ_k²),
 
     Q(Δ) = Σ_{k≥2} w_k [σ1(a_k² + b_k²) + 2σ_k a_k b_k] + (‖a‖² − Σ_k a_k²)/σ1 + (‖b‖² − Σ_k b_k²)/σ1

@@ -23,7 +23,7 @@ __all__ = ["GradientNoise"]
 class GradientNoise:
     """The Prop 5 estimator of the mini-batch gradient covariance Σ of one layer.
 
-    Build it with :meth:`from_per_sample`. Column-major vec throughout (THEORY.md §1).
+    Build it with :meth:`from_per_sample`. Column-major vec throughout (docs/theory.md §1).
 
     Attributes:
         omega: Ω of Prop 5, shape (M, m·n); rows sum to zero, so rank Ω ≤ M − 1.
@@ -73,7 +73,7 @@ class GradientNoise:
         return C - torch.diag(torch.diagonal(C))
 
     def factor(self) -> torch.Tensor:
-        """The exact low-rank factor Ωᵀ/√M (mn × M) with factor·factorᵀ = Σ̂ (THEORY.md §2).
+        """The exact low-rank factor Ωᵀ/√M (mn × M) with factor·factorᵀ = Σ̂ (docs/theory.md §3).
 
         Driven by an M-dimensional Brownian motion it gives the same SDE in law as the
         symmetric root of Prop 7, with no decomposition at all.
@@ -86,7 +86,7 @@ class GradientNoise:
         Prop 7 writes Σ̂^{1/2} = (ΩᵀU/√M) Λ^{-1/2} (ΩᵀU/√M)ᵀ with (Λ, U) the eigenpairs of
         ΩΩᵀ/M (M × M). Ω has rank ≤ M − 1, so at least one eigenvalue is numerically
         zero: eigenvalues at or below ``rtol``·λ_max are dropped, not inverted, which
-        returns exactly V_r Λ_r^{1/2} V_rᵀ, the PSD root on the range of Σ̂ (THEORY.md §2).
+        returns exactly V_r Λ_r^{1/2} V_rᵀ, the PSD root on the range of Σ̂ (docs/theory.md §3).
 
         Args:
             rtol: relative eigenvalue tolerance; default M·eps(dtype)·10.

@@ -4,7 +4,7 @@ For a weight matrix θ ∈ R^{m×n} with thin SVD θ = U S Vᵀ (p = min(m, n)),
 norm is σ1 (Prop 9). Its Jacobian with respect to vec θ (column-major) is v1 ⊗ u1
 (Lemma 12) and its Hessian is a PSD mn×mn matrix (Lemma 13). Everything here except
 :func:`opnorm_hessian` works matrix-free from one thin decomposition of θ; the
-Hessian appears only through its quadratic form and its diagonal (THEORY.md §3).
+Hessian appears only through its quadratic form and its diagonal (docs/theory.md §5).
 
 Conventions: ``vec`` is column-major, vec(u vᵀ) = v ⊗ u; in row-major torch that is
 ``A.mT.reshape(-1)`` (see :func:`vec`).
@@ -245,7 +245,7 @@ def opnorm_jacobian(W, **kwargs) -> torch.Tensor:
 def hessian_quadform_from_projections(
     d: SpectralDecomposition, Ev1: torch.Tensor, Etu1: torch.Tensor
 ) -> torch.Tensor:
-    """vec(E)ᵀ H vec(E) from the two projections E v1 and Eᵀ u1 (Lemma 13, THEORY.md §3).
+    """vec(E)ᵀ H vec(E) from the two projections E v1 and Eᵀ u1 (Lemma 13, docs/theory.md §5).
 
     With a_k = u_kᵀ E v1, b_k = u1ᵀ E v_k and w_k = 1/(σ1² − σk²):
 
@@ -276,7 +276,7 @@ def opnorm_hessian_quadform(W, E: torch.Tensor, **kwargs) -> torch.Tensor:
     """Matrix-free quadratic form vec(E)ᵀ H vec(E) of the operator-norm Hessian (Lemma 13).
 
     Uses one thin decomposition of W and never forms H; includes the null-space terms
-    of rectangular layers (THEORY.md §3).
+    of rectangular layers (docs/theory.md §5).
 
     Args:
         W: (m, n) weight matrix or a :class:`SpectralDecomposition`.
@@ -293,7 +293,7 @@ def opnorm_hessian_quadform(W, E: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 def opnorm_hessian_diag(W, **kwargs) -> torch.Tensor:
-    """Diagonal of the operator-norm Hessian as an m×n matrix (Lemma 13, THEORY.md §3).
+    """Diagonal of the operator-norm Hessian as an m×n matrix (Lemma 13, docs/theory.md §5).
 
     Entry (i, j) is H at the column-major index of θ_ij. Cost O(mnp), no mn×mn matrix:
 

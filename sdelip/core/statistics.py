@@ -1,4 +1,4 @@
-"""Per-sample statistics of one layer on one mini-batch (THEORY.md §6).
+"""Per-sample statistics of one layer on one mini-batch (docs/theory.md §8).
 
 Every Thm 14 term of a layer θ ∈ R^{m×n} is a function of a few per-sample statistics of
 the per-sample gradients g_i of one mini-batch: the projections g_i v1 and g_iᵀ u1 on the
@@ -27,7 +27,7 @@ ScaleFn = Callable[[str, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 @attrs.define
 class LayerStatistics:
-    """Per-sample statistics of one layer on one mini-batch (THEORY.md §6).
+    """Per-sample statistics of one layer on one mini-batch (docs/theory.md §8).
 
     Attributes:
         M: the batch size.

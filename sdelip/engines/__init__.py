@@ -1,4 +1,4 @@
-"""Per-sample statistics engines behind one interface (THEORY.md §6).
+"""Per-sample statistics engines behind one interface (docs/theory.md §8).
 
 =================  ==========================================================  ===========================
 engine             how                                                         applies to

@@ -1,4 +1,4 @@
-"""The common interface of the per-sample statistics engines (THEORY.md §6).
+"""The common interface of the per-sample statistics engines (docs/theory.md §8).
 
 Every Thm 14 term of a layer θ ∈ R^{m×n} is a function of a few per-sample statistics
 of the per-sample gradients g_i = ∇_θ ℓ(θ; x_i, y_i) of one mini-batch (i = 1..M):
@@ -64,7 +64,7 @@ def coupling_modules(model: nn.Module) -> list[str]:
     These are the BatchNorm modules that normalise with batch statistics: in training
     mode, or in any mode with ``track_running_stats=False``. Through them ℓ_i depends on
     every sample of the batch, so the per-sample gradient is ∂ℓ_i/∂θ through the shared
-    statistics and only the coupled engine computes it (THEORY.md §6).
+    statistics and only the coupled engine computes it (docs/theory.md §8).
     """
     from ..rules import rule_for
 

@@ -2,15 +2,15 @@
 
 With BatchNorm in training mode every per-sample loss ℓ_i depends on all samples of the
 batch through the batch mean and variance, so the per-sample gradient is
-g_i = ∂ℓ_i/∂θ through the shared statistics (THEORY.md §6). The engine obtains it from
+g_i = ∂ℓ_i/∂θ through the shared statistics (docs/theory.md §8). The engine obtains it from
 the step's own graph with batched vector-Jacobian products: ``torch.autograd.grad`` of
 the vector of per-sample losses against rows of the identity, ``is_grads_batched=True``,
 a chunk of rows at a time (``chunk_bytes`` bounds the chunk of per-sample gradients),
 then runs the ordinary backward of ``losses.mean()``. Because it differentiates the very
 graph of the step, Dropout masks are the step's own. It applies to any model, coupled or
 not, at a price: every row is a backward pass through the whole batch's graph, so a
-tracked step costs about M plain backward passes (measured: 6.8 s against 0.09 s for the
-BatchNorm ConvNet at M = 128 on 2 CPU cores), and a chunk of rows holds that many copies
+tracked step costs about M plain backward passes (docs/performance.md has the timings),
+and a chunk of rows holds that many copies
 of the batch's activation gradients (4× the plain step's memory there; lower
 ``chunk_bytes`` to bound it). Use a sparse schedule for such models.
 

@@ -3,7 +3,7 @@
 Every tracked weight is applied by a module whose rule (:mod:`sdelip.rules`) reports each
 application in the step's forward pass as a use (input x, output). A tensor hook on the
 output receives δ = ∂ℓ/∂output during the tracker's own backward of ``losses.mean()``
-(δ_i / M, multiplied back by M), and the rule computes the THEORY.md §6 statistics from
+(δ_i / M, multiplied back by M), and the rule computes the docs/theory.md §8 statistics from
 (x, δ) without per-sample gradients of the network: g_i = Σ_p δ_ip x_ipᵀ for linear
 maps, patches for convolutions, sparse rows for embeddings, the functional Q/K/V and
 output projections inside attention. Dropout needs no care: the hooks see the very
@@ -135,7 +135,7 @@ def combine_scaled_projections(uses, M: int, S: torch.Tensor, u1: torch.Tensor, 
 
 
 class FactoredEngine(Engine):
-    """Per-sample statistics from the layer rules' hooks, without per-sample gradients (THEORY.md §6).
+    """Per-sample statistics from the layer rules' hooks, without per-sample gradients (docs/theory.md §8).
 
     Applies to every weight a rule names (:mod:`sdelip.rules`; the per-module fallback for
     the others) in a model whose samples are independent (no BatchNorm normalising with

@@ -3,7 +3,7 @@
 A record is one SQLite database (standard library, no server). Row k holds the Thm 14
 layer terms and the Thm 15 network terms measured at the parameters before SGD update
 k, on step k's mini-batch, with the SDE time t_k = Σ_{j<k} η_j (= kη for a constant
-learning rate, THEORY.md §1).
+learning rate, docs/theory.md §1).
 
 Durability: every step is written in one transaction and committed before the next step
 starts. The database runs in write-ahead-log mode, so a process killed at any moment
@@ -11,8 +11,8 @@ starts. The database runs in write-ahead-log mode, so a process killed at any mo
 replays the log when the file is next opened. With ``durability="process"`` (the
 default, ``synchronous=NORMAL``) a committed step survives the death of the process;
 ``durability="power"`` (``synchronous=FULL``) also survives an operating-system crash or
-power loss, at the price of one fsync per step (about 3.5 ms on the development machine,
-more than a plain MLP step).
+power loss, at the price of one fsync per step (which can cost more than a plain MLP
+step; docs/performance.md).
 
 A record has one writer (:mod:`sdelip.record.lock`: a second one is refused, naming the
 holder). Closing the writer folds the log into the file and switches the journal mode to

@@ -4,7 +4,7 @@ A rule is registered for one or more module types with :func:`register_rule`. It
 the module's weight matrices θ^(ℓ) (:meth:`LayerRule.weights`), their m × n view
 (:meth:`LayerRule.matrix`, the paper's θ^(ℓ), Prop 9), how a forward pass applies them
 (:meth:`LayerRule.attach`: hooks that report every application as a :class:`Use`) and the
-per-sample statistics of THEORY.md §6 from a use's input x and output gradient δ
+per-sample statistics of docs/theory.md §8 from a use's input x and output gradient δ
 (:meth:`LayerRule.statistics`, :meth:`LayerRule.per_sample_grads`).
 
 Every other part of sdelip asks the registry (:func:`rule_for`, :func:`claims`); nothing
@@ -117,7 +117,7 @@ def get_attr(module: nn.Module, attr: str):
 
 
 class LayerRule(abc.ABC):
-    """How sdelip tracks the weight matrices of one family of modules (THEORY.md §6).
+    """How sdelip tracks the weight matrices of one family of modules (docs/theory.md §8).
 
     Subclasses set :attr:`module_types` through :func:`register_rule` and implement
     :meth:`statistics` and :meth:`per_sample_grads`; the defaults cover a module whose

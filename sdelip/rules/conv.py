@@ -1,4 +1,4 @@
-"""nn.Conv1d / Conv2d / Conv3d: g_i = Σ_p δ_ip x_ipᵀ over the output positions p (THEORY.md §6).
+"""nn.Conv1d / Conv2d / Conv3d: g_i = Σ_p δ_ip x_ipᵀ over the output positions p (docs/theory.md §8).
 
 θ is the reshaped kernel (out, in/groups·prod(kernel)) whose rows are the filters; x_ip is
 the input patch seen by output position p and δ_ip the output gradient there. Stride,

@@ -1,4 +1,4 @@
-"""nn.Embedding: a sparse per-sample gradient, never a dense V × d per sample (THEORY.md §6).
+"""nn.Embedding: a sparse per-sample gradient, never a dense V × d per sample (docs/theory.md §8).
 
 θ is the (V, d) table; the per-sample gradient of sample i puts the output gradient of
 each of its positions p on the row of its index: g_i = Σ_p e_{idx_ip} δ_ipᵀ (rows of

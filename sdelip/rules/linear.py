@@ -1,4 +1,4 @@
-"""nn.Linear: g_i = Σ_p δ_ip x_ipᵀ over any leading axes (THEORY.md §6).
+"""nn.Linear: g_i = Σ_p δ_ip x_ipᵀ over any leading axes (docs/theory.md §8).
 
 Without a position axis, nothing of size M·m·n is formed:
 

@@ -10,7 +10,7 @@ blocks of steps from a counter-based seed (seed, stream, block index). Any (ta, 
 on the grid is therefore reproducible, in any order, without storing the path, and
 different ``stream`` values (e.g. trajectory chunks) are independent.
 
-The SDE time convention of THEORY.md §1 applies: after k SGD steps t = k·η, and the
+The SDE time convention of docs/theory.md §1 applies: after k SGD steps t = k·η, and the
 natural grid step is dt = η.
 """
 

@@ -3,7 +3,7 @@
 SGD with reshuffled epochs (a fresh permutation per epoch, mini-batches of M samples
 without replacement within it; every ``DataLoader(shuffle=True)``) has, at fixed θ,
 mini-batch noise that sums to zero over an epoch (docs/sde.md, "Reshuffled epochs";
-docs/theory.md). Its continuous-time model (Perko 2025, "Towards continuous-time
+docs/theory.md §10). Its continuous-time model (Perko 2025, "Towards continuous-time
 approximations for SGD without replacement") drives the noise by a Brownian motion that
 is pinned within each epoch. :class:`EpochBrownian` is that driver on the Euler grid
 t_k = t0 + k·dt, with the torchsde interface of :class:`~sdelip.sde.GridBrownian`:

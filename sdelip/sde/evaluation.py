@@ -32,8 +32,8 @@ __all__ = ["Evaluation", "NoiseObserver", "ExtraRows", "ChunkPlan", "CHUNK_BYTES
 #: of the free device memory.
 CHUNK_BYTES = 512 << 20
 #: On CPU, at most this many samples (trajectories × samples) per batched call: beyond it
-#: stacking trajectories only costs cache (measured on the paper's MLP: 16 full-set
-#: gradients 5.05 s one trajectory at a time, 5.9 s all at once).
+#: stacking trajectories only costs cache (docs/performance.md, "Timings behind the
+#: code's defaults").
 CPU_ROWS_PER_CALL = 4096
 
 
@@ -82,7 +82,7 @@ class NoiseObserver:
     ``chunk`` receives, per chunk of trajectories of the factored pass, the slice of
     trajectories and per tracked layer name its inputs x (c, M, …) and per-sample output
     gradients δ (c, M, …) on the noise mini-batch: what a layer rule's
-    ``trajectory_projections`` turns into g_i v1 and g_iᵀ u1 (THEORY.md §6).
+    ``trajectory_projections`` turns into g_i v1 and g_iᵀ u1 (docs/theory.md §8).
     """
 
     def rows(self, rows: list) -> None:

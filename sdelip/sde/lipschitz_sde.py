@@ -7,7 +7,7 @@ gives, per layer, driven by the *same* Brownian motion B^(ℓ) as the layer's pa
     d log K^(ℓ) = (μ^(ℓ) + κ^(ℓ) − ½‖λ^(ℓ)‖²) dt + λ^(ℓ)ᵀ dB^(ℓ),
 
 with μ = −u1ᵀ∇L v1/σ1, κ = (η/2σ1)⟨H, Σ⟩ and λ = (√η/σ1) Gᵀ J for the factor G = Ωᵀ/√M
-that drives the parameters (THEORY.md §2, §4): coordinate i of λ is
+that drives the parameters (docs/theory.md §3, §6): coordinate i of λ is
 (√η/σ1)(u1ᵀ E_i v1)/√(M(M−1)), E_i = g_i − ḡ.
 
 :class:`LipschitzSDE` integrates both in one state [θ, log K^(1), …, log K^(L)], so
@@ -56,8 +56,7 @@ TERM_NAMES = SDE_TERMS
 #: Terms whose integrals ``integrate=`` can carry in the state.
 INTEGRABLE = INTEGRABLE_TERMS
 #: Smallest min(m, n) for which the per-trajectory Gram route beats a batched SVD on CPU
-#: (measured on the development machine, one thread: 2.1 vs 2.6 ms at 64 × 288, 59 vs
-#: 219 ms at 512 × 784; 1.5 vs 1.0 ms at 32 × 64).
+#: (the timings are in docs/performance.md, "Timings behind the code's defaults").
 FAST_MIN_DIM = 64
 
 
@@ -252,7 +251,7 @@ class LipschitzSDE(ParameterSDE):
             ``include_drift``, ``include_noise_curvature``, ``include_ito_correction``,
             ``include_diffusion`` keep μ, κ, −½‖λ‖² and the diffusion row λᵀ dB;
             ``include_step_curvature`` adds (η/2σ1) ∇Lᵀ H ∇L to the log K drift: the O(η)
-            drift of a discrete SGD step that the SDE drops (THEORY.md §4; the tracker's
+            drift of a discrete SGD step that the SDE drops (docs/theory.md §6; the tracker's
             ``step_curvature``). Euler with dt = η moves θ by discrete steps, so Π σ1(θ)
             contains this drift; with the switch the Itô-integrated log K does too
             (at dt = η; for dt → 0 it overshoots by ∫ step_curvature). Off by default:

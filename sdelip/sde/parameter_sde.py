@@ -10,10 +10,10 @@ at every trajectory's own parameters at every evaluation:
 
 - drift: −∇L(θ) (plus −λ_wd θ with weight decay), the *expected* gradient, on the whole
   training set when it is small or on an independent large batch per trajectory, so
-  that the drift does not carry mini-batch noise a second time (THEORY.md §5);
+  that the drift does not carry mini-batch noise a second time (docs/theory.md §2);
 - diffusion: √η times the exact low-rank factor G = Ωᵀ/√M of Prop 5's Σ̂ = ΩᵀΩ/M from
   a fresh mini-batch of M samples, driven by an M-dimensional Brownian motion per
-  layer (THEORY.md §2): GGᵀ = Σ̂, so the SDE has the law of Eq. 3 with Σ = Σ̂, and no
+  layer (docs/theory.md §3): GGᵀ = Σ̂, so the SDE has the law of Eq. 3 with Σ = Σ̂, and no
   decomposition (Prop 7) is needed. Column i of G is (g_i − ḡ)/√(M(M−1)).
 
 Every module that owns trainable parameters is one noise block with its own

@@ -2,7 +2,7 @@
 
 Along a tracked SGD run the coefficients of Thm 14 are known at every step k:
 μ^(ℓ)_k, κ^(ℓ)_k and ‖λ^(ℓ)‖²_k. Taking them as deterministic, piecewise-constant
-functions of time (value k on [t_k, t_{k+1}), t_k = t0 + k·η, THEORY.md §1), each layer's
+functions of time (value k on [t_k, t_{k+1}), t_k = t0 + k·η, docs/theory.md §1), each layer's
 Z^(ℓ) = log K^(ℓ) follows (Thm 14 and Itô's lemma for log, as in Thm 15)
 
     dZ^(ℓ) = (μ^(ℓ) + κ^(ℓ) − ½‖λ^(ℓ)‖²) dt + ‖λ^(ℓ)‖ dW^(ℓ),
@@ -13,8 +13,8 @@ with L state coordinates, cheap enough for 10⁴ trajectories over 39,000 steps.
 piecewise-constant coefficients on the step grid, Euler is exact in law, and the
 moments are Thm 17's closed forms (:meth:`ReducedLipschitzSDE.moments`).
 
-**Reshuffled epochs** (``steps_per_epoch=S``, ``batch_fraction=α = M/N``; docs/theory.md,
-"Reshuffled epochs"). With SGD's noise pinned within each epoch, each W^(ℓ) becomes an
+**Reshuffled epochs** (``steps_per_epoch=S``, ``batch_fraction=α = M/N``; docs/theory.md §10).
+With SGD's noise pinned within each epoch, each W^(ℓ) becomes an
 :class:`~sdelip.sde.EpochBrownian` (Cov of one epoch's increments dt(δ_jk − α)), and the
 Itô terms κ − ½‖λ‖², which come from the noise's accumulated variance, follow the
 variance of the pinned noise instead of growing like t: at step m of an epoch the drift

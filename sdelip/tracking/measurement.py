@@ -1,6 +1,6 @@
 """The per-step measurement pipeline: decompositions, Thm 14 terms per layer, the network record row.
 
-Given the tracked layers, their per-sample statistics from an engine (THEORY.md §6) and
+Given the tracked layers, their per-sample statistics from an engine (docs/theory.md §8) and
 the step's η and weight decays, a tracked step is three pure steps:
 
 1. :func:`decompose_layers` — σ1, u1, v1, the gap and the Hessian's forms of every weight

@@ -2,8 +2,8 @@
 
 PyTorch's default is one intra-op thread per core. On a machine whose cores are busy
 with other jobs that collapses: the OpenMP threads of each small matrix product wait for
-one another while the other jobs hold the cores (40 MLP steps took 17.0 s with the
-default next to two busy processes on 2 cores, 5.8 s with one thread). The default here
+one another while the other jobs hold the cores (docs/performance.md, "Threads", has
+the timings). The default here
 (:func:`default_threads`) uses only the cores that are idle when the run starts — the
 cores not accounted for by the 1-minute load average — and at least one; an explicit
 ``OMP_NUM_THREADS`` (or ``--threads`` / ``TrainConfig.threads``) always wins.

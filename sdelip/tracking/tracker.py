@@ -17,13 +17,13 @@ from an engine (:mod:`sdelip.engines`), and computes per layer the Thm 14 terms 
 noise curvature κ with its Prop 6 variance/covariance split, diffusion ‖λ‖² — the
 operator norm σ1 = K^(ℓ) and the relative spectral gap, and per network the Thm 15
 sums and Z = Σ log σ1, K = e^Z. Row k of the record is measured at the parameters before
-update k on step k's mini-batch, at SDE time t_k = Σ_{j<k} η_j (THEORY.md §1).
+update k on step k's mini-batch, at SDE time t_k = Σ_{j<k} η_j (docs/theory.md §1).
 
 The theory is plain SGD (Def 4): η is the optimizer's learning rate; SGD weight decay is
-reflected exactly in the drift (μ −= λ_wd, THEORY.md §4); momentum or another optimizer
+reflected exactly in the drift (μ −= λ_wd, docs/theory.md §6); momentum or another optimizer
 gives a :class:`NotPlainSGDWarning` and the terms are computed as for plain SGD. The
 expected gradient ∇L of μ is estimated by the step's mini-batch mean, whose realisation is
-the update actually applied (THEORY.md §5).
+the update actually applied (docs/theory.md §2).
 
 K is the product bound of Prop 8 over the tracked weight matrices (:mod:`sdelip.rules.inventory`,
 :mod:`sdelip.rules`): it treats every activation as 1-Lipschitz and ignores skip
@@ -31,18 +31,9 @@ connections. A weight applied c > 1 times (tied weights, a module called several
 is one layer with one σ1 and one set of Thm 14 terms, and contributes σ1^c to K; the
 network terms are those of that factor (:func:`sdelip.core.formulas.repeated_use_terms`).
 
-The tracker orchestrates (schedule, SDE time, one call per step into the pipeline); the
-parts live beside it: reading the optimizer (:mod:`sdelip.tracking.optimizer_view`), the forward
-hooks that check inputs and count the uses of every weight (:mod:`sdelip.tracking.hooks`), the
-engines (:mod:`sdelip.engines`), the per-step pipeline of decompositions, terms and
-record row (:mod:`sdelip.tracking.measurement`, on :mod:`sdelip.core.decompositions`, :mod:`sdelip.core.formulas`,
-:mod:`sdelip.core.catalogue`), the run metadata (:mod:`sdelip.tracking.metadata`), the record
-(:mod:`sdelip.record`), checkpoint and resume (:mod:`sdelip.tracking.checkpointing`, on the
-one checkpoint record of :mod:`sdelip.tracking.checkpoint` that :func:`sdelip.workbench.train.train` writes
-too, and the resume check of :mod:`sdelip.tracking.resume`), the checks of the arguments and of
-the losses (:mod:`sdelip._checks`) and the safety checks around a step
-(:mod:`sdelip.tracking.safety`). The module's length is mostly the documentation of the
-tracker's arguments.
+The tracker orchestrates one tracked step (schedule, SDE time, one call per step into the
+measurement pipeline, the record row); its collaborators are the sibling modules listed in
+:mod:`sdelip.tracking`. The module's length is mostly the documentation of its arguments.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Prop 5's noise covariance Σ̂ = ΩᵀΩ/M has the exact factor G = Ωᵀ/√M: column i of the
 diffusion √η s G is √η s (g_i − ḡ)/√(M(M−1)) (s the drift-noise compensation of
-:class:`~sdelip.sde.ParameterSDE`; THEORY.md §2). An Euler increment G·v is then
+:class:`~sdelip.sde.ParameterSDE`; docs/theory.md §3). An Euler increment G·v is then
 Σ_i (c_i − c̄) g_i with c_i = √η s v_i/√(M(M−1)): the gradient of a weighted mini-batch
 loss (the factored engine, :mod:`sdelip.sde.noise.factored`), or the product with the
 materialised columns. With reshuffled sampling the columns run over all N training

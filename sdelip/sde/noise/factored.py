@@ -1,7 +1,7 @@
-"""The gradient noise of a batch of trajectories without per-sample gradients (THEORY.md §2, §6).
+"""The gradient noise of a batch of trajectories without per-sample gradients (docs/theory.md §3, §8).
 
 The parameter SDE of Def 4 needs, at every Euler step and for every trajectory, the
-increment √η G dB of the exact low-rank factor G = Ωᵀ/√M of Prop 5 (THEORY.md §2). With
+increment √η G dB of the exact low-rank factor G = Ωᵀ/√M of Prop 5 (docs/theory.md §3). With
 c_i = √η dB_i / √(M(M−1)) (dB the trajectory's M Brownian coordinates of a noise block),
 
     G dB √η = Σ_i c_i (g_i − ḡ) = Σ_i (c_i − c̄) g_i = ∇_θ Σ_i (c_i − c̄) ℓ_i,
@@ -9,7 +9,7 @@ c_i = √η dB_i / √(M(M−1)) (dB the trajectory's M Brownian coordinates of 
 the gradient of a weighted mini-batch loss: one backward pass, no per-sample gradient.
 Each noise block (Assumption 3: one per module) has its own Brownian block, hence its
 own weights c^(b). For a tracked Linear or Conv2d module, whose per-sample gradients are
-g_i = Σ_p δ_ip x_ipᵀ (inputs x, output gradients δ_i = ∂ℓ_i/∂output_i, THEORY.md §6), the
+g_i = Σ_p δ_ip x_ipᵀ (inputs x, output gradients δ_i = ∂ℓ_i/∂output_i, docs/theory.md §8), the
 weighted gradient of its weight and bias is the module's own weight gradient against the
 output gradient c' ∘ δ: one layer-sized vector-Jacobian product per module, all from the
 same backward pass. Parameters of other modules (normalisation affine parameters, …) get

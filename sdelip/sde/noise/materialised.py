@@ -3,10 +3,10 @@
 At every trajectory's own parameters (:mod:`sdelip.sde.layout`), :class:`ModelGradients`
 evaluates
 
-- the expected gradient ∇L(θ) (the drift of Def 4, THEORY.md §5), on the whole
+- the expected gradient ∇L(θ) (the drift of Def 4, docs/theory.md §2), on the whole
   training set when it is small or on an independent large batch, and
 - the per-sample gradients g_i = ∇ℓ(θ; x_i, y_i) of a fresh mini-batch of M samples
-  (the gradient noise of Prop 5, THEORY.md §2),
+  (the gradient noise of Prop 5, docs/theory.md §3),
 
 with ``functional_call`` + ``vmap(grad)`` over samples and ``vmap`` over trajectories.
 (The tracker's engines, :mod:`sdelip.engines`, are a different thing: they measure one
@@ -39,7 +39,7 @@ class GradientEstimate:
     """Gradients at every trajectory's parameters.
 
     Attributes:
-        grad: {name: (n, *shape)} the expected gradient ∇L(θ) (drift, THEORY.md §5).
+        grad: {name: (n, *shape)} the expected gradient ∇L(θ) (drift, docs/theory.md §2).
         per_sample: {name: (n, M, *shape)} per-sample gradients of a fresh mini-batch
             (Prop 5); tensors may be expanded views.
     """
@@ -101,7 +101,7 @@ class ModelGradients:
 
     Raises:
         NotImplementedError: the model has a BatchNorm layer in training mode, whose
-            per-sample losses are coupled through the batch statistics (THEORY.md §6).
+            per-sample losses are coupled through the batch statistics (docs/theory.md §8).
     """
 
     def __init__(
@@ -121,7 +121,7 @@ class ModelGradients:
         if _couples_samples(model):
             raise NotImplementedError(
                 "BatchNorm in training mode couples the per-sample losses through the batch statistics "
-                "(THEORY.md §6); per-sample gradients by vmap do not apply. Use model.eval() for BatchNorm "
+                "(docs/theory.md §8); per-sample gradients by vmap do not apply. Use model.eval() for BatchNorm "
                 "layers or a model without them"
             )
         if grad_source not in ("auto", "full", "batch"):

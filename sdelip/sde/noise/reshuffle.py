@@ -2,7 +2,7 @@
 
 Reshuffled SGD (a permutation per epoch, mini-batches of M samples without replacement
 within it) has, at fixed θ, the mini-batch noise ξ_j = ḡ_{B_j} − ∇L of step j with
-(docs/theory.md, "Reshuffled epochs"; Σ_N = (1/N) Σ_i d_i d_iᵀ, d_i = g_i − ∇L over all
+(docs/theory.md §10; Σ_N = (1/N) Σ_i d_i d_iᵀ, d_i = g_i − ∇L over all
 N samples)
 
     Cov ξ_j = (1/M) (N − M)/(N − 1) Σ_N,   Cov(ξ_j, ξ_k) = −Σ_N/(N − 1)  (j ≠ k, same epoch),

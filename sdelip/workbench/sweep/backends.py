@@ -131,7 +131,7 @@ def _run_on_ray(todo, roots, tokens, done, failures, *, workers, address, thread
             ray.init(address=address, runtime_env=runtime_env)
         else:
             # Ray starts its workers at nice 15; next to other jobs at nice 0 (a shared machine) they then
-            # get a small share of the CPU (measured: 1 s tasks took 33 s). Run them at normal priority.
+            # get a small share of the CPU (docs/performance.md). Run them at normal priority.
             os.environ.setdefault(_RAY_NICENESS, "0")
             ray.init(num_cpus=workers or os.cpu_count(), runtime_env=runtime_env, include_dashboard=False,
                      configure_logging=False)

@@ -2,7 +2,7 @@
 
 The reference is a Monte Carlo of real reshuffled mini-batches at the same θ (random
 permutations, batches of M without replacement), with per-sample gradients from
-autograd, and the closed forms of docs/theory.md ("Reshuffled epochs"):
+autograd, and the closed forms of docs/theory.md §10:
 Cov ξ_j = (1/M)(N − M)/(N − 1) Σ_N, Cov(ξ_j, ξ_k) = −Σ_N/(N − 1), zero epoch sum.
 """
 

@@ -84,7 +84,7 @@ def test_hessian_is_psd(W):
 
 @pytest.mark.parametrize("shape", [(5, 3), (3, 5), (1, 4), (4, 1)])
 def test_null_space_terms_are_needed_for_rectangular_layers(shape):
-    """Dropping the null-space terms of THEORY.md §3 must break agreement with autograd."""
+    """Dropping the null-space terms of docs/theory.md §5 must break agreement with autograd."""
     W = separated_matrix(*shape, seed=3)
     H = autograd_hessian(W)
     d = decompose(W)

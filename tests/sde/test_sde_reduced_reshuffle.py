@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,10 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_sde_reduced import Z_SE, _coefficients, _record, check_thm17  # noqa: E402
+from sdelip.sde import EpochBrownian, GridBrownian, ParameterSDE, ReducedLipschitzSDE, simulate_record
 
-from sdelip.sde import EpochBrownian, GridBrownian, ParameterSDE, ReducedLipschitzSDE, simulate_record  # noqa: E402
+from oracles import Z_SE, check_thm17, reduced_coefficients, synthetic_record
 
 
 def _simulate(sde, n, seed):
@@ -36,7 +33,7 @@ def test_pinned_moments_match_monte_carlo(seed, L, S, epochs, rem, varying, phas
     N = S * M + rem
     dt = 0.01
     T = S * epochs
-    mu, kappa, lam2 = _coefficients(seed, T, L, dt, varying)
+    mu, kappa, lam2 = reduced_coefficients(seed, T, L, dt, varying)
     lam2 = lam2 * 20  # a visible bridge: ∫λ² up to about 4 over the run
     K0 = np.random.default_rng(seed + 1).uniform(0.5, 3.0, size=L)
     phase = phase % S
@@ -76,7 +73,7 @@ def test_constant_coefficients_cancel_at_epoch_ends_and_follow_the_bridge_within
 def test_the_pinned_closed_form_fails_on_the_iid_system():
     """A check with power: the iid system's Var[K] is outside the pinned closed form's tolerance."""
     S, dt, T = 6, 0.02, 18
-    mu, kappa, lam2 = _coefficients(3, T, 2, dt, True)
+    mu, kappa, lam2 = reduced_coefficients(3, T, 2, dt, True)
     lam2 = lam2 * 20
     K0 = np.array([1.0, 2.0])
     kw = dict(dt=dt, K0=K0, dtype=torch.float64)
@@ -128,7 +125,7 @@ def test_reduced_pinned_variance_matches_the_reshuffled_parameter_sde():
 
 
 def test_simulate_record_offers_the_pinned_system():
-    df, names = _record(T=60, L=2, lr=0.01)
+    df, names = synthetic_record(T=60, L=2, lr=0.01)
     iid = simulate_record(df, n=2000, every=5, seed=0, progress=False)
     res = simulate_record(df, n=2000, every=5, seed=0, progress=False, sampling="reshuffle", n_train=40,
                           batch_size=4)  # S = 10 steps per epoch
@@ -149,7 +146,7 @@ def test_simulate_record_offers_the_pinned_system():
 
 
 def test_drift_source_minibatch_keeps_thm17s_drift_and_pins_only_the_noise():
-    df, names = _record(T=40, L=2, lr=0.01)
+    df, names = synthetic_record(T=40, L=2, lr=0.01)
     rec = ReducedLipschitzSDE.from_record(df, steps_per_epoch=10, batch_fraction=0.1)
     thm17 = ReducedLipschitzSDE.from_record(df)
     exp = ReducedLipschitzSDE.from_record(df, steps_per_epoch=10, batch_fraction=0.1, drift_source="expected")

@@ -1,4 +1,4 @@
-"""EpochBrownian: the epoch-pinned driver of reshuffled SGD's noise (docs/theory.md, "Reshuffled epochs")."""
+"""EpochBrownian: the epoch-pinned driver of reshuffled SGD's noise (docs/theory.md §10)."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from sdelip.tracking.options import RecordOptions, RuntimeOptions, TrackingOptio
 from sdelip.tracking.tracker import InputMismatchError, NotPlainSGDWarning, SmallBatchWarning, Tracker
 
 DT = torch.float64
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ce(out, y):
@@ -452,6 +452,7 @@ def _run(script, *args, **kw):
                           capture_output=True, text=True, **kw)
 
 
+@pytest.mark.slow
 def test_resume_in_new_process_continues_the_record_exactly(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)

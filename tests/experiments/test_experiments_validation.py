@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def _load(name: str):
@@ -96,6 +96,7 @@ def test_fig5_batch_size(tmp_path):
     assert (tmp_path / "fig5_batch_size" / "by_batch_size.md").is_file()
 
 
+@pytest.mark.slow
 def test_ensemble_validation(tmp_path):
     """Real runs, the parameter SDE and the reduced SDE at --tiny, in-process (--workers 1)."""
     module = _load("ensemble_validation")
@@ -155,6 +156,7 @@ def test_ensemble_validation(tmp_path):
     assert result["three_way"] and result["layers"]
 
 
+@pytest.mark.slow
 def test_ensemble_validation_reshuffle_leg(tmp_path):
     """--reshuffle-only at --tiny: real reshuffled runs against the epoch-pinned SDEs (and the iid ones)."""
     module = _load("ensemble_validation")

@@ -1,6 +1,6 @@
 """ParameterSDE (Def 4): coefficients estimated live, and the single-step Itô check.
 
-The single-step property test (THEORY.md §4): at a fixed small random layer θ with a
+The single-step property test (docs/theory.md §6): at a fixed small random layer θ with a
 controlled spectral gap and a random low-rank Σ̂ = ΩᵀΩ/M, one Euler step of the
 parameter SDE through torchsde.sdeint, over n = 60,000 independent Brownian increments,
 gives ΔK/K with E = (μ + κ)dt + O(dt²) and Var = ‖λ‖²dt + O(dt²), the terms computed by

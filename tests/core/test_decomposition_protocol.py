@@ -61,7 +61,7 @@ def primitive_oracle(W, g, N):
 
 
 def terms_oracle(W, G, lr, grad, wd, s2):
-    """Thm 14 (THEORY.md §4) with dense Σ̂ and autograd J, H: every tensor field of LayerTerms."""
+    """Thm 14 (docs/theory.md §6) with dense Σ̂ and autograd J, H: every tensor field of LayerTerms."""
     M, mn = G.shape[0], W.numel()
     sv = torch.linalg.svdvals(W)
     s1 = float(sv[0])

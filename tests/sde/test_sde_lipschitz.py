@@ -127,6 +127,7 @@ def fine():
     return _pathwise(0.0125)
 
 
+@pytest.mark.slow
 def test_pathwise_ito_consistency(fine):
     coarse = _pathwise(0.05)
     # The median |discrepancy| (robust to the odd trajectory passing near a small
@@ -137,6 +138,7 @@ def test_pathwise_ito_consistency(fine):
     assert float(med(fine).max()) < 0.01  # and small in absolute terms (log K moves by ~0.5 here)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dropped", ["include_noise_curvature", "include_ito_correction"])
 def test_pathwise_check_goes_red_without_a_term(dropped, fine):
     check_unbiased(fine)
@@ -156,6 +158,7 @@ def test_simulate_front_end_with_lipschitz_sde():
     assert np.all(res.var_K[1:] > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation", ["kappa", "half_lambda_sq"])
 def test_pathwise_check_goes_red_when_a_term_is_lost_in_the_code(mutation, monkeypatch):
     """A bug that loses κ, or the ½ of the Itô correction, in the term computation is caught."""

@@ -21,7 +21,7 @@ import pytest
 import sweep_tasks
 from sdelip.workbench.sweep import FAILURES_FILE, RESULT_FILE, Progress, Task, fn_reference, run_sweep
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/, where sweep_tasks.py lives
 REPO = TESTS.parent
 EXPERIMENTS = REPO / "experiments"
 

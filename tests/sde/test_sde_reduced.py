@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 import torchsde
@@ -23,23 +22,10 @@ from hypothesis import strategies as st
 from sdelip.core.formulas import lipschitz_moments
 from sdelip.sde import GridBrownian, LipschitzSDE, ReducedLipschitzSDE, record_lr, simulate, simulate_record
 
-Z_SE = 4.5
+from oracles import Z_SE, check_thm17, reduced_coefficients, synthetic_record
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread (tests/conftest.py)
-
-
-def _coefficients(seed: int, T: int, L: int, dt: float, varying: bool):
-    """μ, κ, ‖λ‖² tables (T, L) with ∫κ ∈ [0.1, 0.3], ∫λ² ∈ [0.1, 0.2], |∫μ| ≤ 0.3 per network."""
-    rng = np.random.default_rng(seed)
-    horizon = T * dt
-    shape = (T, L) if varying else (1, L)
-    w = rng.uniform(0.2, 1.8, size=shape)  # time profile (mean ≈ 1)
-    mu = rng.uniform(-0.3, 0.3, size=(1, L)) / L / horizon * (rng.uniform(0, 2, size=shape) if varying else 1)
-    kappa = rng.uniform(0.1, 0.3, size=(1, L)) / L / horizon * w
-    lam2 = rng.uniform(0.1, 0.2, size=(1, L)) / L / horizon * (w[::-1] if varying else 1)
-    full = lambda a: np.broadcast_to(a, (T, L)).copy()  # noqa: E731
-    return full(mu), full(kappa), full(lam2)
 
 
 def _simulate_K(sde: ReducedLipschitzSDE, n: int, seed: int) -> torch.Tensor:
@@ -47,19 +33,6 @@ def _simulate_K(sde: ReducedLipschitzSDE, n: int, seed: int) -> torch.Tensor:
     bm = GridBrownian(sde.t0, sde.dt, (n, sde.brownian_size), seed=seed, dtype=torch.float64)
     ys = torchsde.sdeint(sde, sde.initial_state(n), ts, bm=bm, dt=sde.dt, method="euler")
     return sde.lipschitz(ys)  # (T + 1, n)
-
-
-def check_thm17(K: torch.Tensor, mean_K: np.ndarray, var_K: np.ndarray, at=(-1,)) -> None:
-    """Assert the sample mean and variance of K match Thm 17 within Z_SE standard errors."""
-    n = K.shape[1]
-    for k in at:
-        x = K[k].double()
-        m, v = float(x.mean()), float(x.var())
-        se_m = float(x.std()) / math.sqrt(n)
-        se_v = float(((x - x.mean()) ** 2).std()) / math.sqrt(n)
-        # (+ a rounding floor for deterministic systems, whose standard error is 0)
-        assert abs(m - mean_K[k]) <= Z_SE * se_m + 1e-9 * abs(mean_K[k]), f"E[K] at {k}: MC {m:.6g} vs Thm 17 {mean_K[k]:.6g} (se {se_m:.2g})"
-        assert abs(v - var_K[k]) <= Z_SE * se_v + 1e-12 * mean_K[k] ** 2, f"Var[K] at {k}: MC {v:.6g} vs Thm 17 {var_K[k]:.6g} (se {se_v:.2g})"
 
 
 def _thm17(mu, kappa, lam2, K0, dt):
@@ -75,7 +48,7 @@ def _thm17(mu, kappa, lam2, K0, dt):
     varying=st.booleans(),
 )
 def test_reduced_matches_thm17(seed, L, T, dt, varying):
-    mu, kappa, lam2 = _coefficients(seed, T, L, dt, varying)
+    mu, kappa, lam2 = reduced_coefficients(seed, T, L, dt, varying)
     K0 = np.random.default_rng(seed + 1).uniform(0.5, 3.0, size=L)
     sde = ReducedLipschitzSDE(mu, kappa, lam2, dt=dt, K0=K0, dtype=torch.float64)
     K = _simulate_K(sde, 20_000, seed)
@@ -94,7 +67,7 @@ def test_reduced_matches_thm17(seed, L, T, dt, varying):
 def test_reduced_check_goes_red_without_a_term(dropped, varying):
     """The Thm 17 check has the power to see κ, −½λ² and the diffusion: dropping one fails it."""
     T, L, dt, seed = 100, 2, 0.01, 7
-    mu, kappa, lam2 = _coefficients(seed, T, L, dt, varying)
+    mu, kappa, lam2 = reduced_coefficients(seed, T, L, dt, varying)
     K0 = np.array([1.5, 0.8])
     th = _thm17(mu, kappa, lam2, float(np.prod(K0)), dt)
     good = ReducedLipschitzSDE(mu, kappa, lam2, dt=dt, K0=K0, dtype=torch.float64)
@@ -107,32 +80,8 @@ def test_reduced_check_goes_red_without_a_term(dropped, varying):
     check_thm17(_simulate_K(bad, 20_000, seed), m.mean_K, m.var_K)
 
 
-def _record(T=60, L=3, lr=0.01, every=1, seed=0, attrs=True):
-    """A synthetic tracking record with the columns sdelip.record.load_record produces."""
-    rng = np.random.default_rng(seed)
-    steps = np.arange(0, T, every)
-    names = [f"features.conv{i}" for i in range(1, L)] + ["classifier.fc"]
-    cols = {"step": steps, "t": steps * lr, "loss": rng.uniform(0.5, 2.0, len(steps))}
-    for name in names:
-        cols[f"K/{name}"] = rng.uniform(1, 3, len(steps))
-        cols[f"drift/{name}"] = rng.normal(0, 0.5, len(steps))
-        cols[f"noise_curvature/{name}"] = rng.uniform(0, 1, len(steps))
-        cols[f"noise_curvature_var/{name}"] = cols[f"noise_curvature/{name}"] * 0.3
-        cols[f"noise_curvature_cov/{name}"] = cols[f"noise_curvature/{name}"] * 0.7
-        cols[f"diffusion_sq/{name}"] = rng.uniform(0, 2, len(steps))
-        cols[f"gap/{name}"] = rng.uniform(0.1, 0.5, len(steps))
-    df = pd.DataFrame(cols)
-    df["Z"] = sum(np.log(df[f"K/{n}"]) for n in names)
-    df["K"] = np.exp(df["Z"])
-    for k in ("drift", "noise_curvature", "diffusion_sq"):
-        df[f"{k}_Z"] = sum(df[f"{k}/{n}"] for n in names)
-    if attrs:
-        df.attrs["lr"] = lr
-    return df, names
-
-
 def test_from_record_tables_and_initial_state():
-    df, names = _record(T=40, lr=0.01)
+    df, names = synthetic_record(T=40, lr=0.01)
     sde = LipschitzSDE.from_record(df)
     assert isinstance(sde, ReducedLipschitzSDE)
     assert sde.layer_names == names and sde.n_steps == 40 and sde.dt == 0.01
@@ -151,7 +100,7 @@ def test_from_record_tables_and_initial_state():
 
 
 def test_from_record_lr_sparse_network_and_switches():
-    df, names = _record(T=50, lr=0.02, every=5, attrs=False)
+    df, names = synthetic_record(T=50, lr=0.02, every=5, attrs=False)
     assert record_lr(df) == pytest.approx(0.02)  # inferred from t / step
     sde = ReducedLipschitzSDE.from_record(df)
     assert sde.n_steps == 46  # steps 0..45, each row holding until the next recorded step
@@ -182,7 +131,7 @@ def test_from_record_lr_sparse_network_and_switches():
 
 
 def test_simulate_record_front_end():
-    df, names = _record(T=200, L=3, lr=0.01)
+    df, names = synthetic_record(T=200, L=3, lr=0.01)
     res = simulate_record(df, n=4000, every=20, seed=3, progress=False, chunk_size=1500, keep_paths=True)
     assert res.n == 4000 and res.chunk_size == 1500
     assert res.t.shape == (11,) and res.paths.shape == (11, 4000)
@@ -234,7 +183,7 @@ def test_simulate_errors():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_simulate_cuda_matches_cpu_statistically():
-    df, _ = _record(T=100, lr=0.01)
+    df, _ = synthetic_record(T=100, lr=0.01)
     cpu = simulate_record(df, n=20_000, every=10, progress=False)
     gpu = simulate_record(df, n=20_000, every=10, progress=False, device="cuda")
     assert gpu.device.startswith("cuda")

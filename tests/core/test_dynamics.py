@@ -27,7 +27,7 @@ SETTINGS = settings(max_examples=40, deadline=None)
 
 
 def dense_terms(W, G, lr, grad=None, extra_noise_var=0.0):
-    """Oracle: THEORY.md §4 with dense Σ̂, autograd J and H (float64)."""
+    """Oracle: docs/theory.md §6 with dense Σ̂, autograd J and H (float64)."""
     M = G.shape[0]
     mn = W.numel()
     sigma1 = float(torch.linalg.svdvals(W)[0])
@@ -204,7 +204,7 @@ def test_lipschitz_moments_checks_inputs():
 
 @pytest.mark.parametrize("centred", [True, False])
 def test_single_sgd_step_matches_ito_terms(centred):
-    """THEORY.md §4: over many mini-batches at fixed θ, one SGD step gives
+    """docs/theory.md §6: over many mini-batches at fixed θ, one SGD step gives
     E[ΔK/K] = (μ + κ)η + ½η²∇LᵀH∇L/σ1 + O(η³) and Var[ΔK/K] = ‖λ‖²η + O(η²).
 
     The per-sample gradients are a fixed population of N vectors (a loss linear in θ);
