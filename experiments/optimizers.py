@@ -7,7 +7,7 @@ the tracker, the float64 SVD of each weight matrix before and after every
 ``optimizer.step()`` gives the realised one-step change Δσ1. The table compares
 
 - per layer, the mean realised Δσ1 per step with the recorded prediction
-  (μ + κ + step curvature)·η·σ1 (docs/theory.md §4: the model of the optimizer's update,
+  (μ + κ + step curvature)·η·σ1 (docs/theory.md §15: the model of the optimizer's update,
   first and second order), and with the first-order part μ·η·σ1 alone;
 - the final log K of ``sdelip.predict`` (the Thm 17 mean with the step curvature,
   ``K_mean_discrete``) against the observed log K.

@@ -139,7 +139,7 @@ def drop_degenerate(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _discrete_mean(df: pd.DataFrame, K0: float, dt: np.ndarray, mean_K: np.ndarray) -> np.ndarray:
-    """E[K] of the discrete steps: K0 Π_steps Π_layers E[σ1'/σ1]^c (docs/theory.md §4).
+    """E[K] of the discrete steps: K0 Π_steps Π_layers E[σ1'/σ1]^c (docs/theory.md §15).
 
     One step changes a layer's σ1 by Δσ1/σ1 = u1ᵀΔv1/σ1 + ½Q(Δ)/σ1 to second order, whose
     mean is a = (μ + κ + step curvature)·Δt; a weight applied c times contributes

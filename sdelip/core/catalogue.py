@@ -149,15 +149,15 @@ TERMS: tuple = (
          "discrete-step drift", "docs/theory.md §6", integrable=True, repeated_use=_step_curvature),
 )
 
-#: What the optimizer's update actually did to each layer's σ1 (docs/theory.md §4): measured after
+#: What the optimizer's update actually did to each layer's σ1 (docs/theory.md §15): measured after
 #: ``optimizer.step()`` from Δ = θ_after − θ_before, per unit of SDE time, for every optimizer
 #: (:mod:`sdelip.tracking.update`). Not model coefficients: the model's μ and κ + step
 #: curvature are set against them. Network aggregates count a weight applied c times as σ1^c.
 REALISED_TERMS: tuple = (
     Term("realised_drift", "realised_drift", "realised_drift_Z", 8, "u1ᵀΔv1/(ησ1)", "realised_mu",
-         "realised first-order change", "docs/theory.md §4", coefficient=False),
+         "realised first-order change", "docs/theory.md §15", coefficient=False),
     Term("realised_curvature", "realised_curvature", "realised_curvature_Z", 9, "Q(Δ)/(2ησ1)",
-         "realised_curv", "realised second-order change", "docs/theory.md §4", coefficient=False),
+         "realised_curv", "realised second-order change", "docs/theory.md §15", coefficient=False),
 )
 
 #: Repeated-use rules of the LayerTerms fields that are not record columns: the degenerate flag

@@ -65,7 +65,7 @@ def layer_terms_from_statistics(layers: Sequence, decomps: Mapping, stats: Mappi
 
 def update_terms_from_statistics(layers: Sequence, decomps: Mapping, stats: Mapping, models: Mapping, lr: float,
                                  split: bool, extra_noise_var: float, step: int) -> dict:
-    """Layer name → its Thm 14 terms for an optimizer's update Δ = −η·P(ḡ + ξ) (docs/theory.md §4).
+    """Layer name → its Thm 14 terms for an optimizer's update Δ = −η·P(ḡ + ξ) (docs/theory.md §15).
 
     ``models[name]`` is the layer's :class:`~sdelip.optim.UpdateModel` as weight matrices:
     ``direction`` P (the update direction at the mini-batch gradient, Δ = −ηP exactly) and

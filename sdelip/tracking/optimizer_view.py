@@ -1,6 +1,6 @@
 """What the tracker reads from the optimizer: η, the update rule of each tracked weight, the step hooks.
 
-The update of an optimizer is written Δ = −η·P(ḡ + ξ; state) (docs/theory.md §4): P is the
+The update of an optimizer is written Δ = −η·P(ḡ + ξ; state) (docs/theory.md §15): P is the
 direction it applies at the mini-batch gradient, S = ∂P/∂g maps the mini-batch noise ξ.
 :class:`OptimizerView` maps every tracked weight to its param group, reads η (one η for
 all tracked layers: the SDE time is t = Σ η), asks the optimizer's rule in
@@ -29,7 +29,7 @@ __all__ = ["OptimizerView", "NotPlainSGDWarning", "LayerUpdate"]
 
 @attrs.frozen
 class LayerUpdate:
-    """One tracked layer's update model at a step, as weight matrices (docs/theory.md §4).
+    """One tracked layer's update model at a step, as weight matrices (docs/theory.md §15).
 
     Attributes:
         direction: P (m, n), the update at the step's gradient: Δ = −η·P.
@@ -199,7 +199,7 @@ class OptimizerView:
         return {
             "class": type(opt).__name__,
             "rule": self.rule_name,
-            "clock": "t = Σ_k η_k (the learning rate of each update; docs/theory.md §4)",
+            "clock": "t = Σ_k η_k (the learning rate of each update; docs/theory.md §15)",
             "param_groups": [
                 {k: (v if isinstance(v, (int, float, bool, str, type(None))) else repr(v))
                  for k, v in g.items() if k != "params"}

@@ -11,7 +11,7 @@ finishes it in the optimizer's step hooks:
   other edit (``clip_grad_value_``, a per-parameter change) is named. The weights before
   the update are kept.
 - **post-hook** — the update Δ = θ_after − θ_before actually applied gives the realised
-  increment of each layer's operator norm (docs/theory.md §4, the expansion of σ1):
+  increment of each layer's operator norm (docs/theory.md §15, the expansion of σ1):
 
       σ1(θ + Δ) − σ1(θ) = u1ᵀΔv1 + ½ vec(Δ)ᵀ H vec(Δ) + O(‖Δ‖³),
 
@@ -145,7 +145,7 @@ def realised_increments(layers, decomps: Mapping, before: Mapping[str, torch.Ten
 
     With Δ = θ_after − θ_before (the layer's weight matrix), u1, v1, σ1 and H of θ_before:
     realised_drift = u1ᵀΔv1 / (ησ1), realised_curvature = ½ vec(Δ)ᵀ H vec(Δ) / (ησ1)
-    (docs/theory.md §4; H's quadratic form from Δv1 and Δᵀu1, Lemma 13).
+    (docs/theory.md §15; H's quadratic form from Δv1 and Δᵀu1, Lemma 13).
     """
     out = {}
     for layer in layers:

@@ -1,4 +1,4 @@
-"""The tracker under the optimizers people train with (docs/theory.md §4), against float64 oracles.
+"""The tracker under the optimizers people train with (docs/theory.md §15), against float64 oracles.
 
 Oracle of one tracked step: per-sample gradients g_i by an autograd loop over samples; the
 update direction P = −Δ/η from a deep copy of the model and optimizer really stepping with
@@ -104,7 +104,7 @@ def _noise_scale(name, model, opt, x, y, lr, ghat, noise_var, layer, tracked):
         e = extra[layer].reshape(P0[layer].shape)
         return float(((P1[layer] - P0[layer]) * e).sum() / (e * e).sum())
     st = opt.state[p] if p in opt.state else {}
-    if name in ("adam", "adamw"):  # v held at its expectation over batches, g ≈ ḡ (docs/theory.md §4)
+    if name in ("adam", "adamw"):  # v held at its expectation over batches, g ≈ ḡ (docs/theory.md §15)
         b1, b2 = group["betas"]
         t = int(st["step"]) + 1 if st else 1
         v = st["exp_avg_sq"].reshape(ghat.shape) if st else torch.zeros_like(ghat)
