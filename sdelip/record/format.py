@@ -38,7 +38,12 @@ _LAYER_DB_COLUMNS = LAYER_QUANTITIES + ("degenerate",)
 
 
 #: Columns added after the first schema; older records lack them (read as NULL, added on append).
-_ADDED_COLUMNS = {"steps": ("step_curvature_Z",), "layer_steps": ("step_curvature",)}
+#: ``diverged`` and ``checksum``: :mod:`sdelip.record.integrity`.
+_ADDED_COLUMNS = {"steps": ("step_curvature_Z", "diverged", "checksum"), "layer_steps": ("step_curvature", "checksum"),
+                  "probes": ("checksum",)}
+
+#: The SQLite type of an added column (REAL unless named here).
+_ADDED_COLUMN_TYPES = {"diverged": "INTEGER", "checksum": "INTEGER"}
 
 
 _STEP_DB_COLUMNS = ("step", "t", "lr", "loss", "batch_size") + NETWORK_QUANTITIES + ("degenerate",)
