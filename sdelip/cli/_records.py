@@ -59,13 +59,13 @@ def _diverged(record, include: bool, what: str, path):
     head = (f"the run diverged at step {first} (K = {K:.4g}; K or the loss non-finite or at least {DIVERGENCE_FACTOR:g} "
             f"times the first step's): {len(bad)} of {len(record)} steps are flagged")
     if include:
-        print(f"sdelip: notice: {head}; {what} uses them as recorded (--include-diverged)", file=sys.stderr)
+        print(f"sdelip: notice: {head}; they are used for {what} as recorded (--include-diverged)", file=sys.stderr)
         return record
     kept = record[record["step"] < first].reset_index(drop=True)
     if kept.empty:
         raise ValueError(f"the record {str(path)!r}: {head}, from its first step on: nothing to use for {what} "
                          "(--include-diverged uses the diverged steps)")
-    print(f"sdelip: notice: {head}; {what} uses the {len(kept)} steps before step {first} only "
+    print(f"sdelip: notice: {head}; only the {len(kept)} step(s) before step {first} are used for {what} "
           "(--include-diverged uses them all)", file=sys.stderr)
     kept.attrs = dict(record.attrs)
     return kept

@@ -80,7 +80,12 @@ class NotARecordError(ValueError):
 
 
 def remove_record(path: Union[str, os.PathLike]) -> None:
-    """Delete a record file together with its write-ahead log and shared-memory files."""
+    """Delete a record file together with its write-ahead log and shared-memory files.
+
+    A symlink is followed: the file it names is deleted (and the link kept), as a writer
+    through the link writes that file.
+    """
+    path = Path(path).resolve()
     for suffix in ("", "-wal", "-shm", "-journal"):
         p = Path(str(path) + suffix)
         if p.exists():

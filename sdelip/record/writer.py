@@ -176,9 +176,10 @@ class RecordWriter:
         self._lock = lock if lock is not None else RecordLock(self.path)  # one writer per record
         try:
             check_record_file(self.path, for_writing=True)
+            file = self.path.resolve()  # through a symlink: the file it names (overwrite replaces that file)
             if mode == "overwrite":
-                remove_record(self.path)
-            self._con = _connect(self.path)
+                remove_record(file)
+            self._con = _connect(file)
             con = self._con
             con.execute("PRAGMA journal_mode=WAL")
             con.execute(f"PRAGMA synchronous={'FULL' if durability == 'power' else 'NORMAL'}")
