@@ -463,7 +463,7 @@ def _tmpfs(size: str):
 
 
 def test_disk_full_during_record_writes_is_named(tmp_path):
-    with _tmpfs("96k") as disk:
+    with _tmpfs("256k") as disk:
         tr, model, opt = _tracker(disk / "r.db")
         with pytest.raises(RecordWriteError, match=r"writing .* the record .*r\.db.* failed: the disk holding .* is "
                                                    r"full"):

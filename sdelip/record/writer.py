@@ -226,6 +226,10 @@ class RecordWriter:
             self.record_id = json.loads(con.execute("SELECT value FROM meta WHERE key = 'record_id'").fetchone()[0])
             self._ident = self._stat()
             self._first = con.execute("SELECT K, loss FROM steps ORDER BY step LIMIT 1").fetchone()
+        except sqlite3.OperationalError as exc:
+            self._release()
+            raise RecordWriteError(f"opening the record {str(self.path)!r} for writing failed: "
+                                   f"{_cause(exc, self.path)}") from None
         except BaseException:
             self._release()
             raise
