@@ -255,18 +255,6 @@ def _resume_state(config: TrainConfig, device) -> Optional[Checkpoint]:
         raise ResumeError(f"cannot resume from the checkpoint: {exc}. Pass {{overwrite}} to start a new run, which "
                           "replaces the record and the checkpoint") from None
     where = f"the checkpoint {str(ckpt)!r} (step {state.step})"
-    saved_record = state.run.get("record")
-    if record is not None and saved_record and Path(saved_record).resolve() != record.resolve():
-        raise ResumeError(f"{where} belongs to another run, whose record is {saved_record!r}, not {str(record)!r}: two "
-                          "runs cannot share one checkpoint file; give this run its own {checkpoint} (by default "
-                          "RECORD.ckpt beside its record)")
-    if record is not None and record.exists() and state.run.get("record_id"):
-        from ..record import load_record_id
-
-        try:
-            check_belongs(where, saved_record, state.run.get("record_id"), record, load_record_id(record))
-        except CheckpointError as exc:
-            raise ResumeError(f"{exc} (give this run its own {{checkpoint}})") from None
     if state.step == 0 and record is not None and not record.exists():
         return None  # killed between the first checkpoint and the record's creation: nothing was done yet
     changes = _changes(state.options, config, convert=_as_metadata)
@@ -276,16 +264,29 @@ def _resume_state(config: TrainConfig, device) -> Optional[Checkpoint]:
     if state.step > config.steps:
         raise ResumeError(f"cannot resume from {where}: the run asks for {config.steps} steps, fewer than the "
                           "checkpoint has done; ask for at least as many, or pass {overwrite} to start a new run")
+    saved_record = state.run.get("record")
     if record is not None:
-        if not record.exists():
-            raise ResumeError(f"{where} continues a run whose record {str(record)!r} does not exist: give the record "
-                              "that run wrote, or pass {overwrite} to start a new run")
-        saved = load_metadata(record).get("config")
+        saved = load_metadata(record).get("config") if record.exists() else None
         if isinstance(saved, dict):
             changes = _changes(saved, config, convert=_as_metadata)
             if changes:
                 raise ResumeError(f"cannot resume into the record {str(record)!r}: it was written by a run with "
                                   "other options (it does not belong to the checkpoint's run):", changes, "record")
+        if saved_record and Path(saved_record).resolve() != record.resolve():
+            this = f"this run's record {str(record)!r}" + ("" if record.exists() else " does not exist")
+            raise ResumeError(f"{where} belongs to another run, whose record is {saved_record!r}, not {this}: two "
+                              "runs cannot share one checkpoint file; give this run its own {checkpoint} (by default "
+                              "RECORD.ckpt beside its record)")
+        if not record.exists():
+            raise ResumeError(f"{where} continues a run whose record {str(record)!r} does not exist: give the record "
+                              "that run wrote, or pass {overwrite} to start a new run")
+    if record is not None and record.exists() and state.run.get("record_id"):
+        from ..record import load_record_id
+
+        try:
+            check_belongs(where, saved_record, state.run.get("record_id"), record, load_record_id(record))
+        except CheckpointError as exc:
+            raise ResumeError(f"{exc} (give this run its own {{checkpoint}})") from None
     return state
 
 
