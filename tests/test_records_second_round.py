@@ -272,7 +272,8 @@ def test_two_runs_sharing_one_checkpoint_and_sigterm(tmp_path):
     # afterwards: the checkpoint belongs to a.db; another run is refused, and --overwrite does not delete it
     before = shared.read_bytes()
     for extra in ([], ["--overwrite"]):
-        res = _sdelip("track", "--record", tmp_path / "b.db", "--checkpoint", shared, "--steps", "5", *extra, *TINY)
+        res = _sdelip("track", "--record", tmp_path / "b.db", "--checkpoint", shared, "--steps", "120", "--lr", "0.05",
+                      *extra, *TINY)
         assert res.returncode == 2 and "belongs to another run" in res.stderr and "a.db" in res.stderr, res.stderr
         assert "--overwrite to" not in res.stderr
     assert shared.read_bytes() == before
