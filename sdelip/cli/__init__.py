@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--csv", default=None, help="write the full prediction table here")
     pr.add_argument("--include-degenerate", action="store_true",
                     help="use the terms of degenerate steps (repeated top singular value) in the prediction")
+    _add_record_reading_options(pr, "the prediction")
     pr.set_defaults(func=cmd_predict)
 
     si = sub.add_parser("simulate", help="Monte Carlo of the reduced Z-SDE with a record's coefficients")
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--threads", type=_threads, default=None, help=THREADS_HELP)
     si.add_argument("--include-degenerate", action="store_true",
                     help="use the terms of degenerate steps (repeated top singular value) in the simulation")
+    _add_record_reading_options(si, "the simulation")
     si.set_defaults(func=cmd_simulate)
 
     pl = sub.add_parser("plot", help="figure from a record (prediction, terms, κ split)")
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--smooth", type=int, default=1, help="moving-average window for the terms")
     pl.add_argument("--include-degenerate", action="store_true",
                     help="use the terms of degenerate steps (repeated top singular value) in the prediction and the simulation")
+    _add_record_reading_options(pl, "the figure")
     pl.set_defaults(func=cmd_plot)
 
     inf = sub.add_parser("info", help="a record's metadata and a summary of its terms")
@@ -84,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--json", action="store_true", help="metadata as JSON")
     inf.add_argument("--include-degenerate", action="store_true",
                     help="use the terms of degenerate steps (repeated top singular value) in the averages")
+    _add_record_reading_options(inf, "the averages")
     inf.set_defaults(func=cmd_info)
 
     cp = sub.add_parser("copy", help="copy a record, also one still being written, into one self-contained file",
@@ -94,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("dest", help="the copy (must not exist)")
     cp.set_defaults(func=cmd_copy)
     return p
+
+
+def _add_record_reading_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--intact-only", action="store_true",
+                   help="read what is intact of a damaged record (rows failing their checksum are left out, and named)")
+    p.add_argument("--include-diverged", action="store_true",
+                   help=f"use the steps from the one where the run diverged on in {what} (K or the loss non-finite "
+                        "or 10^6 times the first step's; left out by default)")
 
 
 def _one_line_warnings() -> None:
@@ -120,8 +132,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from ..tracking.signals import Terminated
+
     try:
         return int(args.func(args) or 0)
+    except Terminated as exc:  # SIGTERM, handled like Ctrl-C (sdelip.tracking.signals)
+        print(f"sdelip: {exc}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("sdelip: interrupted", file=sys.stderr)
         return 130

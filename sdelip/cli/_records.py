@@ -11,13 +11,13 @@ from typing import Optional, Sequence
 from ._output import _check_output, _print_table
 
 
-def _load(record_path, need_rows: bool = True):
+def _load(record_path, need_rows: bool = True, intact_only: bool = False):
     from ..record import load_record
 
     path = Path(record_path)
     if not path.exists():
         raise FileNotFoundError(f"no record at {path}: create one with `sdelip track --record {path}`")
-    record = load_record(path)
+    record = load_record(path, intact_only=intact_only)
     if need_rows and record.empty:
         raise ValueError(f"the record {str(path)!r} holds no steps yet (0 rows): nothing to predict, simulate or plot")
     return record
@@ -41,6 +41,43 @@ def _degenerate(record, include: bool, what: str):
           "leading one is dropped, a later one holds the previous step's coefficients (--include-degenerate uses "
           "them)", file=sys.stderr)
     return drop_degenerate(record)
+
+
+def _diverged(record, include: bool, what: str, path):
+    """Report the steps where the run diverged and return the record ``what`` uses (the steps before them).
+
+    Raises:
+        ValueError: the run diverged at its first step (nothing left to use).
+    """
+    from ..record.integrity import DIVERGENCE_FACTOR, diverged_steps
+
+    bad = diverged_steps(record)
+    if not bad:
+        return record
+    first = bad[0]
+    K = record.loc[record["step"] == first, "K"].iloc[0]
+    head = (f"the run diverged at step {first} (K = {K:.4g}; K or the loss non-finite or at least {DIVERGENCE_FACTOR:g} "
+            f"times the first step's): {len(bad)} of {len(record)} steps are flagged")
+    if include:
+        print(f"sdelip: notice: {head}; they are used for {what} as recorded (--include-diverged)", file=sys.stderr)
+        return record
+    kept = record[record["step"] < first].reset_index(drop=True)
+    if kept.empty:
+        raise ValueError(f"the record {str(path)!r}: {head}, from its first step on: nothing to use for {what} "
+                         "(--include-diverged uses the diverged steps)")
+    print(f"sdelip: notice: {head}; only the {len(kept)} step(s) before step {first} are used for {what} "
+          "(--include-diverged uses them all)", file=sys.stderr)
+    kept.attrs = dict(record.attrs)
+    return kept
+
+
+def _check_finite(rows, path, what: str) -> None:
+    """Refuse to print a table with infinite or NaN numbers as if it were a result."""
+    bad = sorted({k for r in rows for k, v in r.items()
+                  if isinstance(v, float) and not math.isfinite(v) and k not in ("z", "rel_error")})
+    if bad:
+        raise ValueError(f"{what} of the record {str(path)!r} overflows or is undefined ({', '.join(bad)} not finite): "
+                         "its coefficients are too large for the formulas (a diverging run?); nothing is reported")
 
 
 def _metadata(record_path) -> dict:
@@ -128,15 +165,21 @@ def _simulate(record, lr: float, n: int, seed: int, device: str, progress: bool)
 def cmd_predict(args) -> int:
     from ..analysis.prediction import predict
 
+    import numpy as np
+
     if args.csv:
         _check_output(args.csv)
-    record = _load(args.record)
+    record = _load(args.record, intact_only=args.intact_only)
+    record = _diverged(record, args.include_diverged, "the prediction", args.record)
     _degenerate(record, args.include_degenerate, "the prediction")
-    pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
+    with np.errstate(over="ignore", invalid="ignore"):
+        pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
+        rows = prediction_summary(record, pred)
+    _check_finite(rows, args.record, "the prediction")
     if args.csv:
         pred.to_csv(args.csv, index=False)
         print(f"prediction written to {args.csv}")
-    _print_table(prediction_summary(record, pred))
+    _print_table(rows)
     return 0
 
 
@@ -145,8 +188,9 @@ def cmd_simulate(args) -> int:
 
     if args.csv:
         _check_output(args.csv)
-    record = _load(args.record)
+    record = _load(args.record, intact_only=args.intact_only)
     lr = _lr_of(args.record, record)
+    record = _diverged(record, args.include_diverged, "the simulation", args.record)
     record = _degenerate(record, args.include_degenerate, "the simulation")
     from ..tracking.threads import use_threads
 
@@ -176,7 +220,8 @@ def cmd_plot(args) -> int:
     from ..analysis.prediction import predict
 
     out = _check_output(args.out or Path(args.record).with_suffix(".png"))
-    record = _load(args.record)
+    record = _load(args.record, intact_only=args.intact_only)
+    record = _diverged(record, args.include_diverged, "the prediction and the simulation", args.record)
     used = _degenerate(record, args.include_degenerate, "the prediction and the simulation")
     pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
     sim = None
@@ -188,7 +233,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_info(args) -> int:
-    record = _load(args.record, need_rows=False)
+    record = _load(args.record, need_rows=False, intact_only=args.intact_only)
     meta = _metadata(args.record)
     if args.json:
         print(json.dumps({"metadata": meta, "rows": len(record)}, indent=2, default=str))
@@ -230,8 +275,11 @@ def cmd_info(args) -> int:
                 return 0
             print("  the averages below leave them out (--include-degenerate includes them)")
             record = record[~record["step"].isin(bad)].reset_index(drop=True)
+    record = _diverged(record, args.include_diverged, "the averages", args.record)
     print()
-    _print_table(terms_summary(record))
+    rows = terms_summary(record)
+    _check_finite(rows, args.record, "the averages of the terms")
+    _print_table(rows)
     return 0
 
 

@@ -21,6 +21,14 @@ holder). Closing the writer folds the log into the file and switches the journal
 being written. Files that are not records (directories, random bytes, damaged or foreign
 SQLite databases) are refused by name (:class:`NotARecordError`), and never written.
 
+Closing folds the log even while a reader holds it (retried, the wait reported) or says
+loudly that it could not (:class:`RecordNotClosedError`, naming ``sdelip copy``). Every
+row carries a checksum and damaged or cut-short records are refused by name
+(:class:`DamagedRecordError`, ``load_record(path, intact_only=True)`` reads what is
+intact); steps where K or the loss diverged are flagged (:mod:`sdelip.record.integrity`).
+A write that fails names the record and the cause (:class:`RecordWriteError`: a full
+disk, a lock held by another program, the file deleted under the writer).
+
 Tables::
 
     meta(key, value)                 run metadata, JSON values
@@ -43,15 +51,18 @@ from .read import (
     load_layers,
     load_metadata,
     load_probes,
+    load_record_id,
     load_record,
     record_steps,
     records_equal,
 )
 from .format import remove_record
-from .writer import RecordWriter
+from .integrity import DamagedRecordError, diverged_steps
+from .writer import RecordNotClosedError, RecordWriteError, RecordWriter
 
 __all__ = [
     "RecordWriter", "StepRecord", "load_record", "load_metadata", "load_layers", "load_layer_uses", "load_probes",
-    "record_steps", "records_equal", "copy_record", "check_record_file", "remove_record",
+    "record_steps", "records_equal", "load_record_id", "diverged_steps", "DamagedRecordError", "RecordWriteError",
+    "RecordNotClosedError", "copy_record", "check_record_file", "remove_record",
     "NotARecordError", "RecordExistsError", "RecordLock", "RecordLockedError", "LAYER_QUANTITIES", "NETWORK_QUANTITIES",
 ]

@@ -43,13 +43,17 @@ _LAYER_DB_COLUMNS = LAYER_QUANTITIES + ("degenerate",)
 #: the model coefficients describe the update, and why not.
 UPDATE_COLUMNS = (("grad_scale", "REAL"), ("update_modelled", "INTEGER"), ("update_note", "TEXT"))
 
-#: Columns added after the first schema (name, SQL type); older records lack them (read as NULL,
-#: added on append).
+#: Columns added after the first schema; older records lack them (read as NULL, added on append).
+#: ``diverged`` and ``checksum``: :mod:`sdelip.record.integrity`.
 _ADDED_COLUMNS = {
-    "steps": (("step_curvature_Z", "REAL"), ("realised_drift_Z", "REAL"), ("realised_curvature_Z", "REAL"),
-              *UPDATE_COLUMNS),
-    "layer_steps": (("step_curvature", "REAL"), ("realised_drift", "REAL"), ("realised_curvature", "REAL")),
+    "steps": ("step_curvature_Z", "realised_drift_Z", "realised_curvature_Z", *(c for c, _ in UPDATE_COLUMNS),
+              "diverged", "checksum"),
+    "layer_steps": ("step_curvature", "realised_drift", "realised_curvature", "checksum"),
+    "probes": ("checksum",),
 }
+
+#: The SQLite type of an added column (REAL unless named here).
+_ADDED_COLUMN_TYPES = {"diverged": "INTEGER", "checksum": "INTEGER", **dict(UPDATE_COLUMNS)}
 
 
 _STEP_DB_COLUMNS = (("step", "t", "lr", "loss", "batch_size") + NETWORK_QUANTITIES + ("degenerate",)
@@ -80,7 +84,12 @@ CREATE TABLE IF NOT EXISTS probes (
 
 
 def remove_record(path: Union[str, os.PathLike]) -> None:
-    """Delete a record file together with its write-ahead log and shared-memory files."""
+    """Delete a record file together with its write-ahead log and shared-memory files.
+
+    A symlink is followed: the file it names is deleted (and the link kept), as a writer
+    through the link writes that file.
+    """
+    path = Path(path).resolve()
     for suffix in ("", "-wal", "-shm", "-journal"):
         p = Path(str(path) + suffix)
         if p.exists():

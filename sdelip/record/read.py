@@ -26,12 +26,16 @@ from .format import (
     _table_columns,
 )
 
+#: The meta key of the record's identity (:func:`load_record_id`).
+RECORD_ID_KEY = "record_id"
+
 __all__ = [
     "check_record_file",
     "record_steps",
     "copy_record",
     "load_record",
     "load_metadata",
+    "load_record_id",
     "load_probes",
     "load_layers",
     "load_layer_uses",
@@ -165,14 +169,26 @@ def copy_record(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> P
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise FileExistsError(f"{str(dst)!r} exists; copy_record does not overwrite")
+    folder = dst.parent if str(dst.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot copy the record to {str(dst)!r}: its folder {str(folder)!r} does not exist "
+                                "(create it first)")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"cannot copy the record to {str(dst)!r}: its folder {str(folder)!r} is not writable")
     tmp = dst.with_name(dst.name + ".tmp")
     with _Reading(src) as con:
-        out = sqlite3.connect(str(tmp), isolation_level=None)
         try:
-            con.backup(out)
-            out.execute("PRAGMA journal_mode=DELETE")
-        finally:
-            out.close()
+            out = sqlite3.connect(str(tmp), isolation_level=None)
+            try:
+                con.backup(out)
+                out.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                out.close()
+        except sqlite3.Error as exc:
+            for p in (tmp, Path(str(tmp) + "-journal")):
+                p.unlink(missing_ok=True)
+            raise OSError(f"writing the copy {str(dst)!r} failed: {exc} (the source {str(src)!r} is unchanged)") \
+                from None
     os.replace(tmp, dst)
     return dst
 
@@ -204,9 +220,22 @@ def load_layer_uses(path) -> dict[str, int]:
 
 
 def load_metadata(path) -> dict:
-    """The run metadata of a record (model summary, layer shapes, η, M, engine, seed, versions…)."""
+    """The run metadata of a record (model summary, layer shapes, η, M, engine, seed, versions…).
+
+    The record's identity (:func:`load_record_id`) is kept apart.
+    """
     with _Reading(path) as con:
-        return {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
+        return {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta") if k != RECORD_ID_KEY}
+
+
+def load_record_id(path):
+    """The record's identity: a random id given when the record was created (None for older records).
+
+    Checkpoints name the record they belong to by it, and are refused for another.
+    """
+    with _Reading(path) as con:
+        row = con.execute("SELECT value FROM meta WHERE key = ?", (RECORD_ID_KEY,)).fetchone()
+    return None if row is None else json.loads(row[0])
 
 
 def load_probes(path) -> pd.DataFrame:
@@ -248,7 +277,7 @@ def _update_modelled(steps: pd.DataFrame, optimizer) -> pd.Series:
     return col.fillna(legacy).astype(bool)
 
 
-def load_record(path) -> pd.DataFrame:
+def load_record(path, intact_only: bool = False) -> pd.DataFrame:
     """Read a record as a pandas DataFrame, one row per tracked step, ordered by step.
 
     Columns:
@@ -278,28 +307,78 @@ def load_record(path) -> pd.DataFrame:
     - probes measured on tracked steps, when any: ``conv_opnorm/<ℓ>``, ``lipschitz_lower``
       (NaN on steps without a probe; :func:`load_probes` has every probe row).
 
+
+    The steps the writer flagged diverged (K or loss non-finite or grown by
+    :data:`~sdelip.record.integrity.DIVERGENCE_FACTOR` over the first row's) are in
+    ``df.attrs["diverged_steps"]`` (:func:`~sdelip.record.integrity.diverged_steps`
+    applies the same rule to records written before the flag).
+
     Only tracked steps are rows. Reading while a run is writing is safe; after a crash
     the rows are exactly the committed steps.
+
+    Every row's checksum is verified and the file's length checked against its header
+    (:mod:`sdelip.record.integrity`).
+
+    Args:
+        path: the record.
+        intact_only: read what is intact of a damaged record: the steps whose rows fail
+            their checksum are left out (a warning names them) instead of refusing the file.
+
+    Raises:
+        DamagedRecordError: rows fail their checksum or the file was cut short (the
+            message names the record and the steps); ``intact_only=True`` reads the rest.
     """
-    with _Reading(path) as con:
-        uses = _layer_uses(con)
-        layers = list(uses)
-        have_steps, have_layers = _table_columns(con, "steps"), _table_columns(con, "layer_steps")
-        step_cols = [c if c in have_steps else f"NULL AS {c}" for c in _STEP_DB_COLUMNS]
-        layer_cols = [f"ls.{c}" if c in have_layers else f"NULL AS {c}" for c in _LAYER_DB_COLUMNS]
-        steps = pd.read_sql_query(f"SELECT {', '.join(step_cols)} FROM steps ORDER BY step", con)
-        lay = pd.read_sql_query(
-            f"SELECT ls.step AS step, l.name AS layer, {', '.join(layer_cols)} "
-            "FROM layer_steps ls JOIN layers l ON ls.layer = l.idx ORDER BY ls.step, l.idx",
-            con,
-        )
-        probes = pd.read_sql_query("SELECT step, name, value FROM probes ORDER BY step", con)
-        meta_optimizer = _meta_value(con, "optimizer")
+    from .integrity import DamagedRecordError, damaged_steps, describe_damage, truncation
+
+    cut = truncation(path) if Path(path).exists() else None
+    try:
+        with _Reading(path) as con:
+            bad = damaged_steps(con)
+            frames = _read_frames(con)
+    except NotARecordError as exc:
+        if cut:
+            raise DamagedRecordError(f"the record {str(path)!r} is damaged: {cut} ({exc})") from None
+        raise
+    problem = describe_damage(path, bad, cut)
+    if problem:
+        if not intact_only:
+            raise DamagedRecordError(problem + "; its numbers cannot be trusted. load_record(..., intact_only=True) "
+                                     "(--intact-only on the command line) reads the rows that are intact")
+        import warnings
+
+        drop = sorted({s for steps in bad.values() for s in steps})
+        warnings.warn(problem + f"; reading the intact rows only ({len(drop)} step(s) left out)", stacklevel=2)
+        uses, steps, lay, probes = frames
+        frames = (uses, steps[~steps["step"].isin(drop)].reset_index(drop=True), lay[~lay["step"].isin(drop)],
+                  probes[~probes["step"].isin(drop)])
+    return _assemble(*frames)
+
+
+def _read_frames(con: sqlite3.Connection):
+    """The record's tables as read (uses, steps, layer rows, probes), before they are assembled."""
+    uses = _layer_uses(con)
+    have_steps, have_layers = _table_columns(con, "steps"), _table_columns(con, "layer_steps")
+    step_cols = [c if c in have_steps else f"NULL AS {c}" for c in _STEP_DB_COLUMNS]
+    layer_cols = [f"ls.{c}" if c in have_layers else f"NULL AS {c}" for c in _LAYER_DB_COLUMNS]
+    steps = pd.read_sql_query(f"SELECT {', '.join(step_cols)} FROM steps ORDER BY step", con)
+    lay = pd.read_sql_query(
+        f"SELECT ls.step AS step, l.name AS layer, {', '.join(layer_cols)} "
+        "FROM layer_steps ls JOIN layers l ON ls.layer = l.idx ORDER BY ls.step, l.idx",
+        con,
+    )
+    probes = pd.read_sql_query("SELECT step, name, value FROM probes ORDER BY step", con)
+    steps["update_modelled"] = _update_modelled(steps, _meta_value(con, "optimizer"))
+    steps["diverged"] = (pd.read_sql_query("SELECT diverged FROM steps ORDER BY step", con)["diverged"]
+                         if "diverged" in have_steps else None)
+    return uses, steps, lay, probes
+
+
+def _assemble(uses, steps, lay, probes) -> pd.DataFrame:
+    layers = list(uses)
     for c in NETWORK_QUANTITIES + ("t", "lr", "loss"):
         steps[c] = steps[c].astype("float64")
     steps["degenerate"] = steps["degenerate"].astype(bool)
     steps["grad_scale"] = steps["grad_scale"].astype("float64")
-    steps["update_modelled"] = _update_modelled(steps, meta_optimizer)
     steps["update_note"] = steps["update_note"].astype(object).where(steps["update_note"].notna(), None)
     front = steps[["step", "t", "lr", "loss", "batch_size"]]
     blocks = [front]
@@ -326,6 +405,9 @@ def load_record(path) -> pd.DataFrame:
         for name in pw.columns:
             out[name] = pw[name].to_numpy(dtype="float64")
     out["step"] = out["step"].astype("int64")
+    flags = steps["diverged"]
+    if flags.notna().any():
+        out.attrs["diverged_steps"] = [int(k) for k, f in zip(steps["step"], flags) if f == 1]
     return out
 
 

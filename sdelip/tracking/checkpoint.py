@@ -57,6 +57,9 @@ __all__ = [
     "load_checkpoint",
     "check_plain",
     "tmp_path",
+    "optimizer_class",
+    "check_optimizer",
+    "check_belongs",
 ]
 
 _PLAIN_SCALARS = (str, int, float, bool, type(None))
@@ -186,6 +189,7 @@ def load_checkpoint(path: Union[str, os.PathLike], formats: Iterable[str], what:
         raise CheckpointError(f"{str(p)!r} is a directory, not {what}")
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {str(p)!r}")
+    _check_crc(p, what)
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -209,6 +213,77 @@ def load_checkpoint(path: Union[str, os.PathLike], formats: Iterable[str], what:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{str(p)!r} is not {what} (format {found!r}, expected {' or '.join(formats)})")
     return state
+
+
+def _check_crc(p: Path, what: str) -> None:
+    """Refuse a checkpoint whose bytes changed since it was written: every entry of ``torch.save``'s zip has a CRC.
+
+    ``torch.load`` does not check them, so a flipped byte in a tensor would load as a
+    changed weight. (Files of the legacy non-zip format carry no checksum and are read as before.)
+    """
+    import zipfile
+
+    if not zipfile.is_zipfile(p):
+        return
+    try:
+        with zipfile.ZipFile(p) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        bad, why = None, f"its container is unreadable ({exc})"
+    else:
+        why = None if bad is None else f"its entry {bad!r} fails its CRC check"
+    if why:
+        raise CheckpointError(f"{str(p)!r} is damaged and is not used as {what}: {why} (bytes changed on disk or in a "
+                              "copy); resume from an intact copy, or start the run again")
+
+
+def optimizer_class(optimizer) -> Optional[str]:
+    """``module.QualName`` of an optimizer's class (None for None): stored in checkpoints."""
+    return None if optimizer is None else f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
+def check_optimizer(where: str, saved_state: Optional[Mapping], saved_class: Optional[str], optimizer) -> None:
+    """Refuse to load the optimizer state of a checkpoint into an optimizer of another class.
+
+    ``optimizer.load_state_dict`` accepts any state and the first step then fails (an SGD
+    state in Adam: ``KeyError: 'betas'``) or, worse, runs with mixed hyper-parameters.
+    Checkpoints name the class (:func:`optimizer_class`); for older ones the
+    hyper-parameters of the saved param groups must all exist in the optimizer's.
+
+    Raises:
+        CheckpointError: the classes differ (both named, with the checkpoint ``where``).
+    """
+    if optimizer is None or saved_state is None:
+        return
+    now = optimizer_class(optimizer)
+    if saved_class is None:
+        groups = saved_state.get("param_groups") or [{}]
+        extra = sorted(set(groups[0]) - set(optimizer.param_groups[0]) - {"params"})
+        if not extra:
+            return
+        saved_class = f"another optimizer class (its hyper-parameters {extra} are not {now}'s)"
+    elif saved_class == now:
+        return
+    raise CheckpointError(
+        f"{where} holds the state of a {saved_class} optimizer, and this run's optimizer is a {now}: a checkpoint "
+        "resumes into the optimizer class that wrote it (their states and hyper-parameters differ); resume with "
+        "that optimizer, or start a new run"
+    )
+
+
+def check_belongs(where: str, saved_record: Optional[str], saved_id: Optional[str], record, record_id) -> None:
+    """Refuse a checkpoint written for another record (the record ids differ, when both are known).
+
+    Raises:
+        CheckpointError: naming the checkpoint, the record it belongs to, and this one.
+    """
+    if saved_id is None or record_id is None or saved_id == record_id:
+        return
+    raise CheckpointError(
+        f"{where} belongs to the record {saved_record!r} (record id {saved_id}), not to {str(record)!r} (record id "
+        f"{record_id}): a checkpoint continues the run of its own record, and two runs cannot share one checkpoint "
+        "file; give this run its own checkpoint file"
+    )
 
 
 def dumps(obj: Any) -> str:

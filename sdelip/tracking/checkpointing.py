@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .options import RecordOptions
-from .checkpoint import CHECKPOINT_FORMAT, Checkpoint, read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .checkpoint import (CHECKPOINT_FORMAT, Checkpoint, check_belongs, check_optimizer, optimizer_class,
+                         read_checkpoint, rng_state, set_rng_state, write_checkpoint)
 from ..record import StepRecord
 from .resume import here_and_there, option_changes
 from .safety import check_continuation
@@ -41,6 +42,8 @@ class TrackerCheckpointing:
             "t_anchor": self._t_anchor,
             "extra_noise_var": self.extra_noise_var,
             "record": None if self.record_path is None else str(self.record_path),
+            "record_id": None if self.writer is None else self.writer.record_id,
+            "optimizer_class": optimizer_class(self.optimizer),
             "engine": self.engine.name,
             "layers": [l.name for l in self.layers],
             "options": self._options(),
@@ -57,6 +60,8 @@ class TrackerCheckpointing:
 
     def _check_state(self, state: Mapping[str, Any]) -> None:
         """The checkpointed tracker state belongs to a run with this tracker's layers and options."""
+        check_belongs("the checkpoint", state.get("record"), state.get("record_id"), self.record_path,
+                      None if self.writer is None else self.writer.record_id)
         if list(state["layers"]) != [l.name for l in self.layers]:
             raise ValueError(f"checkpoint tracks layers {state['layers']}, this tracker {[l.name for l in self.layers]}")
         changed = here_and_there(option_changes(state.get("options", {}), self._options()), "checkpoint")
@@ -131,9 +136,14 @@ class TrackerCheckpointing:
         Returns:
             The checkpoint's ``extra`` object.
         """
-        ckpt = _read(path)
+        return self._restore(_read(path), generators, _where(path))
+
+    def _restore(self, ckpt: Checkpoint, generators: Sequence[torch.Generator], where: str) -> Any:
         state = {**ckpt.tracker, "options": ckpt.options}
+        check_belongs(where, state.get("record"), state.get("record_id"), self.record_path,
+                      None if self.writer is None else self.writer.record_id)
         self._check_state(state)
+        check_optimizer(where, ckpt.optimizer, state.get("optimizer_class"), self.optimizer)
         self.model.load_state_dict(ckpt.model)
         if self.optimizer is not None and ckpt.optimizer is not None:
             self.optimizer.load_state_dict(ckpt.optimizer)
@@ -202,7 +212,7 @@ class TrackerCheckpointing:
         kwargs.pop("overwrite", None)
         tracker = cls(model, optimizer, record=attrs.evolve(record, mode="append"), **kwargs)
         try:
-            tracker.restore(state, generators)
+            tracker._restore(state, generators, _where(checkpoint))
         except BaseException:
             tracker.close()
             raise
@@ -219,6 +229,11 @@ def _step_record_data(rec: StepRecord) -> dict:
             "layers": {k: {kk: plain(vv) for kk, vv in v.items()} for k, v in rec.layers.items()},
             "network": {k: plain(v) for k, v in rec.network.items()}, "degenerate": bool(rec.degenerate),
             "probes": None if rec.probes is None else {k: plain(v) for k, v in rec.probes.items()}}
+
+
+def _where(path) -> str:
+    """How messages name a checkpoint: by its path when it is one."""
+    return "the checkpoint" if isinstance(path, (Checkpoint, Mapping)) else f"the checkpoint {str(path)!r}"
 
 
 def _read(path) -> Checkpoint:

@@ -32,7 +32,9 @@ from typing import Optional
 import attrs
 import torch
 
-from ..tracking.checkpoint import Checkpoint, CheckpointError, read_checkpoint, tmp_path, write_checkpoint
+from ..tracking.checkpoint import (Checkpoint, CheckpointError, check_belongs, check_optimizer, optimizer_class,
+                                   read_checkpoint, tmp_path, write_checkpoint)
+from ..tracking.signals import sigterm_as_interrupt
 from .data import DatasetInfo, load_dataset
 from .models import build_model
 from ..tracking.resume import OptionChange, ResumeError, option_changes, python_option  # noqa: F401  (re-exported)
@@ -200,9 +202,25 @@ def _remove_run(config: TrainConfig) -> None:
         check_record_file(config.record, for_writing=True)  # only records are replaced
         remove_record(config.record)
     if config.checkpoint:
+        _check_own_checkpoint(config)
         for p in (Path(config.checkpoint), tmp_path(config.checkpoint)):
             if p.exists():
                 p.unlink()
+
+
+def _check_own_checkpoint(config: TrainConfig) -> None:
+    """Refuse to replace a checkpoint that belongs to another run's existing record (``overwrite=True``)."""
+    ckpt = Path(config.checkpoint)
+    if not ckpt.exists() or not config.record:
+        return
+    try:
+        other = read_checkpoint(ckpt, "train", what="an sdelip training checkpoint").run.get("record")
+    except (CheckpointError, OSError):
+        return  # damaged or foreign: replaced as before
+    if other and Path(other).resolve() != Path(config.record).resolve() and Path(other).exists():
+        raise ResumeError(f"the checkpoint {str(ckpt)!r} belongs to another run, whose record is {other!r}; "
+                          f"{{overwrite}} replaces this run's record and checkpoint only: give this run its own "
+                          "{checkpoint}")
 
 
 def _rows(record: Path) -> int:
@@ -247,16 +265,29 @@ def _resume_state(config: TrainConfig, device) -> Optional[Checkpoint]:
     if state.step > config.steps:
         raise ResumeError(f"cannot resume from {where}: the run asks for {config.steps} steps, fewer than the "
                           "checkpoint has done; ask for at least as many, or pass {overwrite} to start a new run")
+    saved_record = state.run.get("record")
     if record is not None:
-        if not record.exists():
-            raise ResumeError(f"{where} continues a run whose record {str(record)!r} does not exist: give the record "
-                              "that run wrote, or pass {overwrite} to start a new run")
-        saved = load_metadata(record).get("config")
+        saved = load_metadata(record).get("config") if record.exists() else None
         if isinstance(saved, dict):
             changes = _changes(saved, config, convert=_as_metadata)
             if changes:
                 raise ResumeError(f"cannot resume into the record {str(record)!r}: it was written by a run with "
                                   "other options (it does not belong to the checkpoint's run):", changes, "record")
+        if saved_record and Path(saved_record).resolve() != record.resolve():
+            this = f"this run's record {str(record)!r}" + ("" if record.exists() else " does not exist")
+            raise ResumeError(f"{where} belongs to another run, whose record is {saved_record!r}, not {this}: two "
+                              "runs cannot share one checkpoint file; give this run its own {checkpoint} (by default "
+                              "RECORD.ckpt beside its record)")
+        if not record.exists():
+            raise ResumeError(f"{where} continues a run whose record {str(record)!r} does not exist: give the record "
+                              "that run wrote, or pass {overwrite} to start a new run")
+    if record is not None and record.exists() and state.run.get("record_id"):
+        from ..record import load_record_id
+
+        try:
+            check_belongs(where, saved_record, state.run.get("record_id"), record, load_record_id(record))
+        except CheckpointError as exc:
+            raise ResumeError(f"{exc} (give this run its own {{checkpoint}})") from None
     return state
 
 
@@ -280,17 +311,29 @@ def train(config: TrainConfig, progress: bool = True, callback=None) -> TrainRes
     t_start = time.perf_counter()
     dtype = _DTYPES[config.dtype]
     device = torch.device(config.device)
-    lock = None
-    if config.record and config.track:
-        from ..record.lock import RecordLock
+    from ..record.lock import RecordLock
 
-        lock = RecordLock(config.record)  # one writer per record, held until the tracker closes it
+    locks = []
     try:
-        with use_threads(config.threads):
-            return _train(config, progress, callback, lock, t_start, dtype, device)
+        if config.record and config.track:
+            locks.append(RecordLock(config.record))  # one writer per record, held until the tracker closes it
+        if config.checkpoint:  # and one run per checkpoint file
+            locks.append(RecordLock(config.checkpoint, what="checkpoint"))
+        with use_threads(config.threads), sigterm_as_interrupt(_terminated_message(config)):
+            return _train(config, progress, callback, locks[0] if config.record and config.track else None, t_start,
+                          dtype, device)
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
+
+
+def _terminated_message(config: TrainConfig) -> str:
+    """What a run stopped by SIGTERM says: what is kept and how to continue."""
+    kept = f"the record {config.record!r} is closed with every step committed so far" if config.record and \
+        config.track else "the run stopped"
+    how = (f"; rerun the same command to continue from the checkpoint {config.checkpoint!r}" if config.checkpoint
+           else "; no checkpoint was kept, so the run cannot be continued")
+    return f"terminated by SIGTERM: {kept}{how}"
 
 
 def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device) -> TrainResult:
@@ -314,6 +357,8 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
     ckpt = Path(config.checkpoint) if config.checkpoint else None
     summary = {"loss": float("nan"), "correct": 0, "seen": 0}  # running over the whole run
     if resume_state is not None:
+        check_optimizer(f"the checkpoint {str(config.checkpoint)!r}", resume_state.optimizer,
+                        resume_state.run.get("optimizer_class"), optimizer)
         model.load_state_dict(resume_state.model)
         optimizer.load_state_dict(resume_state.optimizer)
         start_step = resume_state.step
@@ -338,6 +383,9 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
                           start_step=start_step)
         if noisy is not None:
             tracker.extra_noise_var = noisy.noise_variance
+    owner = {"record": config.record if tracker is not None else None,
+             "record_id": tracker.writer.record_id if tracker is not None and tracker.writer is not None else None,
+             "optimizer_class": optimizer_class(optimizer)}
 
     bar = None
     if progress:
@@ -349,7 +397,8 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
     n_ckpt, ckpt_seconds, last_cost = 0, 0.0, 0.0
     min_interval = float(os.environ.get("SDELIP_CHECKPOINT_MIN_INTERVAL_S", CHECKPOINT_MIN_INTERVAL_S))
     if ckpt is not None and resume_state is None:  # a killed run can always be continued from here
-        last_cost = _save_checkpoint(ckpt, config, model, optimizer, start_step, K_initial, loss_value, correct, seen)
+        last_cost = _save_checkpoint(ckpt, config, model, optimizer, start_step, K_initial, loss_value, correct, seen,
+                                     owner)
         n_ckpt, ckpt_seconds = 1, last_cost
     last_saved = time.perf_counter()
     try:
@@ -381,7 +430,7 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
                     due = time.perf_counter() - last_saved >= max(min_interval, last_cost / CHECKPOINT_BUDGET)
                 if due:
                     last_cost = _save_checkpoint(ckpt, config, model, optimizer, step + 1, K_initial, loss_value,
-                                                 correct, seen)
+                                                 correct, seen, owner)
                     last_saved = time.perf_counter()
                     n_ckpt, ckpt_seconds = n_ckpt + 1, ckpt_seconds + last_cost
             if bar is not None:
@@ -398,7 +447,8 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
         if tracker is not None:
             tracker.close()
     if ckpt is not None:
-        cost = _save_checkpoint(ckpt, config, model, optimizer, config.steps, K_initial, loss_value, correct, seen)
+        cost = _save_checkpoint(ckpt, config, model, optimizer, config.steps, K_initial, loss_value, correct, seen,
+                                owner)
         n_ckpt, ckpt_seconds = n_ckpt + 1, ckpt_seconds + cost
     test_acc = None
     if config.eval_test:
@@ -413,12 +463,13 @@ def _train(config: TrainConfig, progress, callback, lock, t_start, dtype, device
 
 
 def _save_checkpoint(path: Path, config: TrainConfig, model, optimizer, step: int, K_initial: float,
-                     loss: float, correct: int, seen: int) -> float:
+                     loss: float, correct: int, seen: int, owner: Optional[dict] = None) -> float:
     """The model, optimizer and step, the run's options (JSON) and its running loss and accuracy.
 
     One :class:`~sdelip.tracking.checkpoint.Checkpoint` (the tracker's format too), written
     atomically and as data only (:func:`sdelip.tracking.checkpoint.write_checkpoint`); the initial
-    K and the running summary are its ``run`` entries.
+    K and the running summary are its ``run`` entries, with ``owner``: the record it belongs
+    to (path and record id) and the optimizer's class, checked on resume.
 
     Returns:
         The seconds the write took.
@@ -428,5 +479,5 @@ def _save_checkpoint(path: Path, config: TrainConfig, model, optimizer, step: in
     write_checkpoint(path, Checkpoint("train", int(step), model.state_dict(), optimizer.state_dict(), options,
                                       run={"K_initial": float(K_initial),
                                            "summary": {"loss": float(loss), "correct": int(correct),
-                                                       "seen": int(seen)}}))
+                                                       "seen": int(seen)}, **(owner or {})}))
     return time.perf_counter() - start

@@ -156,7 +156,8 @@ def test_records_from_before_the_step_curvature_column_still_load_and_append(tmp
     with RecordWriter(path, LAYERS, {"lr": 0.01}) as w:
         w.write(make_step(0))
     con = sqlite3.connect(path)  # rebuild the tables without the added columns, as an old file had them
-    for table, col in (("steps", "step_curvature_Z"), ("layer_steps", "step_curvature")):
+    for table, col in (("steps", "step_curvature_Z"), ("layer_steps", "step_curvature"), ("steps", "diverged"),
+                       ("steps", "checksum"), ("layer_steps", "checksum"), ("probes", "checksum")):
         con.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
     con.commit()
     con.close()

@@ -7,7 +7,9 @@ its result. :func:`run_sweep` runs a list of tasks and gives every task a record
 last, ``result.json`` (the returned dict, the task's name and config, the seconds). A
 folder is written in ``<root>/.staging/`` and renamed into place when complete, so a
 sweep that was killed resumes by skipping the tasks whose folder exists and running
-the others.
+the others. A folder counts as complete only when every file listed in its
+``result.json`` (sizes and SHA-256 of what the task wrote) is present and unchanged and
+its records pass their row checksums; one sweep at a time writes a root (``<root>/.sweep.lock``).
 
 Engines:
 
@@ -34,7 +36,7 @@ from typing import Optional, Sequence, Union
 
 from .backends import _run_in_process, _run_on_ray, execute  # noqa: F401  (execute: what a worker runs)
 from .progress import Progress, _say  # noqa: F401
-from .storage import FAILURES_FILE, RESULT_FILE, _roots, _write_failures, _write_tokens, damage, load_result
+from .storage import FAILURES_FILE, RESULT_FILE, _roots, _write_failures, _write_tokens, damage, load_result, lock_roots
 from .tasks import (  # noqa: F401
     SweepOutcome,
     Task,
@@ -84,6 +86,8 @@ def run_sweep(tasks, root, *, workers: Optional[int] = None, address: Optional[s
 
     Raises:
         ValueError: duplicate task names (or record folders), or a bad ``workers``.
+        sdelip.record.RecordLockedError: another sweep is running on one of the roots
+            (one sweep per output folder; the message names its process).
         ImportError: Ray is needed (``workers != 1`` or ``address``) but not installed.
     """
     keyed = _keyed(tasks)
@@ -91,6 +95,17 @@ def run_sweep(tasks, root, *, workers: Optional[int] = None, address: Optional[s
         raise ValueError(f"workers must be at least 1, got {workers}")
     start = time.perf_counter()
     roots = _roots(keyed, root)
+    locks = lock_roots(roots.values())  # one sweep per output folder
+    try:
+        return _run_locked(keyed, roots, start, workers=workers, address=address, progress=progress, fresh=fresh,
+                           threads=threads, shared=shared, python_path=python_path, label=label)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_locked(keyed, roots, start, *, workers, address, progress, fresh, threads, shared, python_path,
+                label) -> SweepOutcome:
     tokens = _write_tokens(set(roots.values()), shared)
     done: dict = {}
     todo: list[tuple] = []

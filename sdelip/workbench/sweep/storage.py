@@ -61,12 +61,64 @@ def load_result(task: Task, folder: pathlib.Path) -> Optional[TaskResult]:
         raise ValueError(f"{path} is damaged ({type(exc).__name__}: {exc})") from None
 
 
+_LOCK_FILE = ".sweep.lock"
+
+
+def lock_roots(roots: Iterable[pathlib.Path]) -> list:
+    """One sweep per output folder: a lock on each root (``<root>/.sweep.lock``), held by the caller.
+
+    Raises:
+        sdelip.record.RecordLockedError: another sweep holds a root (named with its process).
+    """
+    from ...record.lock import RecordLock
+
+    locks = []
+    try:
+        for r in sorted(set(roots)):
+            locks.append(RecordLock(r, what="sweep folder", lock_file=pathlib.Path(r) / _LOCK_FILE))
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    return locks
+
+
+def manifest(folder: pathlib.Path) -> dict:
+    """relative path → {"size", "sha256"} of every file a task wrote into ``folder`` (``result.json`` aside)."""
+    import hashlib
+
+    out = {}
+    for p in sorted(pathlib.Path(folder).rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_file() and rel != RESULT_FILE:
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            out[rel] = {"size": p.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def _manifest_damage(folder: pathlib.Path, files: Mapping) -> Optional[str]:
+    """Which file of the manifest is missing or changed (None when all are present and intact)."""
+    now = manifest(folder)
+    for rel, want in files.items():
+        if rel not in now:
+            return f"{folder / rel} is missing (the task wrote it; result.json lists it)"
+        if now[rel] != want:
+            return (f"{folder / rel} is damaged: it has changed since the task wrote it ({now[rel]['size']} bytes, "
+                    f"{want['size']} written; its SHA-256 differs)")
+    return None
+
+
 def damage(folder: pathlib.Path) -> Optional[str]:
     """What is wrong with a record folder that has a ``result.json``, or None when it is sound.
 
-    Checks that ``result.json`` parses with a value, and that every SQLite file in the
-    folder (``*.db``, e.g. a tracker record) passes SQLite's ``quick_check`` (a truncated
-    or corrupted record fails it).
+    Checks that ``result.json`` parses with a value, that every file it lists (the
+    manifest the sweep wrote: sizes and SHA-256) is present and unchanged, that every
+    sdelip record in the folder passes its row checksums (:mod:`sdelip.record.integrity`),
+    and that every other SQLite file (``*.db``) passes SQLite's ``quick_check`` (a
+    truncated or corrupted record fails it).
     """
     import sqlite3
     from urllib.parse import quote
@@ -78,7 +130,16 @@ def damage(folder: pathlib.Path) -> Optional[str]:
             return f"{folder / RESULT_FILE} lacks the task's value"
     except (OSError, ValueError) as exc:
         return f"{folder / RESULT_FILE} is empty or truncated ({type(exc).__name__}: {exc})"
+    if isinstance(meta.get("files"), dict):
+        problem = _manifest_damage(folder, meta["files"])
+        if problem:
+            return problem
     for db in sorted(folder.rglob("*.db")):
+        problem = _record_damage(db)
+        if problem is not False:
+            if problem:
+                return problem
+            continue
         try:
             con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True)
             try:
@@ -92,6 +153,19 @@ def damage(folder: pathlib.Path) -> Optional[str]:
     return None
 
 
+def _record_damage(db: pathlib.Path):
+    """For an sdelip record: what is damaged, or None; False when ``db`` is not an sdelip record."""
+    from ...record.format import NotARecordError
+    from ...record.integrity import verify_record
+    from ...record.read import check_record_file
+
+    try:
+        check_record_file(db)
+    except (NotARecordError, OSError):
+        return False
+    return verify_record(db)
+
+
 def _result_meta(task_name: str, task_id: str, ref: str, config: dict, out: dict) -> dict:
     """The contents of ``result.json``: the task, its value, and where and how long it ran."""
     return {"name": task_name, "id": task_id, "fn": ref, "config": config, "value": out["value"],
@@ -100,7 +174,8 @@ def _result_meta(task_name: str, task_id: str, ref: str, config: dict, out: dict
 
 
 def _finish(staging: pathlib.Path, final: pathlib.Path, meta: dict) -> None:
-    """Write ``result.json`` last into ``staging`` and rename it to ``final``."""
+    """Write ``result.json`` (with the manifest of the task's files) last into ``staging`` and rename it to ``final``."""
+    meta = {**meta, "files": manifest(staging)}
     (staging / RESULT_FILE).write_text(json.dumps(meta, indent=1, allow_nan=True))
     if final.exists():  # an incomplete folder (no result.json) left by hand or an older version
         shutil.rmtree(final)
