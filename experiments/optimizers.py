@@ -71,7 +71,7 @@ def run_one(name: str, steps: int, batch_size: int, seed: int, record: Path) -> 
     h = [opt.register_step_pre_hook(before), opt.register_step_post_hook(after)]
     k = 0
     t0 = time.perf_counter()
-    with sdelip.Tracker(model, opt, record=record, overwrite=True) as tracker:
+    with sdelip.Tracker(model, opt, record=sdelip.RecordOptions(record, mode="overwrite")) as tracker:
         while k < steps:
             for x, y in loader:
                 opt.zero_grad()
