@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -114,14 +115,17 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("optimizers-results"))
     ap.add_argument("--only", nargs="*", default=None, help="optimizer names (default: all)")
+    ap.add_argument("--records", type=Path, default=None, help="keep the runs' records here (default: a temporary folder)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
+    records = args.records or Path(tempfile.mkdtemp(prefix="sdelip_optimizers_"))
+    records.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.only or OPTIMIZERS:
         print(f"{name} …", file=sys.stderr, flush=True)
         slug = "".join(c if c.isalnum() else "_" for c in name)
-        rows.append(run_one(name, args.steps, args.batch_size, args.seed, args.out / f"{slug}.db"))
+        rows.append(run_one(name, args.steps, args.batch_size, args.seed, records / f"{slug}.db"))
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "table.csv", index=False)
     lines = [
