@@ -20,6 +20,9 @@ from .workbench import data, models, regularizers
 from . import errors
 from .errors import (
     BatchAxisError,
+    DamagedRecordError,
+    RecordNotClosedError,
+    RecordWriteError,
     NoOptimizerRuleError,
     UnmodelledUpdateError,
     UnsupportedOptimizerError,
@@ -92,6 +95,7 @@ _legacy.install()  # old import paths (sdelip.tracker, sdelip.spectral, ...) for
 __version__ = "0.1.0"
 
 __all__ = [
+    "DamagedRecordError", "RecordNotClosedError", "RecordWriteError",
     "NoOptimizerRuleError", "UnmodelledUpdateError", "UnsupportedOptimizerError",
     "data", "models", "regularizers",
     "errors", *errors.__all__,  # every public exception and warning (sdelip.errors)

@@ -17,7 +17,7 @@ __all__ = [
     "SmallBatchWarning", "GradientAccumulationError", "CheckpointError", "UnsafeCheckpointError",
     "CheckpointWriteError", "ResumeError", "RecordExistsError", "NotARecordError", "RecordLockedError",
     "DatasetFallbackWarning", "DatasetNotFoundError", "NoOptimizerRuleError", "UnsupportedOptimizerError",
-    "UnmodelledUpdateError",
+    "UnmodelledUpdateError", "DamagedRecordError", "RecordWriteError", "RecordNotClosedError",
 ]
 
 
@@ -205,3 +205,18 @@ class UnsupportedOptimizerError(ValueError):
 
 class UnmodelledUpdateError(ValueError):
     """A record's steps whose update the model coefficients do not describe (named, with the cause)."""
+
+
+class DamagedRecordError(NotARecordError):
+    """A record whose rows fail their checksums or whose file is cut short (the message names both)."""
+
+
+class RecordWriteError(OSError):
+    """Writing a record failed (full disk, a lock held by another program, the file gone); the message names it."""
+
+    def __str__(self) -> str:  # the message alone, without "[Errno N]"
+        return str(self.args[0]) if self.args else ""
+
+
+class RecordNotClosedError(RecordWriteError):
+    """The record could not be made one self-contained file at close; the message says how to finish it."""

@@ -32,10 +32,11 @@ import struct
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+from ..errors import DamagedRecordError  # noqa: F401  (defined there, re-exported)
 from .format import NotARecordError
 
 __all__ = ["DIVERGENCE_FACTOR", "DamagedRecordError", "row_checksum", "is_diverged", "diverged_steps",
-           "damaged_steps", "truncation", "describe_damage", "verify_record"]
+           "damaged_steps", "truncation", "describe_damage"]
 
 #: A step is flagged diverged when its K or its loss is at least this many times the record's first row's.
 DIVERGENCE_FACTOR = 1e6
@@ -44,8 +45,6 @@ DIVERGENCE_FACTOR = 1e6
 CHECKED_TABLES = ("steps", "layer_steps", "probes")
 
 
-class DamagedRecordError(NotARecordError):
-    """A record whose rows fail their checksums or whose file is cut short (the message names both)."""
 
 
 def _encode(value) -> bytes:
@@ -161,16 +160,3 @@ def describe_damage(path, bad: Mapping[str, Iterable[int]], cut: Optional[str]) 
     if not parts:
         return None
     return f"the record {str(path)!r} is damaged: " + "; ".join(parts)
-
-
-def verify_record(path) -> Optional[str]:
-    """What is damaged in a record file (truncation, rows failing their checksum), or None when sound."""
-    from .read import _Reading
-
-    cut = truncation(path)
-    try:
-        with _Reading(path) as con:
-            bad = damaged_steps(con)
-    except NotARecordError as exc:
-        return str(exc)
-    return describe_damage(path, bad, cut)

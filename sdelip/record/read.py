@@ -11,11 +11,12 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import pandas as pd
 
+from .integrity import DamagedRecordError, damaged_steps, describe_damage, truncation
 from .format import (
     NETWORK_QUANTITIES,
     NotARecordError,
@@ -328,8 +329,6 @@ def load_record(path, intact_only: bool = False) -> pd.DataFrame:
         DamagedRecordError: rows fail their checksum or the file was cut short (the
             message names the record and the steps); ``intact_only=True`` reads the rest.
     """
-    from .integrity import DamagedRecordError, damaged_steps, describe_damage, truncation
-
     cut = truncation(path) if Path(path).exists() else None
     try:
         with _Reading(path) as con:
@@ -428,3 +427,13 @@ def records_equal(a, b, rtol: float = 0.0, atol: float = 0.0) -> bool:
         elif not np.array_equal(x, y):
             return False
     return True
+
+def verify_record(path) -> Optional[str]:
+    """What is damaged in a record file (truncation, rows failing their checksum), or None when sound."""
+    cut = truncation(path)
+    try:
+        with _Reading(path) as con:
+            bad = damaged_steps(con)
+    except NotARecordError as exc:
+        return str(exc)
+    return describe_damage(path, bad, cut)

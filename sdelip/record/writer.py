@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
 
+from ..errors import RecordWriteError, RecordNotClosedError  # noqa: F401  (defined there, re-exported)
 from .format import (
     LAYER_QUANTITIES,
     NETWORK_QUANTITIES,
@@ -92,15 +93,8 @@ def _update_values(update: Optional[Mapping[str, Any]]) -> tuple:
             None if u.get("update_note") is None else str(u["update_note"]))
 
 
-class RecordWriteError(OSError):
-    """Writing a record failed (full disk, a lock held by another program, the file gone); the message names it."""
-
-    def __str__(self) -> str:  # the message alone, without "[Errno N]"
-        return str(self.args[0]) if self.args else ""
 
 
-class RecordNotClosedError(RecordWriteError):
-    """The record could not be made one self-contained file at close; the message says how to finish it."""
 
 
 def _free_bytes(folder: Path) -> Optional[int]:

@@ -156,7 +156,7 @@ def damage(folder: pathlib.Path) -> Optional[str]:
 def _record_damage(db: pathlib.Path):
     """For an sdelip record: what is damaged, or None; False when ``db`` is not an sdelip record."""
     from ...record.format import NotARecordError
-    from ...record.integrity import verify_record
+    from ...record.read import verify_record
     from ...record.read import check_record_file
 
     try:
