@@ -125,7 +125,8 @@ class ModuleMonitor:
                     continue
                 who = f"layer {mname!r}" if mname == layer.name else \
                     f"module {mname!r} (which holds the weight of layer {layer.name!r})"
-                how = "more than once" if n > expected else "fewer times than counted"
+                how = "although the forward pass of example_input did not call it" if expected == 0 else \
+                    "more than once" if n > expected else "fewer times than counted"
                 why = ("as the forward pass of example_input did; the tracker needs the same structure in every "
                        "forward pass") if self.uses_counted else \
                     ("since without example_input= every module is taken to be called once: create the Tracker "

@@ -110,8 +110,11 @@ class Tracker(TrackerCheckpointing):
             for a degenerate σ1, the probe interval.
         example_input: an input batch used once to order the layers by a forward pass and
             to count how many times each tracked module is called in it (tied weights and
-            modules called several times, :func:`sdelip.rules.inventory.tracked_layers`). Without it
-            every module is taken to be called once per forward pass.
+            modules called several times, :func:`sdelip.rules.inventory.tracked_layers`): a tensor
+            (``model(x)``), a tuple of positional arguments or a dict of keyword arguments
+            (``model(**kw)``, e.g. T5's ``input_ids``/``decoder_input_ids``). The uses are counted,
+            not the modules: a module holding a tied weight that the pass never calls counts 0.
+            Without it every module is taken to be called once per forward pass.
         loss_fn: ``loss_fn(outputs, targets)`` → per-sample losses; the materialised engine
             needs it (and ``batch=`` in :meth:`backward`).
         lr: the learning rate when ``optimizer`` is None.
@@ -157,7 +160,7 @@ class Tracker(TrackerCheckpointing):
         engine: Union[None, str, type] = None,
         schedule=None,
         options: Optional[TrackingOptions] = None,
-        example_input: Optional[torch.Tensor] = None,
+        example_input=None,
         loss_fn: Optional[Callable] = None,
         lr: Optional[float] = None,
         start_step: int = 0,
