@@ -281,22 +281,64 @@ class FactoredEngine(Engine):
         flattened together), the use is computed in the general way: per-sample output
         gradients by a batched backward. Cached per layer, use and output shape.
         """
-        for j in dict.fromkeys((0, M - 1, M // 2)):
-            outs = [_first(use.output) for _, use, _ in unresolved]
+        silent = {id(use) for _, use, _ in unresolved}  # uses no probed sample's loss has reached yet
+        probed: set = set()
+
+        def probe(j, entries):
+            probed.add(j)
+            outs = [_first(use.output) for _, use, _ in entries]
             grads = torch.autograd.grad(losses[j], outs, retain_graph=True, allow_unused=True)
             left = []
-            for (key, use, cands), g in zip(unresolved, grads):
+            for (key, use, cands), g in zip(entries, grads):
                 g = None if g is None else _first_view(use, g)
                 if g is None or not bool((g != 0).any()):
                     left.append((key, use, cands))  # this sample's loss does not reach the use: ask another
                     continue
+                silent.discard(id(use))
                 good = probe_batch_axis(g, cands, j)
                 if len(good) > 1:
                     left.append((key, use, good))
                     continue
                 use.batch_axis = good[0] if good else GENERAL
                 self._axis_cache[key] = use.batch_axis
-            unresolved = left
+            return left
+
+        for j in dict.fromkeys((0, M - 1, M // 2)):
+            unresolved = probe(j, unresolved)
+            if not unresolved:
+                return
+        quiet = [e for e in unresolved if id(e[1]) in silent]
+        if quiet:
+            # No probed sample reached these uses. The gradient of Σ_i r_i ℓ_i with random weights r
+            # is zero only if every ∂ℓ_i/∂output is (almost surely): then g_i = 0 exactly for every
+            # sample (a zero-initialised branch, ReLUs all dead at this step) and the layer's terms
+            # are those of a zero gradient; the batch axis is resolved at the first step that can.
+            gen = torch.Generator(device=losses.device).manual_seed(1 + len(probed))
+            r = torch.rand(M, generator=gen, device=losses.device, dtype=losses.dtype) + 0.5
+            flat = [(e, o) for e in quiet for o in (e[1].output if isinstance(e[1].output, tuple) else (e[1].output,))]
+            grads = torch.autograd.grad(losses, [o for _, o in flat], grad_outputs=r, retain_graph=True,
+                                        allow_unused=True)
+            weighted: dict[int, list] = {}
+            for (e, _), g in zip(flat, grads):
+                weighted.setdefault(id(e[1]), []).append(g)
+            for e in quiet:
+                gs = weighted[id(e[1])]
+                if all(g is None or not bool((g != 0).any()) for g in gs):
+                    e[1].release()  # g_i = 0 for every i: no statistics to form, nothing cached
+                    e[1].batch_axis = None
+                    unresolved = [u for u in unresolved if u[1] is not e[1]]
+                    continue
+                # some sample reaches the use: ask the samples at the non-zero indices of each candidate axis
+                g0 = _first_view(e[1], gs[0]) if gs[0] is not None else None
+                if g0 is None:
+                    continue
+                nz = g0 != 0
+                for a in e[2]:
+                    idx = nz.movedim(a, 0).reshape(nz.shape[a], -1).any(1).nonzero().flatten().tolist()
+                    for j in [i for i in idx if i < M and i not in probed][:2]:
+                        if not any(u[1] is e[1] for u in unresolved):
+                            break
+                        unresolved = [u for u in unresolved if u[1] is not e[1]] + probe(j, [u for u in unresolved if u[1] is e[1]])
             if not unresolved:
                 return
         for key, use, cands in unresolved:  # the probe could not tell: exact in the general way, asked again next step

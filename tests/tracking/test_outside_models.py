@@ -1,0 +1,244 @@
+"""Models as shipped by others, and the last silent numbers (issue 27).
+
+Every tracked term is checked against a float64 oracle: per-sample gradients by an autograd
+loop over the samples on an untouched copy of the model (``autograd.grad(losses[i], θ)``,
+the total derivative over every use), reduced by :func:`sdelip.core.formulas.layer_terms`.
+Outside libraries (transformers, timm, torchvision) are optional: their tests skip with the
+reason when absent.
+"""
+
+import copy
+import functools
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdelip.core.formulas import layer_terms
+from sdelip.errors import BatchAxisError, EngineError, SharedTensorWarning, UnsupportedLayerError
+from sdelip.rules.inventory import tracked_layers, weight_inventory
+from sdelip.tracking.options import RuntimeOptions
+from sdelip.tracking.tracker import Tracker
+
+DT = torch.float64
+LR = 0.05
+CE = functools.partial(F.cross_entropy, reduction="none")
+TERMS = ("drift", "noise_curvature", "diffusion_sq")
+
+
+def oracle_rows(model, losses_of, layers):
+    """Per-layer Thm 14 terms from per-sample gradients by an autograd loop on an untouched copy."""
+    m = copy.deepcopy(model)
+    params = dict(m.named_parameters(remove_duplicate=False))
+    losses = losses_of(m)
+    out = {}
+    for layer in layers:
+        w = params[layer.parameter_name]
+        G = torch.stack([torch.autograd.grad(losses[i], w, retain_graph=True, allow_unused=True)[0]
+                         if w.requires_grad else None for i in range(len(losses))])
+        W = layer.rule.matrix(w.detach())
+        t = layer_terms(W, G.reshape(G.shape[0], *W.shape), LR)
+        out[layer.name] = {q: float(getattr(t, q)) for q in TERMS}
+    return out
+
+
+def track_one(model, losses_of, engine="auto", batch=None, loss_fn=None, **kw):
+    """One tracked SGD step on a copy of ``model``: (row, tracker)."""
+    m = copy.deepcopy(model)
+    tr = Tracker(m, torch.optim.SGD(m.parameters(), lr=LR), engine=engine, loss_fn=loss_fn, **kw)
+    rec = tr.backward(losses_of(m), batch=batch)
+    tr.close()
+    return rec, tr
+
+
+def assert_rows(rec, want, rtol=1e-8):
+    for name, terms in want.items():
+        for q, v in terms.items():
+            got = rec.layers[name][q]
+            assert math.isclose(got, v, rel_tol=rtol, abs_tol=1e-14), f"{q}/{name}: {got!r} vs oracle {v!r}"
+
+
+def data(shape, M=6, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, *shape, generator=g, dtype=DT), torch.randint(0, classes, (M,), generator=g)
+
+
+# -- 2. uses counted, not modules ------------------------------------------------------------------
+class SharedTable(nn.Module):
+    """T5's pattern: ``shared`` holds the table, never called; its tied copies apply it twice."""
+
+    def __init__(self, V=7, d=5):
+        super().__init__()
+        self.shared = nn.Embedding(V, d)
+        self.embed = nn.Embedding(V, d)
+        self.embed.weight = self.shared.weight
+        self.mix = nn.Linear(d, d)
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.shared.weight
+
+    def forward(self, ids, scale=1.0):
+        return self.head(torch.tanh(self.mix(self.embed(ids)) * scale)).mean(1)
+
+
+@pytest.mark.parametrize("how", ["dict", "tuple"])
+def test_an_uncalled_owner_counts_zero_uses_and_example_input_takes_arguments(how):
+    torch.manual_seed(3)
+    model = SharedTable().to(DT)
+    ids = torch.randint(0, 7, (6, 4))
+    y = torch.randint(0, 7, (6,))
+    ex = {"ids": ids, "scale": 0.5} if how == "dict" else (ids, 0.5)
+    layers = tracked_layers(model, example_input=ex)
+    tied = next(l for l in layers if "shared" in l.module_names)
+    assert tied.uses == 2 and dict(zip(tied.module_names, tied.calls)) == {"embed": 1, "head": 1, "shared": 0}
+    assert tied.name == "embed"  # named by its first use, not by the module that never applies it
+    assert [l.uses for l in tracked_layers(model)] == [3, 1]  # without example_input: every module once
+    losses_of = lambda m: CE(m(ids, 0.5), y)  # noqa: E731
+    rec, tr = track_one(model, losses_of, example_input=ex)
+    assert_rows(rec, oracle_rows(model, losses_of, tr.layers))
+    z = sum(l.uses * math.log(float(torch.linalg.matrix_norm(l.matrix().detach(), 2))) for l in tr.layers)
+    assert math.isclose(rec.network["Z"], z, rel_tol=1e-10)
+
+
+def test_a_weight_no_module_applies_is_left_out_with_the_reason():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.spare = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x)
+
+    x, _ = data((4,))
+    layers, left = weight_inventory(Unused().to(DT), example_input=x)
+    assert [l.name for l in layers] == ["a"]
+    assert any(o.name == "spare.weight" and "not applied" in o.reason for o in left)
+
+
+def test_t5_shared_embedding_is_applied_three_times():
+    transformers = pytest.importorskip("transformers", reason="transformers is an optional test dependency")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                num_heads=2, tie_word_embeddings=True, dropout_rate=0.0)
+    model = transformers.T5ForConditionalGeneration(cfg).to(DT)
+    ids, dec = torch.randint(0, 40, (4, 5)), torch.randint(0, 40, (4, 3))
+    layers = tracked_layers(model, example_input={"input_ids": ids, "decoder_input_ids": dec})
+    tied = [l for l in layers if "shared" in l.module_names]
+    assert len(tied) == 1 and tied[0].uses == 3, [(l.name, l.module_names, l.calls) for l in tied]
+    assert dict(zip(tied[0].module_names, tied[0].calls))["shared"] == 0
+
+
+# -- 3. zero gradients are exact ---------------------------------------------------------------------
+class ZeroBranch(nn.Module):
+    """A residual branch whose last BatchNorm scale is zero (zero_init_residual) and a dead-ReLU Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        nn.init.zeros_(self.bn.weight)
+        self.dead = nn.Linear(4, 4)
+        self.after = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.dead.bias.fill_(-100.0)  # ReLU(dead(·)) = 0 for every sample: `after` has g_i = 0
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + self.bn(self.conv(h))
+        f = h.mean((2, 3))
+        return self.head(f + self.after(torch.relu(self.dead(f))))
+
+
+def test_zero_per_sample_gradients_are_exact_without_warning_and_resolved_later():
+    torch.manual_seed(4)
+    model = ZeroBranch().to(DT).eval()
+    x, y = data((2, 5, 5), M=5)
+    losses_of = lambda m: CE(m(x), y)  # noqa: E731
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=LR)
+    tr = Tracker(m, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SharedTensorWarning)
+        rec = tr.backward(losses_of(m))
+    want = oracle_rows(model, losses_of, tr.layers)
+    assert want["conv"]["diffusion_sq"] == 0.0 and want["after"]["diffusion_sq"] == 0.0  # the test's premise
+    assert_rows(rec, want)
+    assert rec.layers["conv"]["drift"] == 0.0 and rec.layers["conv"]["noise_curvature"] == 0.0
+    assert not any(k[0] == "conv" for k in tr.engine._axis_cache)  # not resolved while g_i = 0
+    opt.step()
+    opt.zero_grad()
+    snapshot = copy.deepcopy(m)
+    rec = tr.backward(losses_of(m))  # bn.weight ≠ 0 now: conv's batch axis is resolved and its terms exact
+    want = oracle_rows(snapshot, losses_of, tr.layers)
+    assert want["conv"]["diffusion_sq"] > 0
+    assert_rows(rec, want)
+    assert any(k[0] == "conv" for k in tr.engine._axis_cache)
+    tr.close()
+
+
+def test_torchvision_resnet18_zero_init_residual():
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is an optional test dependency")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(zero_init_residual=True, num_classes=3).to(DT).eval()
+    x, y = data((3, 32, 32), M=3)
+    losses_of = lambda m: CE(m(x), y)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SharedTensorWarning)
+        rec, tr = track_one(model, losses_of)
+    assert tr.engine.name == "factored"
+    some = [l for l in tr.layers if l.name in ("conv1", "layer1.0.conv2", "layer4.1.conv2", "fc")]
+    want = oracle_rows(model, losses_of, some)
+    assert want["layer1.0.conv2"]["diffusion_sq"] == 0.0
+    assert_rows(rec, want)
+
+
+# -- 4. shape, not name --------------------------------------------------------------------------------
+class BiasTable(nn.Module):
+    """A relative-position bias table (2-D, "bias" in its name) added to attention scores."""
+
+    def __init__(self, T=4, heads=2, d=6):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.relative_position_bias_table = nn.Parameter(0.3 * torch.randn(2 * T - 1, heads))
+        self.register_buffer("index", (torch.arange(T)[:, None] - torch.arange(T)[None, :] + T - 1))
+        self.heads, self.head = heads, nn.Linear(d, 3)
+
+    def forward(self, x):
+        M, T, d = x.shape
+        q, k, v = self.qkv(x).reshape(M, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.relative_position_bias_table[self.index].permute(2, 0, 1)  # (heads, T, T)
+        a = torch.softmax(q @ k.transpose(-1, -2) + bias, -1)
+        return self.head((a @ v).transpose(1, 2).reshape(M, T, d).mean(1))
+
+
+def test_a_two_dimensional_bias_table_is_a_tracked_weight():
+    torch.manual_seed(5)
+    model = BiasTable().to(DT)
+    layers, left = weight_inventory(model)
+    assert "relative_position_bias_table" in [l.name for l in layers]
+    assert [o.name for o in left] == ["qkv.bias", "head.bias"]
+    x, y = data((4, 6), M=5)
+    losses_of = lambda m: CE(m(x), y)  # noqa: E731
+    for engine in ("factored", "coupled"):
+        rec, tr = track_one(model, losses_of, engine=engine)
+        assert_rows(rec, oracle_rows(model, losses_of, tr.layers))
+    with pytest.raises(UnsupportedLayerError, match="relative_position_bias_table"):
+        Tracker(copy.deepcopy(model), lr=LR, runtime=RuntimeOptions(unsupported="error"))
+
+
+def test_timm_levit_and_swin_tables_are_not_left_out_as_biases():
+    timm = pytest.importorskip("timm", reason="timm is an optional test dependency")
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, window_size=7,
+                             embed_dim=12, depths=(1, 1), num_heads=(1, 2), num_classes=3)
+    layers, left = weight_inventory(swin)
+    names = [l.name for l in layers]
+    assert any(n.endswith("relative_position_bias_table") for n in names)
+    assert not any("relative_position_bias_table" in o.name for o in left)
+    levit = timm.create_model("levit_128s", pretrained=False, num_classes=3)
+    layers, left = weight_inventory(levit)
+    assert any(l.name.endswith("attention_biases") for l in layers)
+    assert not any(o.name.endswith("attention_biases") for o in left)
