@@ -20,6 +20,10 @@ from .workbench import data, models, regularizers
 from . import errors
 from .errors import (
     BatchAxisError,
+    LossMismatchError,
+    MixedPrecisionError,
+    RecurrentInputError,
+    SecondOrderLossError,
     NoOptimizerRuleError,
     UnmodelledUpdateError,
     UnsupportedOptimizerError,

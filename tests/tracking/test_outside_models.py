@@ -242,3 +242,52 @@ def test_timm_levit_and_swin_tables_are_not_left_out_as_biases():
     layers, left = weight_inventory(levit)
     assert any(l.name.endswith("attention_biases") for l in layers)
     assert not any(o.name.endswith("attention_biases") for o in left)
+
+
+# -- 7. recurrent layers -----------------------------------------------------------------------------------
+class Recurrent(nn.Module):
+    def __init__(self, cls, batch_first, packed=False, **kw):
+        super().__init__()
+        self.rnn = cls(3, 4, num_layers=2, bidirectional=True, batch_first=batch_first, **kw)
+        self.batch_first, self.packed = batch_first, packed
+        self.head = nn.Linear(2 * kw.get("proj_size", 4) if kw.get("proj_size") else 8, 3)
+
+    def forward(self, x, lengths=None):
+        xin = x if self.batch_first else x.transpose(0, 1)
+        if self.packed:
+            xin = nn.utils.rnn.pack_padded_sequence(xin, lengths, batch_first=self.batch_first, enforce_sorted=False)
+        out, h = self.rnn(xin)
+        if self.packed:
+            out = nn.utils.rnn.pad_packed_sequence(out, batch_first=self.batch_first)[0]
+        out = out if self.batch_first else out.transpose(0, 1)
+        hn = h[0] if isinstance(h, tuple) else h
+        return self.head(out.mean(1)) + hn.sum(0).sum(-1, keepdim=True)  # the final states carry samples on axis 1
+
+
+@pytest.mark.parametrize("cls,kw", [(nn.RNN, {}), (nn.LSTM, {}), (nn.LSTM, {"proj_size": 2}), (nn.GRU, {})],
+                         ids=["rnn", "lstm", "lstm_proj", "gru"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_recurrent_layers_are_exact(cls, kw, batch_first):
+    torch.manual_seed(6)
+    model = Recurrent(cls, batch_first, **kw).to(DT)
+    x, y = data((5, 3), M=5)  # T = M: the layout, not the sizes, says where the samples are
+    losses_of = lambda m: CE(m(x), y)  # noqa: E731
+    rec, tr = track_one(model, losses_of)
+    assert tr.engine.name == "factored" and len(tr.layers) == 1 + 2 * 2 * (3 if kw else 2)
+    assert_rows(rec, oracle_rows(model, losses_of, tr.layers))
+
+
+def test_packed_sequences_are_refused_by_name_and_exact_with_coupled():
+    torch.manual_seed(7)
+    model = Recurrent(nn.LSTM, True, packed=True).to(DT)
+    x, y = data((5, 3), M=4)
+    lengths = torch.tensor([5, 2, 4, 3])
+    losses_of = lambda m: CE(m(x, lengths), y)  # noqa: E731
+    m = copy.deepcopy(model)
+    tr = Tracker(m, lr=LR)
+    from sdelip.errors import RecurrentInputError
+    with pytest.raises(RecurrentInputError, match=r"LSTM 'rnn' is given a PackedSequence.*engine='coupled'"):
+        losses_of(m)
+    tr.close()
+    rec, tr = track_one(model, losses_of, engine="coupled")
+    assert_rows(rec, oracle_rows(model, losses_of, tr.layers))
