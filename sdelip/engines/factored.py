@@ -46,8 +46,8 @@ from ..rules import BatchAxisError, Use, probe_batch_axis
 from ..rules.base import GENERAL, GENERAL_DONE
 from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
 from ..core.statistics import EngineError, LayerStatistics, ScaleFn, StatisticsAccumulator, check_scale
-from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users
-from ..errors import SharedTensorWarning  # noqa: F401  (defined there, re-exported)
+from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, second_order_node, untracked_weight_users
+from ..errors import SecondOrderLossError, SharedTensorWarning  # noqa: F401  (defined there, re-exported)
 
 __all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "combine_scaled_projections", "linear_statistics",
            "sequence_linear_statistics", "patch_statistics"]
@@ -394,6 +394,15 @@ class FactoredEngine(Engine):
                 "the step's forward pass, run the forward with gradients enabled, and call tracker.backward "
                 "once per forward"
             )
+        node = second_order_node(losses)
+        if node is not None:
+            self._uses = {}
+            raise SecondOrderLossError(
+                f"step {step}: the losses contain a gradient taken with create_graph=True (a gradient penalty such as "
+                f"ℓ + λ‖∂ℓ/∂x‖²; node {node} in their graph): the weights enter the loss also through the backward "
+                "graph of that gradient, which no layer hook sees, so the factored engine cannot form its per-sample "
+                "gradients; use engine='coupled' (exact: it differentiates the losses themselves)"
+            )
         self._stats = {}
         self._resolve_batch_axes(losses, M, step)
         # Σ_i g_i is M times the weight gradient the backward accumulates; the same gradient checks
@@ -491,8 +500,9 @@ class FactoredEngine(Engine):
                 f"layer {name!r} at step {step}: the per-sample gradients seen by its rule's hooks sum to "
                 f"‖Σ g_iᵀu1‖ = {float(seen.norm()):.6g}, but the weight gradient of the same backward gives "
                 f"{float(total.norm()):.6g}: the weight is also applied where no layer rule sees it (e.g. "
-                "F.linear(x, module.weight) in the forward, or a module type whose rule does not watch that call); "
-                "use engine='materialised' (with loss_fn) or engine='coupled'"
+                "F.linear(x, module.weight) in the forward, or a module type whose rule does not watch that call), or "
+                "the losses depend on the weight through a gradient taken with create_graph=True; use "
+                "engine='coupled' (exact in both cases)"
             )
 
 

@@ -29,8 +29,13 @@ CE = functools.partial(F.cross_entropy, reduction="none")
 TERMS = ("drift", "noise_curvature", "diffusion_sq")
 
 
-def oracle_rows(model, losses_of, layers):
-    """Per-layer Thm 14 terms from per-sample gradients by an autograd loop on an untouched copy."""
+def oracle_rows(model, losses_of, layers, scale=1.0, batch_grad=False):
+    """Per-layer Thm 14 terms from per-sample gradients by an autograd loop on an untouched copy.
+
+    ``scale``: the losses are ``scale`` times the loss of interest (a GradScaler's); their
+    per-sample gradients are divided by it. ``batch_grad``: μ from the gradient of the batch's
+    ``losses.mean()`` (the gradient an edited step applies), not from the mean of the g_i.
+    """
     m = copy.deepcopy(model)
     params = dict(m.named_parameters(remove_duplicate=False))
     losses = losses_of(m)
@@ -40,7 +45,10 @@ def oracle_rows(model, losses_of, layers):
         G = torch.stack([torch.autograd.grad(losses[i], w, retain_graph=True, allow_unused=True)[0]
                          if w.requires_grad else None for i in range(len(losses))])
         W = layer.rule.matrix(w.detach())
-        t = layer_terms(W, G.reshape(G.shape[0], *W.shape), LR)
+        gbar = None
+        if batch_grad:
+            gbar = layer.rule.matrix(torch.autograd.grad(losses.mean(), w, retain_graph=True)[0]) / scale
+        t = layer_terms(W, G.reshape(G.shape[0], *W.shape) / scale, LR, grad=gbar)
         out[layer.name] = {q: float(getattr(t, q)) for q in TERMS}
     return out
 
@@ -291,3 +299,92 @@ def test_packed_sequences_are_refused_by_name_and_exact_with_coupled():
     tr.close()
     rec, tr = track_one(model, losses_of, engine="coupled")
     assert_rows(rec, oracle_rows(model, losses_of, tr.layers))
+
+
+# -- 5. gradient penalties ---------------------------------------------------------------------------------
+def penalised(lam=0.5):
+    """ℓ_i + λ‖∂ℓ_i/∂x_i‖²: the penalty's gradient is taken with create_graph=True."""
+    def losses_of(m, x, y):
+        x = x.clone().requires_grad_(True)
+        loss = CE(m(x), y)
+        gx, = torch.autograd.grad(loss.sum(), x, create_graph=True)
+        return loss + lam * gx.pow(2).sum(1)
+    return losses_of
+
+
+def test_a_gradient_penalty_is_exact_with_coupled_and_refused_with_the_true_cause_otherwise():
+    from sdelip.errors import LossMismatchError, SecondOrderLossError
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    x, y = data((5,), M=6)
+    losses_of = functools.partial(penalised(), x=x, y=y)
+    rec, tr = track_one(model, losses_of, engine="coupled")
+    assert_rows(rec, oracle_rows(model, losses_of, tr.layers))
+    with pytest.raises(SecondOrderLossError, match=r"step 0: the losses contain a gradient taken with "
+                                                   r"create_graph=True.*engine='coupled'"):
+        track_one(model, losses_of, engine="factored")
+    # materialised recomputes loss_fn (without the penalty): refused by name, not a number of another loss
+    with pytest.raises(LossMismatchError, match=r"layer '0' at step 0: the per-sample gradients of loss_fn"):
+        track_one(model, losses_of, engine="materialised", batch=(x, y), loss_fn=CE)
+    # the same check passes when loss_fn is the loss of the step
+    rec, tr = track_one(model, lambda m: CE(m(x), y), engine="materialised", batch=(x, y), loss_fn=CE)
+    assert_rows(rec, oracle_rows(model, lambda m: CE(m(x), y), tr.layers))
+
+
+def test_materialised_refuses_a_loss_fn_other_than_the_steps_loss():
+    from sdelip.errors import LossMismatchError
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DT)
+    x, y = data((5,), M=6)
+    with pytest.raises(LossMismatchError, match="not the loss whose gradient the step applied"):
+        track_one(model, lambda m: CE(m(x), y) + 1e-3 * m[0].weight.pow(2).sum(), engine="materialised",
+                  batch=(x, y), loss_fn=CE)
+
+
+# -- 6. mixed precision --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_coupled_records_the_applied_gradients_others_refuse(dtype):
+    from sdelip.errors import MixedPrecisionError
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    s = 1024.0 if dtype == torch.float16 else 1.0
+
+    def losses_of(m):
+        with torch.autocast("cpu", dtype=dtype):
+            return CE(m(x), y) * s
+
+    m = copy.deepcopy(model)
+    opt = torch.optim.SGD(m.parameters(), lr=LR)
+    tr = Tracker(m, opt, engine="coupled")
+    if dtype == torch.float16:  # fp16 with a GradScaler: the tracker sees the scaled losses, the step unscales
+        scaler = torch.amp.GradScaler("cpu", init_scale=s)
+        with torch.autocast("cpu", dtype=dtype):
+            losses = scaler.scale(CE(m(x), y))
+        tr.backward(losses)
+        scaler.step(opt)
+        scaler.update()
+    else:
+        tr.backward(losses_of(m))
+        opt.step()
+    rec = tr.last
+    tr.close()
+    assert tr.metadata["precision"] == f"autocast {str(dtype)[6:]} (parameters float32)"
+    # against the autocast graph's own per-sample gradients (float32 reductions: rtol 1e-5)
+    # (with the GradScaler the step is an edited one: μ from the unscaled gradient the optimizer applied)
+    assert_rows(rec, oracle_rows(model, losses_of, tr.layers, scale=s, batch_grad=s != 1.0), rtol=1e-5)
+    # and not the gradients of the float32 forward: the test can tell them apart
+    plain = oracle_rows(model, lambda m: CE(m(x), y), tr.layers)
+    assert abs(rec.layers["4"]["drift"] / plain["4"]["drift"] - 1) > 1e-5
+    for engine in ("factored", "materialised"):
+        m = copy.deepcopy(model)
+        t2 = Tracker(m, lr=LR, engine=engine, loss_fn=CE)
+        with pytest.raises(MixedPrecisionError, match=rf"step 0: the forward pass ran under torch.autocast\('cpu', "
+                                                      rf"dtype={dtype}\), and the {engine} engine"):
+            t2.backward(losses_of(m) / s, batch=(x, y))
+        t2.close()
+    m = copy.deepcopy(model)  # a float32 run notes its precision too
+    t3 = Tracker(m, lr=LR)
+    t3.backward(CE(m(x), y))
+    assert t3.metadata["precision"] == "float32"
