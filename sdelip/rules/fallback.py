@@ -35,7 +35,28 @@ class FallbackRule(LayerRule):
     """Exact per-sample gradients of one module's weight by ``torch.func`` (not registered by type)."""
 
     name = "fallback"
-    supports_general = False
+    supports_general = True
+
+    def expand_general(self, use: Use, D: torch.Tensor, M: int) -> None:
+        """Per-sample output gradients D (M, *output) of a call whose output does not carry the samples on one axis.
+
+        g_i = ∇_θ ⟨f(x; θ), D_i⟩ with the whole call's arguments x: exact, since D_i is the
+        gradient of ℓ_i alone (samples flattened together with windows, e.g. Swin's window
+        attention). Only for a module with one differentiable output.
+        """
+        if len(use.output) != 1:
+            from ..errors import BatchAxisError
+
+            raise BatchAxisError(
+                f"{type(use.module).__name__}: its outputs do not carry the M = {M} samples on one axis and it has "
+                f"{len(use.output)} differentiable outputs; the per-module fallback needs the samples on one axis "
+                "(or one output); use engine='coupled'"
+            )
+        use.delta = [D]
+        use.extra = {**use.extra, "general": True}
+        from .base import GENERAL_DONE
+
+        use.batch_axis = GENERAL_DONE
 
     def weights(self, module: nn.Module) -> list[str]:
         return [n for n, p in module._parameters.items() if p is not None and p.ndim >= 2]
@@ -93,6 +114,19 @@ class FallbackRule(LayerRule):
         module, attr = use.module, use.attr
         W = get_attr(module, attr).detach()
         flat, spec = tree_flatten((args, kwargs))
+        if use.extra.get("general"):  # the whole call against each sample's output gradient
+            arg_axes, out_axes = [None] * len(flat), [0]
+            ds = [deltas[0][start:stop]]
+            mask = use.extra["leaves"]
+
+            def whole(w, d_i):
+                a, kw = tree_unflatten(flat, spec)
+                out = functional_call(module, {attr: w}, tuple(a), kw, strict=False)
+                leaves = [o for o, keep in zip(tree_flatten(out)[0], mask) if keep]
+                return (leaves[0] * d_i).sum()
+
+            g = self._vmap(whole, (None, 0), module)(W, ds[0])
+            return g.reshape(g.shape[0], g.shape[1], -1)
         arg_axes, out_axes = self.sample_axes(use, flat, _samples(use))
         idx = torch.arange(start, stop, device=W.device)
         sliced = [a.index_select(ax, idx) if ax is not None else a for a, ax in zip(flat, arg_axes)]
@@ -107,18 +141,23 @@ class FallbackRule(LayerRule):
             leaves = [o for o, keep in zip(tree_flatten(out)[0], mask) if keep]
             return sum((o * d.unsqueeze(ax)).sum() for o, d, ax in zip(leaves, d_i, out_axes))
 
-        in_dims = (list(arg_axes),)
-        try:
-            g = vmap(grad(inner), in_dims=(None, *in_dims, list(out_axes)), randomness="error")(W, sliced, ds)
-        except RuntimeError as err:
-            if "random" in str(err).lower():
-                raise EngineError(
-                    f"{type(module).__name__} module draws random numbers in its forward (dropout in training mode): "
-                    "the per-module fallback cannot replay them per sample; put the module in eval mode, or use "
-                    "engine='materialised'"
-                ) from err
-            raise
+        g = self._vmap(inner, (None, list(arg_axes), list(out_axes)), module)(W, sliced, ds)
         return g.reshape(g.shape[0], g.shape[1], -1)
+
+    @staticmethod
+    def _vmap(fn, in_dims, module):
+        def run(*args):
+            try:
+                return vmap(grad(fn), in_dims=in_dims, randomness="error")(*args)
+            except RuntimeError as err:
+                if "random" in str(err).lower():
+                    raise EngineError(
+                        f"{type(module).__name__} module draws random numbers in its forward (dropout in training "
+                        "mode): the per-module fallback cannot replay them per sample; put the module in eval mode, "
+                        "or use engine='coupled'"
+                    ) from err
+                raise
+        return run
 
     def statistics(self, use: Use, u1, v1, split, chunk_bytes, with_sum_g=True) -> LayerStatistics:
         M = _samples(use)
@@ -132,6 +171,8 @@ class FallbackRule(LayerRule):
 
 def _samples(use: Use) -> int:
     """M: the size of the first output's sample axis."""
+    if use.extra and use.extra.get("general"):
+        return use.delta[0].shape[0]
     ax = use.batch_axis if use.batch_axis is not None and use.batch_axis >= 0 else 0
     return use.output[0].shape[ax]
 

@@ -33,6 +33,7 @@ class RecurrentRule(FallbackRule):
     """nn.RNN/LSTM/GRU: every weight matrix by the fallback, with the recurrent layout of the samples."""
 
     name = "recurrent"
+    supports_general = False  # the layout is known: a recurrent output always carries the samples
 
     def attach(self, module, attrs_, sink) -> list:
         def check(mod, args, kwargs):
