@@ -23,6 +23,10 @@ from .errors import (
     DamagedRecordError,
     RecordNotClosedError,
     RecordWriteError,
+    LossMismatchError,
+    MixedPrecisionError,
+    RecurrentInputError,
+    SecondOrderLossError,
     NoOptimizerRuleError,
     UnmodelledUpdateError,
     UnsupportedOptimizerError,
@@ -95,8 +99,6 @@ _legacy.install()  # old import paths (sdelip.tracker, sdelip.spectral, ...) for
 __version__ = "0.1.0"
 
 __all__ = [
-    "DamagedRecordError", "RecordNotClosedError", "RecordWriteError",
-    "NoOptimizerRuleError", "UnmodelledUpdateError", "UnsupportedOptimizerError",
     "data", "models", "regularizers",
     "errors", *errors.__all__,  # every public exception and warning (sdelip.errors)
     "LayerTerms", "LipschitzMoments", "NetworkTerms", "layer_terms", "lipschitz_moments", "network_terms",

@@ -18,6 +18,8 @@ __all__ = [
     "CheckpointWriteError", "ResumeError", "RecordExistsError", "NotARecordError", "RecordLockedError",
     "DatasetFallbackWarning", "DatasetNotFoundError", "NoOptimizerRuleError", "UnsupportedOptimizerError",
     "UnmodelledUpdateError", "DamagedRecordError", "RecordWriteError", "RecordNotClosedError",
+    "RecurrentInputError", "SecondOrderLossError", "LossMismatchError",
+    "MixedPrecisionError",
 ]
 
 
@@ -71,6 +73,31 @@ class RuleError(RuntimeError):
 
 class BatchAxisError(RuleError):
     """The axis of a layer's input that carries the samples cannot be determined."""
+
+
+class RecurrentInputError(RuleError):
+    """A recurrent layer (nn.RNN/LSTM/GRU) is given an input whose samples are on no axis (a PackedSequence)."""
+
+
+class SecondOrderLossError(EngineError):
+    """The losses contain a gradient taken with ``create_graph=True`` (a gradient penalty).
+
+    The weights then enter the loss also through the backward graph of that gradient, which
+    no layer hook sees; the coupled engine differentiates the losses themselves and is exact.
+    """
+
+
+class LossMismatchError(EngineError):
+    """The materialised engine's ``loss_fn`` does not give the gradient the step applied.
+
+    The batch mean of its per-sample gradients differs from the gradient of the step's own
+    ``losses.mean()`` (another loss, a penalty term, fresh dropout masks, a precision the
+    recomputation does not reproduce): its numbers would describe another loss.
+    """
+
+
+class MixedPrecisionError(EngineError):
+    """An engine cannot form the per-sample gradients of a forward pass run under ``torch.autocast``."""
 
 
 class NoTrackableLayerError(ValueError):

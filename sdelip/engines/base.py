@@ -48,6 +48,7 @@ __all__ = [
     "untracked_weight_users",
     "DEFAULT_CHUNK_BYTES",
     "VECTORISED_CHUNK_BYTES",
+    "second_order_node",
 ]
 
 #: Default memory budget of one chunk of per-sample intermediates (bytes): 8 MiB keeps a
@@ -114,6 +115,29 @@ def untracked_weight_users(model: nn.Module, layers: Optional[Sequence["TrackedL
     return out
 
 
+def second_order_node(losses: torch.Tensor) -> Optional[str]:
+    """The name of a double-backward node in the graph of ``losses`` (``TanhBackwardBackward0``), else None.
+
+    Such a node exists when the losses contain a gradient taken with ``create_graph=True``
+    (a gradient penalty ℓ + λ‖∂ℓ/∂x‖²): the weights then enter the losses also through the
+    backward graph of that gradient, not only through the layers' outputs.
+    """
+    fn = losses.grad_fn
+    if fn is None:
+        return None
+    seen, stack = {fn}, [fn]
+    while stack:
+        node = stack.pop()
+        name = type(node).__name__
+        if "BackwardBackward" in name:
+            return name
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return None
+
+
 class Engine(abc.ABC):
     """Per-sample statistics engine: performs the step's backward and returns the statistics.
 
@@ -130,6 +154,9 @@ class Engine(abc.ABC):
     needs_batch: ClassVar[bool] = False
     #: Whether the engine computes exact per-sample gradients through cross-sample couplings.
     handles_coupling: ClassVar[bool] = False
+    #: Whether the engine's per-sample gradients are those of a forward pass run under
+    #: ``torch.autocast`` (it differentiates the step's own graph, casts included).
+    handles_autocast: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ class CoupledEngine(Engine):
 
     name = "coupled"
     handles_coupling = True
+    handles_autocast = True
 
     def __init__(self, model, layers, split: bool = True, chunk_bytes: Optional[int] = None, batched: bool = True):
         super().__init__(model, layers, split, VECTORISED_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)

@@ -46,8 +46,8 @@ from ..rules import BatchAxisError, Use, probe_batch_axis
 from ..rules.base import GENERAL, GENERAL_DONE
 from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
 from ..core.statistics import EngineError, LayerStatistics, ScaleFn, StatisticsAccumulator, check_scale
-from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, untracked_weight_users
-from ..errors import SharedTensorWarning  # noqa: F401  (defined there, re-exported)
+from .base import DEFAULT_CHUNK_BYTES, Engine, EngineNotApplicableError, second_order_node, untracked_weight_users
+from ..errors import SecondOrderLossError, SharedTensorWarning  # noqa: F401  (defined there, re-exported)
 
 __all__ = ["FactoredEngine", "SharedTensorWarning", "combine_uses", "combine_scaled_projections", "linear_statistics",
            "sequence_linear_statistics", "patch_statistics"]
@@ -281,22 +281,64 @@ class FactoredEngine(Engine):
         flattened together), the use is computed in the general way: per-sample output
         gradients by a batched backward. Cached per layer, use and output shape.
         """
-        for j in dict.fromkeys((0, M - 1, M // 2)):
-            outs = [_first(use.output) for _, use, _ in unresolved]
+        silent = {id(use) for _, use, _ in unresolved}  # uses no probed sample's loss has reached yet
+        probed: set = set()
+
+        def probe(j, entries):
+            probed.add(j)
+            outs = [_first(use.output) for _, use, _ in entries]
             grads = torch.autograd.grad(losses[j], outs, retain_graph=True, allow_unused=True)
             left = []
-            for (key, use, cands), g in zip(unresolved, grads):
+            for (key, use, cands), g in zip(entries, grads):
                 g = None if g is None else _first_view(use, g)
                 if g is None or not bool((g != 0).any()):
                     left.append((key, use, cands))  # this sample's loss does not reach the use: ask another
                     continue
+                silent.discard(id(use))
                 good = probe_batch_axis(g, cands, j)
                 if len(good) > 1:
                     left.append((key, use, good))
                     continue
                 use.batch_axis = good[0] if good else GENERAL
                 self._axis_cache[key] = use.batch_axis
-            unresolved = left
+            return left
+
+        for j in dict.fromkeys((0, M - 1, M // 2)):
+            unresolved = probe(j, unresolved)
+            if not unresolved:
+                return
+        quiet = [e for e in unresolved if id(e[1]) in silent]
+        if quiet:
+            # No probed sample reached these uses. The gradient of Σ_i r_i ℓ_i with random weights r
+            # is zero only if every ∂ℓ_i/∂output is (almost surely): then g_i = 0 exactly for every
+            # sample (a zero-initialised branch, ReLUs all dead at this step) and the layer's terms
+            # are those of a zero gradient; the batch axis is resolved at the first step that can.
+            gen = torch.Generator(device=losses.device).manual_seed(1 + len(probed))
+            r = torch.rand(M, generator=gen, device=losses.device, dtype=losses.dtype) + 0.5
+            flat = [(e, o) for e in quiet for o in (e[1].output if isinstance(e[1].output, tuple) else (e[1].output,))]
+            grads = torch.autograd.grad(losses, [o for _, o in flat], grad_outputs=r, retain_graph=True,
+                                        allow_unused=True)
+            weighted: dict[int, list] = {}
+            for (e, _), g in zip(flat, grads):
+                weighted.setdefault(id(e[1]), []).append(g)
+            for e in quiet:
+                gs = weighted[id(e[1])]
+                if all(g is None or not bool((g != 0).any()) for g in gs):
+                    e[1].release()  # g_i = 0 for every i: no statistics to form, nothing cached
+                    e[1].batch_axis = None
+                    unresolved = [u for u in unresolved if u[1] is not e[1]]
+                    continue
+                # some sample reaches the use: ask the samples at the non-zero indices of each candidate axis
+                g0 = _first_view(e[1], gs[0]) if gs[0] is not None else None
+                if g0 is None:
+                    continue
+                nz = g0 != 0
+                for a in e[2]:
+                    idx = nz.movedim(a, 0).reshape(nz.shape[a], -1).any(1).nonzero().flatten().tolist()
+                    for j in [i for i in idx if i < M and i not in probed][:2]:
+                        if not any(u[1] is e[1] for u in unresolved):
+                            break
+                        unresolved = [u for u in unresolved if u[1] is not e[1]] + probe(j, [u for u in unresolved if u[1] is e[1]])
             if not unresolved:
                 return
         for key, use, cands in unresolved:  # the probe could not tell: exact in the general way, asked again next step
@@ -351,6 +393,15 @@ class FactoredEngine(Engine):
                 f"no forward pass of the tracked layers was recorded for step {step}: create the Tracker before "
                 "the step's forward pass, run the forward with gradients enabled, and call tracker.backward "
                 "once per forward"
+            )
+        node = second_order_node(losses)
+        if node is not None:
+            self._uses = {}
+            raise SecondOrderLossError(
+                f"step {step}: the losses contain a gradient taken with create_graph=True (a gradient penalty such as "
+                f"ℓ + λ‖∂ℓ/∂x‖²; node {node} in their graph): the weights enter the loss also through the backward "
+                "graph of that gradient, which no layer hook sees, so the factored engine cannot form its per-sample "
+                "gradients; use engine='coupled' (exact: it differentiates the losses themselves)"
             )
         self._stats = {}
         self._resolve_batch_axes(losses, M, step)
@@ -449,8 +500,9 @@ class FactoredEngine(Engine):
                 f"layer {name!r} at step {step}: the per-sample gradients seen by its rule's hooks sum to "
                 f"‖Σ g_iᵀu1‖ = {float(seen.norm()):.6g}, but the weight gradient of the same backward gives "
                 f"{float(total.norm()):.6g}: the weight is also applied where no layer rule sees it (e.g. "
-                "F.linear(x, module.weight) in the forward, or a module type whose rule does not watch that call); "
-                "use engine='materialised' (with loss_fn) or engine='coupled'"
+                "F.linear(x, module.weight) in the forward, or a module type whose rule does not watch that call), or "
+                "the losses depend on the weight through a gradient taken with create_graph=True; use "
+                "engine='coupled' (exact in both cases)"
             )
 
 

@@ -53,9 +53,10 @@ class MaterialisedEngine(Engine):
     needs_batch = True
 
     def __init__(self, model, layers, split: bool = True, chunk_bytes: Optional[int] = None,
-                 loss_fn: Optional[Callable] = None, chunk_size: Optional[int] = None):
+                 loss_fn: Optional[Callable] = None, chunk_size: Optional[int] = None, check_gradient: bool = True):
         super().__init__(model, layers, split, VECTORISED_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
         self.loss_fn = loss_fn
+        self.check_gradient = bool(check_gradient)
         if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
         self.chunk_size = None if chunk_size is None else int(chunk_size)
@@ -88,7 +89,14 @@ class MaterialisedEngine(Engine):
             raise ValueError(
                 f"batch has {x.shape[0]} inputs but {M} per-sample losses were passed at step {step}"
             )
+        before = {layer.name: None if layer.weight.grad is None else layer.weight.grad.detach().clone()
+                  for layer in self.layers}
         losses.mean().backward()
+        step_grads = {}
+        for layer in self.layers:
+            g = layer.weight.grad
+            g = torch.zeros_like(layer.weight) if g is None else g.detach()
+            step_grads[layer.name] = g if before[layer.name] is None else g - before[layer.name]
         model, loss_fn = self.model, self.loss_fn
         params = {n: p.detach() for n, p in model.named_parameters()}
         buffers = {n: b.detach() for n, b in model.named_buffers()}
@@ -110,6 +118,7 @@ class MaterialisedEngine(Engine):
         for layer in self.layers:
             u1, v1 = directions[layer.name]
             accs[layer.name] = StatisticsAccumulator(M, layer.shape, u1, v1, split)
+        self._directions = directions
         kept = None
         with torch.no_grad(), fork_rng(x.device):
             for s in range(0, M, c):
@@ -126,6 +135,8 @@ class MaterialisedEngine(Engine):
         for layer in self.layers:
             st = accs[layer.name].result()
             st.check_finite(layer.name, step)
+            if self.check_gradient:
+                self._check_step_gradient(layer, st, step_grads[layer.name], M, step)
             out[layer.name] = st
         if scale is None:
             return out
@@ -154,3 +165,30 @@ class MaterialisedEngine(Engine):
             st.Gv, st.Gtu, st.scale = accs[layer.name].Gv, accs[layer.name].Gtu, S[layer.name]
             st.check_finite(layer.name, step)
         return out
+
+    def _check_step_gradient(self, layer, st: LayerStatistics, step_grad: torch.Tensor, M: int, step) -> None:
+        """The batch mean of loss_fn's per-sample gradients must be the gradient the step applied.
+
+        Compared on the top singular pair: Σ_i g_i v1 and Σ_i g_iᵀ u1 against M·∇θ mean(losses)
+        projected, the gradient of the step's own backward. A mismatch means ``loss_fn`` is not
+        the loss whose gradient the step applied (a penalty term left out, another reduction,
+        fresh dropout masks, a precision the recomputation does not reproduce).
+        """
+        G = layer.rule.matrix(step_grad).to(st.Gv.dtype) * M
+        acc_u1, acc_v1 = self._directions[layer.name]
+        want = torch.cat([G @ acc_v1, G.mT @ acc_u1])
+        got = torch.cat([st.Gv.sum(0), st.Gtu.sum(0)])
+        diff, size = float((got - want).norm()), max(float(got.norm()), float(want.norm()))
+        rtol = 1e-6 if got.dtype == torch.float64 else 1e-3
+        if diff > rtol * size + 1e-30:
+            from ..errors import LossMismatchError
+
+            raise LossMismatchError(
+                f"layer {layer.name!r} at step {step}: the per-sample gradients of loss_fn sum to a gradient "
+                f"{diff / max(size, 1e-300):.3g} (relative) away from the gradient of the step's own "
+                "losses.mean(): loss_fn is not the loss whose gradient the step applied (a penalty or "
+                "regularisation term in the losses but not in loss_fn, e.g. a gradient penalty; dropout in "
+                "training mode, whose masks the recomputation draws afresh; another reduction). The numbers would "
+                "describe another loss: make loss_fn return the very per-sample losses passed to "
+                "tracker.backward, or use engine='coupled' (it differentiates those losses themselves)"
+            )

@@ -12,6 +12,8 @@ module              rule                                       weight matrices Î
                     EmbeddingRule`                             per-sample gradients)
 ``attention``       :class:`~sdelip.rules.attention.           nn.MultiheadAttention: in_proj_weight
                     MultiheadAttentionRule`                    (or q/k/v_proj_weight), out_proj
+``recurrent``       :class:`~sdelip.rules.recurrent.           nn.RNN/LSTM/GRU: every weight matrix,
+                    RecurrentRule`                             per sample (the samples' axes known)
 ``fallback``        :data:`~sdelip.rules.fallback.FALLBACK`    any other weight matrix: exact
                                                                per-sample gradients of its module
 ==================  =========================================  =======================================

@@ -63,8 +63,9 @@ class TrackedLayer:
         aliases: module paths of the other modules holding the same Parameter (tied
             weights), in forward order; () for an ordinary layer.
         calls: how many times each module (``module``, then ``alias_modules``) applies θ in
-            one forward pass; a module that the counting forward pass did not call counts
-            once, as every tracked module does without one.
+            one forward pass, observed by the counting forward pass of ``example_input``: a
+            module it did not call counts 0 (uses counted, not modules); without one every
+            module counts once.
         alias_modules: the modules named by ``aliases``.
         attr: θ's attribute path on ``module`` (``"weight"``, ``"in_proj_weight"``,
             ``"out_proj.weight"``).
@@ -87,8 +88,9 @@ class TrackedLayer:
 
     @calls.validator
     def _check_calls(self, attribute, value):
-        if len(value) != 1 + len(self.aliases) or any(int(c) < 1 for c in value):
-            raise ValueError(f"calls of layer {self.name!r} must be one positive count per module, got {value!r}")
+        if len(value) != 1 + len(self.aliases) or any(int(c) < 0 for c in value) or sum(map(int, value)) < 1:
+            raise ValueError(f"calls of layer {self.name!r} must be one count per module (0 for a module holding θ "
+                             f"that is never called), at least one use in all, got {value!r}")
 
     @property
     def kind(self) -> str:
@@ -150,6 +152,15 @@ class LeftOut:
     reason: str
 
 
+def call_model(model: nn.Module, example_input):
+    """``model(example_input)``; a tuple is the positional arguments, a dict the keyword arguments."""
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    if isinstance(example_input, tuple):
+        return model(*example_input)
+    return model(example_input)
+
+
 def _count_calls(model: nn.Module, found, example_input: torch.Tensor) -> tuple[list[str], dict[str, int]]:
     """One forward pass (no grad, eval mode): the order of first calls and the calls per module."""
     order: list[str] = []
@@ -165,7 +176,7 @@ def _count_calls(model: nn.Module, found, example_input: torch.Tensor) -> tuple[
     model.eval()  # no dropout draws, no running-statistics updates
     try:
         with torch.no_grad():
-            model(example_input)
+            call_model(model, example_input)
     finally:
         for h in handles:
             h.remove()
@@ -209,7 +220,9 @@ def _all_claims(model: nn.Module, unsupported: str) -> tuple[list[Claim], list[L
                 if not p.requires_grad:
                     left.append(LeftOut(full, tuple(p.shape), "frozen (requires_grad=False)"))
                 continue
-            if (p.ndim < 2 or "bias" in pn) and not (rule is not None and rule.name == "normalization"):
+            if p.ndim < 2 and not (rule is not None and rule.name == "normalization"):
+                # shape, not name: a table of two or more dimensions called "...bias..." (Swin's
+                # relative_position_bias_table, LeViT's attention_biases) is a weight like any other
                 why = "a bias, not part of θ (Prop 9)" if "bias" in pn else "a vector (scale/shift), not part of θ (Prop 9)"
                 left.append(LeftOut(full, tuple(p.shape), why))
                 continue
@@ -242,7 +255,7 @@ def _weight_key(c: Claim) -> tuple:
 
 
 def weight_inventory(model: nn.Module, unsupported: str = "fallback",
-                     example_input: Optional[torch.Tensor] = None) -> tuple[list[TrackedLayer], list[LeftOut]]:
+                     example_input=None) -> tuple[list[TrackedLayer], list[LeftOut]]:
     """The tracked layers and every parameter left out, with the reason.
 
     Args:
@@ -272,18 +285,34 @@ def weight_inventory(model: nn.Module, unsupported: str = "fallback",
         groups.setdefault(_weight_key(c), []).append(c)
     layers = []
     for group in groups.values():
+        if example_input is not None:
+            # uses counted, not modules: a module holding θ that the forward pass never calls (T5's
+            # `shared`, whose tied copies encoder/decoder.embed_tokens and lm_head apply it) counts 0
+            counts = tuple(calls.get(c.path, 0) for c in group)
+            if sum(counts) == 0:
+                for c in group:
+                    left.append(LeftOut(".".join(p for p in (c.path, c.attr) if p), tuple(c.parameter.shape),
+                                        "not applied in the forward pass of example_input (no use: not part of "
+                                        "the map whose Lipschitz bound K is tracked)"))
+                continue
+        else:
+            counts = tuple(1 for _ in group)
         first, rest = group[0], group[1:]
         W = first.rule.matrix(first.parameter)
         layers.append(TrackedLayer(
             name=first.layer_name, module=first.module, shape=tuple(W.shape),
-            aliases=tuple(c.path for c in rest), calls=tuple(max(1, calls.get(c.path, 1)) for c in group),
+            aliases=tuple(c.path for c in rest), calls=counts,
             alias_modules=tuple(c.module for c in rest), attr=first.attr,
             alias_attrs=tuple(c.attr for c in rest), rules=tuple(c.rule for c in group), module_path=first.path,
         ))
+    if not layers:
+        raise NoTrackableLayerError(
+            f"no trainable weight matrix of {type(model).__name__} is applied in the forward pass of example_input: "
+            "nothing to track")
     return layers, left
 
 
-def tracked_layers(model: nn.Module, example_input: Optional[torch.Tensor] = None,
+def tracked_layers(model: nn.Module, example_input=None,
                    unsupported: str = "fallback") -> list[TrackedLayer]:
     """The tracked layers of ``model`` in forward order, one per distinct weight Parameter.
 
@@ -291,9 +320,11 @@ def tracked_layers(model: nn.Module, example_input: Optional[torch.Tensor] = Non
         model: any nn.Module.
         example_input: if given, one forward pass (no grad, eval mode) records the order
             in which the layers are called and how many times each module is called
-            (:attr:`TrackedLayer.calls`); otherwise the registration order is used, which
-            is the forward order for nn.Sequential-style models, and every module is
-            assumed to be called once.
+            (:attr:`TrackedLayer.calls`; a module holding a tied weight that is never called
+            counts 0, and a weight that no module applies is left out); otherwise the
+            registration order is used, which is the forward order for nn.Sequential-style
+            models, and every module is assumed to be called once. A tensor is passed as
+            ``model(x)``, a tuple as ``model(*args)``, a dict as ``model(**kwargs)``.
         unsupported: ``"fallback"`` or ``"error"`` for a weight matrix without a rule
             (:func:`weight_inventory`).
 

@@ -7,6 +7,7 @@ theirs, :mod:`sdelip.engines`):
   raising :class:`InputMismatchError` at the forward pass;
 - the input shape of every layer whose rule offers an exact operator-norm probe
   (:mod:`sdelip.tracking.probes`);
+- whether the forward pass runs under ``torch.autocast`` and in which dtype (:attr:`ModuleMonitor.autocast`);
 - the number of calls of every module applying a tracked weight in one forward pass with
   gradients enabled, against the counted uses (:attr:`sdelip.rules.inventory.TrackedLayer.calls`):
   a weight applied c times contributes σ1^c to K (Prop 8), so a different count raises
@@ -56,6 +57,8 @@ class ModuleMonitor:
         self._step = step
         self.input_shapes: dict[str, tuple] = {}
         self.calls: dict[str, int] = {}
+        #: the autocast dtype of the last forward pass with gradients (``torch.autocast``), None without
+        self.autocast = None
         ref = self.layers[0].weight
         self.ref_dtype, self.ref_device = ref.dtype, ref.device
         self._handles: list = []
@@ -106,6 +109,9 @@ class ModuleMonitor:
 
     def _reset_calls(self, module, args) -> None:
         self.calls = {}
+        if torch.is_grad_enabled():
+            dev = self.ref_device.type
+            self.autocast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
     def _count_call(self, name: str):
         def hook(module, inputs, output):
@@ -125,7 +131,8 @@ class ModuleMonitor:
                     continue
                 who = f"layer {mname!r}" if mname == layer.name else \
                     f"module {mname!r} (which holds the weight of layer {layer.name!r})"
-                how = "more than once" if n > expected else "fewer times than counted"
+                how = "although the forward pass of example_input did not call it" if expected == 0 else \
+                    "more than once" if n > expected else "fewer times than counted"
                 why = ("as the forward pass of example_input did; the tracker needs the same structure in every "
                        "forward pass") if self.uses_counted else \
                     ("since without example_input= every module is taken to be called once: create the Tracker "

@@ -71,6 +71,7 @@ def build_metadata(tracker, user: Optional[Mapping[str, Any]], seed: Optional[in
         "extra_noise_var": tracker.extra_noise_var,
         "probe_every": tracker.probe_every,
         "batch_size": None,
+        "precision": None,  # of the tracked forward passes, set at the first tracked step (autocast noted)
         "seed": int(seed) if seed is not None else int(torch.initial_seed()),
         "versions": versions(),
         "device": str(ref.device),

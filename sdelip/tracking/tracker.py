@@ -75,6 +75,12 @@ __all__ = ["Tracker", "TrackingOptions", "RecordOptions", "RuntimeOptions", "Not
 
 
 
+def _precision(autocast, dtype) -> str:
+    """The precision of the tracked forward passes: ``"float32"``, or ``"autocast bfloat16 (parameters float32)"``."""
+    name = str(dtype).replace("torch.", "")
+    return name if autocast is None else f"autocast {str(autocast).replace('torch.', '')} (parameters {name})"
+
+
 class Tracker(TrackerCheckpointing):
     """Measure the Lipschitz dynamics (Thm 14–15) of a model during ordinary SGD training.
 
@@ -110,8 +116,11 @@ class Tracker(TrackerCheckpointing):
             for a degenerate σ1, the probe interval.
         example_input: an input batch used once to order the layers by a forward pass and
             to count how many times each tracked module is called in it (tied weights and
-            modules called several times, :func:`sdelip.rules.inventory.tracked_layers`). Without it
-            every module is taken to be called once per forward pass.
+            modules called several times, :func:`sdelip.rules.inventory.tracked_layers`): a tensor
+            (``model(x)``), a tuple of positional arguments or a dict of keyword arguments
+            (``model(**kw)``, e.g. T5's ``input_ids``/``decoder_input_ids``). The uses are counted,
+            not the modules: a module holding a tied weight that the pass never calls counts 0.
+            Without it every module is taken to be called once per forward pass.
         loss_fn: ``loss_fn(outputs, targets)`` → per-sample losses; the materialised engine
             needs it (and ``batch=`` in :meth:`backward`).
         lr: the learning rate when ``optimizer`` is None.
@@ -157,7 +166,7 @@ class Tracker(TrackerCheckpointing):
         engine: Union[None, str, type] = None,
         schedule=None,
         options: Optional[TrackingOptions] = None,
-        example_input: Optional[torch.Tensor] = None,
+        example_input=None,
         loss_fn: Optional[Callable] = None,
         lr: Optional[float] = None,
         start_step: int = 0,
@@ -327,6 +336,11 @@ class Tracker(TrackerCheckpointing):
                 self._metadata["batch_size"] = M
                 if self.writer is not None:
                     self.writer.update_metadata({"batch_size": M})
+            precision = _precision(self.monitor.autocast, self._ref_dtype)
+            if self._metadata.get("precision") != precision:  # noted when first seen and whenever it changes
+                self._metadata["precision"] = precision
+                if self.writer is not None:
+                    self.writer.update_metadata({"precision": precision})
             if pending is not None:  # finished and written at optimizer.step() (its hooks)
                 pending.record = rec
                 self._pending = pending
@@ -427,6 +441,16 @@ class Tracker(TrackerCheckpointing):
                     "independent samples; create the Tracker with engine='coupled' (engine='auto' picks it when "
                     "the model is in training mode at construction)"
                 )
+        autocast = self.monitor.autocast
+        if autocast is not None and not self.engine.handles_autocast:
+            from ..errors import MixedPrecisionError
+
+            raise MixedPrecisionError(
+                f"step {step}: the forward pass ran under torch.autocast({self._ref_device.type!r}, dtype={autocast}), "
+                f"and the {self.engine.name} engine cannot form the per-sample gradients of that graph (its layer "
+                "statistics, or its recomputation of the forward, would not have the step's casts and rounding); "
+                "create the Tracker with engine='coupled', which differentiates the step's own autocast graph"
+            )
         if self.engine.needs_batch and batch is None:
             raise ValueError(
                 f"step {step}: the {self.engine.name} engine needs the mini-batch: tracker.backward(losses, batch=(x, y))"

@@ -448,7 +448,9 @@ def test_unit_scale_gives_the_raw_projections(engine):
     x, y = data((6,), M=8)
     model = Drop().to(DT)
     layers = tracked_layers(model)
-    kw = {"chunk_size": 3} if engine == "materialised" else {"chunk_bytes": 1}
+    # materialised draws fresh masks, so its gradient is not the step's (LossMismatchError, issue 27): the check
+    # is off here, where only the replay of its own masks by the second pass is tested
+    kw = {"chunk_size": 3, "check_gradient": False} if engine == "materialised" else {"chunk_bytes": 1}
     base, _ = run(engine, model, x, y, layers, **kw)
     ones, _ = run(engine, model, x, y, layers, scale=lambda n, g, v: torch.ones_like(g), **kw)
     for name in base:

@@ -468,7 +468,8 @@ def test_registry_is_the_only_place_that_knows_layer_types():
             if re.search(LAYER_TYPE_TEST, line):
                 offenders.append(f"{p.relative_to(root)}:{k}")
     assert not offenders, offenders
-    assert rule_for(nn.Conv1d(1, 1, 1)).name == "conv" and rule_for(nn.LSTM(2, 2)) is None
+    assert rule_for(nn.Conv1d(1, 1, 1)).name == "conv" and rule_for(nn.Bilinear(2, 2, 2)) is None
+    assert rule_for(nn.LSTM(2, 2)).name == "recurrent"  # issue 27
 
 
 # -- Hypothesis over shapes and options ------------------------------------------------------------
