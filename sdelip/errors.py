@@ -17,7 +17,8 @@ __all__ = [
     "SmallBatchWarning", "GradientAccumulationError", "CheckpointError", "UnsafeCheckpointError",
     "CheckpointWriteError", "ResumeError", "RecordExistsError", "NotARecordError", "RecordLockedError",
     "DatasetFallbackWarning", "DatasetNotFoundError", "NoOptimizerRuleError", "UnsupportedOptimizerError",
-    "UnmodelledUpdateError",
+    "UnmodelledUpdateError", "IntegrationError", "PerSampleLossError", "UnsupportedPrecisionError",
+    "DistributedTrackingError",
 ]
 
 
@@ -205,3 +206,21 @@ class UnsupportedOptimizerError(ValueError):
 
 class UnmodelledUpdateError(ValueError):
     """A record's steps whose update the model coefficients do not describe (named, with the cause)."""
+
+
+# Integrations with training frameworks (sdelip.integrations)
+
+class IntegrationError(ValueError):
+    """A training framework's setting that the tracker cannot measure exactly (Lightning, HF Trainer, DDP)."""
+
+
+class PerSampleLossError(IntegrationError):
+    """The training step did not give the per-sample losses the tracker needs (the contract is named)."""
+
+
+class UnsupportedPrecisionError(IntegrationError):
+    """A mixed-precision setting (loss scaling, bf16/fp16 autocast) that the tracker refuses by name."""
+
+
+class DistributedTrackingError(IntegrationError):
+    """A distributed (DDP) run that :class:`~sdelip.integrations.distributed.DistributedTracker` cannot track exactly."""
