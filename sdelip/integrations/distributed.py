@@ -235,9 +235,9 @@ class DistributedTracker(Tracker):
                 self.writer.update_metadata({"batch_size": M})
         return rec
 
-    def _step_record(self, terms, losses, step, M, lr):
+    def _step_record(self, terms, losses, step, M, lr, t=None):
         g = self.engine.global_losses
-        return super()._step_record(terms, g, step, int(g.shape[0]), lr)
+        return super()._step_record(terms, g, step, int(g.shape[0]), lr, t)
 
     def close(self) -> None:
         super().close()

@@ -46,7 +46,6 @@ processes (see :mod:`sdelip.integrations.distributed`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -66,31 +65,12 @@ import attrs
 from ..errors import IntegrationError, PerSampleLossError, UnsupportedPrecisionError
 from ..tracking.options import RecordOptions
 from ..tracking.tracker import Tracker
+from .metrics import step_metrics
 
 __all__ = ["SdelipCallback", "SUPPORTED_PRECISION", "step_metrics"]
 
 #: Lightning precision settings the callback tracks.
 SUPPORTED_PRECISION = ("32-true", "64-true", "32", "64")
-
-_NETWORK = ("t", "lr", "loss", "K", "Z", "drift_Z", "noise_curvature_Z", "diffusion_sq_Z", "step_curvature_Z",
-            "noise_curvature_var_Z", "noise_curvature_cov_Z", "degenerate", "update_modelled")
-
-
-def step_metrics(rec, which: str = "network", prefix: str = "sdelip/") -> dict[str, float]:
-    """A :class:`~sdelip.record.StepRecord` as the ``{name: float}`` a logger's ``log_metrics`` takes.
-
-    ``which="network"``: the network terms; ``"all"``: every numeric column. Booleans are
-    0/1, missing values (NaN) are left out.
-    """
-    row = rec.as_row()
-    keys = [k for k in row if k != "step"] if which == "all" else [k for k in _NETWORK if k in row]
-    out = {}
-    for k in keys:
-        v = row[k]
-        if isinstance(v, (bool, int, float)) and not (isinstance(v, float) and math.isnan(v)):
-            out[prefix + k] = float(v)
-    return out
-
 
 class SdelipCallback(pl.Callback):
     """Track the Lipschitz dynamics of a ``LightningModule`` trained with automatic optimization.

@@ -27,6 +27,8 @@ not an upper bound of the network's Lipschitz constant.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 from typing import Optional
 
@@ -165,7 +167,10 @@ def _count_calls(model: nn.Module, found, example_input: torch.Tensor) -> tuple[
     model.eval()  # no dropout draws, no running-statistics updates
     try:
         with torch.no_grad():
-            model(example_input)
+            if isinstance(example_input, Mapping):  # a dict batch (Hugging Face): the model's keywords
+                model(**example_input)
+            else:
+                model(example_input)
     finally:
         for h in handles:
             h.remove()
