@@ -151,6 +151,12 @@ def test_hf_trainer_with_its_defaults(tmp_path, max_grad_norm):
         assert df["update_modelled"].all()
     logged = [h for h in trainer.state.log_history if "sdelip/K" in h]
     assert len(logged) == 4
+    # the record of a Hugging Face run is an ordinary record: the command line reads it
+    from sdelip.cli import main
+
+    assert main(["info", str(tmp_path / "hf.db")]) == 0
+    # predicting needs modelled steps: the clipped AdamW run is refused by name, the unclipped one predicted
+    assert main(["predict", str(tmp_path / "hf.db"), "--csv", str(tmp_path / "p.csv")]) == (0 if max_grad_norm > 1 else 2)
 
 
 def test_hf_trainer_refusals(tmp_path):

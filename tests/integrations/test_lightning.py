@@ -17,11 +17,12 @@ N, B = 16, 4
 
 
 class Net(L.LightningModule):
-    def __init__(self, clip=None, returns="losses"):
+    def __init__(self, clip=None, returns="losses", scheduler=False):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3)).double()
         self.returns = returns
+        self.scheduler = scheduler
         self.seen = []  # the batches Lightning fed, in order
 
     def forward(self, x):
@@ -38,7 +39,11 @@ class Net(L.LightningModule):
         return {"losses": losses}
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        if self.scheduler:
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
 
 
 def _data():
@@ -54,10 +59,13 @@ def _trainer(max_steps, callbacks, **kw):
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
 
 
-def _bare(path, steps, clip=None, batches=None):
+def _bare(path, steps, clip=None, batches=None, scheduler=False):
     """The same training in a plain loop (on ``batches``, default the loader's for ``steps`` steps)."""
-    module = Net()
+    module = Net(scheduler=scheduler)
     opt = module.configure_optimizers()
+    sched = None
+    if scheduler:
+        opt, sched = opt["optimizer"], opt["lr_scheduler"]["scheduler"]
     if batches is None:
         batches = [b for _ in range(steps) for b in _data()][:steps]
     with Tracker(module, opt, record=path) as tracker:
@@ -67,6 +75,8 @@ def _bare(path, steps, clip=None, batches=None):
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
             opt.step()
+            if sched is not None:
+                sched.step()
     return load_record(path)
 
 
@@ -91,6 +101,13 @@ def test_fit_equals_bare_loop(tmp_path, clip):
     assert got["update_modelled"].all() and len(got) == steps
     if clip is not None:  # Lightning's clipping is seen and modelled (SGD with a uniform scale)
         assert (got["grad_scale"] < 1).any()
+
+
+def test_fit_with_a_step_scheduler_equals_bare_loop(tmp_path):
+    _trainer(6, [SdelipCallback(record=tmp_path / "pl.db")]).fit(Net(scheduler=True), _data())
+    got = load_record(tmp_path / "pl.db")
+    _equal(got, _bare(tmp_path / "bare.db", 6, scheduler=True))
+    assert list(got["lr"]) == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
 
 
 def test_checkpoint_resume_and_loggers(tmp_path):
