@@ -33,7 +33,9 @@ AdamW (fused or not), the linear schedule (η read at every step), gradient clip
 False``, since Adam's update is not a uniform rescaling of its gradient, sdelip.optim).
 Refused by name: ``fp16``/``bf16`` (:class:`~sdelip.errors.UnsupportedPrecisionError`),
 ``gradient_accumulation_steps > 1`` and several processes
-(:class:`~sdelip.errors.IntegrationError`).
+(:class:`~sdelip.errors.IntegrationError`). Checkpoints hold the tracker's state
+(``sdelip_tracker.pt``); ``train(resume_from_checkpoint=...)`` truncates the record to the
+checkpoint's step and continues it.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class TrackingTrainerMixin:
         self.sdelip_log = sdelip_log
         self.sdelip_tracker_kwargs = dict(sdelip_tracker or {})
         self.tracker = None
+        self._sdelip_state = None  # the tracker state of the checkpoint ``train`` resumes from
         self._sdelip_logged = -1
         self._check_tracked_args()
 
@@ -102,9 +105,34 @@ class TrackingTrainerMixin:
     def _sdelip_start(self, model):
         from ..tracking.tracker import Tracker
 
+        import attrs
+
+        from ..tracking.options import RecordOptions
+
         opt = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's AcceleratedOptimizer
-        self.tracker = Tracker(_unwrap(model), opt, self.sdelip_record, **self.sdelip_tracker_kwargs)
+        record, state = RecordOptions.of(self.sdelip_record), self._sdelip_state
+        if state is not None and record.path is not None:
+            record = attrs.evolve(record, mode="append")
+        self.tracker = Tracker(_unwrap(model), opt, record, **self.sdelip_tracker_kwargs)
+        if state is not None:
+            try:
+                self.tracker.load_state_dict(state)  # truncates the record to the checkpoint's step
+                self.tracker._note_resumed(self.tracker.step)
+            except BaseException:
+                self.tracker.close()
+                raise
+            self._sdelip_state = None
         return self.tracker
+
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        """The Trainer's checkpoint, plus the tracker's state in it (``sdelip_tracker.pt``)."""
+        out = super()._save_checkpoint(model, trial, *args, **kwargs)
+        if self.tracker is not None and self.args.should_save:
+            import os
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            torch.save(self.tracker.state_dict(), os.path.join(folder, TRACKER_STATE))
+        return out
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -128,13 +156,31 @@ class TrackingTrainerMixin:
         self._sdelip_logged = rec.step
         self.log(step_metrics(rec, self.sdelip_log))
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; resuming from a checkpoint continues the record from the checkpoint's step."""
+        import os
+
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            folder = resume_from_checkpoint
+            if folder is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                folder = get_last_checkpoint(self.args.output_dir)
+            path = os.path.join(str(folder), TRACKER_STATE)
+            if not os.path.exists(path):
+                raise IntegrationError(f"the checkpoint {str(folder)!r} holds no tracker state ({TRACKER_STATE}): it "
+                                       "was not written by a tracking Trainer, and the record cannot be continued")
+            self._sdelip_state = torch.load(path, weights_only=True)
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
             if self.tracker is not None:
                 self.tracker.close()
                 self._sdelip_log_last()
+
+
+#: The file of the tracker's state in a Trainer checkpoint folder.
+TRACKER_STATE = "sdelip_tracker.pt"
 
 
 def _unwrap(model):

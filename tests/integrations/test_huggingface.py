@@ -114,14 +114,36 @@ def test_lipschitz_sde_takes_an_hf_model_and_dict_loader():
     assert np.isfinite(res.mean_K).all() and res.mean_K[0] > 0 and res.var_K[-1] > 0
 
 
-def _trainer(tmp_path, max_grad_norm=1.0, **kw):
+def _trainer(tmp_path, max_grad_norm=1.0, record="hf.db", **kw):
     from sdelip.integrations.huggingface import SdelipTrainer
 
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, max_steps=4,
+    kw = {"max_steps": 4, "save_strategy": "no", **kw}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True,
                                           per_device_train_batch_size=M, report_to=[], max_grad_norm=max_grad_norm,
-                                          save_strategy="no", logging_steps=1, disable_tqdm=True, **kw)
+                                          logging_steps=1, disable_tqdm=True, **kw)
     return SdelipTrainer(model=gpt2(torch.float64), args=args, train_dataset=lm_data(16),
-                         sdelip_record=tmp_path / "hf.db")
+                         sdelip_record=tmp_path / record)
+
+
+def test_hf_trainer_checkpoint_resume(tmp_path):
+    """A run resumed from a Trainer checkpoint writes the record of the uninterrupted run."""
+    from sdelip.record import load_record
+    from sdelip.tracking.options import RecordOptions
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path, 1e9, record="full.db", max_steps=6, save_strategy="steps", save_steps=3).train()
+        trainer = _trainer(tmp_path, 1e9, record="full.db", max_steps=6)
+        trainer.sdelip_record = RecordOptions(tmp_path / "resumed.db")
+        import shutil
+
+        shutil.copy(tmp_path / "full.db", tmp_path / "resumed.db")  # rows 3–5 are replaced by the resumed run
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    full, resumed = load_record(tmp_path / "full.db"), load_record(tmp_path / "resumed.db")
+    assert len(resumed) == 6 and trainer.tracker.metadata["resumed_at"] == [3]
+    for c in full.columns:
+        if full[c].dtype.kind == "f":
+            np.testing.assert_allclose(resumed[c], full[c], rtol=1e-10, atol=1e-14, err_msg=c)
 
 
 @pytest.mark.parametrize("max_grad_norm", [1.0, 1e9])
