@@ -115,6 +115,7 @@ def test_lipschitz_sde_takes_an_hf_model_and_dict_loader():
 
 
 def _trainer(tmp_path, max_grad_norm=1.0, record="hf.db", **kw):
+    pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs accelerate (pip install 'sdelip[integrations]')")
     from sdelip.integrations.huggingface import SdelipTrainer
 
     kw = {"max_steps": 4, "save_strategy": "no", **kw}
