@@ -157,7 +157,8 @@ def test_hf_trainer_with_its_defaults(tmp_path, max_grad_norm):
         warnings.simplefilter("ignore")
         trainer.train()
     df = load_record(tmp_path / "hf.db")
-    assert len(df) == 4 and trainer.tracker.metadata["optimizer"]["class"] == "AdamW"
+    meta = trainer.tracker.metadata["optimizer"]
+    assert len(df) == 4 and meta["class"] == "AdamW" and meta["param_groups"][0]["fused"] is True  # the default
     lrs = df["lr"].to_numpy()
     assert (np.diff(lrs) < 0).all()  # the linear schedule, read at every step
     assert math.isclose(df["t"].iloc[-1], lrs[:-1].sum(), rel_tol=1e-12)
