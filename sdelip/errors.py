@@ -20,6 +20,8 @@ __all__ = [
     "UnmodelledUpdateError", "DamagedRecordError", "RecordWriteError", "RecordNotClosedError",
     "RecurrentInputError", "SecondOrderLossError", "LossMismatchError",
     "MixedPrecisionError",
+    "IntegrationError", "PerSampleLossError", "UnsupportedPrecisionError",
+    "DistributedTrackingError",
 ]
 
 
@@ -247,3 +249,21 @@ class RecordWriteError(OSError):
 
 class RecordNotClosedError(RecordWriteError):
     """The record could not be made one self-contained file at close; the message says how to finish it."""
+
+
+# Integrations with training frameworks (sdelip.integrations)
+
+class IntegrationError(ValueError):
+    """A training framework's setting that the tracker cannot measure exactly (Lightning, HF Trainer, DDP)."""
+
+
+class PerSampleLossError(IntegrationError):
+    """The training step did not give the per-sample losses the tracker needs (the contract is named)."""
+
+
+class UnsupportedPrecisionError(IntegrationError):
+    """A mixed-precision setting (loss scaling, bf16/fp16 autocast) that the tracker refuses by name."""
+
+
+class DistributedTrackingError(IntegrationError):
+    """A distributed (DDP) run that :class:`~sdelip.integrations.distributed.DistributedTracker` cannot track exactly."""

@@ -27,6 +27,8 @@ not an upper bound of the network's Lipschitz constant.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import math
 from typing import Optional
 

@@ -108,7 +108,10 @@ class ParameterSDE(nn.Module):
             a map-style dataset of (x, y) pairs or a tuple (X, Y) of tensors. Not needed
             with ``gradient_fn``.
         lr: the learning rate η (noise scale √η; the natural solver step dt = η).
-        loss_fn: ``loss_fn(output, target)`` returning the mean loss of a batch
+        loss_fn: ``loss_fn(output, target)`` returning the mean loss of a batch (for a loader of
+            dict batches, as Hugging Face's: ``loss_fn(output, batch)`` returning the per-sample
+            losses, default :func:`sdelip.integrations.batches.per_sample_loss`; the model is then
+            wrapped by :func:`sdelip.integrations.batches.hf_model_and_data`, docs/integrations.md)
             (default cross-entropy); the per-sample loss is its value on one sample.
         noise_batch_size: M, samples per noise mini-batch (default: the loader's batch size).
         sampling: ``"iid"`` (default): the noise of independent mini-batches (Def 4);
@@ -174,6 +177,10 @@ class ParameterSDE(nn.Module):
         self.dt = check_positive(drift.dt, "dt") if drift.dt is not None else self.lr
         self.noise_type = "general"
         self.sde_type = "ito"
+        if gradient_fn is None and loader is not None:  # dict batches (Hugging Face): sdelip.integrations.batches
+            from ..integrations.batches import adapt_dict_data
+
+            model, loader, loss_fn = adapt_dict_data(model, loader, loss_fn)
         self.model = model
         self.layers: list[TrackedLayer] = list(layers) if layers is not None else tracked_layers(model, example_input)
         self.layout = ParamLayout(model, self.layers)

@@ -469,6 +469,8 @@ class Tracker(TrackerCheckpointing):
             grads = {l.name: (torch.zeros_like(l.weight) if l.weight.grad is None else l.weight.grad.detach().clone())
                      for l in self.layers}
 
+        t_k = float(self.t)  # the step's SDE time: a recompute at optimizer.step() comes after the time advanced
+
         def terms_for(edit: GradientEdit, used) -> tuple:
             """The row for the gradient the step uses (None, note) where it cannot be modelled."""
             note = None
@@ -496,7 +498,7 @@ class Tracker(TrackerCheckpointing):
                         models[l.name] = optim.layer_update(l, g.to(l.weight.dtype), nv, grad_scale=edit.scale)
                     terms = update_terms_from_statistics(self.layers, decomps, stats, models, lr, self.split,
                                                          self.extra_noise_var, step)
-            return self._step_record(terms, losses, step, M, lr), note
+            return self._step_record(terms, losses, step, M, lr, t_k), note
 
         rec, note = terms_for(GradientEdit(1.0), None)
         pending = None
@@ -517,8 +519,9 @@ class Tracker(TrackerCheckpointing):
         return layer_terms_from_statistics(self.layers, decomps, stats, lr, wds, self.split, self.extra_noise_var,
                                            step)
 
-    def _step_record(self, terms, losses, step, M, lr) -> StepRecord:
-        return step_record(self.layers, terms, losses, step, float(self.t), M, lr, self.extra_noise_var)
+    def _step_record(self, terms, losses, step, M, lr, t=None) -> StepRecord:
+        t = float(self.t) if t is None else float(t)
+        return step_record(self.layers, terms, losses, step, t, M, lr, self.extra_noise_var)
 
     # ------------------------------------------------------------------------------------------
     # probes
