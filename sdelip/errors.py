@@ -17,7 +17,7 @@ __all__ = [
     "SmallBatchWarning", "GradientAccumulationError", "CheckpointError", "UnsafeCheckpointError",
     "CheckpointWriteError", "ResumeError", "RecordExistsError", "NotARecordError", "RecordLockedError",
     "DatasetFallbackWarning", "DatasetNotFoundError", "NoOptimizerRuleError", "UnsupportedOptimizerError",
-    "UnmodelledUpdateError",
+    "UnmodelledUpdateError", "UnsupportedOptimizerSDEError",
 ]
 
 
@@ -205,3 +205,10 @@ class UnsupportedOptimizerError(ValueError):
 
 class UnmodelledUpdateError(ValueError):
     """A record's steps whose update the model coefficients do not describe (named, with the cause)."""
+
+
+class UnsupportedOptimizerSDEError(UnsupportedOptimizerError):
+    """An optimizer (or one of its settings) that :class:`sdelip.sde.OptimizerSDE` has no SDE for.
+
+    The message names the optimizer and the setting (amsgrad, maximize, several param groups, …).
+    """
