@@ -22,6 +22,7 @@ __all__ = [
     "MixedPrecisionError",
     "IntegrationError", "PerSampleLossError", "UnsupportedPrecisionError",
     "DistributedTrackingError",
+    "UnsupportedOptimizerSDEError",
 ]
 
 
@@ -267,3 +268,10 @@ class UnsupportedPrecisionError(IntegrationError):
 
 class DistributedTrackingError(IntegrationError):
     """A distributed (DDP) run that :class:`~sdelip.integrations.distributed.DistributedTracker` cannot track exactly."""
+
+
+class UnsupportedOptimizerSDEError(UnsupportedOptimizerError):
+    """An optimizer (or one of its settings) that :class:`sdelip.sde.OptimizerSDE` has no SDE for.
+
+    The message names the optimizer and the setting (amsgrad, maximize, several param groups, …).
+    """

@@ -26,10 +26,12 @@ from .layout import ParamLayout
 from .lipschitz_sde import LipschitzSDE, LogLipschitzRows
 from .options import ComputeOptions, DriftOptions, LogKOptions, NoiseOptions
 from .parameter_sde import ParameterSDE
+from .optimizer_sde import OptimizerSDE
 from .reduced import ReducedLipschitzSDE, record_lr
 from .simulate import SimulationResult, simulate, simulate_record
 
 __all__ = [
+    "OptimizerSDE",
     "GridBrownian",
     "EpochBrownian",
     "time_grid",
