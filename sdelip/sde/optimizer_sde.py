@@ -221,7 +221,7 @@ class OptimizerSDE(ParameterSDE):
     def _linear_only(self) -> bool:
         lay = self.layout
         covered = set(lay.weight_names) | {w[: -len("weight")] + "bias" for w in lay.weight_names}
-        return (all(isinstance(layer.module, nn.Linear) and layer.attr == "weight" for layer in self.layers)
+        return (all(layer.rule.name == "linear" and layer.attr == "weight" for layer in self.layers)
                 and self._names <= covered and not self.gradient_fn.shared_noise_batch)
 
     def _coefficients(self, t, y: torch.Tensor, v: Optional[torch.Tensor]) -> _Coefficients:
