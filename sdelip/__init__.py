@@ -22,6 +22,7 @@ from .errors import (
     BatchAxisError,
     NoOptimizerRuleError,
     UnmodelledUpdateError,
+    LearningRateScheduleError,
     UnsupportedOptimizerError,
     CheckpointError,
     CheckpointWriteError,

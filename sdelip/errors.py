@@ -17,7 +17,7 @@ __all__ = [
     "SmallBatchWarning", "GradientAccumulationError", "CheckpointError", "UnsafeCheckpointError",
     "CheckpointWriteError", "ResumeError", "RecordExistsError", "NotARecordError", "RecordLockedError",
     "DatasetFallbackWarning", "DatasetNotFoundError", "NoOptimizerRuleError", "UnsupportedOptimizerError",
-    "UnmodelledUpdateError",
+    "UnmodelledUpdateError", "LearningRateScheduleError",
 ]
 
 
@@ -205,3 +205,11 @@ class UnsupportedOptimizerError(ValueError):
 
 class UnmodelledUpdateError(ValueError):
     """A record's steps whose update the model coefficients do not describe (named, with the cause)."""
+
+
+class LearningRateScheduleError(ValueError):
+    """One learning rate η was given for a record whose η varies (a schedule, e.g. StepLR).
+
+    The simulations integrate on the record's own η(t) (its ``t`` and ``lr`` columns); a single
+    η would stretch or shrink the clock silently, so it is refused (Python and the command line alike).
+    """

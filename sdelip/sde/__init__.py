@@ -26,7 +26,7 @@ from .layout import ParamLayout
 from .lipschitz_sde import LipschitzSDE, LogLipschitzRows
 from .options import ComputeOptions, DriftOptions, LogKOptions, NoiseOptions
 from .parameter_sde import ParameterSDE
-from .reduced import ReducedLipschitzSDE, record_lr
+from .reduced import ReducedLipschitzSDE, record_lr, record_step_sizes
 from .simulate import SimulationResult, simulate, simulate_record
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "NoiseObserver",
     "ReducedLipschitzSDE",
     "record_lr",
+    "record_step_sizes",
     "SimulationResult",
     "simulate",
     "simulate_record",
