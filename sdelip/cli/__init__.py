@@ -1,4 +1,4 @@
-"""The ``sdelip`` command line: ``demo``, ``track``, ``predict``, ``simulate``, ``plot``, ``info``, ``copy``.
+"""The ``sdelip`` command line: ``demo``, ``track``, ``predict``, ``simulate``, ``plot``, ``info``, ``export``, ``copy``.
 
 Run ``sdelip <command> --help`` for each command's options. Errors are printed as one
 message (``sdelip: error: ...``) with exit status 2; ``--traceback`` shows the full
@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ._records import cmd_copy, cmd_info, cmd_plot, cmd_predict, cmd_simulate, prediction_summary, terms_summary
+from ._records import cmd_copy, cmd_export, cmd_info, cmd_plot, cmd_predict, cmd_simulate, prediction_summary, terms_summary
 from ._training import THREADS_HELP, _add_training_options, _threads, cli_option, cmd_demo, cmd_track, default_checkpoint
 
 __all__ = ["main", "build_parser", "terms_summary", "prediction_summary", "cli_option", "default_checkpoint"]
@@ -94,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--include-degenerate", action="store_true",
                     help="use the terms of degenerate steps (repeated top singular value) in the averages")
     inf.set_defaults(func=cmd_info)
+
+    ex = sub.add_parser("export", help="send a record's rows and metadata to TensorBoard, CSV, W&B or MLflow",
+                        description="Export an existing record through the loggers of sdelip.loggers: numbers as "
+                                    "scalars/metrics per step, booleans and text as what they are, the metadata "
+                                    "as text/config/params.")
+    ex.add_argument("record")
+    ex.add_argument("--to", required=True, choices=["tensorboard", "csv", "wandb", "mlflow"])
+    ex.add_argument("--out", default=None,
+                    help="TensorBoard log folder, CSV file, W&B folder or MLflow store folder/URI "
+                         "(default: beside the record: RECORD.tb, RECORD.csv, RECORD.wandb, RECORD.mlruns)")
+    ex.add_argument("--project", default=None, help="W&B project or MLflow experiment (default sdelip)")
+    ex.set_defaults(func=cmd_export)
 
     cp = sub.add_parser("copy", help="copy a record, also one still being written, into one self-contained file",
                         description="Copy a record with SQLite's online backup API: a consistent snapshot of its "

@@ -1,4 +1,4 @@
-"""Commands that read a record: ``predict``, ``simulate``, ``plot``, ``info``, ``copy``."""
+"""Commands that read a record: ``predict``, ``simulate``, ``plot``, ``info``, ``export``, ``copy``."""
 
 from __future__ import annotations
 
@@ -244,3 +244,12 @@ def cmd_copy(args) -> int:
     print(f"record copied to {out} (one self-contained file)")
     return 0
 
+
+
+def cmd_export(args) -> int:
+    from ..loggers import export_record
+
+    _load(args.record, need_rows=False)
+    dest = export_record(args.record, args.to, args.out, project=args.project)
+    print(f"record exported to {args.to}: {dest}")
+    return 0
