@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("-n", "--trajectories", type=int, default=1000,
                     help="SDE trajectories of --simulate (default 1,000)")
     pl.add_argument("--seed", type=int, default=0, help="seed of --simulate's Brownian motion")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar for --simulate")
     pl.add_argument("--title", default=None, help="figure title (default: what the run was, from its metadata)")
     pl.add_argument("--smooth", type=int, default=1, help="moving-average window for the terms")
     pl.add_argument("--include-degenerate", action="store_true",

@@ -181,7 +181,7 @@ def cmd_plot(args) -> int:
     sim = None
     if args.simulate:
         n = args.simulate if args.simulate > 0 else args.trajectories
-        sim = _simulate(used, None, n, args.seed, "cpu", False)
+        sim = _simulate(used, None, n, args.seed, "cpu", not args.no_progress)
     meta = _metadata(args.record)
     title = args.title or run_title(meta, record)
     save_figure(summary_figure(record, pred, simulation=sim, title=title, smooth=args.smooth, metadata=meta), out)

@@ -79,5 +79,5 @@ def test_cli_simulate_and_plot_use_the_schedule(steplr, tmp_path, capsys):
     K_end = sim["mean_K"].iloc[-2]
     assert abs(K_end - pred["K_mean"].iloc[-1]) < 5 * np.sqrt(sim["var_K"].iloc[-2] / 300)
     png = tmp_path / "plot.png"
-    assert main(["plot", str(steplr), "--out", str(png), "--simulate", "-n", "200"]) == 0
+    assert main(["plot", str(steplr), "--out", str(png), "--simulate", "-n", "200", "--no-progress"]) == 0
     assert png.stat().st_size > 10_000
