@@ -23,6 +23,7 @@ __all__ = [
     "IntegrationError", "PerSampleLossError", "UnsupportedPrecisionError",
     "DistributedTrackingError",
     "UnsupportedOptimizerSDEError",
+    "LearningRateScheduleError",
 ]
 
 
@@ -274,4 +275,12 @@ class UnsupportedOptimizerSDEError(UnsupportedOptimizerError):
     """An optimizer (or one of its settings) that :class:`sdelip.sde.OptimizerSDE` has no SDE for.
 
     The message names the optimizer and the setting (amsgrad, maximize, several param groups, …).
+    """
+
+
+class LearningRateScheduleError(ValueError):
+    """One learning rate η was given for a record whose η varies (a schedule, e.g. StepLR).
+
+    The simulations integrate on the record's own η(t) (its ``t`` and ``lr`` columns); a single
+    η would stretch or shrink the clock silently, so it is refused (Python and the command line alike).
     """

@@ -1,4 +1,4 @@
-"""The ``sdelip`` command line: ``demo``, ``track``, ``predict``, ``simulate``, ``plot``, ``info``, ``copy``.
+"""The ``sdelip`` command line: ``demo``, ``track``, ``predict``, ``simulate``, ``plot``, ``info``, ``export``, ``copy``.
 
 Run ``sdelip <command> --help`` for each command's options. Errors are printed as one
 message (``sdelip: error: ...``) with exit status 2; ``--traceback`` shows the full
@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ._records import cmd_copy, cmd_info, cmd_plot, cmd_predict, cmd_simulate, prediction_summary, terms_summary
+from ._records import cmd_copy, cmd_export, cmd_info, cmd_plot, cmd_predict, cmd_simulate, prediction_summary, terms_summary
 from ._training import THREADS_HELP, _add_training_options, _threads, cli_option, cmd_demo, cmd_track, default_checkpoint
 
 __all__ = ["main", "build_parser", "terms_summary", "prediction_summary", "cli_option", "default_checkpoint"]
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=300, help="SGD steps (default 300)")
     d.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     d.add_argument("--batch-size", type=int, default=128, help="mini-batch size (default 128)")
-    d.add_argument("--trajectories", type=int, default=10000, help="SDE trajectories (default 10,000)")
+    d.add_argument("-n", "--trajectories", type=int, default=10000, help="SDE trajectories (default 10,000)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--data-root", default=None, help="MNIST folder; the bundled digits are used if absent")
     d.add_argument("--no-progress", action="store_true")
@@ -61,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     si = sub.add_parser("simulate", help="Monte Carlo of the reduced Z-SDE with a record's coefficients")
     si.add_argument("record")
-    si.add_argument("-n", "--n", type=int, default=10000, help="number of trajectories")
+    si.add_argument("-n", "--trajectories", type=int, default=10000, help="SDE trajectories (default 10,000)")
+    si.add_argument("--lr", type=float, default=None,
+                    help="the step η of a record with one learning rate (default: the record's own; refused for a "
+                         "record whose learning rate varies, which is simulated on its own η(t))")
     si.add_argument("--seed", type=int, default=0)
     si.add_argument("--device", default="cpu")
     si.add_argument("--csv", default=None, help="write mean, variance and quantiles over time here")
@@ -75,7 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="figure from a record (prediction, terms, κ split)")
     pl.add_argument("record")
     pl.add_argument("--out", default=None, help="PNG path (default: next to the record)")
-    pl.add_argument("--simulate", type=int, default=0, metavar="N", help="add an SDE band from N trajectories")
+    pl.add_argument("--simulate", nargs="?", type=int, const=-1, default=0, metavar="N",
+                    help="add the band of a Monte Carlo simulation of the reduced SDE (with -n/--trajectories "
+                         "trajectories; the old spelling --simulate N still sets their number)")
+    pl.add_argument("-n", "--trajectories", type=int, default=1000,
+                    help="SDE trajectories of --simulate (default 1,000)")
+    pl.add_argument("--seed", type=int, default=0, help="seed of --simulate's Brownian motion")
+    pl.add_argument("--no-progress", action="store_true", help="no progress bar for --simulate")
+    pl.add_argument("--title", default=None, help="figure title (default: what the run was, from its metadata)")
     pl.add_argument("--smooth", type=int, default=1, help="moving-average window for the terms")
     pl.add_argument("--include-degenerate", action="store_true",
                     help="use the terms of degenerate steps (repeated top singular value) in the prediction and the simulation")
@@ -89,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use the terms of degenerate steps (repeated top singular value) in the averages")
     _add_record_reading_options(inf, "the averages")
     inf.set_defaults(func=cmd_info)
+
+    ex = sub.add_parser("export", help="send a record's rows and metadata to TensorBoard, CSV, W&B or MLflow",
+                        description="Export an existing record through the loggers of sdelip.loggers: numbers as "
+                                    "scalars/metrics per step, booleans and text as what they are, the metadata "
+                                    "as text/config/params.")
+    ex.add_argument("record")
+    ex.add_argument("--to", required=True, choices=["tensorboard", "csv", "wandb", "mlflow"])
+    ex.add_argument("--out", default=None,
+                    help="TensorBoard log folder, CSV file, W&B folder or MLflow store folder/URI "
+                         "(default: beside the record: RECORD.tb, RECORD.csv, RECORD.wandb, RECORD.mlruns)")
+    ex.add_argument("--project", default=None, help="W&B project or MLflow experiment (default sdelip)")
+    ex.set_defaults(func=cmd_export)
 
     cp = sub.add_parser("copy", help="copy a record, also one still being written, into one self-contained file",
                         description="Copy a record with SQLite's online backup API: a consistent snapshot of its "
@@ -125,9 +147,19 @@ def _one_line_warnings() -> None:
     warnings.showwarning = show
 
 
+def _verb_parsers(parser: argparse.ArgumentParser) -> dict:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # a wrong flag: the verb's own usage, not the top-level one
+        verb = _verb_parsers(parser).get(args.command) if args.command else None
+        (verb or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     _one_line_warnings()
     if args.command is None:
         parser.print_help()

@@ -1,4 +1,4 @@
-"""Commands that read a record: ``predict``, ``simulate``, ``plot``, ``info``, ``copy``."""
+"""Commands that read a record: ``predict``, ``simulate``, ``plot``, ``info``, ``export``, ``copy``."""
 
 from __future__ import annotations
 
@@ -86,16 +86,6 @@ def _metadata(record_path) -> dict:
     return load_metadata(Path(record_path))
 
 
-def _lr_of(record_path, record) -> float:
-    meta = _metadata(record_path)
-    lr = meta.get("lr") or meta.get("config", {}).get("lr")
-    if lr is None and len(record) > 1:
-        steps = record["step"].to_numpy()
-        t = record["t"].to_numpy()
-        lr = float((t[-1] - t[0]) / (steps[-1] - steps[0]))
-    return float(lr)
-
-
 def prediction_summary(record, pred, at_steps: Optional[Sequence[int]] = None) -> list[dict]:
     """Rows comparing observed K with the Thm 16–17 prediction at a few steps."""
     import numpy as np
@@ -147,10 +137,20 @@ def terms_summary(record) -> list[dict]:
     return rows
 
 
-def _simulate(record, lr: float, n: int, seed: int, device: str, progress: bool) -> dict:
-    """Reduced Z-SDE (Thm 15) with the record's coefficients, n trajectories, as plot-ready arrays."""
-    from ..sde import simulate_record
+def _simulate(record, lr: Optional[float], n: int, seed: int, device: str, progress: bool, flag: str = "--lr") -> dict:
+    """Reduced Z-SDE (Thm 15) with the record's coefficients, n trajectories, as plot-ready arrays.
 
+    On the record's own η(t) when ``lr`` is None (a schedule: each step over its own Δt); one
+    ``lr`` for a record whose learning rate varies is refused as in Python
+    (:class:`~sdelip.errors.LearningRateScheduleError`, naming ``flag``).
+    """
+    from ..sde import simulate_record
+    from ..sde.reduced import record_step_sizes, schedule_refusal
+
+    if lr is not None:
+        sizes = record_step_sizes(record)
+        if sizes is not None:
+            raise schedule_refusal(record, sizes, flag)
     res = simulate_record(record, n=n, lr=lr, seed=seed, device=device, progress=progress)
     return {
         "t": res.t,
@@ -189,13 +189,12 @@ def cmd_simulate(args) -> int:
     if args.csv:
         _check_output(args.csv)
     record = _load(args.record, intact_only=args.intact_only)
-    lr = _lr_of(args.record, record)
     record = _diverged(record, args.include_diverged, "the simulation", args.record)
     record = _degenerate(record, args.include_degenerate, "the simulation")
     from ..tracking.threads import use_threads
 
     with use_threads(args.threads):
-        sim = _simulate(record, lr, args.n, args.seed, args.device, not args.no_progress)
+        sim = _simulate(record, args.lr, args.trajectories, args.seed, args.device, not args.no_progress)
     rows = []
     t = np.asarray(sim["t"])
     for q in (0.0, 0.25, 0.5, 0.75, 1.0):
@@ -216,7 +215,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from ..analysis.plotting import save_figure, summary_figure
+    from ..analysis.plotting import run_title, save_figure, summary_figure
     from ..analysis.prediction import predict
 
     out = _check_output(args.out or Path(args.record).with_suffix(".png"))
@@ -226,8 +225,11 @@ def cmd_plot(args) -> int:
     pred = predict(record, degenerate="include" if args.include_degenerate else "exclude")
     sim = None
     if args.simulate:
-        sim = _simulate(used, _lr_of(args.record, record), args.simulate, 0, "cpu", False)
-    save_figure(summary_figure(record, pred, simulation=sim, title=str(args.record), smooth=args.smooth), out)
+        n = args.simulate if args.simulate > 0 else args.trajectories
+        sim = _simulate(used, None, n, args.seed, "cpu", not args.no_progress)
+    meta = _metadata(args.record)
+    title = args.title or run_title(meta, record)
+    save_figure(summary_figure(record, pred, simulation=sim, title=title, smooth=args.smooth, metadata=meta), out)
     print(f"figure written to {out}")
     return 0
 
@@ -290,3 +292,12 @@ def cmd_copy(args) -> int:
     print(f"record copied to {out} (one self-contained file)")
     return 0
 
+
+
+def cmd_export(args) -> int:
+    from ..loggers import export_record
+
+    _load(args.record, need_rows=False)
+    dest = export_record(args.record, args.to, args.out, project=args.project)
+    print(f"record exported to {args.to}: {dest}")
+    return 0

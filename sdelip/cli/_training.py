@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from ._output import _markdown_table, _print_table
-from ._records import _degenerate, _load, _simulate, prediction_summary, terms_summary
+from ._records import _degenerate, _load, _metadata, _simulate, prediction_summary, terms_summary
 
 
 def _train_config(args, record: Optional[str]):
@@ -122,13 +122,13 @@ def cmd_demo(args) -> int:
     record = _load(record_path)
     pred = predict(record)
     print(f"[2/3] simulating {args.trajectories} trajectories of the reduced SDE (Thm 15) from the record")
-    sim = _simulate(_degenerate(record, False, "the simulation"), args.lr, args.trajectories, args.seed, "cpu",
+    sim = _simulate(_degenerate(record, False, "the simulation"), None, args.trajectories, args.seed, "cpu",
                     not args.no_progress)
     print("[3/3] writing the figure and the tables")
     fig_path = save_figure(
         summary_figure(record, pred, simulation=sim,
                        title=f"MLP on {result.data}: {args.steps} steps, lr {args.lr}, M {args.batch_size}",
-                       smooth=max(1, args.steps // 50)),
+                       smooth=max(1, args.steps // 50), metadata=_metadata(record_path)),
         out / "demo.png")
     pred_rows = prediction_summary(record, pred)
     terms_rows = terms_summary(record)

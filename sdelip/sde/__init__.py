@@ -27,7 +27,7 @@ from .lipschitz_sde import LipschitzSDE, LogLipschitzRows
 from .options import ComputeOptions, DriftOptions, LogKOptions, NoiseOptions
 from .parameter_sde import ParameterSDE
 from .optimizer_sde import OptimizerSDE
-from .reduced import ReducedLipschitzSDE, record_lr
+from .reduced import ReducedLipschitzSDE, record_lr, record_step_sizes
 from .simulate import SimulationResult, simulate, simulate_record
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "NoiseObserver",
     "ReducedLipschitzSDE",
     "record_lr",
+    "record_step_sizes",
     "SimulationResult",
     "simulate",
     "simulate_record",

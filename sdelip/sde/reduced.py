@@ -13,6 +13,13 @@ with L state coordinates, cheap enough for 10⁴ trajectories over 39,000 steps.
 piecewise-constant coefficients on the step grid, Euler is exact in law, and the
 moments are Thm 17's closed forms (:meth:`ReducedLipschitzSDE.moments`).
 
+**Learning-rate schedules** (``step_sizes``). With a varying η (StepLR, cosine, warm-up) step k
+lasts its own Δt_k = η_k: the record's t column is the time grid, t_{k+1} = t_k + Δt_k. The
+system is integrated on a uniform solver clock u_k = t0 + k·dt (dt = Δt_0) with the
+coefficients of step k multiplied by Δt_k/dt (drift) and √(Δt_k/dt) (noise): Z at clock u_k then
+has exactly the law of Z at time t_k (piecewise-constant coefficients, a deterministic time
+change), and :func:`~sdelip.sde.simulate` reports the times t_k (:meth:`ReducedLipschitzSDE.clock_to_time`).
+
 **Reshuffled epochs** (``steps_per_epoch=S``, ``batch_fraction=α = M/N``; docs/theory.md §10).
 With SGD's noise pinned within each epoch, each W^(ℓ) becomes an
 :class:`~sdelip.sde.EpochBrownian` (Cov of one epoch's increments dt(δ_jk − α)), and the
@@ -49,11 +56,12 @@ import torch
 from torch import nn
 
 from .._checks import check_positive
+from ..errors import LearningRateScheduleError
 from ..core.formulas import LipschitzMoments, lipschitz_moments, repeated_use_coefficients
 from ..analysis.prediction import check_modelled
 from ..core.catalogue import LOG_K_COEFFICIENTS, layer_column, network_column
 
-__all__ = ["ReducedLipschitzSDE", "record_lr"]
+__all__ = ["ReducedLipschitzSDE", "record_lr", "record_step_sizes"]
 
 _TERMS = LOG_K_COEFFICIENTS  # μ, κ, ‖λ‖²: the tables of the reduced system, in its constructor's order
 
@@ -95,6 +103,51 @@ def record_lr(record) -> float:
     )
 
 
+def record_step_sizes(record) -> Optional[np.ndarray]:
+    """Δt of every step from the record's first to its last tracked step, or None when η is constant.
+
+    Step k lasts Δt_k = t_{k+1} − t_k (the ``t`` column; between sparse rows the interval is
+    split evenly over its steps); the last row's step lasts its own ``lr``. None when the
+    record has one learning rate: a constant ``lr`` column and evenly spaced times (or
+    neither column). The reduced system with these step sizes integrates on the record's
+    own η(t) (:meth:`ReducedLipschitzSDE.from_record`).
+    """
+    if "step" not in record.columns or len(record) == 0:
+        return None
+    df = record.sort_values("step")
+    steps = np.asarray(df["step"], dtype=np.int64)
+    lrs = np.asarray(df["lr"], dtype=np.float64) if "lr" in df.columns else None
+    if lrs is not None and not np.all(np.isfinite(lrs)):
+        lrs = None
+    varies = lrs is not None and bool(np.any(np.abs(lrs - lrs[0]) > 1e-9 * abs(lrs[0])))
+    per_step = None
+    if "t" in df.columns and len(steps) > 1:
+        ts = np.asarray(df["t"], dtype=np.float64)
+        per_step = np.diff(ts) / np.diff(steps)
+        if not np.all(per_step > 0):
+            raise ValueError("the record's time t must increase with its steps")
+        varies = varies or bool(np.any(np.abs(per_step - per_step[0]) > 1e-6 * per_step[0]))
+    if not varies:
+        return None
+    span = steps - steps[0]
+    T = int(span[-1]) + 1
+    owner = np.searchsorted(span, np.arange(T), side="right") - 1
+    if per_step is None:  # no times: each row's own η over its steps
+        return lrs[owner]
+    last = lrs[-1] if lrs is not None else per_step[-1]
+    return np.append(per_step, last)[owner]
+
+
+def schedule_refusal(record, step_sizes, given: str) -> LearningRateScheduleError:
+    """The error for one η given (``given``: ``"lr="``, ``"--lr"``) with a record whose η varies."""
+    lrs = np.asarray(record["lr"], dtype=np.float64) if "lr" in record.columns else step_sizes
+    return LearningRateScheduleError(
+        f"the record's learning rate varies ({np.nanmin(lrs):g} to {np.nanmax(lrs):g}, a schedule): the simulation "
+        f"integrates on the record's own η(t) (its t column, each step over its own Δt); a single {given} would "
+        f"integrate with one η and is refused: leave {given} out"
+    )
+
+
 def _as_table(x, name: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64)
     if a.ndim == 1:
@@ -132,6 +185,10 @@ class ReducedLipschitzSDE(nn.Module):
         include_ito_correction: keep −½‖λ‖².
         include_diffusion: keep the noise ‖λ‖ dW.
         dtype: dtype of the coefficient tables (the state's dtype).
+        step_sizes: Δt of every step, (T,), for a varying learning rate (module docstring):
+            the solver clock keeps the uniform step ``dt`` and step k's coefficients are scaled
+            by Δt_k/dt; :meth:`clock_to_time` maps the clock to the times t_k. None: every step
+            lasts dt.
     """
 
     def __init__(
@@ -153,6 +210,7 @@ class ReducedLipschitzSDE(nn.Module):
         batch_fraction: Optional[float] = None,
         epoch_phase: int = 0,
         drift_source: str = "expected",
+        step_sizes=None,
     ):
         super().__init__()
         self.noise_type = "diagonal"
@@ -200,6 +258,13 @@ class ReducedLipschitzSDE(nn.Module):
         if drift_source not in ("expected", "minibatch"):
             raise ValueError(f"drift_source must be 'expected' or 'minibatch', got {drift_source!r}")
         self.drift_source = drift_source
+        if step_sizes is None:
+            self.step_sizes = None
+        else:
+            h = np.asarray(step_sizes, dtype=np.float64).reshape(-1)
+            if h.shape != (T,) or not np.all(np.isfinite(h)) or np.any(h <= 0):
+                raise ValueError(f"step_sizes must hold {T} positive finite step lengths, got shape {h.shape}")
+            self.step_sizes = h
         a, b2 = self.log_coefficients()
         self.register_buffer("log_drift", torch.as_tensor(a, dtype=dtype))
         self.register_buffer("diffusion", torch.as_tensor(np.sqrt(b2), dtype=dtype))
@@ -231,7 +296,9 @@ class ReducedLipschitzSDE(nn.Module):
 
         Args:
             record: the record DataFrame.
-            lr: the learning rate η (default: from the record, see :func:`record_lr`).
+            lr: the learning rate η (default: from the record, see :func:`record_lr`). A record
+                whose η varies (:func:`record_step_sizes`) is integrated on its own η(t), step k
+                over its own Δt_k; an ``lr`` for it raises :class:`~sdelip.errors.LearningRateScheduleError`.
             layers: layer names to simulate (default: every layer with a ``drift/`` column).
             per_layer: one Z^(ℓ) per layer (True) or the network Z alone (False).
             **kwargs: ``include_*`` switches, ``dtype`` and the reshuffled-epoch options
@@ -240,9 +307,14 @@ class ReducedLipschitzSDE(nn.Module):
                 measured on each step's batch) of :class:`ReducedLipschitzSDE`.
         """
         check_modelled(record, "the reduced SDE")
-        lr = record_lr(record) if lr is None else check_positive(lr, "lr")
         if "step" not in record.columns:
             raise ValueError("the record has no 'step' column")
+        step_sizes = record_step_sizes(record)
+        if step_sizes is not None:
+            if lr is not None:
+                raise schedule_refusal(record, step_sizes, "lr=")
+            lr = float(step_sizes[0])  # the solver clock; each step keeps its own Δt
+        lr = record_lr(record) if lr is None else check_positive(lr, "lr")
         df = record.sort_values("step")
         steps = np.asarray(df["step"], dtype=np.int64)
         if len(steps) == 0:
@@ -300,7 +372,8 @@ class ReducedLipschitzSDE(nn.Module):
             kwargs.setdefault("drift_source", "minibatch")  # a record's μ is the step's own mini-batch's
         return cls(
             tables["drift"], tables["noise_curvature"], tables["diffusion_sq"], dt=lr, K0=K0,
-            t0=float(df["t"].iloc[0]) if "t" in df.columns else float(steps[0]) * lr, layer_names=names, **kwargs,
+            t0=float(df["t"].iloc[0]) if "t" in df.columns else float(steps[0]) * lr, layer_names=names,
+            step_sizes=step_sizes, **kwargs,
         )
 
     # -- coefficients --------------------------------------------------------------------
@@ -318,7 +391,29 @@ class ReducedLipschitzSDE(nn.Module):
             ito = ito - 0.5 * self.lam2
         a = (self.mu if self.include_drift else np.zeros_like(self.mu)) + ito * self.epoch_weights()[:, None]
         b2 = self.lam2 if self.include_diffusion else np.zeros_like(self.lam2)
+        if self.step_sizes is not None:  # step k over its own Δt_k on the uniform clock dt
+            r = (self.step_sizes / self.dt)[:, None]
+            a, b2 = a * r, b2 * r
         return a, b2
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the steps have their own lengths (a varying learning rate, ``step_sizes``)."""
+        return self.step_sizes is not None
+
+    def step_times(self) -> np.ndarray:
+        """t_k of the steps k = 0..T: t0 + Σ_{j<k} Δt_j (t0 + k·dt without a schedule), (T + 1,)."""
+        if self.step_sizes is None:
+            return self.t0 + np.arange(self.n_steps + 1) * self.dt
+        return self.t0 + np.concatenate([[0.0], np.cumsum(self.step_sizes)])
+
+    def clock_to_time(self, u) -> np.ndarray:
+        """The times t of solver-clock times u (the identity without a schedule; linear within a step)."""
+        u = np.asarray(u, dtype=np.float64)
+        if self.step_sizes is None:
+            return u
+        x = (u - self.t0) / self.dt
+        return np.interp(x, np.arange(self.n_steps + 1), self.step_times())
 
     @property
     def reshuffled(self) -> bool:
@@ -451,7 +546,11 @@ class ReducedLipschitzSDE(nn.Module):
         a, b2 = a[:n].sum(1), b2[:n].sum(1)
         K0 = math.exp(float(self.Z0.sum()))
         # lipschitz_moments integrates μ + κ − ½λ² and λ²: give it (a + ½b², 0, b²).
-        return lipschitz_moments(K0, a + 0.5 * b2, np.zeros_like(a), b2, self.dt)
+        m = lipschitz_moments(K0, a + 0.5 * b2, np.zeros_like(a), b2, self.dt)
+        if self.step_sizes is not None:  # the steps' own times
+            m = LipschitzMoments(t=self.step_times()[: n + 1] - self.t0, mean_Z=m.mean_Z, var_Z=m.var_Z,
+                                 mean_K=m.mean_K, var_K=m.var_K)
+        return m
 
     def _pinned_moments(self, a: np.ndarray, b2: np.ndarray) -> LipschitzMoments:
         """E[Z], Var[Z], E[K], Var[K] of the reshuffled-epoch system (module docstring), steps 0..len(a)."""
@@ -471,7 +570,7 @@ class ReducedLipschitzSDE(nn.Module):
             var_L[k + 1] = cum_b2[k + 1] - alpha * dt * (done + part**2)
         var_Z = np.maximum(var_L, 0.0).sum(1)  # independent layers (Assumption 3)
         mean_K = np.exp(mean_Z + 0.5 * var_Z)
-        return LipschitzMoments(t=np.arange(T + 1) * dt, mean_Z=mean_Z, var_Z=var_Z, mean_K=mean_K,
+        return LipschitzMoments(t=self.step_times()[: T + 1] - self.t0, mean_Z=mean_Z, var_Z=var_Z, mean_K=mean_K,
                                 var_K=mean_K**2 * np.expm1(var_Z))
 
     def extra_repr(self) -> str:
@@ -480,5 +579,6 @@ class ReducedLipschitzSDE(nn.Module):
                                ("diffusion", self.include_diffusion)) if not on]
         epochs = (f", steps_per_epoch={self.steps_per_epoch}, batch_fraction={self.batch_fraction:.6g}, "
                   f"drift_source={self.drift_source!r}" if self.reshuffled else "")
-        return (f"layers={self.layer_names}, steps={self.n_steps}, dt={self.dt}" + epochs
+        sched = (f", step_sizes={self.step_sizes.min():g}..{self.step_sizes.max():g}" if self.scheduled else "")
+        return (f"layers={self.layer_names}, steps={self.n_steps}, dt={self.dt}" + sched + epochs
                 + (f", without={off}" if off else ""))

@@ -166,7 +166,9 @@ def simulate(
             ``lipschitz`` and torchsde's ``f_and_g_prod``).
         n: number of trajectories.
         ts: save times, increasing, on the grid ts[0] + k·dt (e.g.
-            :func:`sdelip.sde.time_grid`); kept in float64.
+            :func:`sdelip.sde.time_grid`); kept in float64. For a system on a solver clock
+            (a learning-rate schedule: :meth:`ReducedLipschitzSDE.clock_to_time`) these are
+            clock times and the result's ``t`` holds the record's times t_k.
         dt: Euler step (default: the system's η: ``sde.dt`` or ``sde.lr``).
         device: ``"cpu"`` or ``"cuda"`` (RuntimeError if CUDA is asked for but absent).
         chunk_size: trajectories per sdeint call (default: as many as fit about 1 GiB,
@@ -275,6 +277,9 @@ def simulate(
         P = torch.cat(paths, 1)
         if levels:
             qs = torch.quantile(P.to(torch.float64), torch.tensor(levels, dtype=torch.float64), dim=1).numpy()
+    # A system on a solver clock (a learning-rate schedule, ReducedLipschitzSDE.step_sizes) reports its own times.
+    to_time = getattr(sde, "clock_to_time", None)
+    t_out = np.asarray(to_time(ts.numpy()) if to_time is not None else ts.numpy(), dtype=np.float64)
     theory = None
     if isinstance(sde, ReducedLipschitzSDE):
         k = torch.round((ts - sde.t0) / sde.dt).long()
@@ -282,10 +287,10 @@ def simulate(
             m = sde.moments(int(k.max()))
             idx = k.numpy()
             theory = LipschitzMoments(
-                t=ts.numpy(), mean_Z=m.mean_Z[idx], var_Z=m.var_Z[idx], mean_K=m.mean_K[idx], var_K=m.var_K[idx]
+                t=t_out, mean_Z=m.mean_Z[idx], var_Z=m.var_Z[idx], mean_K=m.mean_K[idx], var_K=m.var_K[idx]
             )
     return SimulationResult(
-        t=ts.numpy(),
+        t=t_out,
         n=count,
         mean_K=mean_K.cpu().numpy(),
         var_K=(m2_K / (count - 1)).cpu().numpy(),
@@ -332,7 +337,10 @@ def simulate_record(
         n: number of trajectories.
         every: save every this many steps (default: about 1,000 saved times).
         n_steps: simulate the first n_steps steps (default: the whole record).
-        lr, layers, per_layer: see :meth:`ReducedLipschitzSDE.from_record`.
+        lr, layers, per_layer: see :meth:`ReducedLipschitzSDE.from_record`. A record whose
+            learning rate varies (a schedule) is simulated on its own η(t), each step over its
+            own Δt, and the result's ``t`` is the record's time; ``lr=`` for such a record raises
+            :class:`~sdelip.errors.LearningRateScheduleError` (one η would change the clock silently).
         include_drift, include_noise_curvature, include_ito_correction, include_diffusion:
             term switches (ablations).
         sampling: ``"iid"`` (default, Thm 17), ``"reshuffle"`` or ``"auto"`` (see above).

@@ -137,12 +137,17 @@ class RuntimeOptions:
             the per-module fallback (``"fallback"``, per-sample gradients of that module
             alone by ``torch.func``) or refused at construction with its name
             (``"error"``, :class:`~sdelip.rules.inventory.UnsupportedLayerError`).
+        loggers: live export of every written row (the terms of each tracked step) and of the
+            run's metadata, e.g. ``[TensorBoardLogger("tb/run"), CSVLogger("run.csv")]``
+            (:mod:`sdelip.loggers`: TensorBoard, CSV, W&B, MLflow, or any object with
+            ``log_metadata``, ``log_row`` and ``close``); closed by :meth:`Tracker.close`.
     """
 
     chunk_bytes: Optional[int] = None
     threads: Optional[int] = attrs.field(default=None, converter=_optional_positive_int("threads"))
     check_inputs: bool = True
     unsupported: str = "fallback"
+    loggers: tuple = attrs.field(default=(), converter=tuple)
 
 
 #: The Tracker keywords that moved onto an option object: keyword → (argument, field).

@@ -62,6 +62,7 @@ from ..core.formulas import blank_coefficients
 from .measurement import decompose_layers, layer_terms_from_statistics, step_record, update_terms_from_statistics
 from .probes import lipschitz_lower_bound
 from ..record import RecordWriter, StepRecord, load_record
+from ..loggers import LoggerFanout
 from .metadata import build_metadata
 from .schedule import Schedule, as_schedule
 from .options import RecordOptions, RuntimeOptions, TrackingOptions, tracker_options
@@ -202,6 +203,7 @@ class Tracker(TrackerCheckpointing):
         self._closed = False
         self._probe_vectors: dict[str, torch.Tensor] = {}
         self._hooks: list = []
+        self._loggers = LoggerFanout(runtime.loggers)  # live export of the rows (sdelip.loggers)
 
         # -- optimizer ------------------------------------------------------------------------
         self.optim = OptimizerView(optimizer, self.layers, lr)
@@ -360,6 +362,8 @@ class Tracker(TrackerCheckpointing):
         else:
             self.history.append(rec)
         self.last = rec
+        if self._loggers:
+            self._loggers.write(rec, self._metadata)
 
     # ------------------------------------------------------------------------------------------
     # the optimizer's step: what it did with the tracked gradient (sdelip.tracking.update)
@@ -558,6 +562,7 @@ class Tracker(TrackerCheckpointing):
         self._remove_hooks()
         if self.writer is not None:
             self.writer.close()
+        self._loggers.close()
         self._closed = True
 
     def __enter__(self) -> "Tracker":
