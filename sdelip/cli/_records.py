@@ -278,6 +278,17 @@ def cmd_info(args) -> int:
             print("  the averages below leave them out (--include-degenerate includes them)")
             record = record[~record["step"].isin(bad)].reset_index(drop=True)
     record = _diverged(record, args.include_diverged, "the averages", args.record)
+    if "update_modelled" in record.columns and not record["update_modelled"].all():
+        off = record.loc[~record["update_modelled"].astype(bool)]
+        notes = [n for n in off.get("update_note", []) if isinstance(n, str)]
+        shown = ", ".join(map(str, off["step"].astype(int).tolist()[:8])) + (", …" if len(off) > 8 else "")
+        print(f"  steps not modelled: {len(off)} ({shown}): {notes[0] if notes else 'see update_note'}; their "
+              "coefficients do not describe the update (the realised_* columns do)")
+        record = record[record["update_modelled"].astype(bool)].reset_index(drop=True)
+        if record.empty:
+            print("  no modelled step: no averages of the model's coefficients")
+            return 0
+        print("  the averages below leave them out")
     print()
     rows = terms_summary(record)
     _check_finite(rows, args.record, "the averages of the terms")

@@ -120,14 +120,17 @@ def test_checkpoint_resume_and_loggers(tmp_path):
 
     from sdelip.tracking.options import RecordOptions
 
-    # a run of one epoch (4 steps) saves a checkpoint; a later run (interrupted after step 5) wrote two more rows
+    # a run of one epoch (4 steps) saves a checkpoint; a continuation of it (interrupted after step 5) wrote two
+    # more rows (a checkpoint belongs to its record: the continuation appends to the same record)
     trainer = _trainer(-1, [SdelipCallback(record=tmp_path / "pl.db")], max_epochs=1)
     first = Net()
     trainer.fit(first, _data())
     ckpt = tmp_path / "epoch1.ckpt"
     trainer.save_checkpoint(ckpt)
-    _trainer(6, [SdelipCallback(record=RecordOptions(tmp_path / "pl.db", mode="overwrite"))]).fit(Net(), _data())
+    _trainer(6, [SdelipCallback(record=tmp_path / "pl.db")]).fit(Net(), _data(), ckpt_path=ckpt)
     assert len(load_record(tmp_path / "pl.db")) == 6
+    # a new run that overwrites the record cannot be continued from the first run's checkpoint
+    _trainer(2, [SdelipCallback(record=RecordOptions(tmp_path / "other.db", mode="overwrite"))]).fit(Net(), _data())
     # resumed from the epoch-end checkpoint (step 4): rows 4, 5 are replaced, the record goes on to step 8
     logger = CSVLogger(tmp_path, name="logs")
     cb = SdelipCallback(record=tmp_path / "pl.db")
@@ -137,7 +140,7 @@ def test_checkpoint_resume_and_loggers(tmp_path):
     # Lightning 2.6 feeds the loader's first batch again right after such a resume (its own replay of a
     # non-resumable loader): the record is that of the batches actually trained on
     _equal(got, _bare(tmp_path / "bare.db", 8, batches=first.seen + resumed.seen))
-    assert cb.tracker.metadata["resumed_at"] == [4]
+    assert cb.tracker.metadata["resumed_at"] == [4, 4]  # both continuations resumed from step 4
     import pandas as pd
 
     logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
