@@ -168,6 +168,9 @@ class AmortisedGeometry:
         bound_fallbacks: fall-backs because the bound exceeded ``tol`` (not first steps).
         worst_bound: the largest bound accepted so far.
         bounds: layer name → the bound of its latest decomposition.
+        routes: layer name → the route of its latest decomposition: ``"amortised"``, ``"exact"``
+            (the ``"fast"`` route as the amortised route's start or fall-back), ``"svd"`` (a
+            degenerate spectrum) or ``"fast"`` (a layer below ``min_dim`` under ``"auto"``).
     """
 
     def __init__(self, tol: float = DEFAULT_TOL, margin: float = 1e-2, block: int = 4, max_dim: int = 64,
@@ -179,12 +182,14 @@ class AmortisedGeometry:
         self.steps = self.amortised = self.fallbacks = self.bound_fallbacks = 0
         self.worst_bound = 0.0
         self.bounds: dict = {}
+        self.routes: dict = {}
 
     def summary(self) -> dict:
         """The counters, for the tracker's metadata."""
         return {"amortised_layer_steps": self.amortised, "exact_layer_steps": self.fallbacks,
                 "bound_fallbacks": self.bound_fallbacks, "worst_error_bound": self.worst_bound,
-                "error_tol": self.tol}
+                "error_tol": self.tol,
+                "layers": {k: {"route": self.routes[k], "error_bound": self.bounds.get(k, 0.0)} for k in self.routes}}
 
     def route(self, W: torch.Tensor, method: str) -> str:
         """The route a layer takes: ``"amortised"``, or ``"fast"`` for a small layer under ``"auto"``."""
@@ -196,6 +201,7 @@ class AmortisedGeometry:
                   name: Optional[str] = None, step: Optional[int] = None):
         """The decomposition of W by the amortised route (or its fall-back), updating the state of ``name``."""
         if self.route(W, method) == "fast" or min(W.shape[-2:]) <= 2 * self.block:
+            self.routes[name] = "fast"
             return decompose_layer(W, "fast", gap_tol, on_degenerate, name=name, step=step)
         W = W.detach()
         key = (name, tuple(W.shape), W.dtype, W.device)
@@ -224,6 +230,7 @@ class AmortisedGeometry:
             self._prev.pop(name, None)
             self.fallbacks += 1
             self.bounds[name] = 0.0
+            self.routes[name] = "svd"
             return decompose(W, method="svd", gap_tol=gap_tol, on_degenerate=on_degenerate, name=name, step=step)
         # R is symmetric and column-major (cholesky_inverse): its contiguous transpose is the fast operand
         self._prev[name] = (key, info["Z"], d.R.mT.to(torch.float64).contiguous() if self.precondition else None)
@@ -235,5 +242,6 @@ class AmortisedGeometry:
             if "failed" in info:
                 self.bound_fallbacks += 1
         self.bounds[name] = info["bound"]
+        self.routes[name] = "amortised" if info["amortised"] else "exact"
         return AmortisedCurvature(**attrs.asdict(d, recurse=False), error_bound=info["bound"],
                                   amortised=info["amortised"], krylov_dim=info["dim"])
