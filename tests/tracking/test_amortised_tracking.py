@@ -157,14 +157,13 @@ def test_fallback_when_bound_exceeds_tolerance():
     assert all(v["route"] == "exact" for v in g["layers"].values())
 
 
-def test_auto_default_and_metadata(tmp_path):
-    """``"auto"`` is the default; small layers stay on the exact route; the record's metadata says which ran."""
+def test_auto_and_metadata(tmp_path):
+    """Under ``"auto"`` small layers stay on the exact route; the record's metadata says which ran."""
     from sdelip.record import load_metadata
 
-    assert TrackingOptions().decomposition == "auto"
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Tracker(model, opt, record=tmp_path / "r.db") as tr:
+    with Tracker(model, opt, record=tmp_path / "r.db", options=TrackingOptions(decomposition="auto")) as tr:
         for x, y in data("mlp", 3, 8):
             opt.zero_grad()
             tr.backward(F.cross_entropy(model(x), y, reduction="none"))
