@@ -65,6 +65,9 @@ DEFAULT_TOL = 1e-8
 #: route, smaller ones the exact ``"fast"`` route (LAPACK on a small Gram matrix costs less than the
 #: Python overhead of the Krylov blocks; docs/performance.md).
 AUTO_MIN_DIM = 256
+#: Below this smaller dimension every route (``"amortised"`` included) uses the exact ``"fast"``
+#: route: the Krylov space would span most of the space.
+MIN_DIM = 32
 
 
 @attrs.frozen
@@ -200,7 +203,7 @@ class AmortisedGeometry:
     def decompose(self, W: torch.Tensor, method: str, gap_tol: float, on_degenerate: str = "warn",
                   name: Optional[str] = None, step: Optional[int] = None):
         """The decomposition of W by the amortised route (or its fall-back), updating the state of ``name``."""
-        if self.route(W, method) == "fast" or min(W.shape[-2:]) <= 2 * self.block:
+        if self.route(W, method) == "fast" or min(W.shape[-2:]) < max(MIN_DIM, 4 * self.block):
             self.routes[name] = "fast"
             return decompose_layer(W, "fast", gap_tol, on_degenerate, name=name, step=step)
         W = W.detach()
