@@ -35,10 +35,9 @@ which the check δ1 > 0 and the fall-back on a failed bound guard against.
 **Fall-back.** When the bound exceeds ``tol`` (default 1e-8) after ``max_dim`` columns,
 when the layer has no previous state (its first tracked step, a shape change, a resumed
 run) or when the spectrum is degenerate, the layer is decomposed by the exact route and
-the step counted as a fall-back (:class:`AmortisedGeometry` counters). Every
-``refresh_every`` amortised steps of a layer the exact route runs once anyway (default
-None: never needed, the Krylov refinement does not accumulate error — each step's bound is
-computed from this step's G alone).
+the step counted as a fall-back (:class:`AmortisedGeometry` counters). No periodic
+refresh is needed: the refinement does not accumulate error, each step's bound is computed
+from this step's G alone.
 
 Computed in float64 from the Gram matrix of the layer's dtype: for a float32 layer the
 refined eigenpair is at least as accurate as LAPACK's float32 one; the comparison at
