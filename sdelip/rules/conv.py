@@ -246,10 +246,12 @@ def _pair_statistics(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor, u1
         out["Gtu"][s:e] = torch.bmm(Xt, torch.matmul(u1, Dt).unsqueeze(-1)).squeeze(-1)
         if "sum_g" in out:  # (O, c·P) @ (c·P, K)
             out["sum_g"].addmm_(Dt.permute(1, 0, 2).reshape(O, -1), Xt.permute(0, 2, 1).reshape(-1, K))
-        A = (Dt[:, :, pi] * Dt[:, :, qi]).mul_(w)  # (c, O, npairs)
-        B = Xt[:, :, pi] * Xt[:, :, qi]  # (c, K, npairs)
-        out["sum_sq"].addmm_(A.permute(1, 0, 2).reshape(O, -1), B.permute(0, 2, 1).reshape(-1, K))
-        del Xt, A, B
+        # positions first, so that the pairs gather whole rows: (c, npairs, O) and (c, npairs, K)
+        Dp, Xp = Dt.permute(0, 2, 1).contiguous(), Xt.permute(0, 2, 1).contiguous()
+        A = (Dp[:, pi] * Dp[:, qi]).mul_(w[:, None])
+        B = Xp[:, pi] * Xp[:, qi]
+        out["sum_sq"].addmm_(A.reshape(-1, O).mT, B.reshape(-1, K))
+        del Xt, Xp, A, B
 
 
 def conv_scaled_projections(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor, S: torch.Tensor,
