@@ -168,6 +168,7 @@ class AmortisedGeometry:
         amortised: layer-steps whose eigenpairs came from the refinement.
         fallbacks: layer-steps that ran the exact route (first step of a layer included).
         bound_fallbacks: fall-backs because the bound exceeded ``tol`` (not first steps).
+        fallback_steps: the tracked steps in which at least one layer fell back on its bound.
         worst_bound: the largest bound accepted so far.
         bounds: layer name → the bound of its latest decomposition.
         routes: layer name → the route of its latest decomposition: ``"amortised"``, ``"exact"``
@@ -182,6 +183,7 @@ class AmortisedGeometry:
         self.precondition = bool(precondition)
         self._prev: dict = {}
         self.steps = self.amortised = self.fallbacks = self.bound_fallbacks = 0
+        self.fallback_steps: set = set()
         self.worst_bound = 0.0
         self.bounds: dict = {}
         self.routes: dict = {}
@@ -189,7 +191,8 @@ class AmortisedGeometry:
     def summary(self) -> dict:
         """The counters, for the tracker's metadata."""
         return {"amortised_layer_steps": self.amortised, "exact_layer_steps": self.fallbacks,
-                "bound_fallbacks": self.bound_fallbacks, "worst_error_bound": self.worst_bound,
+                "bound_fallbacks": self.bound_fallbacks, "bound_fallback_steps": len(self.fallback_steps),
+                "worst_error_bound": self.worst_bound,
                 "error_tol": self.tol,
                 "layers": {k: {"route": self.routes[k], "error_bound": self.bounds.get(k, 0.0)} for k in self.routes}}
 
@@ -243,6 +246,7 @@ class AmortisedGeometry:
             self.fallbacks += 1
             if "failed" in info:
                 self.bound_fallbacks += 1
+                self.fallback_steps.add(step)
         self.bounds[name] = info["bound"]
         self.routes[name] = "amortised" if info["amortised"] else "exact"
         return AmortisedCurvature(**attrs.asdict(d, recurse=False), error_bound=info["bound"],

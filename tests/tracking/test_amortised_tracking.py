@@ -154,6 +154,7 @@ def test_fallback_when_bound_exceeds_tolerance():
     n = sum(v["route"] != "fast" for v in g["layers"].values())
     assert n == 2
     assert g["bound_fallbacks"] == 5 * n and g["amortised_layer_steps"] == 0
+    assert g["bound_fallback_steps"] == 5  # steps 1-5 (step 0 starts exact)
     assert worst_error(exact, amort) <= 1e-12  # the fall-back is the exact route
     assert sorted(v["route"] for v in g["layers"].values()) == ["exact", "exact", "fast"]
 
