@@ -63,6 +63,8 @@ CONFIGS = {
     "transformer-broadcast-pos": {"model": "transformer", "dataset": "tokens", "batch_size": 32, "lr": 0.01,
                                   "T": 32, "broadcast_positions": True},
     "resnet18": {"model": "resnet18", "dataset": "cifar-standin", "batch_size": 64, "lr": 0.01},
+    # issue #30: resnet18 in train mode (BatchNorm with batch statistics: the coupled engine), M = 16
+    "resnet18-train": {"model": "resnet18", "dataset": "cifar-standin", "batch_size": 16, "lr": 0.01, "train": True},
 }
 
 
@@ -114,7 +116,9 @@ def make(cfg: dict, seed: int = 0):
         import torchvision
 
         torch.manual_seed(seed)
-        model = torchvision.models.resnet18(num_classes=10).eval()  # BatchNorm with running statistics
+        model = torchvision.models.resnet18(num_classes=10)
+        if not cfg.get("train"):
+            model.eval()  # BatchNorm with running statistics
     else:
         info_shape = (1, 28, 28) if cfg["model"] == "mlp" else (3, 32, 32)
         model = build_model(cfg["model"], input_shape=info_shape, seed=seed)
@@ -141,6 +145,10 @@ VARIANTS = {
     "factored": ("factored", {}),
     "factored-nosplit": ("factored", {"split": False}),
     "factored-svd": ("factored", {"decomposition": "svd"}),
+    # issue #30: the amortised geometry route (sdelip.core.amortised) for every layer, or under "auto"
+    # for the layers with min(m, n) >= AUTO_MIN_DIM (the others on "fast")
+    "factored-amortised": ("factored", {"decomposition": "amortised"}),
+    "factored-auto": ("factored", {"decomposition": "auto"}),
     "factored-t1": ("factored", {"threads": 1}),
     "materialised": ("materialised", {}),
 }
@@ -193,9 +201,13 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
             dt = time.perf_counter() - t0
             if k >= warmup:
                 times[key].append(dt)
-    for tr in trackers.values():
+    out = {k: statistics.median(v) for k, v in times.items()}
+    for key, tr in trackers.items():
+        geo = tr.metadata.get("geometry")
+        if geo is not None:  # the amortised route: its worst accepted a posteriori bound and fall-backs
+            out[f"{key}:geometry"] = {k: v for k, v in geo.items() if k != "layers"}
         tr.close()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return out
 
 
 def breakdown(name: str, steps: int, warmup: int, decomposition: str) -> dict:
@@ -365,8 +377,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the materialised engine")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-steps", type=int, default=5)
-    ap.add_argument("--decomposition", default="fast", choices=["fast", "svd", "gram"])
-    ap.add_argument("--engines", nargs="+", default=["factored", "materialised"], choices=sorted(VARIANTS),
+    ap.add_argument("--decomposition", default="fast", choices=["fast", "svd", "gram", "amortised", "auto"])
+    ap.add_argument("--engines", nargs="+", default=["factored", "factored-auto", "materialised"],
+                    choices=sorted(VARIANTS),
                     help="tracked configurations to time (the first one gives tracked/plain)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--memory-repeats", type=int, default=3)
@@ -404,6 +417,11 @@ def main(argv=None) -> int:
         parts = [f"{name} (M={CONFIGS[name]['batch_size']}): plain {t['plain'] * 1e3:.1f} ms"]
         for eng in engines:
             parts.append(f"{eng} {t[eng] * 1e3:.1f} ms ({eng}/plain = {t[eng] / t['plain']:.2f})")
+            geo = t.get(f"{eng}:geometry")
+            if geo is not None:
+                parts.append(f"{eng}: {geo['amortised_layer_steps']} amortised / {geo['exact_layer_steps']} exact "
+                             f"layer-steps, {geo['bound_fallbacks']} fall-backs, worst bound "
+                             f"{geo['worst_error_bound']:.1e}")
         if not args.no_memory:
             mem = {eng: measure_memory(name, eng, args.memory_steps, args.decomposition, threads,
                                        args.memory_repeats, not args.default_malloc) for eng in ["plain"] + engines}

@@ -198,8 +198,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     t.add_argument("--engine", default="auto", choices=["auto", "factored", "materialised", "coupled"],
                    help="per-sample statistics engine")
     t.add_argument("--no-split", action="store_true", help="skip the Prop 6 variance/covariance split of κ")
-    t.add_argument("--decomposition", default="fast", choices=["fast", "svd", "gram"],
-                   help="how σ1 and the Hessian terms are computed (fast: Gram resolvent; svd: thin SVD)")
+    t.add_argument("--decomposition", default="fast", choices=["auto", "amortised", "fast", "svd", "gram"],
+                   help="how σ1 and the Hessian terms are computed (fast: Gram resolvent; svd: thin SVD; amortised: the previous "
+                        "step's eigenbasis refined, with a bound and fall-back; auto: amortised for min(m, n) >= 256)")
     t.add_argument("--probe-every", type=int, default=None,
                    help="every N steps also record exact conv norms and an empirical Lipschitz lower bound")
     t.add_argument("--checkpoint", default=None,

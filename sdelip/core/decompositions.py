@@ -211,18 +211,24 @@ def gram_curvature(
     on_degenerate: str = "warn",
     name: Optional[str] = None,
     step: Optional[int] = None,
+    eigenpairs: Optional[Callable] = None,
 ) -> Optional[GramCurvature]:
     """Build :class:`GramCurvature` for the weight matrix W (m0 × n0).
 
     Returns None when the spectrum is degenerate (relative gap below ``gap_tol``) or the
     factorisation fails; the caller then uses the SVD route, which handles both (and
     warns or raises according to ``on_degenerate``).
+
+    ``eigenpairs(G)`` → (w, Z), the two largest eigenvalues (descending) and eigenvectors
+    of the oriented Gram matrix G (which it must not modify), replaces
+    :func:`top_eigenpairs`: the amortised route (:mod:`sdelip.core.amortised`) passes a
+    warm-started solver; everything after the eigenpairs is the same computation.
     """
     W = W.detach()
     transposed = W.shape[0] > W.shape[1]
     th = W.mT if transposed else W
     G = th @ th.mT
-    w, Z = top_eigenpairs(G, 2)
+    w, Z = top_eigenpairs(G, 2) if eigenpairs is None else eigenpairs(G)
     uo = Z[:, 0].to(W.dtype)
     tu = th.mT @ uo
     s1 = tu.norm()

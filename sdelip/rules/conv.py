@@ -31,6 +31,13 @@ from .linear import patch_scaled_projections, patch_statistics, statistics_buffe
 __all__ = ["ConvRule", "ConvGeometry", "conv_statistics", "per_sample_conv_grads", "conv_projections",
            "conv_scaled_projections", "GROUPED_CONV_MIN_POSITIONS"]
 
+#: The Prop 6 split of a small 2-d map (fewer positions P than :data:`GROUPED_CONV_MIN_POSITIONS`,
+#: one group) sums g_i ∘ g_i without forming g_i when P(P+1)/2 is at most this: by the pairs of
+#: positions p ≤ q, Σ_i g_i∘g_i = Σ_{i, p≤q} w_pq (δ_ip∘δ_iq)(x_ip∘x_iq)ᵀ (w = 1 on the diagonal, 2 off
+#: it), one matrix product with inner dimension M·P(P+1)/2 instead of M per-sample O × K gradients
+#: written, squared and summed (memory-bound; resnet18's 1 × 1 and 2 × 2 maps; docs/performance.md).
+PAIR_MAX_PAIRS = 10
+
 #: Below this many output positions the per-sample gradients of a Conv2d are formed by
 #: unfolding and a batched matrix product; from it on by a grouped convolution backward
 #: (faster for large feature maps, much slower for small ones on CPU).
@@ -177,6 +184,9 @@ def conv_statistics(
         per_sample = elem * (2 * K * P + (O * Kg if split else 0) + O * P)
     c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
     out = statistics_buffers(M, O, Kg, split, with_sum_g, u1)
+    if split and not grouped and geo.groups == 1 and P * (P + 1) // 2 <= PAIR_MAX_PAIRS:
+        _pair_statistics(geo, x, delta, u1, v1, chunk_bytes, out)
+        return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
     for s in range(0, M, c):
         e = min(M, s + c)
         if grouped and not split:
@@ -203,6 +213,45 @@ def conv_statistics(
         patch_statistics(Xt, Dt, u1, v1, split, geo.groups, out, s)
         del Xt
     return LayerStatistics(M, out["Gv"], out["Gtu"], out.get("sum_g"), out.get("sum_sq"))
+
+
+def _pair_statistics(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor, u1: torch.Tensor, v1: torch.Tensor,
+                     chunk_bytes: int, out: dict) -> None:
+    """The statistics of a one-group convolution on a small map without per-sample gradients (:data:`PAIR_MAX_PAIRS`).
+
+    Fills ``out`` (:func:`~sdelip.rules.linear.statistics_buffers`) for prepared x (M, C, …)
+    and lifted δ (M, O, …): g_i v1 = Σ_p δ_ip (x_ip · v1), g_iᵀ u1 = Σ_p x_ip (δ_ip · u1)
+    from the patches, Σ g_i = Σ_{i,p} δ_ip x_ipᵀ and Σ g_i∘g_i by the pairs of positions, each
+    one matrix product over a chunk of samples.
+    """
+    M, O = delta.shape[0], delta.shape[1]
+    P = math.prod(delta.shape[2:])
+    K = v1.shape[0]
+    iu = torch.triu_indices(P, P, device=delta.device)
+    pi, qi = iu[0], iu[1]
+    npairs = pi.shape[0]
+    w = torch.where(pi == qi, 1.0, 2.0).to(device=delta.device, dtype=u1.dtype)
+    per_sample = x.element_size() * (2 * K * P + O * P + (K + O) * npairs)
+    c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
+    for s in range(0, M, c):
+        e = min(M, s + c)
+        Xt = _patches(geo, x[s:e]).to(u1.dtype)  # (c, K, P)
+        if Xt.shape[2] != P:
+            raise EngineError(
+                f"unfolded input of the convolution has {Xt.shape[2]} positions but its output gradient has {P}; "
+                "the layer's input is not the tensor passed to its forward"
+            )
+        Dt = delta[s:e].reshape(e - s, O, P).to(u1.dtype)
+        out["Gv"][s:e] = torch.bmm(Dt, torch.matmul(Xt.mT, v1).unsqueeze(-1)).squeeze(-1)
+        out["Gtu"][s:e] = torch.bmm(Xt, torch.matmul(u1, Dt).unsqueeze(-1)).squeeze(-1)
+        if "sum_g" in out:  # (O, c·P) @ (c·P, K)
+            out["sum_g"].addmm_(Dt.permute(1, 0, 2).reshape(O, -1), Xt.permute(0, 2, 1).reshape(-1, K))
+        # positions first, so that the pairs gather whole rows: (c, npairs, O) and (c, npairs, K)
+        Dp, Xp = Dt.permute(0, 2, 1).contiguous(), Xt.permute(0, 2, 1).contiguous()
+        A = (Dp[:, pi] * Dp[:, qi]).mul_(w[:, None])
+        B = Xp[:, pi] * Xp[:, qi]
+        out["sum_sq"].addmm_(A.reshape(-1, O).mT, B.reshape(-1, K))
+        del Xt, Xp, A, B
 
 
 def conv_scaled_projections(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor, S: torch.Tensor,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .._checks import NonFiniteError, check_finite
+from ..core.amortised import AmortisedGeometry
 from ..core.decompositions import decompose_layer
 from ..core.formulas import LayerTerms, network_terms, repeated_use_terms, terms_from_projections
 from ..record import StepRecord
@@ -31,8 +32,21 @@ __all__ = ["decompose_layers", "layer_terms_from_statistics", "update_terms_from
            "check_terms"]
 
 
-def decompose_layers(layers: Sequence, method: str, gap_tol: float, on_degenerate: str, step: int) -> dict:
-    """Layer name → the decomposition of its weight matrix (:func:`sdelip.core.decompositions.decompose_layer`)."""
+#: The routes that reuse the previous tracked step's decomposition (:mod:`sdelip.core.amortised`).
+AMORTISED_ROUTES = ("amortised", "auto")
+
+
+def decompose_layers(layers: Sequence, method: str, gap_tol: float, on_degenerate: str, step: int,
+                     state: "AmortisedGeometry | None" = None) -> dict:
+    """Layer name → the decomposition of its weight matrix (:func:`sdelip.core.decompositions.decompose_layer`).
+
+    The routes ``"amortised"`` and ``"auto"`` go through ``state``, the run's
+    :class:`~sdelip.core.amortised.AmortisedGeometry` (each layer's previous eigenbasis, the a
+    posteriori bounds and the fall-back counters); a fresh one when None (every layer then
+    starts with the exact route).
+    """
+    if method in AMORTISED_ROUTES and state is None:
+        state = AmortisedGeometry()
     decomps = {}
     for layer in layers:
         W = layer.matrix().detach()
@@ -43,7 +57,10 @@ def decompose_layers(layers: Sequence, method: str, gap_tol: float, on_degenerat
             # optimizer.step() updates in place before the step's realised increment is measured
             W = W.clone()
         check_finite(W, "the weight matrix", layer.name, step)
-        decomps[layer.name] = decompose_layer(W, method, gap_tol, on_degenerate, name=layer.name, step=step)
+        if method in AMORTISED_ROUTES:
+            decomps[layer.name] = state.decompose(W, method, gap_tol, on_degenerate, name=layer.name, step=step)
+        else:
+            decomps[layer.name] = decompose_layer(W, method, gap_tol, on_degenerate, name=layer.name, step=step)
     return decomps
 
 

@@ -49,7 +49,17 @@ class TrackingOptions:
             an iterable of steps.
         split: also compute the Prop 6 variance/covariance split of κ.
         decomposition: how the operator-norm derivatives (Lemma 12–13) are evaluated:
-            ``"fast"`` (default; the top two eigenpairs and the resolvent of the smaller
+            ``"auto"`` (``"amortised"`` for layers whose smaller dimension is at least
+            :data:`sdelip.core.amortised.AUTO_MIN_DIM`, ``"fast"`` for the others; not the
+            default: a run resumed from a checkpoint restarts the refinement from the exact
+            route, so its record equals an uninterrupted run's only to the bound, not bit for
+            bit, which the resume guarantee requires),
+            ``"amortised"`` (the previous tracked step's eigenbasis refined by a
+            warm-started block Davidson iteration, with an a posteriori error bound per
+            layer and a fall-back to ``"fast"`` when it exceeds 1e-8,
+            :mod:`sdelip.core.amortised`; the counts and the worst bound are in the
+            tracker's metadata under ``"geometry"``), ``"fast"`` (the top two eigenpairs
+            and the resolvent of the smaller
             Gram matrix, :mod:`sdelip.core.decompositions` — same numbers as the SVD route,
             several times cheaper on CPU; falls back to ``"svd"`` for a degenerate
             spectrum), ``"svd"`` (full thin SVD, :func:`sdelip.core.spectral.decompose`) or
@@ -70,7 +80,7 @@ class TrackingOptions:
     engine: Union[str, type] = "auto"
     schedule: Union[None, int, str, Callable, Iterable] = 1
     split: bool = attrs.field(default=True, converter=bool)
-    decomposition: str = attrs.field(default="fast", validator=_choice("fast", "svd", "gram"))
+    decomposition: str = attrs.field(default="fast", validator=_choice("auto", "amortised", "fast", "svd", "gram"))
     gap_tol: float = attrs.field(default=DEFAULT_GAP_TOL, converter=float)
     on_degenerate: str = attrs.field(default="warn", validator=_choice("warn", "raise", "ignore"))
     probe_every: Optional[int] = attrs.field(default=None, converter=_optional_positive_int("probe_every"))

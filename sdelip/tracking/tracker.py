@@ -59,7 +59,8 @@ from ..rules.inventory import LeftOut, TrackedLayer, weight_inventory
 from .hooks import InputMismatchError, ModuleMonitor
 from .optimizer_view import NotPlainSGDWarning, OptimizerView
 from ..core.formulas import blank_coefficients
-from .measurement import decompose_layers, layer_terms_from_statistics, step_record, update_terms_from_statistics
+from ..core.amortised import AmortisedGeometry
+from .measurement import AMORTISED_ROUTES, decompose_layers, layer_terms_from_statistics, step_record, update_terms_from_statistics
 from .probes import lipschitz_lower_bound
 from ..record import RecordWriter, StepRecord, load_record
 from ..loggers import LoggerFanout
@@ -517,7 +518,13 @@ class Tracker(TrackerCheckpointing):
         return use_threads(self.threads)
 
     def _decompose_all(self, step: int) -> dict:
-        return decompose_layers(self.layers, self.decomposition, self.gap_tol, self.on_degenerate, step)
+        state = self.__dict__.get("geometry")  # the amortised route's state (sdelip.core.amortised), made once
+        if state is None and self.decomposition in AMORTISED_ROUTES:
+            state = self.geometry = AmortisedGeometry()
+        decomps = decompose_layers(self.layers, self.decomposition, self.gap_tol, self.on_degenerate, step, state)
+        if state is not None:
+            self._metadata["geometry"] = state.summary()
+        return decomps
 
     def _all_terms(self, decomps, stats, lr, wds, step) -> dict:
         return layer_terms_from_statistics(self.layers, decomps, stats, lr, wds, self.split, self.extra_noise_var,
@@ -561,6 +568,8 @@ class Tracker(TrackerCheckpointing):
         self._flush_pending(skipped=False)
         self._remove_hooks()
         if self.writer is not None:
+            if "geometry" in self._metadata:  # which route ran, the fall-backs and the worst bound
+                self.writer.update_metadata({"geometry": self._metadata["geometry"]})
             self.writer.close()
         self._loggers.close()
         self._closed = True
