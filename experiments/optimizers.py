@@ -10,7 +10,7 @@ the tracker, the float64 SVD of each weight matrix before and after every
   (μ + κ + step curvature)·η·σ1 (docs/theory.md §15: the model of the optimizer's update,
   first and second order), and with the first-order part μ·η·σ1 alone;
 - the final log K of ``sdelip.predict`` (the Thm 17 mean with the step curvature,
-  ``K_mean_discrete``) against the observed log K.
+  ``K_mean_steps``, the product of the one-step means) against the observed log K.
 
 Usage: ``python experiments/optimizers.py [--steps 300] [--out docs/results/optimizers]``
 (about 2 minutes on one CPU core). Writes ``summary.md`` and ``table.csv``.
@@ -101,7 +101,7 @@ def run_one(name: str, steps: int, batch_size: int, seed: int, record: Path) -> 
     last = df.iloc[-1]
     growth = (last["drift_Z"] + last["noise_curvature_Z"] + last["step_curvature_Z"]) * last["lr"]
     row["log K observed"] = math.log(K_end)
-    row["log K predicted − observed"] = math.log(pred["K_mean_discrete"].iloc[-1]) + growth - math.log(K_end)
+    row["log K predicted − observed"] = math.log(pred["K_mean_steps"].iloc[-1]) + growth - math.log(K_end)
     row["log K Thm 17 (no step curvature) − observed"] = (
         math.log(pred["K_mean"].iloc[-1]) + growth - last["step_curvature_Z"] * last["lr"] - math.log(K_end))
     row["modelled steps"] = int(df["update_modelled"].sum())

@@ -138,22 +138,21 @@ def drop_degenerate(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def _discrete_mean(df: pd.DataFrame, K0: float, dt: np.ndarray, mean_K: np.ndarray) -> np.ndarray:
-    """E[K] of the discrete steps: K0 Π_steps Π_layers E[σ1'/σ1]^c (docs/theory.md §15).
+def _step_product_mean(df: pd.DataFrame, K0: float, dt: np.ndarray) -> Optional[np.ndarray]:
+    """E[K] of the discrete steps: K0 Π_steps Π_layers E[σ1'/σ1]^c (docs/theory.md §15), or None.
 
     One step changes a layer's σ1 by Δσ1/σ1 = u1ᵀΔv1/σ1 + ½Q(Δ)/σ1 to second order, whose
     mean is a = (μ + κ + step curvature)·Δt; a weight applied c times contributes
     E[(1 + x)^c] = (1 + a)^c + ½c(c − 1)‖λ‖²Δt. With independent layers (Assumption 3) the
-    means multiply. Unlike exp ∫(μ_Z + κ_Z + step_curvature_Z), the product keeps the
-    O(Δt²) terms a² of large steps (an adaptive method's first steps move σ1 by several per
-    cent). Records without per-layer step curvature fall back to that exponential.
+    means multiply. Unlike ``K_mean_discrete`` (exp ∫(μ_Z + κ_Z + step_curvature_Z)), the
+    product keeps the O(Δt²) terms a² of large steps: an adaptive method's first steps move σ1
+    by several per cent. None for a record without the per-layer columns.
     """
     prefix = layer_column("drift", "")
     layers = [c[len(prefix):] for c in df.columns if c.startswith(prefix)]
     names = ("drift", "noise_curvature", "step_curvature", "diffusion_sq")
     if not layers or any(layer_column(q, l) not in df.columns for l in layers for q in names):
-        sc = df[network_column("step_curvature")].to_numpy(dtype=np.float64)[:-1]
-        return mean_K * np.exp(np.concatenate([[0.0], np.cumsum(sc * dt)]))
+        return None
     log_growth = np.zeros(len(dt))
     for l in layers:
         c = int(df[f"uses/{l}"].iloc[0]) if f"uses/{l}" in df.columns else 1
@@ -180,9 +179,11 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
         DataFrame with one row per tracked step from the start: step, t, K_observed,
         Z_observed, Z_path, K_path, K_mean, K_std, Z_mean, Z_std, degenerate (the step is
         flagged; its coefficients were held from the previous step unless included), and, when the record has
-        ``step_curvature_Z``, K_mean_discrete: the mean of K over the discrete steps with the
-        O(η) drift of a step, (η/2σ1)∇LᵀH∇L per layer, added (not in the paper; docs/theory.md
-        §4), as the product of the layers' one-step means (:func:`_discrete_mean`).
+        ``step_curvature_Z``, K_mean_discrete: the Thm 17 mean with the O(η) drift of the
+        discrete step, (η/2σ1)∇LᵀH∇L per layer, added (not in the paper; docs/theory.md §6),
+        and, with the per-layer columns, K_mean_steps: the product of the layers' one-step
+        means (:func:`_step_product_mean`, docs/theory.md §15), which keeps the a² of large
+        steps (adaptive optimizers).
 
     Raises:
         ValueError: missing columns, no rows, non-increasing times, non-finite coefficients.
@@ -234,7 +235,13 @@ def predict(record: Union[str, os.PathLike, pd.DataFrame], start_step: Optional[
     )
     step_col = network_column("step_curvature")
     if step_col in df.columns:
-        out["K_mean_discrete"] = _discrete_mean(df, K0, dt, mom.mean_K)
+        # Beyond Thm 17: the mean with the O(η) drift of the discrete step added (docs/theory.md §6),
+        # E[K] ≈ K0 exp ∫(μ_Z + κ_Z + step_curvature_Z). NaN where a record predates the column.
+        sc = df[step_col].to_numpy(dtype=np.float64)[:-1]
+        out["K_mean_discrete"] = mom.mean_K * np.exp(np.concatenate([[0.0], np.cumsum(sc * dt)]))
+        steps = _step_product_mean(df, K0, dt)
+        if steps is not None:
+            out["K_mean_steps"] = steps
     out.attrs["degenerate_steps"] = flagged
     out.attrs["degenerate_policy"] = degenerate
     return out

@@ -71,5 +71,5 @@ def test_the_model_accounts_for_the_realised_change_of_sigma1_and_K(name, batche
         drift = df[f"drift/{layer}"].to_numpy()
         np.testing.assert_allclose(df[f"realised_drift/{layer}"], drift, rtol=0, atol=1e-2 * np.abs(drift).max())
     pred = sdelip.predict(df)
-    err = math.log(pred["K_mean_discrete"].iloc[-1]) - math.log(pred["K_observed"].iloc[-1])
+    err = math.log(pred["K_mean_steps"].iloc[-1]) - math.log(pred["K_observed"].iloc[-1])
     assert abs(err) < 0.02, (name, err)
