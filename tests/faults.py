@@ -1,10 +1,16 @@
-"""Helpers shared by the fault tests (tests/*/test_*_durability.py, issue 18): a tiny tracked MLP, its SGD steps,
-the ``sdelip`` command in a subprocess with the repository on its path, and a record written by a real tracker."""
+"""Helpers shared by the fault tests (tests/*/test_*_durability.py, issue 18; tests/record/test_records_second_round.py,
+issue 28): a tiny tracked MLP, its SGD steps, the ``sdelip`` command in a subprocess with the repository on its path,
+a record written by a real tracker, the rows a record holds, and a small tmpfs for full-disk cases."""
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +39,33 @@ def tracked_steps(tracker, model, opt, n, M=8, scale=1.0):
         opt.step()
 
 
-def run_sdelip(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "sdelip", *map(str, args)], env=ENV, capture_output=True,
+def run_sdelip(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "sdelip", *map(str, args)], env=env or ENV, capture_output=True,
                           text=True, **kw)
+
+
+def record_rows(rec) -> int:
+    """How many steps a record holds, read-only (0 while it is not a readable record yet)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{rec}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+@contextlib.contextmanager
+def tmpfs(size: str):
+    """A fresh tmpfs of ``size`` (e.g. ``"256k"``) mounted on a temporary folder; skips without the right to mount."""
+    folder = Path(tempfile.mkdtemp(prefix="sdelip-tmpfs-"))
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if res.returncode != 0:
+        folder.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()}): needs root with CAP_SYS_ADMIN")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+        folder.rmdir()
 
 
 def write_record(path: Path, n: int, close: bool = True):

@@ -3,13 +3,10 @@
 The disk-full test uses a small tmpfs mount and is skipped where mounting is not allowed.
 """
 
-import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,20 +18,11 @@ from sdelip.record import load_metadata, records_equal
 from sdelip.tracking.checkpoint import CheckpointWriteError, save_checkpoint
 from sdelip.tracking.tracker import Tracker
 
-from faults import ENV, TINY, tiny_model, tracked_steps, run_sdelip, write_record
+from faults import ENV, TINY, record_rows as _rows, run_sdelip, tiny_model, tmpfs as _tmpfs, tracked_steps, write_record
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 3. the plain rerun of a killed `sdelip track` continues it; a full disk during a checkpoint
-def _rows(rec) -> int:
-    try:
-        con = sqlite3.connect(f"file:{rec}?mode=ro", uri=True)
-        try:
-            return con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return 0
 
 
 @pytest.mark.slow
@@ -73,18 +61,6 @@ def test_kill_9_then_the_same_command_continues_the_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("r.db")) == ["r.db", "r.db.ckpt"]
 
 
-@contextlib.contextmanager
-def _tmpfs(size: str):
-    folder = Path(tempfile.mkdtemp(prefix="sdelip-tmpfs-"))
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
-    if res.returncode != 0:
-        folder.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()}): needs root with CAP_SYS_ADMIN")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-        folder.rmdir()
 
 
 def test_disk_full_while_writing_a_checkpoint(tmp_path):

@@ -9,7 +9,6 @@ an optimizer of another class refused.
 """
 
 import contextlib
-import os
 import shutil
 import signal
 import sqlite3
@@ -24,8 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sdelip.cli import main
 from sdelip.record import (DamagedRecordError, RecordLockedError, RecordNotClosedError, RecordWriteError,
@@ -33,24 +30,12 @@ from sdelip.record import (DamagedRecordError, RecordLockedError, RecordNotClose
 from sdelip.tracking.checkpoint import CheckpointError
 from sdelip.tracking.tracker import Tracker
 
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-       "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-TINY = ["--dataset", "mnist-embedded", "--batch-size", "8", "--max-train-samples", "96", "--no-progress"]
+from faults import ENV, ROOT, TINY, record_rows as _rows, run_sdelip as _sdelip, tiny_model as _model, \
+    tmpfs as _tmpfs, tracked_steps as _steps
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
 
 
-def _steps(tracker, model, opt, n, M=8):
-    gen = torch.Generator().manual_seed(tracker.step)
-    for _ in range(n):
-        x, y = torch.randn(M, 6, generator=gen), torch.randint(0, 3, (M,), generator=gen)
-        opt.zero_grad()
-        tracker.backward(F.cross_entropy(model(x), y, reduction="none"))
-        opt.step()
 
 
 def _tracker(path, lr=0.1, optimizer=torch.optim.SGD, **kw):
@@ -59,17 +44,8 @@ def _tracker(path, lr=0.1, optimizer=torch.optim.SGD, **kw):
     return Tracker(model, opt, record=path, **kw), model, opt
 
 
-def _sdelip(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "sdelip", *map(str, args)], env=env or ENV, capture_output=True,
-                          text=True, **kw)
 
 
-def _rows(rec) -> int:
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{rec}?mode=ro", uri=True)) as con:
-            return con.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
-    except sqlite3.Error:
-        return 0
 
 
 def _wait_for(cond, timeout=120.0, proc=None):
@@ -449,18 +425,6 @@ def test_a_diverging_run_is_named_and_never_printed_as_inf(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------------
 # 6. messages name the path and the cause; an optimizer of another class is refused
-@contextlib.contextmanager
-def _tmpfs(size: str):
-    folder = Path(tempfile.mkdtemp(prefix="sdelip-tmpfs-"))
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
-    if res.returncode != 0:
-        folder.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip()}): needs root with CAP_SYS_ADMIN")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
-        folder.rmdir()
 
 
 def test_disk_full_during_record_writes_is_named(tmp_path):
