@@ -102,9 +102,20 @@ class ConvGeometry:
         return math.prod(self.kernel_size)
 
 
-def _patches(geo: ConvGeometry, x: torch.Tensor) -> torch.Tensor:
-    """F.unfold of a prepared 2-d input: (c, in·kh·kw, P)."""
-    return F.unfold(x, geo.kernel_size, dilation=geo.dilation, padding=geo.padding, stride=geo.stride)
+def _patches(geo: ConvGeometry, x: torch.Tensor, positions: int) -> torch.Tensor:
+    """F.unfold of a prepared 2-d input: (c, in·kh·kw, P), checked against the P positions of the output gradient.
+
+    Raises:
+        EngineError: the unfolded input has another number of positions (the layer's input is
+            not the tensor passed to its forward).
+    """
+    Xt = F.unfold(x, geo.kernel_size, dilation=geo.dilation, padding=geo.padding, stride=geo.stride)
+    if Xt.shape[2] != positions:
+        raise EngineError(
+            f"unfolded input of the convolution has {Xt.shape[2]} positions but its output gradient has {positions}; "
+            "the layer's input is not the tensor passed to its forward"
+        )
+    return Xt
 
 
 def per_sample_conv_grads(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -203,12 +214,7 @@ def conv_statistics(
             out["sum_sq"] += G.square_().sum(0)
             del G
             continue
-        Xt = _patches(geo, x[s:e]).to(u1.dtype)
-        if Xt.shape[2] != P:
-            raise EngineError(
-                f"unfolded input of the convolution has {Xt.shape[2]} positions but its output gradient has {P}; "
-                "the layer's input is not the tensor passed to its forward"
-            )
+        Xt = _patches(geo, x[s:e], P).to(u1.dtype)
         Dt = delta[s:e].reshape(e - s, O, P).to(u1.dtype)
         patch_statistics(Xt, Dt, u1, v1, split, geo.groups, out, s)
         del Xt
@@ -235,12 +241,7 @@ def _pair_statistics(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tensor, u1
     c = int(max(1, min(M, chunk_bytes // max(1, per_sample))))
     for s in range(0, M, c):
         e = min(M, s + c)
-        Xt = _patches(geo, x[s:e]).to(u1.dtype)  # (c, K, P)
-        if Xt.shape[2] != P:
-            raise EngineError(
-                f"unfolded input of the convolution has {Xt.shape[2]} positions but its output gradient has {P}; "
-                "the layer's input is not the tensor passed to its forward"
-            )
+        Xt = _patches(geo, x[s:e], P).to(u1.dtype)  # (c, K, P)
         Dt = delta[s:e].reshape(e - s, O, P).to(u1.dtype)
         out["Gv"][s:e] = torch.bmm(Dt, torch.matmul(Xt.mT, v1).unsqueeze(-1)).squeeze(-1)
         out["Gtu"][s:e] = torch.bmm(Xt, torch.matmul(u1, Dt).unsqueeze(-1)).squeeze(-1)
@@ -289,12 +290,7 @@ def conv_scaled_projections(geo: ConvGeometry, x: torch.Tensor, delta: torch.Ten
             torch.matmul(SG.mT, u1, out=Gtu[s:e])
             del SG
             continue
-        Xt = _patches(geo, x[s:e]).to(u1.dtype)
-        if Xt.shape[2] != P:
-            raise EngineError(
-                f"unfolded input of the convolution has {Xt.shape[2]} positions but its output gradient has {P}; "
-                "the layer's input is not the tensor passed to its forward"
-            )
+        Xt = _patches(geo, x[s:e], P).to(u1.dtype)
         Dt = delta[s:e].reshape(e - s, O, P).to(u1.dtype)
         Gv[s:e], Gtu[s:e] = patch_scaled_projections(Xt, Dt, S, u1, v1, geo.groups, route)
         del Xt
@@ -310,12 +306,7 @@ def conv_per_sample_grads(geo: ConvGeometry, x: torch.Tensor, delta: torch.Tenso
     if geo.spatial != 2 or P >= GROUPED_CONV_MIN_POSITIONS:
         return per_sample_conv_grads(geo, x, delta)
     g = geo.groups
-    Xt = _patches(geo, x)
-    if Xt.shape[2] != P:
-        raise EngineError(
-            f"unfolded input of the convolution has {Xt.shape[2]} positions but its output gradient has {P}; "
-            "the layer's input is not the tensor passed to its forward"
-        )
+    Xt = _patches(geo, x, P)
     Dt = delta.reshape(c, O, P)
     return torch.bmm(Dt.reshape(c * g, O // g, P), Xt.reshape(c * g, -1, P).mT).reshape(c, O, -1)
 
