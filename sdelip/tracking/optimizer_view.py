@@ -15,7 +15,7 @@ refused instead of counting each micro-batch as a step.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import attrs
 
@@ -34,12 +34,10 @@ class LayerUpdate:
     Attributes:
         direction: P (m, n), the update at the step's gradient: Δ = −η·P.
         noise_scale: S = ∂P/∂g, a float (the SGD family) or an (m, n) matrix (adaptive methods).
-        plain: P = g + λ_wd·θ and S = 1 (plain SGD): the plain-SGD formulas apply as they are.
     """
 
     direction: torch.Tensor
     noise_scale: Union[float, torch.Tensor]
-    plain: bool = False
 
 
 class OptimizerView:
@@ -142,7 +140,7 @@ class OptimizerView:
         return lr, wds
 
     # -- the update model ------------------------------------------------------------------------
-    def _plain(self, layer) -> bool:
+    def is_plain(self, layer) -> bool:
         """Plain SGD for this layer's group: P = g + λθ, S = 1 (no momentum, not maximising)."""
         if self.optimizer is None:
             return True
@@ -165,10 +163,10 @@ class OptimizerView:
         the tracked one (the per-sample noise is then c·ξ_i).
         """
         p = layer.weight
-        if self._plain(layer):
+        if self.is_plain(layer):
             g = self.optimizer.param_groups[self.groups[layer.name]] if self.optimizer is not None else {}
             P = grad + float(g.get("weight_decay", 0.0)) * p.detach()
-            return LayerUpdate(layer.rule.matrix(P), float(grad_scale), plain=grad_scale == 1.0)
+            return LayerUpdate(layer.rule.matrix(P), float(grad_scale))
         model = self.rule.model(self.optimizer, p, grad, noise_var=noise_var, name=layer.parameter_name)
         S = model.noise_scale
         if isinstance(S, torch.Tensor):
@@ -177,7 +175,7 @@ class OptimizerView:
             S = float(S) * grad_scale
         return LayerUpdate(layer.rule.matrix(model.direction), S)
 
-    def noise_scale_fn(self, grad_scale: float = 1.0) -> Callable:
+    def noise_scale_fn(self) -> Callable:
         """The engines' ``scale(name, mean_grad, noise_var)`` hook: the rule's elementwise S as a matrix."""
         by_name = {l.name: l for l in self.layers}
 
@@ -187,7 +185,7 @@ class OptimizerView:
             g = mean_grad.reshape(shape).to(layer.weight.dtype)
             nv = None if noise_var is None else noise_var.reshape(shape).to(layer.weight.dtype)
             S = self.rule.model(self.optimizer, layer.weight, g, noise_var=nv, name=layer.parameter_name).noise_scale
-            return layer.rule.matrix(S).to(mean_grad.dtype) * grad_scale
+            return layer.rule.matrix(S).to(mean_grad.dtype)
 
         return scale
 

@@ -491,14 +491,13 @@ class Tracker(TrackerCheckpointing):
                 if note is not None:
                     terms = self._all_terms(decomps, stats, lr, wds, step)
                     terms = {k: blank_coefficients(v) for k, v in terms.items()}
-                elif all(optim._plain(l) for l in self.layers) and edit.scale == 1.0:
+                elif all(optim.is_plain(l) for l in self.layers) and edit.scale == 1.0:
                     terms = self._all_terms(decomps, stats, lr, wds, step)
                 else:
                     models = {}
                     for l in self.layers:
                         g = used[l.name] if used is not None else grads[l.name]
-                        st = stats[l.name]
-                        nv = st.noise_var()
+                        nv = stats[l.name].noise_var() if optim.elementwise else None  # only adaptive rules read it
                         nv = None if nv is None else nv.reshape(l.weight.shape).to(l.weight.dtype) * edit.scale ** 2
                         models[l.name] = optim.layer_update(l, g.to(l.weight.dtype), nv, grad_scale=edit.scale)
                     terms = update_terms_from_statistics(self.layers, decomps, stats, models, lr, self.split,
