@@ -24,7 +24,7 @@ from .evaluation import Evaluation, ExtraRows, NoiseObserver
 from .noise.materialised import GradientEstimate
 from .layout import ParamLayout
 from .lipschitz_sde import LipschitzSDE, LogLipschitzRows
-from .options import ComputeOptions, DriftOptions, LogKOptions, NoiseOptions
+from .options import ComputeOptions, DriftOptions, LogKOptions, NoiseOptions, SecondMomentOptions
 from .parameter_sde import ParameterSDE
 from .optimizer_sde import OptimizerSDE
 from .reduced import ReducedLipschitzSDE, record_lr, record_step_sizes
@@ -45,6 +45,7 @@ __all__ = [
     "NoiseOptions",
     "ComputeOptions",
     "LogKOptions",
+    "SecondMomentOptions",
     "DenseDiffusion",
     "Evaluation",
     "ExtraRows",

@@ -1,4 +1,4 @@
-"""SDEs of SGD with momentum/Nesterov and of Adam/AdamW, estimated live from a model and its data.
+"""SDEs of SGD with momentum/Nesterov, of Adam/AdamW and of RMSprop, estimated live from a model and its data.
 
 :class:`OptimizerSDE` extends :class:`~sdelip.sde.ParameterSDE` (the same gradient sources,
 noise engines, drivers and chunking) with the optimizer's state. The clock is t = k·η (one
@@ -17,6 +17,18 @@ optimizer's state *after* step k + 1 (docs/theory.md §16):
       dθ = −(λ_d θ + m/(b1(j)(√(v/b2(j)) + ε))) dt,   j = t/η + 1, b_i(j) = 1 − β_iʲ
       dm = (1 − β1)(ĝ − m)/η dt − ((1 − β1)/η) G dB
       dv = (1 − β2)(ĝ² + diag Σ̂ − v)/η dt          (no diffusion: Malladi et al. 2022)
+
+- RMSprop (α, ε, coupled decay; not centered, no momentum), state [θ, v] holding θ_k and v_k
+  themselves (its step direction ĝ_B/(√v_{k+1} + ε) holds the batch's noise, so θ diffuses):
+
+      v⁺ = αv + (1 − α)(ĝ² + diag Σ̂),   P = 1/(√v⁺ + ε)
+      dθ = −P∘ĝ dt + P∘(G dB),   dv = (v⁺ − v)/η dt                 (Malladi et al. 2022)
+
+  with ĝ and G dB at θ itself (no look-ahead); there are no log K rows (θ's diffusion would
+  need an Itô term).
+
+:class:`~sdelip.sde.SecondMomentOptions` can give v (Adam's, RMSprop's) the part of its noise
+that is linear in ξ, and Adam's v_1 the first batch's own square (docs/theory.md §16).
 
 with ĝ = ∇L(θ⁺) + λ_c θ⁺ the expected gradient at the parameters the state's step leads to,
 θ⁺ = θ − η·(θ's drift), and G dB :class:`~sdelip.sde.ParameterSDE`'s noise increment at θ⁺
@@ -41,19 +53,20 @@ from torch import nn
 
 from ..errors import UnsupportedOptimizerSDEError
 from .evaluation import Evaluation, NoiseObserver
-from .options import DriftOptions
+from .options import DriftOptions, SecondMomentOptions
 from .parameter_sde import ParameterSDE
 
 __all__ = ["OptimizerSDE", "optimizer_hyperparameters"]
 
 
 def optimizer_hyperparameters(optimizer: torch.optim.Optimizer, model: Optional[nn.Module] = None) -> dict:
-    """The family (``"momentum"``, ``"nesterov"``, ``"adam"``) and hyper-parameters of an optimizer with an SDE.
+    """The family (``"momentum"``, ``"nesterov"``, ``"adam"``, ``"rmsprop"``) and hyper-parameters of an optimizer.
 
     Raises:
         UnsupportedOptimizerSDEError: another optimizer class, several param groups, a group that
-            misses some of the model's trainable parameters, amsgrad, maximize, momentum 0
-            (use :class:`~sdelip.sde.ParameterSDE`), a tensor or non-positive lr.
+            misses some of the model's trainable parameters, amsgrad, maximize, SGD momentum 0
+            (use :class:`~sdelip.sde.ParameterSDE`), RMSprop centered or with momentum, a tensor or
+            non-positive lr.
     """
     name = type(optimizer).__name__
     if len(optimizer.param_groups) != 1:
@@ -84,8 +97,18 @@ def optimizer_hyperparameters(optimizer: torch.optim.Optimizer, model: Optional[
         b1, b2 = (float(b) for b in g["betas"])
         return dict(family="adam", lr=lr, beta1=b1, beta2=b2, eps=float(g["eps"]),
                     wd_coupled=0.0 if decoupled else wd, wd_decoupled=wd if decoupled else 0.0)
+    if type(optimizer) is torch.optim.RMSprop:
+        if g["centered"]:
+            raise UnsupportedOptimizerSDEError("RMSprop: centered=True is not modelled (its state has the "
+                                               "gradient's running mean as a third row)")
+        if g["momentum"]:
+            raise UnsupportedOptimizerSDEError("RMSprop: momentum > 0 is not modelled (its step direction is "
+                                               "a buffer of noisy preconditioned gradients)")
+        return dict(family="rmsprop", lr=lr, alpha=float(g["alpha"]), eps=float(g["eps"]), wd_coupled=wd,
+                    wd_decoupled=0.0)
     raise UnsupportedOptimizerSDEError(f"no SDE for {type(optimizer).__module__}.{type(optimizer).__qualname__}; "
-                                       "supported: torch.optim.SGD (momentum > 0, Nesterov), Adam, AdamW")
+                                       "supported: torch.optim.SGD (momentum > 0, Nesterov), Adam, AdamW, "
+                                       "RMSprop (plain)")
 
 
 class _SquareSums(NoiseObserver):
@@ -109,7 +132,7 @@ class _SquareSums(NoiseObserver):
 
 
 class _Coefficients:
-    __slots__ = ("t", "y", "version", "ev", "drift", "theta_plus", "diag_var", "inc", "v")
+    __slots__ = ("t", "y", "version", "ev", "drift", "theta_plus", "diag_var", "inc", "v", "ghat", "precond")
 
 
 class OptimizerSDE(ParameterSDE):
@@ -127,16 +150,20 @@ class OptimizerSDE(ParameterSDE):
     Args:
         model, loader: as :class:`~sdelip.sde.ParameterSDE` (iid sampling only).
         optimizer: a ``torch.optim.SGD`` with momentum > 0 (heavy ball or Nesterov, dampening,
-            coupled weight decay), or ``torch.optim.Adam`` / ``AdamW`` (no amsgrad), with one param
-            group holding every trainable parameter; η is its lr.
-        log_k: add one row log σ1(θ^(ℓ)) per tracked layer (drift −u1ᵀ(p)v1/σ1, no diffusion).
+            coupled weight decay), ``torch.optim.Adam`` / ``AdamW`` (no amsgrad) or
+            ``torch.optim.RMSprop`` (not centered, no momentum), with one param group holding every
+            trainable parameter; η is its lr.
+        log_k: add one row log σ1(θ^(ℓ)) per tracked layer (drift −u1ᵀ(p)v1/σ1, no diffusion; not
+            for RMSprop, whose θ diffuses).
+        second_moment: :class:`~sdelip.sde.SecondMomentOptions` (Adam's and RMSprop's v; default:
+            v without noise, Adam's v_1 at its expectation).
         **kwargs: :class:`~sdelip.sde.ParameterSDE`'s keywords (drift, noise, compute, engine,
             gradient_fn, noise_batch_size, seed, layers, loss_fn); the weight decay comes from
             the optimizer, not from ``DriftOptions``.
     """
 
     def __init__(self, model: nn.Module, loader=None, optimizer: torch.optim.Optimizer = None, *,
-                 log_k: bool = False, **kwargs):
+                 log_k: bool = False, second_moment: Optional[SecondMomentOptions] = None, **kwargs):
         if optimizer is None:
             raise TypeError("OptimizerSDE needs an optimizer")
         hp = optimizer_hyperparameters(optimizer, model)
@@ -144,15 +171,19 @@ class OptimizerSDE(ParameterSDE):
         if drift is not None and drift.weight_decay:
             raise UnsupportedOptimizerSDEError("OptimizerSDE takes the weight decay from the optimizer; "
                                                "DriftOptions.weight_decay must be 0")
+        if log_k and hp["family"] == "rmsprop":
+            raise UnsupportedOptimizerSDEError("RMSprop with log_k=True: θ carries the noise (dθ has a diffusion), "
+                                               "so log σ1 needs an Itô term these rows do not have")
         if kwargs.get("sampling", "iid") != "iid":
             raise UnsupportedOptimizerSDEError("OptimizerSDE models iid mini-batches only (sampling='iid')")
         super().__init__(model, loader, hp["lr"], **kwargs)
         self.hp = hp
         self.family = hp["family"]
         self.log_k = bool(log_k)
+        self.second_moment = SecondMomentOptions() if second_moment is None else second_moment
         #: the optimizer-state rows after θ, in order
         self.state_rows = {"momentum": ("momentum_buffer",), "nesterov": ("momentum_buffer", "direction"),
-                           "adam": ("exp_avg", "exp_avg_sq")}[self.family]
+                           "adam": ("exp_avg", "exp_avg_sq"), "rmsprop": ("square_avg",)}[self.family]
         self._names = {s.name for s in self.layout.specs}
         self._ocache: Optional[_Coefficients] = None
 
@@ -184,6 +215,9 @@ class OptimizerSDE(ParameterSDE):
             return self.row(y, "momentum_buffer")
         if self.family == "nesterov":
             return self.row(y, "direction")
+        if self.family == "rmsprop":
+            raise UnsupportedOptimizerSDEError("RMSprop: the step direction ĝ_B/(√v + ε) holds the batch's noise, "
+                                               "it is no function of the state (see OptimizerSDE.drift rows)")
         h, j = self.hp, self.step_index(t)
         b1, b2 = 1.0 - h["beta1"] ** j, 1.0 - h["beta2"] ** j
         m, v = self.row(y, "exp_avg"), self.row(y, "exp_avg_sq")
@@ -236,19 +270,27 @@ class OptimizerSDE(ParameterSDE):
         h, eta = self.hp, self.lr
         with torch.no_grad():
             theta = self.row(y, "theta").detach()
-            p = self.direction(tf, y).detach()
-            c.theta_plus = theta - eta * p
+            rms = self.family == "rmsprop"
+            p = None if rms else self.direction(tf, y).detach()
+            c.theta_plus = theta if rms else theta - eta * p
             adam = self.family == "adam"
-            c.ev, c.inc, c.diag_var = self._evaluate_at(tf, c.theta_plus, v, adam)
+            c.ev, c.inc, c.diag_var = self._evaluate_at(tf, c.theta_plus, v, adam or rms)
             ghat = -c.ev.drift.to(y.dtype)  # ∇L(θ⁺) (ParameterSDE's own weight decay is 0)
             if h["wd_coupled"]:
                 ghat = ghat + h["wd_coupled"] * c.theta_plus
-            parts = [-p]
+            c.ghat = ghat
+            if rms:
+                vv = self.row(y, "square_avg")
+                v_next = h["alpha"] * vv + (1 - h["alpha"]) * (ghat * ghat + self._diag_var_scale() * c.diag_var)
+                c.precond = 1.0 / (v_next.clamp(min=0).sqrt() + h["eps"])
+                parts = [-ghat * c.precond, (v_next - vv) / eta]
+            else:
+                parts = [-p]
             if adam:
                 m, vv = self.row(y, "exp_avg"), self.row(y, "exp_avg_sq")
                 target = ghat * ghat + self._diag_var_scale() * c.diag_var
                 parts += [(1 - h["beta1"]) * (ghat - m) / eta, (1 - h["beta2"]) * (target - vv) / eta]
-            else:
+            elif not rms:
                 b = self.row(y, "momentum_buffer")
                 beta, d = h["beta"], h["dampening"]
                 b_mean = beta * b + (1 - d) * ghat
@@ -262,21 +304,31 @@ class OptimizerSDE(ParameterSDE):
         return c
 
     def noise_gains(self) -> tuple:
-        """Per optimizer row, the factor a of its increment a·ξ (ξ the mini-batch gradient noise)."""
+        """Per optimizer row, the factor a of its increment a·ξ (ξ the mini-batch gradient noise; v's rows 0,
+        their linear noise 2(1 − β2)ĝ∘ξ with ``SecondMomentOptions.linear_noise`` is added apart)."""
         h = self.hp
         if self.family == "adam":
             return (1 - h["beta1"], 0.0)
+        if self.family == "rmsprop":
+            return (0.0,)
         k = 1 - h["dampening"]
         return (k,) if self.family == "momentum" else (k, 1 + h["beta"] * k)
 
     def _increment(self, c: _Coefficients, y: torch.Tensor) -> torch.Tensor:
-        """The diffusion times v: θ rows 0, row r: −a_r·(G·v)/η (a_r from :meth:`noise_gains`), log K rows 0."""
+        """The diffusion times v: θ rows 0 (RMSprop: −η·ξ/(√v⁺ + ε)), row r: a_r·ξ with ξ = −(G·v)/η (a_r from
+        :meth:`noise_gains`), v's row 2(1 − β2)ĝ∘ξ with ``linear_noise``, log K rows 0."""
         out = y.new_zeros(y.shape)
         P = self.n_params
         xi = -c.inc.to(y.dtype) / self.lr  # the gradient noise of one step when v spans dt = η
         for r, a in enumerate(self.noise_gains()):
             if a:
                 out[:, (r + 1) * P:(r + 2) * P] = a * xi
+        if self.family == "rmsprop":
+            out[:, :P] = -self.lr * xi * c.precond
+        if self.second_moment.linear_noise and self.family in ("adam", "rmsprop"):
+            one_minus = 1 - (self.hp["beta2"] if self.family == "adam" else self.hp["alpha"])
+            r = self.state_rows.index("exp_avg_sq" if self.family == "adam" else "square_avg") + 1
+            out[:, r * P:(r + 1) * P] = 2 * one_minus * c.ghat * xi
         return out
 
     def _log_k_drift(self, theta: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -319,12 +371,17 @@ class OptimizerSDE(ParameterSDE):
 
         The first step's gradient ĝ_0 = ∇L(θ_0) + λ_cθ_0 + ξ_0 takes ξ_0 from one noise draw per
         trajectory (Gaussian driver of variance η, generator ``seed``): b_1 = ĝ_0 (Nesterov p_1 =
-        ĝ_0 + βb_1), or m_1 = (1 − β1)ĝ_0 and v_1 = (1 − β2)E[ĝ_0²] (v without noise, as the SDE).
+        ĝ_0 + βb_1), or m_1 = (1 − β1)ĝ_0 and v_1 = (1 − β2)E[ĝ_0²] (v without noise, as the SDE;
+        (1 − β2)ĝ_0² with ``SecondMomentOptions(first_step="drawn")``). RMSprop's state is θ_0 and
+        v_0 = 0, torch's state before the first step (no draw).
         """
         th = self.layout.flatten_model(self.model) if theta is None else theta.reshape(-1)
         th = th.to(dtype=dtype or th.dtype, device=device or th.device).detach()
         n, P, h = int(n), self.n_params, self.hp
         theta0 = th.unsqueeze(0).repeat(n, 1)
+        if self.family == "rmsprop":  # torch's state before the first step: square_avg = 0
+            self._ocache = None
+            return torch.cat([theta0, torch.zeros_like(theta0)], 1)
         gen = torch.Generator(device=th.device).manual_seed(int(seed))
         v = torch.randn(n, self.brownian_size, generator=gen, device=th.device, dtype=th.dtype) * math.sqrt(self.lr)
         with torch.no_grad():
@@ -332,7 +389,9 @@ class OptimizerSDE(ParameterSDE):
             gmean = -ev.drift.to(th.dtype) + (h["wd_coupled"] * theta0 if h["wd_coupled"] else 0.0)
             g0 = gmean - inc.to(th.dtype) / self.lr
             if self.family == "adam":
-                rows = [(1 - h["beta1"]) * g0, (1 - h["beta2"]) * (gmean * gmean + self._diag_var_scale() * diag)]
+                sq = (g0 * g0 if self.second_moment.first_step == "drawn"
+                      else gmean * gmean + self._diag_var_scale() * diag)
+                rows = [(1 - h["beta1"]) * g0, (1 - h["beta2"]) * sq]
             else:
                 rows = [g0] + ([g0 + h["beta"] * g0] if self.family == "nesterov" else [])
             y = torch.cat([theta0] + rows, 1)
@@ -346,7 +405,8 @@ class OptimizerSDE(ParameterSDE):
         """The SDE state (1, state_size) matching a live optimizer after k ≥ 1 steps.
 
         The state holds θ_{k−1} and the moments of step k: θ = current parameters + η·p_k, with
-        ``last_direction`` p_k (P,) the direction step k applied (Δ = −η p_k).
+        ``last_direction`` p_k (P,) the direction step k applied (Δ = −η p_k). RMSprop's state is
+        the current parameters and square_avg (``last_direction`` is not read).
         """
         h = self.hp
         cur = self.layout.flatten_model(self.model)
@@ -354,6 +414,9 @@ class OptimizerSDE(ParameterSDE):
         names = dict(self.model.named_parameters())
         def flat(key):
             return self.layout.flatten({k: optimizer.state[names[k]][key].unsqueeze(0) for k in self._names})
+        if self.family == "rmsprop":  # the state holds θ_k itself and v_k
+            y = torch.cat([cur.unsqueeze(0), flat("square_avg")], 1)
+            return y
         rows = [flat("exp_avg"), flat("exp_avg_sq")] if self.family == "adam" else [flat("momentum_buffer")]
         if self.family == "nesterov":
             rows.append(last_direction.reshape(1, -1).to(cur))

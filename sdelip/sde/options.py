@@ -5,6 +5,8 @@
 - :class:`NoiseOptions`: how the noise blocks are coupled and whether the trajectories
   share one noise mini-batch.
 - :class:`ComputeOptions`: chunking and memory (none of them changes the SDE's law).
+- :class:`SecondMomentOptions`: how :class:`~sdelip.sde.OptimizerSDE`'s second moment v
+  (Adam's, RMSprop's) carries the gradient noise.
 - :class:`LogKOptions`: :class:`~sdelip.sde.LipschitzSDE`'s log K rows: which of Thm 14's
   terms they keep, the integrated terms, the decomposition route and Assumption 11's checks.
 """
@@ -18,7 +20,7 @@ import attrs
 from .._checks import check_choice
 from ..core.spectral import DEFAULT_GAP_TOL
 
-__all__ = ["DriftOptions", "NoiseOptions", "ComputeOptions", "LogKOptions"]
+__all__ = ["DriftOptions", "NoiseOptions", "ComputeOptions", "LogKOptions", "SecondMomentOptions"]
 
 
 @attrs.frozen
@@ -127,6 +129,28 @@ class LogKOptions:
     decomposition: str = "auto"
     gap_tol: float = attrs.field(default=DEFAULT_GAP_TOL, converter=float)
     on_degenerate: str = "warn"
+
+
+@attrs.frozen
+class SecondMomentOptions:
+    """How the second moment v of :class:`~sdelip.sde.OptimizerSDE` (Adam/AdamW, RMSprop) carries the noise.
+
+    A real step's v moves by (1 − β2)((ĝ + ξ)² − v) = (1 − β2)(ĝ² + diag Σ̂ − v)
+    + 2(1 − β2)ĝ∘ξ + (1 − β2)(ξ∘ξ − diag Σ̂) (docs/theory.md §16). The first-order SDE of
+    Malladi et al. (2022) keeps only the first (expected) part.
+
+    Attributes:
+        first_step: Adam's v_1 in :meth:`~sdelip.sde.OptimizerSDE.initial_state`:
+            ``"expected"`` (1 − β2)(ĝ_0² + diag Σ̂) (the SDE's v), or ``"drawn"``
+            (1 − β2)(ĝ_0 + ξ_0)² from the same noise draw ξ_0 as m_1 — the real first step's v
+            exactly in law (RMSprop's state starts at v_0 = 0 and has no first-step draw).
+        linear_noise: add the diffusion −2(1 − β2)/η · ĝ∘(G dB) to v's row, the part of the
+            real increment linear in ξ (the quadratic part ξ∘ξ − diag Σ̂ is not linear in dB
+            and stays dropped): an O((1 − β2)√η) term of the one-step map.
+    """
+
+    first_step: str = attrs.field(default="expected", validator=_choice("expected", "drawn"))
+    linear_noise: bool = False
 
 
 #: ParameterSDE keywords of earlier releases that moved onto an option object: keyword → (argument, field).

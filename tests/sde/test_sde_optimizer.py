@@ -1,4 +1,4 @@
-"""OptimizerSDE (momentum, Nesterov, Adam/AdamW): the Euler step against real optimizer steps, one-step
+"""OptimizerSDE (momentum, Nesterov, Adam/AdamW, RMSprop): the Euler step against real optimizer steps, one-step
 moments against the optimizer's one-step map over random batches, and the log K rows."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from sdelip.errors import UnsupportedOptimizerSDEError
-from sdelip.sde import GradientEstimate, NoiseOptions, OptimizerSDE
+from sdelip.sde import GradientEstimate, NoiseOptions, OptimizerSDE, SecondMomentOptions
 
 N = 40
 
@@ -210,9 +210,143 @@ def test_log_k_rows_converge_to_the_direct_product_along_the_same_paths(name):
 
 def test_unsupported_optimizers_are_refused():
     model, X, Y = _problem()
-    for opt in (torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.RMSprop(model.parameters()),
+    for opt in (torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.RMSprop(model.parameters(), centered=True),
+                torch.optim.RMSprop(model.parameters(), momentum=0.9), torch.optim.Adagrad(model.parameters()),
                 torch.optim.Adam(model.parameters(), amsgrad=True),
                 torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, maximize=True),
                 torch.optim.SGD([next(model.parameters())], lr=0.1, momentum=0.9)):
         with pytest.raises(UnsupportedOptimizerSDEError):
             OptimizerSDE(model, (X, Y), opt)
+    with pytest.raises(UnsupportedOptimizerSDEError, match="Itô"):  # RMSprop's θ diffuses
+        OptimizerSDE(model, (X, Y), torch.optim.RMSprop(model.parameters()), noise_batch_size=5, log_k=True)
+
+
+RMSPROP = {
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
+    "rmsprop, alpha, decay": lambda p: torch.optim.RMSprop(p, lr=0.005, alpha=0.9, eps=1e-6, weight_decay=0.03),
+}
+
+
+@pytest.mark.parametrize("linear_noise", [False, True])
+@pytest.mark.parametrize("name", list(RMSPROP))
+def test_rmsprop_euler_step_with_the_batchs_own_noise_is_the_optimizer_step(name, linear_noise):
+    """RMSprop's state is (θ_k, v_k). At dt = η with the batch's own noise, the Euler step moves θ by
+    −η ĝ_B/(√v⁺ + ε) (v⁺ the SDE's expected next v) and the real step by −η ĝ_B/(√v_real + ε): both
+    times their own √v + ε are −η ĝ_B exactly; v differs from the real square_avg by (1 − α)(ĝ_B² − ĝ² −
+    diag Σ̂), or with ``linear_noise`` by its quadratic part (1 − α)(ξ∘ξ − diag Σ̂) only."""
+    model, X, Y = _problem()
+    opt = RMSPROP[name](model.parameters())
+    sde = OptimizerSDE(model, optimizer=opt, gradient_fn=_full_set_gradient_fn(model, X, Y), noise_batch_size=N,
+                       second_moment=SecondMomentOptions(linear_noise=linear_noise))
+    P, eta, h = sde.n_params, sde.lr, sde.hp
+    gen = torch.Generator().manual_seed(1)
+    theta = sde.layout.flatten_model(model)
+    v0 = 0.01 * torch.rand(P, generator=gen, dtype=torch.float64)
+    y = torch.cat([theta, v0]).unsqueeze(0)
+    B = torch.randperm(N, generator=gen)[:5]
+    w = torch.zeros(1, sde.brownian_size, dtype=torch.float64)
+    wb = torch.zeros(N, dtype=torch.float64)
+    wb[B] = -eta / (len(B) * sde.column_scale())
+    w[0] = wb.repeat(sde.brownian_size // N)
+    t = 3 * eta
+    f, gv = sde.f_and_g_prod(t, y, w)
+    y1 = (y + eta * f + gv)[0]
+    c = sde._coefficients(t, y, w)
+    v_plus = (y + eta * f)[0, P:]
+
+    names = dict(model.named_parameters())
+    unflat = lambda r: {k_: v_[0] for k_, v_ in sde.layout.unflatten(r.unsqueeze(0)).items()}
+    for nm, prm in names.items():
+        opt.state[prm]["step"] = torch.tensor(3.0)
+        opt.state[prm]["square_avg"] = unflat(v0)[nm].clone()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(X[B]), Y[B]).backward()
+    gB = sde.layout.flatten({k_: q.grad.unsqueeze(0) for k_, q in names.items()})[0] + h["wd_coupled"] * theta
+    opt.step()
+    theta_real = sde.layout.flatten_model(model)
+    v_real = sde.layout.flatten({k_: opt.state[q]["square_avg"].unsqueeze(0) for k_, q in names.items()})[0]
+
+    torch.testing.assert_close((sde.row(y1, "theta") - theta) * (v_plus.sqrt() + h["eps"]), -eta * gB,
+                               rtol=0, atol=1e-14)
+    torch.testing.assert_close((theta_real - theta) * (v_real.sqrt() + h["eps"]), -eta * gB, rtol=0, atol=1e-14)
+    ghat, diag = c.ghat[0], c.diag_var[0]
+    xi = gB - ghat
+    dropped = (1 - h["alpha"]) * ((xi * xi - diag) if linear_noise else (gB ** 2 - ghat ** 2 - diag))
+    torch.testing.assert_close(sde.row(y1, "square_avg") + dropped, v_real, rtol=0, atol=1e-15)
+
+
+def test_adam_linear_noise_and_drawn_first_step_are_the_real_v_up_to_its_quadratic_part():
+    """``first_step="drawn"``: v_1 = (1 − β2)ĝ_0² from the same draw as m_1 = (1 − β1)ĝ_0; ``linear_noise``: an
+    Euler step at dt = η with the batch's own noise moves v by the real update up to (1 − β2)(ξ∘ξ − diag Σ̂)."""
+    model, X, Y = _problem()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.8, 0.95))
+    opts = SecondMomentOptions(first_step="drawn", linear_noise=True)
+    sde = OptimizerSDE(model, (X, Y), opt, noise_batch_size=5, seed=2, second_moment=opts)
+    y0 = sde.initial_state(3, seed=4)
+    m1, v1 = sde.row(y0, "exp_avg"), sde.row(y0, "exp_avg_sq")
+    torch.testing.assert_close(v1, (0.05 / 0.2 ** 2) * m1 * m1, rtol=1e-12, atol=0)
+    ref = OptimizerSDE(model, (X, Y), opt, noise_batch_size=5, seed=2)
+    torch.testing.assert_close(sde.row(ref.initial_state(3, seed=4), "exp_avg"), m1)  # the same draw of ξ_0
+
+    sde = OptimizerSDE(model, optimizer=opt, gradient_fn=_full_set_gradient_fn(model, X, Y), noise_batch_size=N,
+                       second_moment=opts)
+    P, eta = sde.n_params, sde.lr
+    gen = torch.Generator().manual_seed(1)
+    y = torch.cat([sde.layout.flatten_model(model), 0.1 * torch.randn(P, generator=gen, dtype=torch.float64),
+                   0.01 * torch.rand(P, generator=gen, dtype=torch.float64)]).unsqueeze(0)
+    B = torch.randperm(N, generator=gen)[:5]
+    w = torch.zeros(1, sde.brownian_size, dtype=torch.float64)
+    wb = torch.zeros(N, dtype=torch.float64)
+    wb[B] = -eta / (len(B) * sde.column_scale())
+    w[0] = wb.repeat(sde.brownian_size // N)
+    f, gv = sde.f_and_g_prod(2 * eta, y, w)
+    c = sde._coefficients(2 * eta, y, w)
+    y1 = y + eta * f + gv
+    theta_plus = c.theta_plus
+    with torch.no_grad():
+        for nm, prm in model.named_parameters():
+            prm.copy_(sde.layout.unflatten(theta_plus)[nm][0])
+    model.zero_grad()
+    nn.functional.cross_entropy(model(X[B]), Y[B]).backward()
+    gB = sde.layout.flatten({k_: q.grad.unsqueeze(0) for k_, q in model.named_parameters()})
+    xi = gB - c.ghat
+    v_real = 0.95 * sde.row(y, "exp_avg_sq") + 0.05 * gB * gB
+    torch.testing.assert_close(sde.row(y1, "exp_avg_sq") + 0.05 * (xi * xi - c.diag_var), v_real,
+                               rtol=0, atol=1e-15)
+
+
+@settings(max_examples=5, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(alpha=st.floats(0.95, 0.999), wd=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 100))
+def test_rmsprop_one_step_moments_match_the_optimizers_map_over_random_batches(alpha, wd, seed):
+    """RMSprop from a state (θ, v) with v near E[ĝ_B²]: mean and variance along a random direction of θ's
+    one-step change, and the mean of v's, Euler step (Gaussian driver) against the real map over batches of M
+    iid samples. The real θ step −η ĝ_B/(√(αv + (1 − α)ĝ_B²) + ε) differs from the SDE's at O(1 − α)."""
+    n_draw, M, n_data = 3000, 4, 200
+    model, X, Y = _problem(seed, n_data)
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.02, alpha=alpha, weight_decay=wd)
+    sde = OptimizerSDE(model, (X, Y), opt, noise_batch_size=M, seed=seed, noise=NoiseOptions(coupling="shared"))
+    gen = torch.Generator().manual_seed(seed)
+    theta = sde.layout.flatten_model(model).unsqueeze(0)
+    loss = _loss(model)
+    bl = lambda p, xb, yb: vmap(loss, in_dims=(None, 0, 0))(p, xb, yb).mean()
+    params = {k: v.expand(n_draw, *v.shape[1:]) for k, v in sde.layout.unflatten(theta).items()}
+    batches = torch.randint(0, n_data, (n_draw, M), generator=gen)
+    g = sde.layout.flatten(vmap(grad(bl))(params, X[batches], Y[batches])) + wd * theta
+    v0 = (g * g).mean(0, keepdim=True)  # a second moment as after many steps at θ
+    y0 = torch.cat([theta, v0], 1)
+    y = y0.expand(n_draw, -1).clone()
+    w = torch.randn(n_draw, sde.brownian_size, generator=gen, dtype=torch.float64) * math.sqrt(sde.lr)
+    f, gv = sde.f_and_g_prod(0.0, y, w)
+    step = sde.lr * f + gv
+    v_real = alpha * v0 + (1 - alpha) * g * g
+    real = {"theta": -sde.lr * g / (v_real.sqrt() + opt.param_groups[0]["eps"]), "square_avg": v_real - v0}
+    u = torch.randn(sde.n_params, generator=gen, dtype=torch.float64)
+    fpc = (n_data - 1) / n_data
+    for name in ("theta", "square_avg"):
+        d_sde, d_real = sde.row(step, name) @ u, real[name] @ u
+        se = math.sqrt((d_real.var() + d_sde.var()) / n_draw)
+        assert abs(float(d_sde.mean() - d_real.mean())) < 4.5 * se + 1e-12, (name, d_sde.mean(), d_real.mean())
+    assert float(sde.row(gv, "square_avg").abs().max()) == 0.0
+    d_sde, d_real = sde.row(step, "theta") @ u, real["theta"] @ u
+    ratio = float(d_real.var() / d_sde.var()) / fpc
+    assert abs(ratio - 1) < 4.5 * math.sqrt(2 / n_draw) * 2 + 0.03 + 2 * (1 - alpha), ratio
