@@ -27,8 +27,8 @@ optimizer's state *after* step k + 1 (docs/theory.md §16):
   with ĝ and G dB at θ itself (no look-ahead); there are no log K rows (θ's diffusion would
   need an Itô term).
 
-:class:`~sdelip.sde.SecondMomentOptions` can give v (Adam's, RMSprop's) the part of its noise
-that is linear in ξ, and Adam's v_1 the first batch's own square (docs/theory.md §16).
+:class:`~sdelip.sde.SecondMomentOptions` can start Adam's v_1 at the first batch's own square
+instead of its expectation (docs/theory.md §16).
 
 with ĝ = ∇L(θ⁺) + λ_c θ⁺ the expected gradient at the parameters the state's step leads to,
 θ⁺ = θ − η·(θ's drift), and G dB :class:`~sdelip.sde.ParameterSDE`'s noise increment at θ⁺
@@ -155,8 +155,8 @@ class OptimizerSDE(ParameterSDE):
             trainable parameter; η is its lr.
         log_k: add one row log σ1(θ^(ℓ)) per tracked layer (drift −u1ᵀ(p)v1/σ1, no diffusion; not
             for RMSprop, whose θ diffuses).
-        second_moment: :class:`~sdelip.sde.SecondMomentOptions` (Adam's and RMSprop's v; default:
-            v without noise, Adam's v_1 at its expectation).
+        second_moment: :class:`~sdelip.sde.SecondMomentOptions` (Adam's v_1; default: at its
+            expectation, as the SDE's v throughout).
         **kwargs: :class:`~sdelip.sde.ParameterSDE`'s keywords (drift, noise, compute, engine,
             gradient_fn, noise_batch_size, seed, layers, loss_fn); the weight decay comes from
             the optimizer, not from ``DriftOptions``.
@@ -304,8 +304,7 @@ class OptimizerSDE(ParameterSDE):
         return c
 
     def noise_gains(self) -> tuple:
-        """Per optimizer row, the factor a of its increment a·ξ (ξ the mini-batch gradient noise; v's rows 0,
-        their linear noise 2(1 − β2)ĝ∘ξ with ``SecondMomentOptions.linear_noise`` is added apart)."""
+        """Per optimizer row, the factor a of its increment a·ξ (ξ the mini-batch gradient noise; v's rows 0)."""
         h = self.hp
         if self.family == "adam":
             return (1 - h["beta1"], 0.0)
@@ -316,7 +315,7 @@ class OptimizerSDE(ParameterSDE):
 
     def _increment(self, c: _Coefficients, y: torch.Tensor) -> torch.Tensor:
         """The diffusion times v: θ rows 0 (RMSprop: −η·ξ/(√v⁺ + ε)), row r: a_r·ξ with ξ = −(G·v)/η (a_r from
-        :meth:`noise_gains`), v's row 2(1 − β2)ĝ∘ξ with ``linear_noise``, log K rows 0."""
+        :meth:`noise_gains`), log K rows 0."""
         out = y.new_zeros(y.shape)
         P = self.n_params
         xi = -c.inc.to(y.dtype) / self.lr  # the gradient noise of one step when v spans dt = η
@@ -325,10 +324,6 @@ class OptimizerSDE(ParameterSDE):
                 out[:, (r + 1) * P:(r + 2) * P] = a * xi
         if self.family == "rmsprop":
             out[:, :P] = -self.lr * xi * c.precond
-        if self.second_moment.linear_noise and self.family in ("adam", "rmsprop"):
-            one_minus = 1 - (self.hp["beta2"] if self.family == "adam" else self.hp["alpha"])
-            r = self.state_rows.index("exp_avg_sq" if self.family == "adam" else "square_avg") + 1
-            out[:, r * P:(r + 1) * P] = 2 * one_minus * c.ghat * xi
         return out
 
     def _log_k_drift(self, theta: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

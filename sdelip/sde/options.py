@@ -5,8 +5,7 @@
 - :class:`NoiseOptions`: how the noise blocks are coupled and whether the trajectories
   share one noise mini-batch.
 - :class:`ComputeOptions`: chunking and memory (none of them changes the SDE's law).
-- :class:`SecondMomentOptions`: how :class:`~sdelip.sde.OptimizerSDE`'s second moment v
-  (Adam's, RMSprop's) carries the gradient noise.
+- :class:`SecondMomentOptions`: where :class:`~sdelip.sde.OptimizerSDE`'s Adam v starts.
 - :class:`LogKOptions`: :class:`~sdelip.sde.LipschitzSDE`'s log K rows: which of Thm 14's
   terms they keep, the integrated terms, the decomposition route and Assumption 11's checks.
 """
@@ -133,24 +132,23 @@ class LogKOptions:
 
 @attrs.frozen
 class SecondMomentOptions:
-    """How the second moment v of :class:`~sdelip.sde.OptimizerSDE` (Adam/AdamW, RMSprop) carries the noise.
+    """The second moment v of :class:`~sdelip.sde.OptimizerSDE`'s Adam/AdamW system at its first step.
 
     A real step's v moves by (1 − β2)((ĝ + ξ)² − v) = (1 − β2)(ĝ² + diag Σ̂ − v)
-    + 2(1 − β2)ĝ∘ξ + (1 − β2)(ξ∘ξ − diag Σ̂) (docs/theory.md §16). The first-order SDE of
-    Malladi et al. (2022) keeps only the first (expected) part.
+    + 2(1 − β2)ĝ∘ξ + (1 − β2)(ξ∘ξ − diag Σ̂); the first-order SDE of Malladi et al. (2022) keeps
+    only the expected part, v carries no noise (docs/theory.md §16, where the measurements of
+    what that costs are).
 
     Attributes:
         first_step: Adam's v_1 in :meth:`~sdelip.sde.OptimizerSDE.initial_state`:
-            ``"expected"`` (1 − β2)(ĝ_0² + diag Σ̂) (the SDE's v), or ``"drawn"``
-            (1 − β2)(ĝ_0 + ξ_0)² from the same noise draw ξ_0 as m_1 — the real first step's v
-            exactly in law (RMSprop's state starts at v_0 = 0 and has no first-step draw).
-        linear_noise: add the diffusion −2(1 − β2)/η · ĝ∘(G dB) to v's row, the part of the
-            real increment linear in ξ (the quadratic part ξ∘ξ − diag Σ̂ is not linear in dB
-            and stays dropped): an O((1 − β2)√η) term of the one-step map.
+            ``"expected"`` (default) (1 − β2)(ĝ_0² + diag Σ̂), v as the SDE has it throughout, or
+            ``"drawn"`` (1 − β2)(ĝ_0 + ξ_0)² from the same noise draw ξ_0 as m_1 — the real first
+            step's v exactly in law, the noise of v at step 1 only (measured worse than
+            ``"expected"`` on the paper's MLP, docs/results.md issue 26). RMSprop's state starts
+            at torch's v_0 = 0 and has no first-step draw; the option does not apply to it.
     """
 
     first_step: str = attrs.field(default="expected", validator=_choice("expected", "drawn"))
-    linear_noise: bool = False
 
 
 #: ParameterSDE keywords of earlier releases that moved onto an option object: keyword → (argument, field).
