@@ -11,7 +11,10 @@ the clock t = kη (Li, Tai & E: 1 − β ∝ η) is
 (db = ((β − 1)b + (1 − d)ĝ)/η dt − ((1 − d)/η)G dB is then unchanged: drift and noise per unit
 time are both invariant). ℓ = 1 is the real run. As ℓ → ∞ the runs converge weakly to the SDE,
 so the distance of mean K and Var[K] to the SDE's must shrink as ℓ grows, up to the SDE's own
-discretisation: the reference is OptimizerSDE integrated by Euler at dt = η/q (``--sde-div q``).
+discretisation: the reference is OptimizerSDE integrated by Euler at dt = η/q (``--sde-div q``),
+with the gradient evaluated at θ − h·b, h = η (``lookahead=None``, the optimizer's) or h = dt
+(``--lookahead-dt``: then the Euler scheme at dt = η/ℓ is SVAG's ℓ-th process with a Gaussian
+batch, and ℓ → ∞ is dt = h → 0).
 
 The buffer starts as in PyTorch and as ``OptimizerSDE.initial_state``: b_1 = one ordinary batch
 gradient at θ_0 (variance Σ, whatever ℓ; PyTorch's first step would give the SVAG gradient, whose
@@ -73,13 +76,13 @@ def svag_runs(model0, X, Y, ell, n, steps, M, sde):
     return Ks
 
 
-def sde_runs(model0, X, Y, n, steps, M, B, q, seed):
+def sde_runs(model0, X, Y, n, steps, M, B, q, seed, lookahead_dt=False):
     """OptimizerSDE (heavy ball, η = LR, β = BETA) by Euler at dt = η/q; K at every t = kη (steps + 1, n)."""
     model = copy.deepcopy(model0)
     dt = LR / q
     sde = OptimizerSDE(model, (X, Y), torch.optim.SGD(model.parameters(), lr=LR, momentum=BETA),
                        noise_batch_size=M, drift=DriftOptions(source="batch", batch_size=B, dt=dt),
-                       noise=NoiseOptions(coupling="shared"), seed=7)
+                       noise=NoiseOptions(coupling="shared"), seed=7, lookahead=dt if lookahead_dt else None)
     y = sde.initial_state(n, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     Ks = torch.empty(steps + 1, n)
@@ -100,6 +103,8 @@ def main(argv=None):
     p.add_argument("--n-real", type=int, default=16)
     p.add_argument("--n-sde", type=int, default=16)
     p.add_argument("--sde-div", type=int, nargs="+", default=[1], help="Euler steps per η of the reference SDE")
+    p.add_argument("--lookahead-dt", action="store_true", help="h = dt for the SDE runs of this call")
+    p.add_argument("--reuse", action="store_true", help="keep the runs and SDE references in <out>/svag_momentum.pt")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--drift-batch", type=int, default=256)
     p.add_argument("--out", default="docs/results/optimizer_sde")
@@ -109,31 +114,37 @@ def main(argv=None):
     torch.manual_seed(0)
     model0 = MLP()
     res, times = {}, {}
-    sde = None
+    if a.reuse:
+        old = torch.load(out / "svag_momentum.pt")
+        res, times = old["K"], old["times"]
     for q in a.sde_div:
+        name = f"SDE dt=η/{q}, h={'dt' if a.lookahead_dt else 'η'}"
         t0 = time.time()
-        res[f"SDE dt=η/{q}"], sde = sde_runs(model0, X, Y, a.n_sde, a.steps, a.batch, a.drift_batch, q, seed=11)
-        times[f"SDE dt=η/{q}"] = time.time() - t0
-        print(f"SDE dt=η/{q}: {times[f'SDE dt=η/{q}']:.0f} s", flush=True)
+        res[name], sde = sde_runs(model0, X, Y, a.n_sde, a.steps, a.batch, a.drift_batch, q, seed=11,
+                                  lookahead_dt=a.lookahead_dt)
+        times[name] = time.time() - t0
+        print(f"{name}: {times[name]:.0f} s", flush=True)
     for ell in a.ells:
+        if f"ℓ={ell}" in res:
+            continue
         t0 = time.time()
         res[f"ℓ={ell}"] = svag_runs(model0, X, Y, ell, a.n_real, a.steps, a.batch, sde)
         times[f"ℓ={ell}"] = time.time() - t0
         print(f"ℓ = {ell}: {times[f'ℓ={ell}']:.0f} s", flush=True)
-    torch.save(res, out / "svag_momentum.pt")
+    torch.save({"K": res, "times": times}, out / "svag_momentum.pt")
     half = (len(X) // a.batch) / 2
     marks = sorted({min(a.steps, round(half * i)) for i in range(1, 1 + int(a.steps // half))})
     with open(out / "svag_momentum.md", "w") as fh:
         fh.write(f"SVAG, momentum SGD (η = {LR}, β = {BETA}), M = {a.batch}: {a.n_real} runs per ℓ, {a.n_sde} SDE "
                  f"trajectories (B = {a.drift_batch}); runtimes " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
                  + "\n\n")
-        for q in a.sde_div:
-            ref = res[f"SDE dt=η/{q}"]
-            fh.write(f"Against the SDE at dt = η/{q}: mean K relative difference (SDE ÷ runs − 1) and Var[K] ratio "
+        for refname in [k for k in res if k.startswith("SDE")]:
+            ref = res[refname]
+            fh.write(f"Against the {refname}: mean K relative difference (SDE ÷ runs − 1) and Var[K] ratio "
                      "runs ÷ SDE, bootstrap 95 % intervals\n\n")
             fh.write("| ℓ | step | mean K runs | mean K SDE | rel. diff (95 % CI) | Var K runs | Var K SDE | ratio (95 % CI) |\n")
             fh.write("|---|---|---|---|---|---|---|---|\n")
-            for ell in a.ells:
+            for ell in sorted(int(k[2:]) for k in res if k.startswith("ℓ=")):
                 K = res[f"ℓ={ell}"]
                 for k in marks:
                     lo, hi = bootstrap_mean_diff(K[k], ref[k])

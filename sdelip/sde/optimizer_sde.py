@@ -157,13 +157,18 @@ class OptimizerSDE(ParameterSDE):
             for RMSprop, whose θ diffuses).
         second_moment: :class:`~sdelip.sde.SecondMomentOptions` (Adam's v_1; default: at its
             expectation, as the SDE's v throughout).
+        lookahead: h ≥ 0 of the point θ⁺ = θ − h·p where ĝ and the noise are evaluated (default η,
+            which makes the Euler step at dt = η the optimizer's step). An O(η) shift of the argument
+            (docs/theory.md §16); integrating at dt = η/ℓ with h = η/ℓ is SVAG's ℓ-th process with a
+            Gaussian batch (momentum SGD with η/ℓ, 1 − β and 1 − d divided by ℓ). Not for RMSprop.
         **kwargs: :class:`~sdelip.sde.ParameterSDE`'s keywords (drift, noise, compute, engine,
             gradient_fn, noise_batch_size, seed, layers, loss_fn); the weight decay comes from
             the optimizer, not from ``DriftOptions``.
     """
 
     def __init__(self, model: nn.Module, loader=None, optimizer: torch.optim.Optimizer = None, *,
-                 log_k: bool = False, second_moment: Optional[SecondMomentOptions] = None, **kwargs):
+                 log_k: bool = False, second_moment: Optional[SecondMomentOptions] = None,
+                 lookahead: Optional[float] = None, **kwargs):
         if optimizer is None:
             raise TypeError("OptimizerSDE needs an optimizer")
         hp = optimizer_hyperparameters(optimizer, model)
@@ -181,6 +186,10 @@ class OptimizerSDE(ParameterSDE):
         self.family = hp["family"]
         self.log_k = bool(log_k)
         self.second_moment = SecondMomentOptions() if second_moment is None else second_moment
+        if lookahead is not None and (self.family == "rmsprop" or not float(lookahead) >= 0):
+            raise UnsupportedOptimizerSDEError(f"lookahead={lookahead!r}: a length ≥ 0, and RMSprop has no look-ahead")
+        #: h of θ⁺ = θ − h·p, where the next gradient is evaluated (η: the Euler step at dt = η is the optimizer's)
+        self.lookahead = self.lr if lookahead is None else float(lookahead)
         #: the optimizer-state rows after θ, in order
         self.state_rows = {"momentum": ("momentum_buffer",), "nesterov": ("momentum_buffer", "direction"),
                            "adam": ("exp_avg", "exp_avg_sq"), "rmsprop": ("square_avg",)}[self.family]
@@ -272,7 +281,7 @@ class OptimizerSDE(ParameterSDE):
             theta = self.row(y, "theta").detach()
             rms = self.family == "rmsprop"
             p = None if rms else self.direction(tf, y).detach()
-            c.theta_plus = theta if rms else theta - eta * p
+            c.theta_plus = theta if rms else theta - self.lookahead * p
             adam = self.family == "adam"
             c.ev, c.inc, c.diag_var = self._evaluate_at(tf, c.theta_plus, v, adam or rms)
             ghat = -c.ev.drift.to(y.dtype)  # ∇L(θ⁺) (ParameterSDE's own weight decay is 0)

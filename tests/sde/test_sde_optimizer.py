@@ -322,3 +322,44 @@ def test_rmsprop_one_step_moments_match_the_optimizers_map_over_random_batches(a
     d_sde, d_real = sde.row(step, "theta") @ u, real["theta"] @ u
     ratio = float(d_real.var() / d_sde.var()) / fpc
     assert abs(ratio - 1) < 4.5 * math.sqrt(2 / n_draw) * 2 + 0.03 + 2 * (1 - alpha), ratio
+
+
+def test_euler_step_at_a_fraction_of_eta_with_that_lookahead_is_the_svag_scaled_momentum_step():
+    """dt = h = η/ℓ: one Euler step with the batch's own noise (scaled to dt) is torch's SGD step with lr η/ℓ,
+    momentum 1 − (1 − β)/ℓ, dampening 1 − (1 − d)/ℓ at θ⁺ = θ − (η/ℓ)b (SVAG's scaling of docs/theory.md §16)."""
+    ell, beta = 4, 0.9
+    model, X, Y = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=beta)
+    sde = OptimizerSDE(model, optimizer=opt, gradient_fn=_full_set_gradient_fn(model, X, Y), noise_batch_size=N,
+                       lookahead=0.1 / ell)
+    P, eta = sde.n_params, sde.lr
+    dt = eta / ell
+    gen = torch.Generator().manual_seed(3)
+    theta = sde.layout.flatten_model(model)
+    b = 0.3 * torch.randn(P, generator=gen, dtype=torch.float64)
+    y = torch.cat([theta, b]).unsqueeze(0)
+    B = torch.randperm(N, generator=gen)[:5]
+    w = torch.zeros(1, sde.brownian_size, dtype=torch.float64)
+    wb = torch.zeros(N, dtype=torch.float64)
+    wb[B] = -dt / (len(B) * sde.column_scale())
+    w[0] = wb.repeat(sde.brownian_size // N)
+    f, gv = sde.f_and_g_prod(0.0, y, w)
+    y1 = (y + dt * f + gv)[0]
+    theta_plus = theta - dt * b
+    torch.testing.assert_close(sde.row(y1, "theta"), theta_plus, rtol=0, atol=1e-15)
+
+    svag = torch.optim.SGD(model.parameters(), lr=dt, momentum=1 - (1 - beta) / ell, dampening=1 - 1 / ell)
+    names = dict(model.named_parameters())
+    with torch.no_grad():
+        for nm, prm in names.items():
+            prm.copy_(sde.layout.unflatten(theta_plus.unsqueeze(0))[nm][0])
+    for nm, prm in names.items():
+        svag.state[prm]["momentum_buffer"] = sde.layout.unflatten(b.unsqueeze(0))[nm][0].clone()
+    model.zero_grad()
+    nn.functional.cross_entropy(model(X[B]), Y[B]).backward()
+    svag.step()
+    b_real = sde.layout.flatten({k_: svag.state[q]["momentum_buffer"].unsqueeze(0) for k_, q in names.items()})[0]
+    torch.testing.assert_close(sde.row(y1, "momentum_buffer"), b_real, rtol=0, atol=1e-14)
+    torch.testing.assert_close(theta_plus - dt * b_real, sde.layout.flatten_model(model), rtol=0, atol=1e-15)
+    with pytest.raises(UnsupportedOptimizerSDEError):
+        OptimizerSDE(model, (X, Y), torch.optim.RMSprop(model.parameters()), noise_batch_size=5, lookahead=0.01)
