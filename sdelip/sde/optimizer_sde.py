@@ -185,6 +185,8 @@ class OptimizerSDE(ParameterSDE):
         self.hp = hp
         self.family = hp["family"]
         self.log_k = bool(log_k)
+        if second_moment is not None and self.family != "adam":
+            raise UnsupportedOptimizerSDEError(f"second_moment applies to Adam/AdamW only, not to {self.family}")
         self.second_moment = SecondMomentOptions() if second_moment is None else second_moment
         if lookahead is not None and (self.family == "rmsprop" or not float(lookahead) >= 0):
             raise UnsupportedOptimizerSDEError(f"lookahead={lookahead!r}: a length ≥ 0, and RMSprop has no look-ahead")
@@ -226,7 +228,8 @@ class OptimizerSDE(ParameterSDE):
             return self.row(y, "direction")
         if self.family == "rmsprop":
             raise UnsupportedOptimizerSDEError("RMSprop: the step direction ĝ_B/(√v + ε) holds the batch's noise, "
-                                               "it is no function of the state (see OptimizerSDE.drift rows)")
+                                               "it is no function of the state (θ's drift is −ĝ/(√v⁺ + ε), "
+                                               "docs/theory.md §16)")
         h, j = self.hp, self.step_index(t)
         b1, b2 = 1.0 - h["beta1"] ** j, 1.0 - h["beta2"] ** j
         m, v = self.row(y, "exp_avg"), self.row(y, "exp_avg_sq")

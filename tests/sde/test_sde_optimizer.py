@@ -363,3 +363,6 @@ def test_euler_step_at_a_fraction_of_eta_with_that_lookahead_is_the_svag_scaled_
     torch.testing.assert_close(theta_plus - dt * b_real, sde.layout.flatten_model(model), rtol=0, atol=1e-15)
     with pytest.raises(UnsupportedOptimizerSDEError):
         OptimizerSDE(model, (X, Y), torch.optim.RMSprop(model.parameters()), noise_batch_size=5, lookahead=0.01)
+    with pytest.raises(UnsupportedOptimizerSDEError, match="Adam/AdamW only"):
+        OptimizerSDE(model, (X, Y), torch.optim.RMSprop(model.parameters()), noise_batch_size=5,
+                     second_moment=SecondMomentOptions(first_step="drawn"))
