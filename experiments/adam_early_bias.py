@@ -157,6 +157,7 @@ def main(argv=None):
     p.add_argument("--drift-batch", type=int, default=256)
     p.add_argument("--reuse-real", action="store_true", help="take the real variants from <out>/adam_early<tag>.pt")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out (their names)")
+    p.add_argument("--tables-only", action="store_true", help="rewrite <out>/adam_early<tag>.md from its .pt")
     p.add_argument("--tag", default="", help="suffix of the output files")
     p.add_argument("--out", default="docs/results/optimizer_sde")
     a = p.parse_args(argv)
@@ -182,35 +183,40 @@ def main(argv=None):
         nn.functional.cross_entropy(m31(X[idx]), Y[idx]).backward()
         opt31.step()
     snr.append(signal_to_noise(m31, X, Y, a.batch))
-    if a.reuse_real:  # the real variants of an earlier run of this script (same seeds)
+    header = None
+    if a.reuse_real or a.tables_only:  # the variants of an earlier run of this script (same seeds)
         old = torch.load(out / f"adam_early{a.tag}.pt")
-        variants.update({k: v for k, v in old.items() if k.startswith("real")})
+        old = old["variants"] if "variants" in old else old
+        variants.update({k: v for k, v in old.items() if a.tables_only or k.startswith("real")})
         times.update({k: float("nan") for k in variants})
-    check_steps = 0 if a.reuse_real else 3
+        if a.tables_only:
+            header = open(out / f"adam_early{a.tag}.md").readline()
+    check_steps = 0 if a.reuse_real or a.tables_only else 3
     if check_steps:
         mine = real_runs(model0, X, Y, 1, check_steps, a.batch, sde, "batch")
         ref = lipschitz(torch_adam_run(model0, X, Y, check_steps, a.batch, sde).unsqueeze(0), sde)
         print(f"written-out Adam vs torch.optim.Adam after {check_steps} steps: K {float(mine[-1, 0]):.6f} "
               f"vs {float(ref[0]):.6f}", flush=True)
     for name, mode in (("real", "batch"), ("real, E[v]", "expected"), ("real, E[v] from step 2", "expected_after_1")):
-        if name in variants or name in a.skip:
+        if name in variants or name in a.skip or a.tables_only:
             continue
         t0 = time.time()
         variants[name] = real_runs(model0, X, Y, a.n_real, a.steps, a.batch, sde, mode)
         times[name] = time.time() - t0
         print(name, f"{times[name]:.0f} s", flush=True)
     for name, opts in (("SDE", SecondMomentOptions()), ("SDE, v_1 drawn", SecondMomentOptions(first_step="drawn"))):
-        if name in a.skip:
+        if name in a.skip or a.tables_only:
             continue
         t0 = time.time()
         variants[name] = sde_runs(sde_for(opts), a.n_sde, a.steps, seed=11)
         times[name] = time.time() - t0
         print(name, f"{times[name]:.0f} s", flush=True)
-    t0 = time.time()
-    variants["Gaussian Adam (not an SDE)"] = gaussian_adam_runs(sde_for(SecondMomentOptions(first_step="drawn")),
-                                                                a.n_sde, a.steps, seed=11)
-    times["Gaussian Adam (not an SDE)"] = time.time() - t0
-    torch.save(variants, out / f"adam_early{a.tag}.pt")
+    if not a.tables_only:
+        t0 = time.time()
+        variants["Gaussian Adam (not an SDE)"] = gaussian_adam_runs(sde_for(SecondMomentOptions(first_step="drawn")),
+                                                                    a.n_sde, a.steps, seed=11)
+        times["Gaussian Adam (not an SDE)"] = time.time() - t0
+        torch.save({"variants": variants, "times": times}, out / f"adam_early{a.tag}.pt")
 
     half = (len(X) // a.batch) / 2
     marks = [k for k in (1, 2, 4, 8) if k <= a.steps] + [round(half * i) for i in range(1, 1 + int(a.steps // half))]
@@ -230,10 +236,11 @@ def main(argv=None):
         return float(K.mean() / ref.mean() - 1), q(d), float(ref.var() / K.var()), q(r)
 
     with open(out / f"adam_early{a.tag}.md", "w") as fh:
-        fh.write(f"Adam η = {LR}, M = {a.batch}, B = {a.drift_batch}: {a.n_real} real runs per variant (the same "
-                 f"batches in each), {a.n_sde} trajectories per SDE variant (the same driver); runtimes "
-                 + ", ".join(f"{k} {v:.0f} s" for k, v in times.items() if v == v)
-                 + (" (real variants from the earlier run)" if a.reuse_real else "") + "\n\n")
+        fh.write(header or (f"Adam η = {LR}, M = {a.batch}, B = {a.drift_batch}: {a.n_real} real runs per variant (the "
+                            f"same batches in each), {a.n_sde} trajectories per SDE variant (the same driver); runtimes "
+                            + ", ".join(f"{k} {v:.0f} s" for k, v in times.items() if v == v)
+                            + (" (real variants from the earlier run)" if a.reuse_real else "") + "\n"))
+        fh.write("\n")
         fh.write("Signal against noise, Σ∇L² ÷ Σ Var(ĝ_B) (and per layer the share of coordinates with "
                  "∇L² > Var(ĝ_B)): " + "; ".join(f"{w} {r:.2f} ({', '.join(f'{x:.2f}' for x in sh)})" for w, (r, sh)
                                                    in zip(("at θ_0", "after 31 steps of real run 0"), snr)) + "\n\n")
@@ -242,17 +249,21 @@ def main(argv=None):
         for name, K in variants.items():
             fh.write(f"| {name} | " + " | ".join(f"{float(K[k].mean()):.4f}, Var {float(K[k].var()):.2g}"
                                               for k in marks) + " |\n")
-        for refname in ("real", "real, E[v]"):
+        for refname in ("real", "real, E[v]", "SDE"):
+            if refname not in variants:
+                continue
             fh.write(f"\nAgainst `{refname}`: mean K relative difference (variant ÷ {refname} − 1) and Var[K] ratio "
-                     f"{refname} ÷ variant, bootstrap 95 % intervals (paired — the same runs resampled — between "
-                     "real variants):\n\n| variant | " + " | ".join(f"step {k}" for k in marks) + " |\n")
+                     f"{refname} ÷ variant, bootstrap 95 % intervals (paired — the same runs or the same driver "
+                     "resampled — between real variants and between model variants):\n\n| variant | "
+                     + " | ".join(f"step {k}" for k in marks) + " |\n")
             fh.write("|---" * (len(marks) + 1) + "|\n")
             for name, K in variants.items():
                 if name == refname:
                     continue
                 cells = []
                 for k in marks:
-                    d, (lo, hi), r, (rlo, rhi) = compare(variants[refname][k], K[k], name.startswith("real"))
+                    paired = name.startswith("real") == refname.startswith("real")
+                    d, (lo, hi), r, (rlo, rhi) = compare(variants[refname][k], K[k], paired)
                     cells.append(f"{100 * d:+.2f} % [{100 * lo:+.2f}, {100 * hi:+.2f}]; {r:.2f} [{rlo:.2f}, {rhi:.2f}]")
                 fh.write(f"| {name} | " + " | ".join(cells) + " |\n")
     print(open(out / f"adam_early{a.tag}.md").read(), flush=True)
