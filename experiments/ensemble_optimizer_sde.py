@@ -1,4 +1,4 @@
-"""Ensemble validation of OptimizerSDE (issue 26): real momentum SGD and Adam against their SDEs.
+"""Ensemble validation of OptimizerSDE (issue 26): real momentum SGD, Adam and RMSprop against their SDEs.
 
 From one initialisation of the paper's MLP (784-512-256-10) on the bundled digits
 (``mnist-embedded``, N = 4000, M = 128, 31 steps per epoch), per optimizer:
@@ -35,6 +35,7 @@ from sdelip.workbench.models import MLP
 OPTIMIZERS = {
     "momentum": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
     "adam": lambda p: torch.optim.Adam(p, lr=1e-3),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
 }
 
 
@@ -111,7 +112,7 @@ def main(argv=None):
     p.add_argument("--n-sde", type=int, default=16)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--drift-batch", type=int, default=512)
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
+    p.add_argument("--optimizers", nargs="+", default=["momentum", "adam"], choices=list(OPTIMIZERS))
     p.add_argument("--out", default="docs/results/optimizer_sde")
     a = p.parse_args(argv)
     out = Path(a.out)
