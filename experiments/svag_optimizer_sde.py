@@ -41,11 +41,16 @@ from sdelip.workbench.models import MLP
 LR, BETA = 0.01, 0.9
 
 
+def svag_weights(ell):
+    """r1, r2 = (1 ± √(2ℓ − 1))/2: r1 + r2 = 1 (the mean stays ∇L), r1² + r2² = ℓ (ℓ times one batch's noise)."""
+    s = math.sqrt(2 * ell - 1)
+    return (1 + s) / 2, (1 - s) / 2
+
+
 def svag_runs(model0, X, Y, ell, n, steps, M, sde):
     """K after each original step (every ℓ SVAG steps) of n SVAG momentum runs (steps + 1, n)."""
     lr, mu, damp_keep = LR / ell, (1 - BETA) / ell, 1.0 / ell
-    s = math.sqrt(2 * ell - 1)
-    r1, r2 = (1 + s) / 2, (1 - s) / 2
+    r1, r2 = svag_weights(ell)
     Ks = torch.empty(steps + 1, n)
     for r in range(n):
         model = copy.deepcopy(model0)
