@@ -37,10 +37,12 @@ dt = η). θ moves with dt only, so log σ1(θ) has no Itô term:
 d log σ1 = −u1ᵀ(dθ/dt)v1/σ1 dt (``log_k=True`` carries these rows per tracked layer).
 
 An Euler step at dt = η with ΔW replaced by the batch's own noise is the optimizer's step
-(θ, b, p and m exactly; Adam's v up to (1 − β2)(ξ² + 2ĝξ − diag Σ̂), the fluctuation the SDE
-drops). :meth:`OptimizerSDE.initial_state` takes the first step's state from one mini-batch
-noise draw at θ_0 (b_1 = ĝ_0 without dampening, as PyTorch; m_1 = (1 − β1)ĝ_0, v_1 its
-expectation).
+(θ, b, p and m exactly; Adam's and RMSprop's v up to (1 − β2)(ξ² + 2ĝξ − diag Σ̂), the fluctuation
+the SDE drops, and RMSprop's θ up to the v its step divides by). With ``lookahead=h`` the
+gradient is evaluated at θ − h·p; at dt = h = η/ℓ the Euler step is SVAG's ℓ-th momentum step.
+:meth:`OptimizerSDE.initial_state` takes the first step's state from one mini-batch noise draw at
+θ_0 (b_1 = ĝ_0 without dampening, as PyTorch; m_1 = (1 − β1)ĝ_0, v_1 its expectation or, with
+``SecondMomentOptions(first_step="drawn")``, the same draw's square).
 """
 
 from __future__ import annotations
