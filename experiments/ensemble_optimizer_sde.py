@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdelip.sde import DriftOptions, NoiseOptions, OptimizerSDE
+from sdelip.sde import DriftOptions, NoiseOptions, OptimizerSDE, SecondMomentOptions
 from sdelip.workbench.data import load_dataset
 from sdelip.workbench.models import MLP
 
@@ -77,8 +77,12 @@ def sde_runs(sde, n, steps, seed):
     y = sde.initial_state(n, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     Ks = torch.empty(steps + 1, n)
-    Ks[0] = lipschitz(y, sde)
-    for k in range(steps):
+    start = 0
+    if sde.family == "rmsprop" and sde.second_moment.first_step == "drawn":  # y is the state at t = η
+        Ks[0] = lipschitz(sde.layout.flatten_model(sde.model).unsqueeze(0), sde).expand(n)
+        start = 1
+    Ks[start] = lipschitz(y, sde)
+    for k in range(start, steps):
         v = torch.randn(n, sde.brownian_size, generator=gen) * math.sqrt(sde.lr)
         f, gv = sde.f_and_g_prod(k * sde.lr, y, v)
         y = y + sde.lr * f + gv
@@ -113,6 +117,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--drift-batch", type=int, default=512)
     p.add_argument("--optimizers", nargs="+", default=["momentum", "adam"], choices=list(OPTIMIZERS))
+    p.add_argument("--rmsprop-first-step", default="expected", choices=["expected", "drawn"],
+                   help="SecondMomentOptions.first_step of the RMSprop SDE (files rmsprop_drawn.* with 'drawn')")
     p.add_argument("--out", default="docs/results/optimizer_sde")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -125,11 +131,14 @@ def main(argv=None):
     for name in a.optimizers:
         t0 = time.time()
         model = copy.deepcopy(model0)
+        second = (SecondMomentOptions(first_step=a.rmsprop_first_step) if name == "rmsprop" else None)
         sde = OptimizerSDE(model, (X, Y), OPTIMIZERS[name](model.parameters()), noise_batch_size=a.batch,
                            drift=DriftOptions(source="batch", batch_size=a.drift_batch),
-                           noise=NoiseOptions(coupling="shared"), seed=7)
+                           noise=NoiseOptions(coupling="shared"), seed=7, second_moment=second)
         print(name, 'real runs', flush=True)
         Kr = real_runs(model0, X, Y, OPTIMIZERS[name], a.n_real, a.steps, a.batch, sde)
+        if name == "rmsprop" and a.rmsprop_first_step == "drawn":
+            name = "rmsprop_drawn"  # the output files
         t1 = time.time()
         Ks = sde_runs(sde, a.n_sde, a.steps, seed=11)
         t2 = time.time()

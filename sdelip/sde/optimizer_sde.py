@@ -187,8 +187,9 @@ class OptimizerSDE(ParameterSDE):
         self.hp = hp
         self.family = hp["family"]
         self.log_k = bool(log_k)
-        if second_moment is not None and self.family != "adam":
-            raise UnsupportedOptimizerSDEError(f"second_moment applies to Adam/AdamW only, not to {self.family}")
+        if second_moment is not None and self.family not in ("adam", "rmsprop"):
+            raise UnsupportedOptimizerSDEError(f"second_moment applies to Adam/AdamW and RMSprop only, not to "
+                                               f"{self.family}")
         self.second_moment = SecondMomentOptions() if second_moment is None else second_moment
         if lookahead is not None and (self.family == "rmsprop" or not float(lookahead) >= 0):
             raise UnsupportedOptimizerSDEError(f"lookahead={lookahead!r}: a length ≥ 0, and RMSprop has no look-ahead")
@@ -382,17 +383,29 @@ class OptimizerSDE(ParameterSDE):
         trajectory (Gaussian driver of variance η, generator ``seed``): b_1 = ĝ_0 (Nesterov p_1 =
         ĝ_0 + βb_1), or m_1 = (1 − β1)ĝ_0 and v_1 = (1 − β2)E[ĝ_0²] (v without noise, as the SDE;
         (1 − β2)ĝ_0² with ``SecondMomentOptions(first_step="drawn")``). RMSprop's state is θ_0 and
-        v_0 = 0, torch's state before the first step (no draw).
+        v_0 = 0, torch's state before the first step (no draw); with ``first_step="drawn"`` it is
+        the state *after* a first step on one drawn batch, v_1 = (1 − α)ĝ_0², θ_1 = θ_0 −
+        ηĝ_0/(√v_1 + ε) (≈ θ_0 − η·sign(ĝ_0)/√(1 − α), as PyTorch's first step): integrate it from t = η.
         """
         th = self.layout.flatten_model(self.model) if theta is None else theta.reshape(-1)
         th = th.to(dtype=dtype or th.dtype, device=device or th.device).detach()
         n, P, h = int(n), self.n_params, self.hp
         theta0 = th.unsqueeze(0).repeat(n, 1)
-        if self.family == "rmsprop":  # torch's state before the first step: square_avg = 0
-            self._ocache = None
+        if self.family == "rmsprop" and self.second_moment.first_step == "expected":
+            self._ocache = None  # torch's state before the first step: square_avg = 0
             return torch.cat([theta0, torch.zeros_like(theta0)], 1)
         gen = torch.Generator(device=th.device).manual_seed(int(seed))
         v = torch.randn(n, self.brownian_size, generator=gen, device=th.device, dtype=th.dtype) * math.sqrt(self.lr)
+        if self.family == "rmsprop":  # the state after a first step on one drawn batch, at t = η
+            with torch.no_grad():
+                ev, inc, _ = self._evaluate_at(-self.lr, theta0, v, True)
+                g0 = -ev.drift.to(th.dtype) - inc.to(th.dtype) / self.lr
+                if h["wd_coupled"]:
+                    g0 = g0 + h["wd_coupled"] * theta0
+                v1 = (1 - h["alpha"]) * g0 * g0
+                y = torch.cat([theta0 - self.lr * g0 / (v1.sqrt() + h["eps"]), v1], 1)
+            self._ocache = None
+            return y
         with torch.no_grad():
             ev, inc, diag = self._evaluate_at(-self.lr, theta0, v, self.family == "adam")
             gmean = -ev.drift.to(th.dtype) + (h["wd_coupled"] * theta0 if h["wd_coupled"] else 0.0)

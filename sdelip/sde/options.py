@@ -5,7 +5,7 @@
 - :class:`NoiseOptions`: how the noise blocks are coupled and whether the trajectories
   share one noise mini-batch.
 - :class:`ComputeOptions`: chunking and memory (none of them changes the SDE's law).
-- :class:`SecondMomentOptions`: where :class:`~sdelip.sde.OptimizerSDE`'s Adam v starts.
+- :class:`SecondMomentOptions`: where :class:`~sdelip.sde.OptimizerSDE`'s Adam or RMSprop v starts.
 - :class:`LogKOptions`: :class:`~sdelip.sde.LipschitzSDE`'s log K rows: which of Thm 14's
   terms they keep, the integrated terms, the decomposition route and Assumption 11's checks.
 """
@@ -132,7 +132,7 @@ class LogKOptions:
 
 @attrs.frozen
 class SecondMomentOptions:
-    """The second moment v of :class:`~sdelip.sde.OptimizerSDE`'s Adam/AdamW system at its first step.
+    """The second moment v of :class:`~sdelip.sde.OptimizerSDE`'s Adam/AdamW and RMSprop systems at the first step.
 
     A real step's v moves by (1 − β2)((ĝ + ξ)² − v) = (1 − β2)(ĝ² + diag Σ̂ − v)
     + 2(1 − β2)ĝ∘ξ + (1 − β2)(ξ∘ξ − diag Σ̂); the first-order SDE of Malladi et al. (2022) keeps
@@ -144,8 +144,11 @@ class SecondMomentOptions:
             ``"expected"`` (default) (1 − β2)(ĝ_0² + diag Σ̂), v as the SDE has it throughout, or
             ``"drawn"`` (1 − β2)(ĝ_0 + ξ_0)² from the same noise draw ξ_0 as m_1 — the real first
             step's v exactly in law, the noise of v at step 1 only (measured worse than
-            ``"expected"`` on the paper's MLP, docs/results.md issue 26). RMSprop's state starts
-            at torch's v_0 = 0 and has no first-step draw; the option does not apply to it.
+            ``"expected"`` for Adam on the paper's MLP, docs/results.md issue 26). RMSprop:
+            ``"expected"`` starts at torch's v_0 = 0 and lets the SDE make the first step (its
+            v⁺ = (1 − α)(ĝ² + diag Σ̂) then normalises a Gaussian gradient, not a sign);
+            ``"drawn"`` returns the state after a first step on one drawn batch, the sign-like
+            step PyTorch makes from v_0 = 0, at t = η (measured: docs/results.md issue 26).
     """
 
     first_step: str = attrs.field(default="expected", validator=_choice("expected", "drawn"))

@@ -363,6 +363,30 @@ def test_euler_step_at_a_fraction_of_eta_with_that_lookahead_is_the_svag_scaled_
     torch.testing.assert_close(theta_plus - dt * b_real, sde.layout.flatten_model(model), rtol=0, atol=1e-15)
     with pytest.raises(UnsupportedOptimizerSDEError):
         OptimizerSDE(model, (X, Y), torch.optim.RMSprop(model.parameters()), noise_batch_size=5, lookahead=0.01)
-    with pytest.raises(UnsupportedOptimizerSDEError, match="Adam/AdamW only"):
-        OptimizerSDE(model, (X, Y), torch.optim.RMSprop(model.parameters()), noise_batch_size=5,
+    with pytest.raises(UnsupportedOptimizerSDEError, match="RMSprop only"):
+        OptimizerSDE(model, (X, Y), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), noise_batch_size=5,
                      second_moment=SecondMomentOptions(first_step="drawn"))
+
+
+def test_rmsprop_drawn_first_step_is_torchs_first_step_on_the_drawn_gradient():
+    """``first_step="drawn"``: (θ_1, v_1) of torch's RMSprop from v_0 = 0 on the gradient ĝ_0 + ξ_0 of one draw — the
+    same draw as Adam's m_1 under the same seed (so the gradient is the one ``initial_state`` draws)."""
+    model, X, Y = _problem()
+    opts = SecondMomentOptions(first_step="drawn")
+    rms = OptimizerSDE(model, (X, Y), torch.optim.RMSprop(model.parameters(), lr=0.01, alpha=0.9, weight_decay=0.1),
+                       noise_batch_size=5, seed=2, second_moment=opts)
+    y1 = rms.initial_state(3, seed=4)
+    adam = OptimizerSDE(model, (X, Y), torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.5, 0.9),
+                                                        weight_decay=0.1), noise_batch_size=5, seed=2)
+    g0 = adam.row(adam.initial_state(3, seed=4), "exp_avg") / 0.5
+    theta0 = rms.layout.flatten_model(model)
+    for i in range(3):  # torch's RMSprop step from v_0 = 0 on the gradient g0[i]
+        net = _problem()[0]
+        opt = torch.optim.RMSprop(net.parameters(), lr=0.01, alpha=0.9, weight_decay=0.1)
+        grads = rms.layout.unflatten((g0[i] - 0.1 * theta0).unsqueeze(0))  # torch adds the decay itself
+        for nm, prm in net.named_parameters():
+            prm.grad = grads[nm][0].clone()
+        opt.step()
+        torch.testing.assert_close(rms.row(y1[i], "theta"), rms.layout.flatten_model(net), rtol=0, atol=1e-14)
+        v = rms.layout.flatten({k: opt.state[q]["square_avg"].unsqueeze(0) for k, q in net.named_parameters()})[0]
+        torch.testing.assert_close(rms.row(y1[i], "square_avg"), v, rtol=0, atol=1e-15)
