@@ -48,14 +48,14 @@ gradient is evaluated at θ − h·p; at dt = h = η/ℓ the Euler step is SVAG'
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedOptimizerSDEError
-from .evaluation import Evaluation, NoiseObserver
-from .options import DriftOptions, SecondMomentOptions
+from .evaluation import NoiseObserver
+from .options import SecondMomentOptions
 from .parameter_sde import ParameterSDE
 
 __all__ = ["OptimizerSDE", "optimizer_hyperparameters"]
@@ -389,7 +389,7 @@ class OptimizerSDE(ParameterSDE):
         """
         th = self.layout.flatten_model(self.model) if theta is None else theta.reshape(-1)
         th = th.to(dtype=dtype or th.dtype, device=device or th.device).detach()
-        n, P, h = int(n), self.n_params, self.hp
+        n, h = int(n), self.hp
         theta0 = th.unsqueeze(0).repeat(n, 1)
         if self.family == "rmsprop" and self.second_moment.first_step == "expected":
             self._ocache = None  # torch's state before the first step: square_avg = 0
@@ -430,7 +430,6 @@ class OptimizerSDE(ParameterSDE):
         ``last_direction`` p_k (P,) the direction step k applied (Δ = −η p_k). RMSprop's state is
         the current parameters and square_avg (``last_direction`` is not read).
         """
-        h = self.hp
         cur = self.layout.flatten_model(self.model)
         theta = cur + self.lr * last_direction.reshape(-1).to(cur)
         names = dict(self.model.named_parameters())
