@@ -140,6 +140,41 @@ def tracked_step(tracker, model, opt, x, y) -> None:
     opt.step()
 
 
+def make_vmap_step(model):
+    """A plain step by ``torch.func`` per-sample gradients of every parameter (the issue #30 baseline).
+
+    ``vmap(grad(loss_i))`` over the samples, attention dropout drawn per sample
+    (:class:`sdelip.rules.attention.vmap_safe_attention`, ``randomness="different"``), the
+    mean of the per-sample gradients as ``p.grad``, then ``optimizer.step()``: what a user
+    who wants per-sample gradients of the same model pays, without any of the tracker's terms.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    from sdelip.rules.attention import vmap_safe_attention
+
+    buffers = dict(model.named_buffers())
+
+    def loss1(params, x, y):
+        return F.cross_entropy(functional_call(model, (params, buffers), (x[None],)), y[None])
+
+    per_sample = vmap(grad(loss1), in_dims=(None, 0, 0), randomness="different")
+
+    def step(opt, x, y):
+        opt.zero_grad()
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        with vmap_safe_attention():
+            grads = per_sample(params, x, y)
+        for n, p in model.named_parameters():
+            p.grad = grads[n].mean(0)
+        opt.step()
+
+    return step
+
+
+#: Untracked baselines timed beside the tracked variants (``--engines``): per-sample gradients of the
+#: whole model by ``torch.func.vmap`` (``vmap``; not for BatchNorm in training mode, which couples the samples).
+BASELINES = ("vmap",)
+
 #: Tracked configurations: name -> (engine, Tracker keyword arguments).
 VARIANTS = {
     "factored": ("factored", {}),
@@ -158,6 +193,9 @@ def make_tracker(model, opt, variant: str, record: str, decomposition: str) -> T
     import functools
 
     engine, kw = VARIANTS[variant]
+    if engine == "factored" and model.training and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        engine = "coupled"  # resnet18-train: batch statistics couple the samples (the factored engine refuses)
     kw = {"decomposition": decomposition, **kw}
     return Tracker(
         model, opt, record=record, overwrite=True, engine=engine,
@@ -186,6 +224,9 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
     for eng in engines:
         model, opt = _to(make(cfg), device)
         runs[eng] = (model, opt)
+        if eng in BASELINES:
+            trackers[eng] = make_vmap_step(model)
+            continue
         trackers[eng] = make_tracker(model, opt, eng, os.path.join(tmp, f"{name}_{eng}.db"), decomposition)
     times = {k: [] for k in runs}
     for k in range(warmup + steps):
@@ -195,6 +236,8 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
             t0 = time.perf_counter()
             if key == "plain":
                 plain_step(model, opt, x, y)
+            elif key in BASELINES:
+                trackers[key](opt, x, y)
             else:
                 tracked_step(trackers[key], model, opt, x, y)
             _sync(device)
@@ -203,6 +246,8 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
                 times[key].append(dt)
     out = {k: statistics.median(v) for k, v in times.items()}
     for key, tr in trackers.items():
+        if key in BASELINES:
+            continue
         geo = tr.metadata.get("geometry")
         if geo is not None:  # the amortised route: its worst accepted a posteriori bound and fall-backs
             out[f"{key}:geometry"] = {k: v for k, v in geo.items() if k != "layers"}
@@ -248,8 +293,10 @@ def breakdown(name: str, steps: int, warmup: int, decomposition: str) -> dict:
         (RecordWriter, "write", "record write"),
     ]
     for rule in {type(r) for r in rules.registered_rules().values()} | {rules.FallbackRule}:
-        patches.append((rule, "statistics", "rule statistics (docs/theory.md §8)"))
-        patches.append((rule, "per_sample_grads", "rule statistics (docs/theory.md §8)"))
+        for attr in ("statistics", "per_sample_grads"):  # wrapped on the class that defines it (LinearUses...)
+            owner = next((c for c in rule.__mro__ if attr in vars(c)), None)
+            if owner is not None and (owner, attr) not in {(o, a) for o, a, _ in patches}:
+                patches.append((owner, attr, "rule statistics (docs/theory.md §8)"))
     saved = []
     for owner, attr, label in patches:
         if attr in vars(owner):
@@ -314,8 +361,10 @@ def memory_child(name: str, engine: str, steps: int, decomposition: str, threads
     cfg = CONFIGS[name]
     data = batches(cfg, 4)
     model, opt = make(cfg)
-    tracker = None
-    if engine != "plain":  # a tracked variant
+    tracker = vstep = None
+    if engine in BASELINES:
+        vstep = make_vmap_step(model)
+    elif engine != "plain":  # a tracked variant
         tmp = tempfile.mkdtemp(prefix="bench_tracking_mem_")
         tracker = make_tracker(model, opt, engine, os.path.join(tmp, "rec.db"), decomposition)
     gc.collect()
@@ -323,7 +372,9 @@ def memory_child(name: str, engine: str, steps: int, decomposition: str, threads
     setup = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for k in range(steps):
         x, y = data[k % len(data)]
-        if tracker is None:
+        if vstep is not None:
+            vstep(opt, x, y)
+        elif tracker is None:
             plain_step(model, opt, x, y)
         else:
             tracked_step(tracker, model, opt, x, y)
@@ -379,7 +430,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-steps", type=int, default=5)
     ap.add_argument("--decomposition", default="fast", choices=["fast", "svd", "gram", "amortised", "auto"])
     ap.add_argument("--engines", nargs="+", default=["factored", "factored-auto", "materialised"],
-                    choices=sorted(VARIANTS),
+                    choices=sorted(VARIANTS) + list(BASELINES),
                     help="tracked configurations to time (the first one gives tracked/plain)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--memory-repeats", type=int, default=3)
