@@ -222,6 +222,8 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
     trackers = {}
     tmp = tempfile.mkdtemp(prefix="bench_tracking_")
     for eng in engines:
+        if eng in BASELINES and cfg.get("train"):
+            continue  # per-sample gradients of a batch-statistics network are not those of its loss
         model, opt = _to(make(cfg), device)
         runs[eng] = (model, opt)
         if eng in BASELINES:
@@ -467,6 +469,8 @@ def main(argv=None) -> int:
         res = {"time_s": t, "steps": steps}
         parts = [f"{name} (M={CONFIGS[name]['batch_size']}): plain {t['plain'] * 1e3:.1f} ms"]
         for eng in engines:
+            if eng not in t:
+                continue
             parts.append(f"{eng} {t[eng] * 1e3:.1f} ms ({eng}/plain = {t[eng] / t['plain']:.2f})")
             geo = t.get(f"{eng}:geometry")
             if geo is not None:
@@ -475,10 +479,11 @@ def main(argv=None) -> int:
                              f"{geo['worst_error_bound']:.1e}")
         if not args.no_memory:
             mem = {eng: measure_memory(name, eng, args.memory_steps, args.decomposition, threads,
-                                       args.memory_repeats, not args.default_malloc) for eng in ["plain"] + engines}
+                                       args.memory_repeats, not args.default_malloc)
+                   for eng in ["plain"] + [e for e in engines if e in t]}
             res["memory_kib"] = mem
             base = mem["plain"]
-            for eng in engines:
+            for eng in [e for e in engines if e in t]:
                 r = mem[eng]["peak_kib"] / base["peak_kib"]
                 inc_p = max(1, base["peak_kib"] - base["setup_kib"])
                 inc_e = mem[eng]["peak_kib"] - mem[eng]["setup_kib"]
