@@ -9,7 +9,13 @@ digits), in one process:
 - the median time of the same step with full tracking every step (factored engine, all
   terms including the Prop 6 split, record written to SQLite),
 - the same with the materialised engine (``torch.func.vmap`` per-sample gradients, the
-  paper's approach) as the baseline.
+  paper's approach) as the baseline,
+- (issue #30) the exact (``factored``, the ``"fast"`` route) and amortised (``factored-auto``)
+  geometry routes side by side with their worst accepted a posteriori bound, and an
+  untracked ``vmap`` step (per-sample gradients of every parameter, their mean as the
+  gradient) as the cost of per-sample gradients of the same model; also the issue #17
+  transformer and torchvision resnet18 (eval mode, and ``resnet18-train``: batch statistics,
+  the coupled engine).
 
 Plain and tracked steps are interleaved (one of each in turn, on identical model copies,
 on the same pre-loaded batches) so that background load affects them alike; data loading
@@ -222,8 +228,9 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
     trackers = {}
     tmp = tempfile.mkdtemp(prefix="bench_tracking_")
     for eng in engines:
-        if eng in BASELINES and cfg.get("train"):
-            continue  # per-sample gradients of a batch-statistics network are not those of its loss
+        if cfg.get("train") and (eng in BASELINES or VARIANTS[eng][0] != "factored"):
+            continue  # batch statistics: only the coupled engine applies (make_tracker); per-sample gradients
+            # of a batch-statistics network (vmap, materialised) are not those of its loss
         model, opt = _to(make(cfg), device)
         runs[eng] = (model, opt)
         if eng in BASELINES:
@@ -423,7 +430,7 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["mlp", "convnet", "transformer", "resnet18"],
+    ap.add_argument("--models", nargs="+", default=["mlp", "convnet", "transformer", "resnet18", "resnet18-train"],
                     choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 40 MLP, 12 ConvNet)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -431,7 +438,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-steps", type=int, default=5)
     ap.add_argument("--decomposition", default="fast", choices=["fast", "svd", "gram", "amortised", "auto"])
-    ap.add_argument("--engines", nargs="+", default=["factored", "factored-auto", "materialised"],
+    ap.add_argument("--engines", nargs="+", default=["factored", "factored-auto", "vmap", "materialised"],
                     choices=sorted(VARIANTS) + list(BASELINES),
                     help="tracked configurations to time (the first one gives tracked/plain)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
@@ -500,6 +507,12 @@ def main(argv=None) -> int:
                 f"{k} {v * 1e3:.1f} ({v / tot:.0%})" for k, v in sorted(b.items(), key=lambda kv: -kv[1])
                 if k != "tracked step (total)") + f"; total {tot * 1e3:.1f}", flush=True)
         results["models"][name] = res
+    worst = [(r["time_s"][f"{e}:geometry"]["worst_error_bound"], m, e) for m, r in results["models"].items()
+             for e in engines if f"{e}:geometry" in r["time_s"]]
+    if worst:
+        b, m, e = max(worst)
+        print(f"# worst accepted a posteriori bound of the amortised route: {b:.1e} ({m}, {e}; tolerance 1e-8)")
+        results["worst_error_bound"] = b
     print(f"# load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results["load_end"] = os.getloadavg()
     if args.json:

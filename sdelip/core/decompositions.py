@@ -154,7 +154,8 @@ def gram_matrix(th: torch.Tensor) -> torch.Tensor:
     On CPU in float32/float64, BLAS's symmetric rank-k update (``?syrk`` through
     ``scipy.linalg.blas``) computes one triangle only, half the flops of the matrix product
     (512 × 4608, one thread: 30 ms against 57 ms; docs/performance.md, issue #30), which is
-    then mirrored (G symmetric to the last bit). It runs on as many BLAS threads as torch uses. Elsewhere: ``th @ th.mT``.
+    then mirrored (G symmetric to the last bit); it runs on as many BLAS threads as torch
+    uses. Elsewhere, and below :data:`SYRK_MIN_WORK`: ``th @ th.mT``.
     """
     m = th.shape[0]
     if (_sl is None or th.device.type != "cpu" or th.dtype not in (torch.float32, torch.float64)
@@ -165,7 +166,7 @@ def gram_matrix(th: torch.Tensor) -> torch.Tensor:
     syrk = blas.ssyrk if th.dtype == torch.float32 else blas.dsyrk
     a = th.numpy()
     if a.flags.f_contiguous:  # a transposed view of a row-major weight: C = a aᵀ, no copy
-        trans, a = 0, a
+        trans = 0
     else:  # row-major (m × n): its transpose (n × m) is column-major, C = (aᵀ)ᵀ aᵀ
         trans, a = 1, np.ascontiguousarray(a).T
     ctls = _scipy_blas_controllers()

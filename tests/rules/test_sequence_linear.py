@@ -1,4 +1,4 @@
-"""The statistics of a Linear applied along positions (sequence_linear_statistics) against autograd's per-sample gradients."""
+"""sequence_linear_statistics (a Linear along positions) against autograd's per-sample gradients."""
 
 from __future__ import annotations
 
