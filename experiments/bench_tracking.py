@@ -9,7 +9,13 @@ digits), in one process:
 - the median time of the same step with full tracking every step (factored engine, all
   terms including the Prop 6 split, record written to SQLite),
 - the same with the materialised engine (``torch.func.vmap`` per-sample gradients, the
-  paper's approach) as the baseline.
+  paper's approach) as the baseline,
+- (issue #30) the exact (``factored``, the ``"fast"`` route) and amortised (``factored-auto``)
+  geometry routes side by side with their worst accepted a posteriori bound, and an
+  untracked ``vmap`` step (per-sample gradients of every parameter, their mean as the
+  gradient) as the cost of per-sample gradients of the same model; also the issue #17
+  transformer and torchvision resnet18 (eval mode, and ``resnet18-train``: batch statistics,
+  the coupled engine).
 
 Plain and tracked steps are interleaved (one of each in turn, on identical model copies,
 on the same pre-loaded batches) so that background load affects them alike; data loading
@@ -140,6 +146,41 @@ def tracked_step(tracker, model, opt, x, y) -> None:
     opt.step()
 
 
+def make_vmap_step(model):
+    """A plain step by ``torch.func`` per-sample gradients of every parameter (the issue #30 baseline).
+
+    ``vmap(grad(loss_i))`` over the samples, attention dropout drawn per sample
+    (:class:`sdelip.rules.attention.vmap_safe_attention`, ``randomness="different"``), the
+    mean of the per-sample gradients as ``p.grad``, then ``optimizer.step()``: what a user
+    who wants per-sample gradients of the same model pays, without any of the tracker's terms.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    from sdelip.rules.attention import vmap_safe_attention
+
+    buffers = dict(model.named_buffers())
+
+    def loss1(params, x, y):
+        return F.cross_entropy(functional_call(model, (params, buffers), (x[None],)), y[None])
+
+    per_sample = vmap(grad(loss1), in_dims=(None, 0, 0), randomness="different")
+
+    def step(opt, x, y):
+        opt.zero_grad()
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        with vmap_safe_attention():
+            grads = per_sample(params, x, y)
+        for n, p in model.named_parameters():
+            p.grad = grads[n].mean(0)
+        opt.step()
+
+    return step
+
+
+#: Untracked baselines timed beside the tracked variants (``--engines``): per-sample gradients of the
+#: whole model by ``torch.func.vmap`` (``vmap``; not for BatchNorm in training mode, which couples the samples).
+BASELINES = ("vmap",)
+
 #: Tracked configurations: name -> (engine, Tracker keyword arguments).
 VARIANTS = {
     "factored": ("factored", {}),
@@ -158,6 +199,9 @@ def make_tracker(model, opt, variant: str, record: str, decomposition: str) -> T
     import functools
 
     engine, kw = VARIANTS[variant]
+    if engine == "factored" and model.training and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        engine = "coupled"  # resnet18-train: batch statistics couple the samples (the factored engine refuses)
     kw = {"decomposition": decomposition, **kw}
     return Tracker(
         model, opt, record=record, overwrite=True, engine=engine,
@@ -184,8 +228,14 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
     trackers = {}
     tmp = tempfile.mkdtemp(prefix="bench_tracking_")
     for eng in engines:
+        if cfg.get("train") and (eng in BASELINES or VARIANTS[eng][0] != "factored"):
+            continue  # batch statistics: only the coupled engine applies (make_tracker); per-sample gradients
+            # of a batch-statistics network (vmap, materialised) are not those of its loss
         model, opt = _to(make(cfg), device)
         runs[eng] = (model, opt)
+        if eng in BASELINES:
+            trackers[eng] = make_vmap_step(model)
+            continue
         trackers[eng] = make_tracker(model, opt, eng, os.path.join(tmp, f"{name}_{eng}.db"), decomposition)
     times = {k: [] for k in runs}
     for k in range(warmup + steps):
@@ -195,6 +245,8 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
             t0 = time.perf_counter()
             if key == "plain":
                 plain_step(model, opt, x, y)
+            elif key in BASELINES:
+                trackers[key](opt, x, y)
             else:
                 tracked_step(trackers[key], model, opt, x, y)
             _sync(device)
@@ -203,6 +255,8 @@ def time_configs(name: str, steps: int, warmup: int, engines: list[str], decompo
                 times[key].append(dt)
     out = {k: statistics.median(v) for k, v in times.items()}
     for key, tr in trackers.items():
+        if key in BASELINES:
+            continue
         geo = tr.metadata.get("geometry")
         if geo is not None:  # the amortised route: its worst accepted a posteriori bound and fall-backs
             out[f"{key}:geometry"] = {k: v for k, v in geo.items() if k != "layers"}
@@ -248,8 +302,10 @@ def breakdown(name: str, steps: int, warmup: int, decomposition: str) -> dict:
         (RecordWriter, "write", "record write"),
     ]
     for rule in {type(r) for r in rules.registered_rules().values()} | {rules.FallbackRule}:
-        patches.append((rule, "statistics", "rule statistics (docs/theory.md §8)"))
-        patches.append((rule, "per_sample_grads", "rule statistics (docs/theory.md §8)"))
+        for attr in ("statistics", "per_sample_grads"):  # wrapped on the class that defines it (LinearUses...)
+            owner = next((c for c in rule.__mro__ if attr in vars(c)), None)
+            if owner is not None and (owner, attr) not in {(o, a) for o, a, _ in patches}:
+                patches.append((owner, attr, "rule statistics (docs/theory.md §8)"))
     saved = []
     for owner, attr, label in patches:
         if attr in vars(owner):
@@ -314,8 +370,10 @@ def memory_child(name: str, engine: str, steps: int, decomposition: str, threads
     cfg = CONFIGS[name]
     data = batches(cfg, 4)
     model, opt = make(cfg)
-    tracker = None
-    if engine != "plain":  # a tracked variant
+    tracker = vstep = None
+    if engine in BASELINES:
+        vstep = make_vmap_step(model)
+    elif engine != "plain":  # a tracked variant
         tmp = tempfile.mkdtemp(prefix="bench_tracking_mem_")
         tracker = make_tracker(model, opt, engine, os.path.join(tmp, "rec.db"), decomposition)
     gc.collect()
@@ -323,7 +381,9 @@ def memory_child(name: str, engine: str, steps: int, decomposition: str, threads
     setup = _status_kib("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for k in range(steps):
         x, y = data[k % len(data)]
-        if tracker is None:
+        if vstep is not None:
+            vstep(opt, x, y)
+        elif tracker is None:
             plain_step(model, opt, x, y)
         else:
             tracked_step(tracker, model, opt, x, y)
@@ -370,7 +430,7 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["mlp", "convnet", "transformer", "resnet18"],
+    ap.add_argument("--models", nargs="+", default=["mlp", "convnet", "transformer", "resnet18", "resnet18-train"],
                     choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default 40 MLP, 12 ConvNet)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -378,8 +438,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--memory-steps", type=int, default=5)
     ap.add_argument("--decomposition", default="fast", choices=["fast", "svd", "gram", "amortised", "auto"])
-    ap.add_argument("--engines", nargs="+", default=["factored", "factored-auto", "materialised"],
-                    choices=sorted(VARIANTS),
+    ap.add_argument("--engines", nargs="+", default=["factored", "factored-auto", "vmap", "materialised"],
+                    choices=sorted(VARIANTS) + list(BASELINES),
                     help="tracked configurations to time (the first one gives tracked/plain)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--memory-repeats", type=int, default=3)
@@ -416,6 +476,8 @@ def main(argv=None) -> int:
         res = {"time_s": t, "steps": steps}
         parts = [f"{name} (M={CONFIGS[name]['batch_size']}): plain {t['plain'] * 1e3:.1f} ms"]
         for eng in engines:
+            if eng not in t:
+                continue
             parts.append(f"{eng} {t[eng] * 1e3:.1f} ms ({eng}/plain = {t[eng] / t['plain']:.2f})")
             geo = t.get(f"{eng}:geometry")
             if geo is not None:
@@ -424,10 +486,11 @@ def main(argv=None) -> int:
                              f"{geo['worst_error_bound']:.1e}")
         if not args.no_memory:
             mem = {eng: measure_memory(name, eng, args.memory_steps, args.decomposition, threads,
-                                       args.memory_repeats, not args.default_malloc) for eng in ["plain"] + engines}
+                                       args.memory_repeats, not args.default_malloc)
+                   for eng in ["plain"] + [e for e in engines if e in t]}
             res["memory_kib"] = mem
             base = mem["plain"]
-            for eng in engines:
+            for eng in [e for e in engines if e in t]:
                 r = mem[eng]["peak_kib"] / base["peak_kib"]
                 inc_p = max(1, base["peak_kib"] - base["setup_kib"])
                 inc_e = mem[eng]["peak_kib"] - mem[eng]["setup_kib"]
@@ -444,6 +507,12 @@ def main(argv=None) -> int:
                 f"{k} {v * 1e3:.1f} ({v / tot:.0%})" for k, v in sorted(b.items(), key=lambda kv: -kv[1])
                 if k != "tracked step (total)") + f"; total {tot * 1e3:.1f}", flush=True)
         results["models"][name] = res
+    worst = [(r["time_s"][f"{e}:geometry"]["worst_error_bound"], m, e) for m, r in results["models"].items()
+             for e in engines if f"{e}:geometry" in r["time_s"]]
+    if worst:
+        b, m, e = max(worst)
+        print(f"# worst accepted a posteriori bound of the amortised route: {b:.1e} ({m}, {e}; tolerance 1e-8)")
+        results["worst_error_bound"] = b
     print(f"# load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results["load_end"] = os.getloadavg()
     if args.json:

@@ -60,3 +60,22 @@ def test_batched_decomposition_is_the_per_layer_one_with_its_gap_tolerance(route
             torch.testing.assert_close(getattr(tb, q)[j], getattr(t, q), rtol=1e-9, atol=0)
         assert bool(tb.degenerate[j]) == t.degenerate
         torch.testing.assert_close(quad[j], d.hessian_quadform(a[j], c[j]), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,transposed", [((300, 400), False), ((400, 300), True), ((40, 50), False)])
+def test_gram_matrix_equals_the_matrix_product(dtype, shape, transposed):
+    """The symmetric rank-k update (half the flops) gives θθᵀ, mirrored exactly, for both memory layouts."""
+    from sdelip.core.decompositions import SYRK_MIN_WORK, gram_matrix
+
+    torch.manual_seed(0)
+    W = torch.randn(*shape, dtype=dtype)
+    th = W.mT if transposed else W  # a column-major view, or a row-major matrix
+    if th.shape[0] > th.shape[1]:
+        th = th.mT
+    G, ref = gram_matrix(th), th.double() @ th.double().mT
+    syrk = th.shape[0] ** 2 * th.shape[1] >= SYRK_MIN_WORK
+    assert G.dtype == dtype and G.shape == ref.shape and (torch.equal(G, G.mT) or not syrk)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(G.double(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
+    assert syrk == (shape[0] >= 300)  # both routes are exercised
