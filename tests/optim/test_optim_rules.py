@@ -444,8 +444,10 @@ def test_realised_increment_cubic(m, n, seed, route):
     # ratios of residuals well above float64 rounding (σ1·1e-12): at the smallest h they are noise
     floor = 1e-12 * float(torch.linalg.svdvals(theta)[0])
     ratios = [res[i] / res[i + 1] for i in range(len(res) - 1) if res[i + 1] > floor]
-    # cubic: halving h divides the residual by 8 (the quartic term fades); first order alone only by 4
-    assert len(ratios) >= 4 and all(6.0 < r < 10.0 for r in ratios[-3:]), (ratios, res)
+    # cubic: halving h divides the residual by 8 once the quartic term has faded (by up to 16 before:
+    # Hypothesis found m=4, n=3, seed=2195 where the last usable ratios are 10.6, 9.6, 8.9); a wrong
+    # or missing second-order term leaves O(h²), a ratio of 4
+    assert len(ratios) >= 4 and all(6.0 < r < 17.0 for r in ratios[-3:]), (ratios, res)
     # the second-order term is needed: without it the residual is O(h²)
     d0 = torch.linalg.svdvals(theta)[0]
     h = hs[-1]
