@@ -17,6 +17,13 @@ Nothing is guessed and nothing is silent:
   alone is non-zero at one index of the batch axis only — and the answer is cached per
   layer, use and shape; with none, or when the probe cannot tell, an
   :class:`~sdelip.rules.BatchAxisError` names the layer and the step.
+- **Broadcast uses.** A use whose output has no sample axis but is broadcast over the
+  samples by an add/sub/expand (positions on ``arange(T)``, a class token), and a
+  parameter applied only through such broadcasts (timm's ``cls_token``, ``pos_embed``),
+  take their per-sample gradients from the consumer's gradient in the step's own
+  backward (:mod:`sdelip.rules.broadcast`, the sample axis probed once per shape); other
+  uses without a sample axis get per-sample output gradients by a batched backward.
+  :attr:`FactoredEngine.routes` says which route each layer took.
 - **Other backward passes.** Only the tracker's own backward delivers δ: an
   ``autograd.grad(..., retain_graph=True)`` of the user before ``tracker.backward``
   (gradient-norm logging) leaves the captured inputs in place.
