@@ -56,8 +56,9 @@ CONFIGS = {
     "mlp": {"model": "mlp", "dataset": "mnist-embedded", "batch_size": 128, "lr": 0.01},
     "convnet": {"model": "convnet", "dataset": "cifar-standin", "batch_size": 256, "lr": 1e-3},
     # issue #17: a 4-layer d = 128 transformer classifier on random tokens (M = 32, T = 32), position
-    # indices expanded over the batch (the factored path) or a broadcast (T, d) position table (the
-    # general path: per-sample output gradients by a batched backward), and torchvision's resnet18 in
+    # indices expanded over the batch (the factored path) or a broadcast (T, d) position table (since issue
+    # #27 the broadcast route, sdelip.rules.broadcast; the general path, per-sample output gradients by a
+    # batched backward, with the factored-nobroadcast variant), and torchvision's resnet18 in
     # eval mode on 3×32×32 inputs (M = 64)
     "transformer": {"model": "transformer", "dataset": "tokens", "batch_size": 32, "lr": 0.01, "T": 32},
     "transformer-broadcast-pos": {"model": "transformer", "dataset": "tokens", "batch_size": 32, "lr": 0.01,
