@@ -252,3 +252,29 @@ def test_timm_vit_tiny_as_shipped_class_token_and_pos_embed_without_the_fallback
     assert "fallback" not in tr.engine.routes.values() and "batched backward" not in tr.engine.routes.values()
     no_flood(caught)  # no functorch "batching rule" warnings: nothing is vmapped over the model
     assert_exact(rec, model, losses_of, tr.layers)
+
+
+def test_an_adaptive_optimizer_scales_the_broadcast_per_sample_gradients_as_the_coupled_engine():
+    """Adam's elementwise noise scale S ∘ g_i on the broadcast routes, against the coupled engine (exact)."""
+    torch.manual_seed(7)
+    model = Broadcasts().to(DT)
+    g = torch.Generator().manual_seed(8)
+    ids, y = torch.randint(0, 9, (5, 4), generator=g), torch.randint(0, 3, (5,), generator=g)
+    rows = {}
+    for engine in ("factored", "coupled"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        tr = Tracker(m, opt, engine=engine)
+        for _ in range(2):  # the second step has Adam's state
+            opt.zero_grad()
+            rec = tr.backward(CE(m(ids), y))
+            opt.step()
+        rows[engine] = rec.as_row()
+        if engine == "factored":
+            assert tr.engine.routes["pos"] == "broadcast" and tr.engine.routes["cls_token"] == "parameter"
+        tr.close()
+    a, b = rows["factored"], rows["coupled"]
+    names = [k for k in a if k.startswith(("drift/", "noise_curvature/", "diffusion_sq/"))]
+    assert any(k.endswith("/cls_token") for k in names)
+    for k in names:
+        assert math.isclose(a[k], b[k], rel_tol=1e-8, abs_tol=1e-14), (k, a[k], b[k])
