@@ -96,17 +96,21 @@ def consumer_edges(losses: torch.Tensor, targets: dict) -> dict:
         key → list of (node, slot) with ``node.next_functions[slot]`` the target, in the
         walk's order (deterministic for a graph of the same structure).
     """
-    by_node, by_leaf = {}, {}
+    # Nodes are compared by identity: every Python object of a node met is kept alive until the
+    # walk ends (a node's object is unique while it lives; a freed one's id could be reused).
+    by_node, by_leaf, alive = {}, {}, []
     for key, t in targets.items():
-        if t.grad_fn is not None:
-            by_node[(id(t.grad_fn), t.output_nr)] = key
+        fn = t.grad_fn
+        if fn is not None:
+            alive.append(fn)
+            by_node[(id(fn), t.output_nr)] = key
         else:
             by_leaf[id(t)] = key
     out: dict = {key: [] for key in targets}
     root = losses.grad_fn
     if root is None:
         return out
-    seen, stack = {id(root)}, [root]
+    seen, stack = {id(root): root}, [root]
     while stack:
         node = stack.pop()
         for slot, (nxt, nr) in enumerate(node.next_functions):
@@ -118,8 +122,9 @@ def consumer_edges(losses: torch.Tensor, targets: dict) -> dict:
             if key is not None:
                 out[key].append((node, slot))
             if id(nxt) not in seen:
-                seen.add(id(nxt))
+                seen[id(nxt)] = nxt
                 stack.append(nxt)
+    del alive
     return out
 
 
@@ -187,8 +192,8 @@ class ParameterUseRule(LayerRule):
         return acc.result()
 
     def per_sample_grads(self, use: Use, start: int, stop: int) -> torch.Tensor:
-        D = use.delta[start:stop]
-        return D.reshape(D.shape[0], D.shape[1] if D.ndim > 1 else 1, -1)
+        D = use.delta[start:stop]  # (c, *θ.shape), θ with two or more dimensions
+        return D.reshape(D.shape[0], D.shape[1], -1)
 
 
 #: The one instance (like :data:`~sdelip.rules.fallback.FALLBACK`).
