@@ -1,4 +1,4 @@
-"""Broadcast uses (issue 27.1): tensors shared by every sample and broadcast over the batch, at the batched cost.
+"""Broadcast uses (issue 27.1): tensors shared by every sample, broadcast over the batch, at the cost of a normal use.
 
 A position table applied to ``arange(T)`` (Hugging Face GPT-2 and BERT as shipped), a class
 token or a position table held as a bare ``nn.Parameter`` (timm's ViT): the factored engine
@@ -252,6 +252,12 @@ def test_timm_vit_tiny_as_shipped_class_token_and_pos_embed_without_the_fallback
     assert "fallback" not in tr.engine.routes.values() and "batched backward" not in tr.engine.routes.values()
     no_flood(caught)  # no functorch "batching rule" warnings: nothing is vmapped over the model
     assert_exact(rec, model, losses_of, tr.layers)
+    # before: the per-module fallback over the whole model, with the warnings (so the check above can fail)
+    before, tr0, caught0 = track_one(model, losses_of, broadcast_uses=False)
+    assert tr0.engine.routes["cls_token"] == tr0.engine.routes["pos_embed"] == "fallback"
+    assert any("batching rule" in str(w.message) for w in caught0)
+    assert math.isclose(before.layers["pos_embed"]["diffusion_sq"], rec.layers["pos_embed"]["diffusion_sq"],
+                        rel_tol=1e-9)
 
 
 def test_an_adaptive_optimizer_scales_the_broadcast_per_sample_gradients_as_the_coupled_engine():
