@@ -62,8 +62,9 @@ CONFIGS = {
     "mlp": {"model": "mlp", "dataset": "mnist-embedded", "batch_size": 128, "lr": 0.01},
     "convnet": {"model": "convnet", "dataset": "cifar-standin", "batch_size": 256, "lr": 1e-3},
     # issue #17: a 4-layer d = 128 transformer classifier on random tokens (M = 32, T = 32), position
-    # indices expanded over the batch (the factored path) or a broadcast (T, d) position table (the
-    # general path: per-sample output gradients by a batched backward), and torchvision's resnet18 in
+    # indices expanded over the batch (the factored path) or a broadcast (T, d) position table (since issue
+    # #27 the broadcast route, sdelip.rules.broadcast; the general path, per-sample output gradients by a
+    # batched backward, with the factored-nobroadcast variant), and torchvision's resnet18 in
     # eval mode on 3×32×32 inputs (M = 64)
     "transformer": {"model": "transformer", "dataset": "tokens", "batch_size": 32, "lr": 0.01, "T": 32},
     "transformer-broadcast-pos": {"model": "transformer", "dataset": "tokens", "batch_size": 32, "lr": 0.01,
@@ -71,7 +72,58 @@ CONFIGS = {
     "resnet18": {"model": "resnet18", "dataset": "cifar-standin", "batch_size": 64, "lr": 0.01},
     # issue #30: resnet18 in train mode (BatchNorm with batch statistics: the coupled engine), M = 16
     "resnet18-train": {"model": "resnet18", "dataset": "cifar-standin", "batch_size": 16, "lr": 0.01, "train": True},
+    # issue #27: outside models as shipped (small random-init configs, make_outside): Hugging Face GPT-2 and BERT
+    # (positions arange(T) with a size-1 batch axis, broadcast over the batch) and timm's vit_tiny (cls_token and
+    # pos_embed: bare parameters of the root module); the "-nobroadcast" variant of the engine shows the before
+    "hf-gpt2": {"model": "hf-gpt2", "dataset": "tokens", "batch_size": 32, "lr": 0.01, "T": 32},
+    "hf-bert": {"model": "hf-bert", "dataset": "tokens", "batch_size": 32, "lr": 0.01, "T": 32},
+    "timm-vit-tiny": {"model": "timm-vit-tiny", "dataset": "cifar-standin", "batch_size": 32, "lr": 0.01},
 }
+
+
+class OutsideClassifier(torch.nn.Module):
+    """A library model as shipped, returning logits (M, classes) for the bench's per-sample cross-entropy.
+
+    hf-gpt2: ``GPT2LMHeadModel`` (n_embd 128, 4 layers, 4 heads, vocab 1000, dropout 0.1), the logits of the
+    next token after the last position (the loss of the last position; the forward and backward run over all
+    T positions); hf-bert: ``BertForSequenceClassification`` (hidden 128, 4 layers, 4 heads, intermediate 512,
+    vocab 1000, 10 labels); timm-vit-tiny: ``vit_tiny_patch16_224`` at img_size 32, patch 4 (64 patches and the
+    class token; width 192, 12 blocks, 3 heads as shipped), 10 classes.
+    """
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.kind = name
+        if name == "hf-gpt2":
+            import transformers
+
+            cfg = transformers.GPT2Config(vocab_size=1000, n_positions=64, n_embd=128, n_layer=4, n_head=4)
+            self.model = transformers.GPT2LMHeadModel(cfg)
+        elif name == "hf-bert":
+            import transformers
+
+            cfg = transformers.BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                          intermediate_size=512, max_position_embeddings=64, num_labels=10)
+            self.model = transformers.BertForSequenceClassification(cfg)
+        else:
+            import timm
+
+            self.model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                                           num_classes=10)
+
+    def forward(self, x):
+        if self.kind == "hf-gpt2":
+            return self.model(input_ids=x).logits[:, -1]
+        if self.kind == "hf-bert":
+            return self.model(input_ids=x).logits
+        return self.model(x)
+
+
+def make_outside(cfg: dict, seed: int = 0):
+    """The model of an outside-library configuration (OutsideClassifier) and its SGD optimizer."""
+    torch.manual_seed(seed)
+    model = OutsideClassifier(cfg["model"])
+    return model, torch.optim.SGD(model.parameters(), lr=cfg["lr"])
 
 
 class TransformerClassifier(torch.nn.Module):
@@ -115,6 +167,8 @@ def batches(cfg: dict, n: int, seed: int = 0) -> list:
 
 
 def make(cfg: dict, seed: int = 0):
+    if cfg["model"] in ("hf-gpt2", "hf-bert", "timm-vit-tiny"):
+        return make_outside(cfg, seed)
     if cfg["model"] == "transformer":
         torch.manual_seed(seed)
         model = TransformerClassifier(T=cfg["T"], broadcast_positions=cfg.get("broadcast_positions", False))
@@ -192,6 +246,8 @@ VARIANTS = {
     "factored-auto": ("factored", {"decomposition": "auto"}),
     "factored-t1": ("factored", {"threads": 1}),
     "materialised": ("materialised", {}),
+    # issue #27: broadcast uses by the batched backward / the per-module fallback (the route before the issue)
+    "factored-nobroadcast": ("factored", {"broadcast_uses": False}),
 }
 
 
@@ -203,10 +259,14 @@ def make_tracker(model, opt, variant: str, record: str, decomposition: str) -> T
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         engine = "coupled"  # resnet18-train: batch statistics couple the samples (the factored engine refuses)
     kw = {"decomposition": decomposition, **kw}
-    return Tracker(
+    broadcast_uses = kw.pop("broadcast_uses", None)
+    tracker = Tracker(
         model, opt, record=record, overwrite=True, engine=engine,
         loss_fn=functools.partial(F.cross_entropy, reduction="none"), on_degenerate="ignore", **kw,
     )
+    if broadcast_uses is not None:  # sdelip.rules.broadcast on or off for this engine
+        tracker.engine.broadcast_uses = broadcast_uses
+    return tracker
 
 
 def _to(model_opt, device):

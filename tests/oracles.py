@@ -79,3 +79,30 @@ def synthetic_record(T=60, L=3, lr=0.01, every=1, seed=0, attrs=True):
     if attrs:
         df.attrs["lr"] = lr
     return df, names
+
+
+# -- per-sample terms of a tracked step (tests/rules/test_broadcast.py) -----------------------------------
+def per_sample_terms(model, losses_of, layers, lr):
+    """Thm 14 terms of each layer from per-sample gradients by an autograd loop on an untouched copy of ``model``.
+
+    g_i = ``autograd.grad(losses[i], θ)`` (the total derivative over every use of θ) for every
+    sample, reduced by :func:`sdelip.core.formulas.layer_terms`; ``layers`` are the tracker's
+    (their ``parameter_name`` and ``rule.matrix``). Returns name → {term: value}.
+    """
+    import copy
+
+    from sdelip.core.formulas import layer_terms
+
+    m = copy.deepcopy(model)
+    params = dict(m.named_parameters(remove_duplicate=False))
+    losses = losses_of(m)
+    out = {}
+    for layer in layers:
+        w = params[layer.parameter_name]
+        G = torch.stack([torch.autograd.grad(losses[i], w, retain_graph=True, allow_unused=True)[0]
+                         for i in range(len(losses))])
+        W = layer.rule.matrix(w.detach())
+        t = layer_terms(W, G.reshape(G.shape[0], *W.shape), lr, split=True)
+        out[layer.name] = {q: float(getattr(t, q)) for q in ("drift", "noise_curvature", "noise_curvature_var",
+                                                               "diffusion_sq")}
+    return out

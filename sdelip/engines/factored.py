@@ -17,6 +17,13 @@ Nothing is guessed and nothing is silent:
   alone is non-zero at one index of the batch axis only — and the answer is cached per
   layer, use and shape; with none, or when the probe cannot tell, an
   :class:`~sdelip.rules.BatchAxisError` names the layer and the step.
+- **Broadcast uses.** A use whose output has no sample axis but is broadcast over the
+  samples by an add/sub/expand (positions on ``arange(T)``, a class token), and a
+  parameter applied only through such broadcasts (timm's ``cls_token``, ``pos_embed``),
+  take their per-sample gradients from the consumer's gradient in the step's own
+  backward (:mod:`sdelip.rules.broadcast`, the sample axis probed once per shape); other
+  uses without a sample axis get per-sample output gradients by a batched backward.
+  :attr:`FactoredEngine.routes` says which route each layer took.
 - **Other backward passes.** Only the tracker's own backward delivers δ: an
   ``autograd.grad(..., retain_graph=True)`` of the user before ``tracker.backward``
   (gradient-norm logging) leaves the captured inputs in place.
@@ -42,7 +49,8 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
-from ..rules import BatchAxisError, Use, probe_batch_axis
+from ..rules import FALLBACK, BatchAxisError, Use, probe_batch_axis
+from ..rules import broadcast
 from ..rules.base import GENERAL, GENERAL_DONE
 from ..rules.linear import linear_statistics, patch_statistics, sequence_linear_statistics  # noqa: F401
 from ..core.statistics import EngineError, LayerStatistics, ScaleFn, StatisticsAccumulator, check_scale
@@ -154,6 +162,11 @@ class FactoredEngine(Engine):
         self._owner: dict[tuple, object] = {}
         self._paths = {id(m): (p or type(m).__name__) for p, m in model.named_modules()}
         self._axis_cache: dict[tuple, int] = {}
+        self._edge_cache: dict[tuple, Optional[int]] = {}
+        self._versions: dict[int, int] = {}
+        self._routes: dict[str, str] = {}
+        #: read the per-sample gradients of broadcast uses off their consumers (sdelip.rules.broadcast)
+        self.broadcast_uses = broadcast.BROADCAST_USES
         self._warned_general: set = set()
         for layer in self.layers:
             for module, attr, _ in layer.users:
@@ -164,6 +177,18 @@ class FactoredEngine(Engine):
     def capturing(self) -> bool:
         return self._capture
 
+    @property
+    def routes(self) -> dict[str, str]:
+        """How each layer's per-sample gradients were formed at the last tracked step.
+
+        The rule's name (``"linear"``, ``"embedding"``, ``"fallback"``: its hooks, samples on
+        one axis), ``"broadcast"`` (a use whose output is broadcast over the samples: δ_i
+        read off its consumer's gradient, :mod:`sdelip.rules.broadcast`), ``"parameter"`` (a
+        parameter applied only through broadcasts, the same way) or ``"batched backward"``
+        (per-sample output gradients by a batched backward).
+        """
+        return dict(self._routes)
+
     def name_of(self, module: nn.Module) -> str:
         return self._paths.get(id(module), type(module).__name__)
 
@@ -173,6 +198,7 @@ class FactoredEngine(Engine):
             return
         self._uses.setdefault(layer.name, []).append(use)
         outs = use.output if isinstance(use.output, tuple) else (use.output,)
+        self._versions[id(use)] = outs[0]._version
         if isinstance(use.output, tuple):
             use.delta = [None] * len(outs)
         for k, out in enumerate(outs):
@@ -232,6 +258,7 @@ class FactoredEngine(Engine):
     def _new_forward(self, module, args) -> None:
         if self._capture and torch.is_grad_enabled():
             self._uses = {}
+            self._versions = {}
 
     def detach(self) -> None:
         for h in self._handles:
@@ -241,10 +268,15 @@ class FactoredEngine(Engine):
     def arm(self, capture: bool) -> None:
         self._capture = bool(capture)
         self._uses = {}
+        self._versions = {}
 
     # -- batch axes ---------------------------------------------------------------------------
-    def _resolve_batch_axes(self, losses: torch.Tensor, M: int, step) -> None:
-        """Decide for every use how its per-sample output gradients are obtained (module docstring)."""
+    def _resolve_batch_axes(self, losses: torch.Tensor, M: int, step, pending: Optional[list] = None) -> None:
+        """Decide for every use how its per-sample output gradients are obtained (module docstring).
+
+        ``pending`` collects the broadcast uses (:mod:`sdelip.rules.broadcast`) whose
+        per-sample output gradients the step's own backward delivers.
+        """
         unresolved = []
         for name, uses in self._uses.items():
             for k, use in enumerate(uses):
@@ -257,8 +289,11 @@ class FactoredEngine(Engine):
         if unresolved:
             self._probe(losses, unresolved, M, step)
         general = [(name, u) for name, uses in self._uses.items() for u in uses if u.batch_axis == GENERAL]
+        if general and self.broadcast_uses and pending is not None:
+            general = self._route_broadcast_uses(losses, general, M, pending)
         if general:
             for name, use in general:
+                self._routes[name] = "batched backward"
                 if name not in self._warned_general:
                     self._warned_general.add(name)
                     warnings.warn(
@@ -271,6 +306,131 @@ class FactoredEngine(Engine):
                         SharedTensorWarning, stacklevel=4,
                     )
             self._general_deltas(losses, general, M, step)
+
+    # -- broadcast uses (sdelip.rules.broadcast) --------------------------------------------------
+    def _broadcast_plan(self, losses, targets: dict, M: int) -> dict:
+        """key → the confirmed broadcast edges into the target, or None where one of its edges is not one.
+
+        ``targets``: key → (tensor, cache key). An edge is confirmed by the structural probe
+        (:meth:`_probe_edges`, cached per edge and shapes): the gradient of one sample's loss
+        alone is non-zero at that sample's index of the candidate axis only.
+        """
+        found = broadcast.consumer_edges(losses, {k: t for k, (t, _) in targets.items()})
+        plans: dict = {}
+        probe = []
+        for key, pairs in found.items():
+            tensor, ckey = targets[key]
+            plan = [] if pairs else None
+            for n, (node, slot) in enumerate(pairs):
+                edge = broadcast.broadcast_edge(node, slot, tuple(tensor.shape), M)
+                if edge is None:
+                    plan = None
+                    break
+                ck = (ckey, n, node.name(), slot, tuple(tensor.shape), edge.result_shape)
+                if ck in self._edge_cache:
+                    edge.axis = self._edge_cache[ck]
+                    if edge.axis is None:  # probed before: not a broadcast over the samples
+                        plan = None
+                        break
+                else:
+                    probe.append((ck, edge, tensor))
+                plan.append(edge)
+            plans[key] = plan
+        if probe:
+            self._probe_edges(losses, probe, M)
+        return {k: (p if p is not None and all(e.axis is not None for e in p) else None) for k, p in plans.items()}
+
+    def _probe_edges(self, losses, entries: list, M: int) -> None:
+        """The sample axis of each broadcast edge's result: the gradient of ℓ_j alone is non-zero at index j only."""
+        for j in dict.fromkeys((0, M - 1, M // 2)):
+            if not entries:
+                return
+            grads: dict = {}
+            nodes = {id(e.node): e.node for _, e, _ in entries}
+            handles = [node.register_prehook(functools.partial(_capture, grads, key)) for key, node in nodes.items()]
+            inputs = list({id(t): t for _, _, t in entries}.values())
+            try:
+                torch.autograd.grad(losses[j], inputs, retain_graph=True, allow_unused=True)
+            finally:
+                for h in handles:
+                    h.remove()
+            left = []
+            for ck, edge, t in entries:
+                G = grads.get(id(edge.node))
+                if G is None or not bool((G != 0).any()):
+                    left.append((ck, edge, t))  # this sample's loss does not reach the edge: ask another
+                    continue
+                good = probe_batch_axis(G, edge.candidates, j)
+                if len(good) > 1:
+                    edge.candidates = good
+                    left.append((ck, edge, t))
+                    continue
+                edge.axis = good[0] if good else None
+                self._edge_cache[ck] = edge.axis
+            entries = left
+        # the probe could not tell (asked again next step): these edges take the general route this step
+
+    def _route_broadcast_uses(self, losses, general: list, M: int, pending: list) -> list:
+        """Route the general uses whose output is broadcast over the samples (returns the others)."""
+        targets = {}
+        for k, (name, use) in enumerate(general):
+            out = use.output
+            if isinstance(out, tuple):
+                if len(out) != 1:
+                    continue
+                out = out[0]
+            if out._version != self._versions.get(id(use), -1):  # modified in place after the use
+                continue
+            index = next(i for i, u in enumerate(self._uses[name]) if u is use)
+            targets[k] = (out, (name, index))
+        if not targets:
+            return general
+        plans = self._broadcast_plan(losses, targets, M)
+        rest = []
+        for k, (name, use) in enumerate(general):
+            plan = plans.get(k)
+            if plan is None:
+                rest.append((name, use))
+                continue
+            out = targets[k][0]
+            use.batch_axis = GENERAL_DONE  # the output hook leaves it alone; δ per sample after the backward
+            use.delta = None
+            pending.append((plan, out, functools.partial(self._finish_use, use, M)))
+            self._routes[name] = "broadcast"
+        return rest
+
+    @staticmethod
+    def _finish_use(use: Use, M: int, D: Optional[torch.Tensor]) -> None:
+        if D is None:  # the loss does not depend on the use
+            use.release()
+        else:
+            use.rule.expand_general(use, D, M)
+
+    def _route_parameters(self, losses, M: int, pending: list) -> None:
+        """Parameters of the fallback applied only through broadcasts: per-sample gradients from the step's backward.
+
+        Replaces the per-module fallback (``torch.func`` over the module holding the
+        parameter: for timm's ``cls_token`` and ``pos_embed``, the whole model) when every
+        edge of the graph into the parameter is a broadcast over the samples.
+        """
+        layers = {layer.name: layer for layer in self.layers}
+        targets = {name: (layers[name].weight, (name, "parameter")) for name, uses in self._uses.items()
+                   if uses and all(u.rule is FALLBACK for u in uses) and layers[name].weight.requires_grad}
+        if not targets:
+            return
+        plans = self._broadcast_plan(losses, targets, M)
+        for name, plan in plans.items():
+            if plan is None:
+                continue
+            for u in self._uses[name]:
+                u.release()
+            self._uses[name] = []
+            module, attr, _ = layers[name].users[0]
+            pending.append((plan, layers[name].weight, functools.partial(self._finish_parameter, name, module, attr)))
+            self._routes[name] = "parameter"
+
+    def _finish_parameter(self, name: str, module, attr: str, D: Optional[torch.Tensor]) -> None:
+        self._uses[name] = [] if D is None else [broadcast.parameter_use(module, attr, D)]
 
     def _probe(self, losses, unresolved, M: int, step) -> None:
         """One-time structural probe: the gradient of one sample's loss alone shows which axis holds the samples.
@@ -404,7 +564,11 @@ class FactoredEngine(Engine):
                 "gradients; use engine='coupled' (exact: it differentiates the losses themselves)"
             )
         self._stats = {}
-        self._resolve_batch_axes(losses, M, step)
+        self._routes = {name: (uses[0].rule.name if uses else "none") for name, uses in self._uses.items()}
+        pending: list = []
+        if self.broadcast_uses:
+            self._route_parameters(losses, M, pending)
+        self._resolve_batch_axes(losses, M, step, pending)
         # Σ_i g_i is M times the weight gradient the backward accumulates; the same gradient checks
         # that the hooks saw every use of the weight (a hook on the weight could make them differ).
         checked, before = set(), {}
@@ -418,10 +582,15 @@ class FactoredEngine(Engine):
         ctx = {"M": M, "directions": directions, "step": step, "scale": M, "sum_g_from_grad": from_grad,
                "scale_fn": scale}
         self._ctx = ctx
+        handles, sums = self._capture_broadcasts(pending)
         try:
             losses.mean().backward()
         finally:
             self._ctx = None
+            for h in handles:
+                h.remove()
+        for (_, _, finish), D in zip(pending, sums):
+            finish(D[0])
         uses, self._uses = self._uses, {}
         live_uses: dict[str, list] = {}
         with torch.no_grad():
@@ -470,6 +639,25 @@ class FactoredEngine(Engine):
         self._stats = {}
         return out
 
+    @staticmethod
+    def _capture_broadcasts(pending: list) -> tuple[list, list]:
+        """Hooks on the consumers of the broadcast uses: each adds its per-sample gradients of the shared tensor."""
+        handles, sums = [], []
+        for plan, tensor, _ in pending:
+            acc = [None]
+            sums.append(acc)
+            for edge in plan:
+                def hook(grad_outputs, edge=edge, acc=acc, shape=tuple(tensor.shape), dtype=tensor.dtype):
+                    G = grad_outputs[0]
+                    if G is not None:
+                        with torch.no_grad():
+                            D = broadcast.per_sample_gradient(G.detach(), edge.axis, shape, edge.factor)
+                            D = D.to(dtype, copy=True)
+                        acc[0] = D if acc[0] is None else acc[0].add_(D)
+                    return None
+                handles.append(edge.node.register_prehook(hook))
+        return handles, sums
+
     def _apply_scale(self, layer, st: LayerStatistics, scale: ScaleFn, live, M: int, u1, v1, step) -> None:
         """S = scale(name, ḡ, diag Σ̂) of the raw statistics; with S, Gv and Gtu become those of S ∘ g_i."""
         try:
@@ -504,6 +692,11 @@ class FactoredEngine(Engine):
                 "the losses depend on the weight through a gradient taken with create_graph=True; use "
                 "engine='coupled' (exact in both cases)"
             )
+
+
+def _capture(store: dict, key, grad_outputs):
+    store[key] = grad_outputs[0]
+    return None
 
 
 def _has_delta(use: Use) -> bool:

@@ -16,6 +16,9 @@ module              rule                                       weight matrices Î
                     RecurrentRule`                             per sample (the samples' axes known)
 ``fallback``        :data:`~sdelip.rules.fallback.FALLBACK`    any other weight matrix: exact
                                                                per-sample gradients of its module
+``broadcast``       :data:`~sdelip.rules.broadcast.            a shared tensor broadcast over the
+                    PARAMETER_USE`                             samples (positions on arange(T), a
+                                                               class token): Î´_i from the consumer
 ==================  =========================================  =======================================
 
 Adding a layer type is one new module here (a :class:`LayerRule` subclass decorated with

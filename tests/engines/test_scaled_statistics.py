@@ -14,6 +14,7 @@ of each layer must change the projections (else the test could not fail).
 
 import copy
 import functools
+import warnings
 import zlib
 
 import pytest
@@ -346,14 +347,23 @@ def test_conv3d_grouped():
     check_scaled(Convs3d().to(DT), x, y)
 
 
-def test_embedding_padding_idx_repeated_indices_and_shared_position_table():
+@pytest.mark.parametrize("broadcast_uses", [True, False])
+def test_embedding_padding_idx_repeated_indices_and_shared_position_table(broadcast_uses, monkeypatch):
+    from sdelip.errors import SharedTensorWarning
+    from sdelip.rules import broadcast
+
+    monkeypatch.setattr(broadcast, "BROADCAST_USES", broadcast_uses)
     torch.manual_seed(6)
     g = torch.Generator().manual_seed(7)
     t = torch.randint(0, 7, (6, 9), generator=g)
     t[:, 0] = 2  # padding_idx present in every sample, indices repeated within samples
     y = torch.randint(0, 3, (6,), generator=g)
-    with pytest.warns(Warning):  # the factored engine's shared-tensor (general) route for pos(arange(T))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         check_scaled(Bag().to(DT), t, y)
+    # pos(arange(T)) is broadcast over the samples: the broadcast route (sdelip.rules.broadcast), or with it
+    # switched off the shared-tensor (general) route, which warns
+    assert any(issubclass(w.category, SharedTensorWarning) for w in caught) == (not broadcast_uses)
 
 
 @pytest.mark.parametrize("batch_first,kdim", [(True, None), (False, None), (True, 5)])
