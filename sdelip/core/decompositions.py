@@ -154,12 +154,14 @@ def gram_matrix(th: torch.Tensor) -> torch.Tensor:
     On CPU in float32/float64, BLAS's symmetric rank-k update (``?syrk`` through
     ``scipy.linalg.blas``) computes one triangle only, half the flops of the matrix product
     (512 × 4608, one thread: 30 ms against 57 ms; docs/performance.md, issue #30), which is
-    then mirrored (G symmetric to the last bit); it runs on as many BLAS threads as torch
-    uses. Elsewhere, and below :data:`SYRK_MIN_WORK`: ``th @ th.mT``.
+    then mirrored (G symmetric to the last bit). Only when torch runs on one thread: with two,
+    scipy's threaded ``?syrk`` was 1.2–4× *slower* than torch's threaded product on this
+    machine (512 × 784: 11–12 ms against 4.1–4.5 ms; docs/performance.md). Elsewhere, and
+    below :data:`SYRK_MIN_WORK`: ``th @ th.mT``.
     """
     m = th.shape[0]
     if (_sl is None or th.device.type != "cpu" or th.dtype not in (torch.float32, torch.float64)
-            or m * m * th.shape[1] < SYRK_MIN_WORK or th.requires_grad):
+            or m * m * th.shape[1] < SYRK_MIN_WORK or th.requires_grad or torch.get_num_threads() != 1):
         return th @ th.mT
     from scipy.linalg import blas
 
@@ -170,10 +172,9 @@ def gram_matrix(th: torch.Tensor) -> torch.Tensor:
     else:  # row-major (m × n): its transpose (n × m) is column-major, C = (aᵀ)ᵀ aᵀ
         trans, a = 1, np.ascontiguousarray(a).T
     ctls = _scipy_blas_controllers()
-    nt = torch.get_num_threads()
     old = [c.num_threads for c in ctls]
     for c in ctls:
-        c.set_num_threads(nt)
+        c.set_num_threads(1)
     try:
         C = torch.from_numpy(syrk(1.0, a, trans=trans, lower=0))  # upper triangle (column-major), lower zeros
     finally:
