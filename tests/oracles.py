@@ -81,13 +81,17 @@ def synthetic_record(T=60, L=3, lr=0.01, every=1, seed=0, attrs=True):
     return df, names
 
 
-# -- per-sample terms of a tracked step (tests/rules/test_broadcast.py) -----------------------------------
-def per_sample_terms(model, losses_of, layers, lr):
+# -- per-sample terms of a tracked step (tests/rules/test_broadcast.py, tests/tracking/test_outside_models.py) -----------------------------------
+def per_sample_terms(model, losses_of, layers, lr, *, scale=1.0, batch_grad=False,
+                     terms=("drift", "noise_curvature", "noise_curvature_var", "diffusion_sq")):
     """Thm 14 terms of each layer from per-sample gradients by an autograd loop on an untouched copy of ``model``.
 
     g_i = ``autograd.grad(losses[i], θ)`` (the total derivative over every use of θ) for every
     sample, reduced by :func:`sdelip.core.formulas.layer_terms`; ``layers`` are the tracker's
-    (their ``parameter_name`` and ``rule.matrix``). Returns name → {term: value}.
+    (their ``parameter_name`` and ``rule.matrix``). ``scale``: the losses are ``scale`` times the
+    loss of interest (a GradScaler's); their per-sample gradients are divided by it.
+    ``batch_grad``: μ from the gradient of the batch's ``losses.mean()`` (the gradient an edited
+    step applies), not from the mean of the g_i. Returns name → {term: value} for ``terms``.
     """
     import copy
 
@@ -102,7 +106,9 @@ def per_sample_terms(model, losses_of, layers, lr):
         G = torch.stack([torch.autograd.grad(losses[i], w, retain_graph=True, allow_unused=True)[0]
                          for i in range(len(losses))])
         W = layer.rule.matrix(w.detach())
-        t = layer_terms(W, G.reshape(G.shape[0], *W.shape), lr, split=True)
-        out[layer.name] = {q: float(getattr(t, q)) for q in ("drift", "noise_curvature", "noise_curvature_var",
-                                                               "diffusion_sq")}
+        gbar = None
+        if batch_grad:
+            gbar = layer.rule.matrix(torch.autograd.grad(losses.mean(), w, retain_graph=True)[0]) / scale
+        t = layer_terms(W, G.reshape(G.shape[0], *W.shape) / scale, lr, grad=gbar, split=True)
+        out[layer.name] = {q: float(getattr(t, q)) for q in terms}
     return out

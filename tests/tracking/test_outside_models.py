@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdelip.core.formulas import layer_terms
-from sdelip.errors import BatchAxisError, EngineError, SharedTensorWarning, UnsupportedLayerError
+from oracles import per_sample_terms
+from sdelip.errors import SharedTensorWarning, UnsupportedLayerError
 from sdelip.rules.inventory import tracked_layers, weight_inventory
 from sdelip.tracking.options import RuntimeOptions
 from sdelip.tracking.tracker import Tracker
@@ -30,27 +30,8 @@ TERMS = ("drift", "noise_curvature", "diffusion_sq")
 
 
 def oracle_rows(model, losses_of, layers, scale=1.0, batch_grad=False):
-    """Per-layer Thm 14 terms from per-sample gradients by an autograd loop on an untouched copy.
-
-    ``scale``: the losses are ``scale`` times the loss of interest (a GradScaler's); their
-    per-sample gradients are divided by it. ``batch_grad``: μ from the gradient of the batch's
-    ``losses.mean()`` (the gradient an edited step applies), not from the mean of the g_i.
-    """
-    m = copy.deepcopy(model)
-    params = dict(m.named_parameters(remove_duplicate=False))
-    losses = losses_of(m)
-    out = {}
-    for layer in layers:
-        w = params[layer.parameter_name]
-        G = torch.stack([torch.autograd.grad(losses[i], w, retain_graph=True, allow_unused=True)[0]
-                         if w.requires_grad else None for i in range(len(losses))])
-        W = layer.rule.matrix(w.detach())
-        gbar = None
-        if batch_grad:
-            gbar = layer.rule.matrix(torch.autograd.grad(losses.mean(), w, retain_graph=True)[0]) / scale
-        t = layer_terms(W, G.reshape(G.shape[0], *W.shape) / scale, LR, grad=gbar)
-        out[layer.name] = {q: float(getattr(t, q)) for q in TERMS}
-    return out
+    """Per-layer Thm 14 terms of :data:`TERMS` from per-sample gradients (:func:`oracles.per_sample_terms`)."""
+    return per_sample_terms(model, losses_of, layers, LR, scale=scale, batch_grad=batch_grad, terms=TERMS)
 
 
 def track_one(model, losses_of, engine="auto", batch=None, loss_fn=None, **kw):
