@@ -42,47 +42,44 @@ from sdelip.workbench.models import MLP
 LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
 
 
+def gradient_moments(model, X, Y):
+    """Per Linear layer, for its weight and its bias: (θ, ∇L, mean over the N samples of g_i∘g_i), exactly.
+
+    One forward and backward of the whole set; g_i = δ_i x_iᵀ (weight) and δ_i (bias) from the
+    layers' inputs and output gradients, so no per-sample gradient is formed.
+    """
+    N = len(X)
+    lin = [m for m in model if isinstance(m, nn.Linear)]
+    h, inputs, outs = X.reshape(N, -1), [], []
+    for i, layer in enumerate(lin):
+        inputs.append(h)
+        z = layer(h)
+        outs.append(z)
+        h = torch.relu(z) if i < len(lin) - 1 else z
+    deltas = torch.autograd.grad(nn.functional.cross_entropy(h, Y, reduction="sum"), outs)
+    with torch.no_grad():
+        return [((layer.weight, d.T @ x / N, (d * d).T @ (x * x) / N), (layer.bias, d.sum(0) / N, (d * d).sum(0) / N))
+                for layer, x, d in zip(lin, inputs, deltas)]
+
+
 def expected_batch_square(model, X, Y, M):
     """E_B[g_B∘g_B] over batches of M distinct samples, exactly: ∇L² + (N − M)/(M(N − 1))·σ² per parameter."""
     N = len(X)
-    lin = [m for m in model if isinstance(m, nn.Linear)]
-    h, inputs, outs = X.reshape(N, -1), [], []
-    for i, layer in enumerate(lin):
-        inputs.append(h)
-        z = layer(h)
-        outs.append(z)
-        h = torch.relu(z) if i < len(lin) - 1 else z
-    deltas = torch.autograd.grad(nn.functional.cross_entropy(h, Y, reduction="sum"), outs)
     c = (N - M) / (M * (N - 1))
-    out = {}
-    with torch.no_grad():
-        for layer, x, d in zip(lin, inputs, deltas):
-            for p, mean, sq in ((layer.weight, d.T @ x / N, (d * d).T @ (x * x) / N),
-                                (layer.bias, d.sum(0) / N, (d * d).sum(0) / N)):
-                out[p] = mean * mean + c * (sq - mean * mean)
-    return out
+    return {p: mean * mean + c * (sq - mean * mean)
+            for layer in gradient_moments(model, X, Y) for p, mean, sq in layer}
 
 
 def signal_to_noise(model, X, Y, M):
-    """Σ∇L² ÷ Σ Var(ĝ_B) over all parameters, and per layer the share of coordinates with ∇L² > Var(ĝ_B)."""
+    """Σ∇L² ÷ Σ Var(ĝ_B) over the weight matrices, and per layer the share of coordinates with ∇L² > Var(ĝ_B)."""
     N = len(X)
-    lin = [m for m in model if isinstance(m, nn.Linear)]
-    h, inputs, outs = X.reshape(N, -1), [], []
-    for i, layer in enumerate(lin):
-        inputs.append(h)
-        z = layer(h)
-        outs.append(z)
-        h = torch.relu(z) if i < len(lin) - 1 else z
-    deltas = torch.autograd.grad(nn.functional.cross_entropy(h, Y, reduction="sum"), outs)
     c = (N - M) / (M * (N - 1))
     sig = noise = 0.0
     share = []
-    with torch.no_grad():
-        for x, d in zip(inputs, deltas):
-            mean, sq = d.T @ x / N, (d * d).T @ (x * x) / N
-            var = c * (sq - mean * mean)
-            sig, noise = sig + float((mean * mean).sum()), noise + float(var.sum())
-            share.append(float((mean * mean > var).float().mean()))
+    for (_, mean, sq), _bias in gradient_moments(model, X, Y):
+        var = c * (sq - mean * mean)
+        sig, noise = sig + float((mean * mean).sum()), noise + float(var.sum())
+        share.append(float((mean * mean > var).float().mean()))
     return sig / noise, share
 
 
