@@ -53,6 +53,13 @@ OPTIMIZERS = {
 }
 
 
+def _batch_increment(sde, B, dt):
+    """The driver increment (1, brownian_size) that makes G·ΔW the batch B's own noise over dt: −dt(ḡ_B − ∇L)."""
+    wb = torch.zeros(N, dtype=torch.float64)
+    wb[B] = -dt / (len(B) * sde.column_scale())
+    return wb.repeat(sde.brownian_size // N).unsqueeze(0)
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_euler_step_with_the_batchs_own_noise_is_the_optimizer_step(name):
     """At dt = η, with ΔW chosen so that G·ΔW = −η(ḡ_B − ∇L), one Euler step is the real optimizer step
@@ -74,10 +81,7 @@ def test_euler_step_with_the_batchs_own_noise_is_the_optimizer_step(name):
     p = sde.direction(t, y)
     theta_plus = theta - eta * p[0]
     B = torch.randperm(N, generator=gen)[:5]
-    v = torch.zeros(1, sde.brownian_size, dtype=torch.float64)
-    vb = torch.zeros(N, dtype=torch.float64)
-    vb[B] = -eta / (len(B) * sde.column_scale())
-    v[0] = vb.repeat(sde.brownian_size // N)
+    v = _batch_increment(sde, B, eta)
     f, gv = sde.f_and_g_prod(t, y, v)
     y1 = (y + eta * f + gv)[0]
 
@@ -242,10 +246,7 @@ def test_rmsprop_euler_step_with_the_batchs_own_noise_is_the_optimizer_step(name
     v0 = 0.01 * torch.rand(P, generator=gen, dtype=torch.float64)
     y = torch.cat([theta, v0]).unsqueeze(0)
     B = torch.randperm(N, generator=gen)[:5]
-    w = torch.zeros(1, sde.brownian_size, dtype=torch.float64)
-    wb = torch.zeros(N, dtype=torch.float64)
-    wb[B] = -eta / (len(B) * sde.column_scale())
-    w[0] = wb.repeat(sde.brownian_size // N)
+    w = _batch_increment(sde, B, eta)
     t = 3 * eta
     f, gv = sde.f_and_g_prod(t, y, w)
     y1 = (y + eta * f + gv)[0]
@@ -339,10 +340,7 @@ def test_euler_step_at_a_fraction_of_eta_with_that_lookahead_is_the_svag_scaled_
     b = 0.3 * torch.randn(P, generator=gen, dtype=torch.float64)
     y = torch.cat([theta, b]).unsqueeze(0)
     B = torch.randperm(N, generator=gen)[:5]
-    w = torch.zeros(1, sde.brownian_size, dtype=torch.float64)
-    wb = torch.zeros(N, dtype=torch.float64)
-    wb[B] = -dt / (len(B) * sde.column_scale())
-    w[0] = wb.repeat(sde.brownian_size // N)
+    w = _batch_increment(sde, B, dt)
     f, gv = sde.f_and_g_prod(0.0, y, w)
     y1 = (y + dt * f + gv)[0]
     theta_plus = theta - dt * b
